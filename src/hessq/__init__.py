@@ -1,0 +1,7 @@
+"""hessq: Hessian-aware mixed-precision quantization and integer-only inference for PyTorch models."""
+
+__version__ = "0.1.0"
+
+from hessq import data, models
+from hessq.graph import quantizable_layers
+from hessq.sensitivity import LayerSensitivity, Sensitivity

@@ -1,0 +1,5 @@
+import sys
+
+from hessq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,19 @@
+"""Datasets that ship on this machine: Fashion-MNIST (Debian) and scikit-learn's digits."""
+
+from hessq.data._datasets import (
+    DEFAULT_FASHION_MNIST_DIR,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    TensorBatches,
+    digits,
+    fashion_mnist,
+)
+
+__all__ = [
+    "DEFAULT_FASHION_MNIST_DIR",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "TensorBatches",
+    "digits",
+    "fashion_mnist",
+]

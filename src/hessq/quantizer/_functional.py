@@ -1,0 +1,132 @@
+"""Uniform quantization of tensors: the formulas, with the straight-through estimator.
+
+Weights are symmetric and signed: s = max|W| / (2^(b-1) - 1), q in [-(2^(b-1)-1), 2^(b-1)-1].
+Activations are symmetric with zero-point 0: unsigned (q in [0, 2^b - 1], s = max / (2^b - 1))
+when they are never negative (after ReLU), signed otherwise. A zero-point of 0 keeps the
+integer path a plain multiply-accumulate.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Granularity = Literal["tensor", "channel", "group"]
+
+WEIGHT_BITS = range(2, 9)
+ACT_BITS = (4, 8, 16)
+
+# Scales never fall below this, so an all-zero channel quantizes to zeros rather than NaN.
+_MIN_SCALE = 1e-12
+
+
+def check_weight_bits(bits: int) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in WEIGHT_BITS:
+        raise ValueError(f"weight bit width must be an integer from 2 to 8, got {bits!r}")
+    return bits
+
+
+def check_act_bits(bits: int) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in ACT_BITS:
+        raise ValueError(f"activation bit width must be one of {ACT_BITS}, got {bits!r}")
+    return bits
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range of a ``bits``-wide code: symmetric [-(2^(b-1)-1), 2^(b-1)-1] or [0, 2^b-1]."""
+    if signed:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (half to even) forwards; identity gradient backwards."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """clamp(round(x / s), qmin, qmax) * s with the straight-through estimator.
+
+    The gradient is 1 where x / s lies inside [qmin, qmax] and 0 where it is clamped.
+    """
+    return torch.clamp(round_ste(x / scale), qmin, qmax) * scale
+
+
+def group_view(x: torch.Tensor, axis: int, num_groups: int) -> torch.Tensor:
+    """``x`` reshaped to (num_groups, -1) with ``axis`` split into ``num_groups`` contiguous groups."""
+    size = x.shape[axis]
+    if num_groups < 1 or size % num_groups:
+        raise ValueError(f"cannot split dimension {axis} of size {size} into {num_groups} equal groups")
+    moved = x.movedim(axis, 0)
+    return moved.reshape(num_groups, -1)
+
+
+def reduce_absmax(x: torch.Tensor, granularity: Granularity = "tensor", axis: int = 0, num_groups: int = 1) -> torch.Tensor:
+    """max |x| per tensor (shape []), per slice along ``axis`` (shape [C]) or per group (shape [G])."""
+    if granularity == "tensor":
+        return x.detach().abs().amax()
+    if granularity == "channel":
+        num_groups = x.shape[axis]
+    elif granularity != "group":
+        raise ValueError(f"granularity must be 'tensor', 'channel' or 'group', got {granularity!r}")
+    return group_view(x.detach().abs(), axis, num_groups).amax(dim=1)
+
+
+def expand_scale(scale: torch.Tensor, like: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """Broadcast a per-group scale [G] to ``like`` along ``axis`` (each group repeated over its slices)."""
+    if scale.dim() == 0:
+        return scale
+    size = like.shape[axis]
+    per = size // scale.numel()
+    full = scale.repeat_interleave(per)
+    shape = [1] * like.dim()
+    shape[axis] = size
+    return full.reshape(shape)
+
+
+def symmetric_scale(absmax: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
+    """s = absmax / qmax, floored at a tiny positive value."""
+    _, qmax = qrange(bits, signed)
+    return torch.clamp(absmax / qmax, min=_MIN_SCALE)
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    bits: int,
+    granularity: Granularity = "channel",
+    num_groups: int = 1,
+    axis: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric signed quantization of a weight tensor.
+
+    Returns ``(q, scale)``: ``q`` holds the integer codes (as a float tensor of whole
+    numbers, broadcast-compatible with ``weight``) and ``scale`` is per tensor ([]),
+    per output channel ([C]) or per group of output rows ([G]) — Q-BERT's group-wise scheme.
+    ``q * expand_scale(scale, weight)`` is the dequantized weight.
+    """
+    check_weight_bits(bits)
+    scale = symmetric_scale(reduce_absmax(weight, granularity, axis, num_groups), bits)
+    qmin, qmax = qrange(bits, signed=True)
+    q = torch.clamp(torch.round(weight.detach() / expand_scale(scale, weight, axis)), qmin, qmax)
+    return q, scale
+
+
+def fake_quantize_weight(
+    weight: torch.Tensor,
+    bits: int,
+    granularity: Granularity = "channel",
+    num_groups: int = 1,
+    axis: int = 0,
+) -> torch.Tensor:
+    """Q_b(W): the dequantized weight, differentiable through the straight-through estimator."""
+    check_weight_bits(bits)
+    scale = symmetric_scale(reduce_absmax(weight, granularity, axis, num_groups), bits)
+    qmin, qmax = qrange(bits, signed=True)
+    return fake_quantize(weight, expand_scale(scale, weight, axis), qmin, qmax)
+
+
+def quantization_error(weight: torch.Tensor, bits: int, granularity: Granularity = "channel", num_groups: int = 1) -> float:
+    """‖Q_b(W) − W‖², the squared error HAWQ-V2/V3's perturbation Ω multiplies by Tr(H)/n."""
+    with torch.no_grad():
+        return float((fake_quantize_weight(weight, bits, granularity, num_groups) - weight).pow(2).sum())
