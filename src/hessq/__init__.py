@@ -5,3 +5,5 @@ __version__ = "0.1.0"
 from hessq import data, models
 from hessq.graph import quantizable_layers
 from hessq.sensitivity import LayerSensitivity, Sensitivity
+from hessq.data import accuracy
+from hessq.quantize import calibrate, finetune, quantize

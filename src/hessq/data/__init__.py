@@ -1,5 +1,6 @@
 """Datasets that ship on this machine: Fashion-MNIST (Debian) and scikit-learn's digits."""
 
+from hessq.data._metrics import accuracy
 from hessq.data._datasets import (
     DEFAULT_FASHION_MNIST_DIR,
     FASHION_MNIST_MEAN,
@@ -10,6 +11,7 @@ from hessq.data._datasets import (
 )
 
 __all__ = [
+    "accuracy",
     "DEFAULT_FASHION_MNIST_DIR",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",

@@ -1,0 +1,28 @@
+"""Scoring a classifier on batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: Iterable, *, progress: bool = False, desc: str = "evaluate") -> float:
+    """Top-1 accuracy of ``model`` (in eval mode) over (inputs, targets) batches, on the model's device."""
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    correct = total = 0
+    try:
+        for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            pred = model(x.to(device)).argmax(1).cpu()
+            correct += int((pred == y).sum())
+            total += len(y)
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("no batches to evaluate")
+    return correct / total

@@ -1,0 +1,155 @@
+"""hessq.quantize: a bit plan applied to any traceable model, calibrated on a few batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+from tqdm.auto import tqdm
+
+from hessq.graph import act_quantizers, quantizable_layers, rewrite, trace
+from hessq.quantizer import check_act_bits, check_weight_bits
+from hessq.quantizer._functional import Granularity
+from hessq.quantizer._observer import RangeMethod
+
+#: An int b (weights b bits, activations 8), a (weight_bits, act_bits) pair, or a mapping
+#: layer name -> either, or None to keep that layer in floating point (a BitPlan is such
+#: a mapping, with an ``act_bits`` default).
+Plan = Union[int, tuple[int, int], Mapping[str, Union[int, tuple[int, int], None]]]
+
+
+def _bits_pair(value: Any, default_act: int, where: str) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        w, a = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        w, a = value, default_act
+    else:
+        raise ValueError(f"{where}: expected weight bits or a (weight_bits, act_bits) pair, got {value!r}")
+    try:
+        return check_weight_bits(w), check_act_bits(a)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def layer_call_order(model: nn.Module, leaf_modules: Iterable[str] = ()) -> list[str]:
+    """Quantizable layer paths in the order the forward pass calls them."""
+    gm = trace(model, leaf_modules)
+    layers = quantizable_layers(model)
+    order = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in layers]
+    seen: set[str] = set()
+    return [n for n in order if not (n in seen or seen.add(n))]
+
+
+def resolve_plan(
+    plan: Plan, layer_names: list[str], first_last_bits: int | None = 8
+) -> dict[str, tuple[int, int] | None]:
+    """Layer name -> (weight bits, activation bits), or None for float, for every layer in ``layer_names``.
+
+    A uniform plan (int or pair) keeps the first and last layer at ``first_last_bits``
+    for weights and activations (None: no exception). A per-layer mapping is taken as
+    given and must name every layer; a layer mapped to None stays in floating point.
+    """
+    if isinstance(plan, Mapping):
+        default_act = getattr(plan, "act_bits", 8)
+        unknown = [n for n in plan if n not in layer_names]
+        if unknown:
+            raise ValueError(f"the plan names layers the model does not have: {unknown[:5]}; layers are {layer_names[:5]}...")
+        missing = [n for n in layer_names if n not in plan]
+        if missing:
+            raise ValueError(f"the plan gives no bits for layers {missing[:5]}; a per-layer plan must name every quantizable layer")
+        return {n: None if plan[n] is None else _bits_pair(plan[n], default_act, f"plan[{n!r}]") for n in layer_names}
+    uniform = _bits_pair(plan, 8, "plan")
+    bits = {n: uniform for n in layer_names}
+    if first_last_bits is not None and layer_names:
+        edge = _bits_pair((first_last_bits, first_last_bits if first_last_bits in (4, 8, 16) else 8), 8, "first_last_bits")
+        bits[layer_names[0]] = edge
+        bits[layer_names[-1]] = edge
+    return bits
+
+
+def _inputs(batch: Any) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def check_finite(model: nn.Module) -> None:
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"the model has NaN or inf in `{name}`; quantizing it would give garbage. Fix the weights first.")
+
+
+@torch.no_grad()
+def calibrate(qmodel: nn.Module, batches: Iterable, *, progress: bool = False) -> int:
+    """Set every activation range from ``batches`` (inputs or (inputs, targets)); returns the batch count."""
+    quantizers = act_quantizers(qmodel)
+    for q in quantizers.values():
+        q.observer.reset()
+        q.observing = True
+    was_training = qmodel.training
+    qmodel.eval()
+    device = next((p.device for p in qmodel.parameters()), torch.device("cpu"))
+    count = 0
+    try:
+        for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
+            qmodel(_inputs(batch).to(device))
+            count += 1
+    finally:
+        for q in quantizers.values():
+            q.observing = False
+        qmodel.train(was_training)
+    if count == 0:
+        raise ValueError("calibration needs at least one batch; got none")
+    for q in quantizers.values():
+        q.freeze()
+    return count
+
+
+def quantize(
+    model: nn.Module,
+    plan: Plan,
+    calibration_batches: Iterable,
+    *,
+    first_last_bits: int | None = 8,
+    weight_granularity: Granularity = "channel",
+    num_groups: int = 1,
+    act_range: RangeMethod = "minmax",
+    percentile: float = 99.99,
+    unsupported: str = "error",
+    leaf_modules: Iterable[str] = (),
+    progress: bool = False,
+) -> fx.GraphModule:
+    """The fake-quantized copy of ``model`` under ``plan``, calibrated; ``model`` is left untouched.
+
+    ``plan``: an int b (weights b bits, activations 8 bits), a (weight_bits, act_bits)
+    pair, or a mapping layer name -> either (e.g. a BitPlan) or None (keep that layer
+    in floating point, as ZeroQ's one-layer-at-a-time sensitivity needs). Uniform plans keep the
+    first and last layer at ``first_last_bits`` (None to quantize them like the rest).
+    Weights are quantized per output channel (``weight_granularity='tensor'`` or
+    ``'group'`` with ``num_groups``); activation ranges come from ``act_range``
+    ('minmax', 'percentile' or 'ema') over ``calibration_batches``.
+
+    The result is a ``torch.fx.GraphModule`` whose Conv2d/Linear layers are quantized
+    twins at the same module paths; ``result.hessq_layer_bits`` records the plan applied.
+    """
+    check_finite(model)
+    leaf_modules = list(leaf_modules)
+    order = layer_call_order(model, leaf_modules)
+    if not order:
+        raise ValueError(f"{type(model).__name__} calls no Conv2d or Linear layer; there is nothing to quantize")
+    layer_bits = resolve_plan(plan, order, first_last_bits)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    qmodel = rewrite(
+        model,
+        layer_bits,
+        weight_granularity=weight_granularity,
+        num_groups=num_groups,
+        act_range=act_range,
+        percentile=percentile,
+        unsupported=unsupported,
+        leaf_modules=leaf_modules,
+    ).to(device)
+    qmodel.hessq_layer_bits = layer_bits
+    calibrate(qmodel, calibration_batches, progress=progress)
+    return qmodel

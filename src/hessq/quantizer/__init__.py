@@ -1,0 +1,37 @@
+"""Uniform quantization of tensors: formulas, range observers and quantizer modules."""
+
+from hessq.quantizer._functional import (
+    ACT_BITS,
+    WEIGHT_BITS,
+    check_act_bits,
+    check_weight_bits,
+    expand_scale,
+    fake_quantize,
+    fake_quantize_weight,
+    qrange,
+    quantization_error,
+    quantize_weight,
+    round_ste,
+    symmetric_scale,
+)
+from hessq.quantizer._modules import ActQuantizer, WeightQuantizer
+from hessq.quantizer._observer import RANGE_METHODS, RangeObserver
+
+__all__ = [
+    "ACT_BITS",
+    "RANGE_METHODS",
+    "WEIGHT_BITS",
+    "ActQuantizer",
+    "RangeObserver",
+    "WeightQuantizer",
+    "check_act_bits",
+    "check_weight_bits",
+    "expand_scale",
+    "fake_quantize",
+    "fake_quantize_weight",
+    "qrange",
+    "quantization_error",
+    "quantize_weight",
+    "round_ste",
+    "symmetric_scale",
+]

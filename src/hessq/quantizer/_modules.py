@@ -1,0 +1,131 @@
+"""Quantizer modules: a weight quantizer (scale from the current weights) and an
+activation quantizer (scale from a calibrated range)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hessq.quantizer._functional import (
+    Granularity,
+    check_act_bits,
+    check_weight_bits,
+    expand_scale,
+    fake_quantize,
+    qrange,
+    reduce_absmax,
+    symmetric_scale,
+)
+from hessq.quantizer._observer import RangeMethod, RangeObserver
+
+
+class WeightQuantizer(nn.Module):
+    """Symmetric signed quantizer for a weight tensor, per tensor, per output channel or per group.
+
+    The scale follows the weights (max |W| of each channel), so during quantization-aware
+    training it tracks the weights as they change.
+    """
+
+    def __init__(self, bits: int, granularity: Granularity = "channel", num_groups: int = 1) -> None:
+        super().__init__()
+        self.bits = check_weight_bits(bits)
+        if granularity not in ("tensor", "channel", "group"):
+            raise ValueError(f"granularity must be 'tensor', 'channel' or 'group', got {granularity!r}")
+        self.granularity = granularity
+        self.num_groups = num_groups
+
+    def scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """Per-tensor [], per-channel [C] or per-group [G] scale."""
+        return symmetric_scale(reduce_absmax(weight, self.granularity, 0, self.num_groups), self.bits)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = qrange(self.bits, signed=True)
+        return fake_quantize(weight, expand_scale(self.scale(weight), weight), qmin, qmax)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, granularity={self.granularity}" + (
+            f", num_groups={self.num_groups}" if self.granularity == "group" else ""
+        )
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation quantizer with zero-point 0.
+
+    Three states: ``observing`` (calibration: passes values through and records the
+    range), quantizing with a frozen range, and quantizing while the range follows an
+    exponential moving average of each training batch (``ema_in_training``, as in HAWQ's
+    quantization-aware training). Signed or unsigned is decided from the calibrated range:
+    a tensor never seen negative (after ReLU) gets the unsigned code and one more bit of
+    resolution.
+    """
+
+    def __init__(
+        self,
+        bits: int = 8,
+        range_method: RangeMethod = "minmax",
+        percentile: float = 99.99,
+        ema_momentum: float = 0.9,
+        ema_in_training: bool = True,
+    ) -> None:
+        super().__init__()
+        self.bits = check_act_bits(bits)
+        self.observer = RangeObserver(range_method, percentile, ema_momentum)
+        self.observing = False
+        self.ema_in_training = ema_in_training
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("signed", torch.tensor(True))
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    @property
+    def qmin(self) -> int:
+        return qrange(self.bits, bool(self.signed))[0]
+
+    @property
+    def qmax(self) -> int:
+        return qrange(self.bits, bool(self.signed))[1]
+
+    def set_bits(self, bits: int) -> None:
+        self.bits = check_act_bits(bits)
+        if bool(self.calibrated):
+            self.freeze()
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Compute the scale from the observed range; from now on the quantizer quantizes."""
+        if not self.observer.initialized:
+            raise RuntimeError("an activation quantizer saw no data during calibration; pass calibration batches")
+        lo, hi = float(self.observer.min_val), float(self.observer.max_val)
+        signed = lo < 0
+        absmax = max(abs(lo), abs(hi)) if signed else hi
+        self.signed.fill_(signed)
+        self.scale.copy_(symmetric_scale(torch.tensor(absmax), self.bits, signed))
+        self.calibrated.fill_(True)
+        self.observing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            return self.observer(x)
+        if not bool(self.calibrated):
+            raise RuntimeError(
+                "this quantized model was never calibrated: call hessq.quantize(model, plan, calibration_batches) "
+                "with at least one batch"
+            )
+        if self.training and self.ema_in_training:
+            self._track(x)
+        return fake_quantize(x, self.scale, self.qmin, self.qmax)
+
+    @torch.no_grad()
+    def _track(self, x: torch.Tensor) -> None:
+        # Follow the activation range while the weights change; the sign stays as calibrated.
+        m = self.observer.momentum
+        if bool(self.signed):
+            absmax = x.detach().abs().amax()
+        else:
+            absmax = x.detach().amax().clamp(min=0)
+        _, qmax = qrange(self.bits, bool(self.signed))
+        self.scale.mul_(m).add_((1 - m) * torch.clamp(absmax / qmax, min=1e-12))
+
+    def extra_repr(self) -> str:
+        state = "observing" if self.observing else ("calibrated" if bool(self.calibrated) else "uncalibrated")
+        sign = "signed" if bool(self.signed) else "unsigned"
+        return f"bits={self.bits}, {sign}, scale={float(self.scale):.4g}, {state}"

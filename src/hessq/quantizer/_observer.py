@@ -1,0 +1,79 @@
+"""Range observers: the min/max an activation quantizer's scale is computed from."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+RangeMethod = Literal["minmax", "percentile", "ema"]
+RANGE_METHODS = ("minmax", "percentile", "ema")
+
+# torch.quantile refuses inputs above 16M elements; a strided subsample keeps it exact enough.
+_QUANTILE_MAX = 1 << 24
+
+
+class RangeObserver(nn.Module):
+    """Tracks the (min, max) of the tensors it sees.
+
+    ``minmax``: the running extremes. ``percentile``: the mean over batches of each
+    batch's ``percentile`` and ``100 - percentile`` quantiles (robust to outliers).
+    ``ema``: an exponential moving average of each batch's extremes with ``momentum``.
+    """
+
+    def __init__(self, method: RangeMethod = "minmax", percentile: float = 99.99, momentum: float = 0.9) -> None:
+        super().__init__()
+        if method not in RANGE_METHODS:
+            raise ValueError(f"range method must be one of {RANGE_METHODS}, got {method!r}")
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.method = method
+        self.percentile = percentile
+        self.momentum = momentum
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.register_buffer("num_batches", torch.tensor(0, dtype=torch.long))
+
+    def reset(self) -> None:
+        self.min_val.fill_(float("inf"))
+        self.max_val.fill_(float("-inf"))
+        self.num_batches.zero_()
+
+    @property
+    def initialized(self) -> bool:
+        return bool(self.num_batches > 0)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach()
+        if not torch.isfinite(x).all():
+            raise ValueError("NaN or inf in an activation being calibrated; check the model and its inputs")
+        if self.method == "percentile":
+            flat = x.reshape(-1).float()
+            if flat.numel() > _QUANTILE_MAX:
+                flat = flat[:: flat.numel() // _QUANTILE_MAX + 1]
+            q = torch.quantile(flat, torch.tensor([1 - self.percentile / 100, self.percentile / 100], device=flat.device))
+            lo, hi = q[0], q[1]
+        else:
+            lo, hi = x.amin().float(), x.amax().float()
+        n = int(self.num_batches)
+        if n == 0:
+            self.min_val.copy_(lo)
+            self.max_val.copy_(hi)
+        elif self.method == "minmax":
+            self.min_val.copy_(torch.minimum(self.min_val, lo))
+            self.max_val.copy_(torch.maximum(self.max_val, hi))
+        elif self.method == "percentile":
+            self.min_val.copy_((self.min_val * n + lo) / (n + 1))
+            self.max_val.copy_((self.max_val * n + hi) / (n + 1))
+        else:
+            self.min_val.copy_(self.momentum * self.min_val + (1 - self.momentum) * lo)
+            self.max_val.copy_(self.momentum * self.max_val + (1 - self.momentum) * hi)
+        self.num_batches += 1
+        return x
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, min={float(self.min_val):.4g}, max={float(self.max_val):.4g}"

@@ -1,0 +1,218 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hessq
+from hessq.graph import QuantAdd, QuantConv2d, QuantLinear, UnsupportedOpError, UntraceableModelError, act_quantizers
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.flatten(x, 1)
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class DepthwiseNet(nn.Module):
+    """MobileNet-style: depthwise 3×3 + BN + ReLU, pointwise 1×1, pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 16, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(self.bn1(self.dw(x)))
+        x = F.relu(self.bn2(self.pw(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_in = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv_a = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv_b = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv_in(x))
+        y = self.conv_b(F.relu(self.conv_a(x)))
+        x = F.relu(x + y)
+        x = F.max_pool2d(x, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+def _batches(shape, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, *shape, generator=g) for _ in range(n)]
+
+
+def _close_to_float(model, qmodel, x, rel):
+    with torch.no_grad():
+        ref, out = model(x), qmodel(x)
+    assert (out - ref).abs().max() <= rel * ref.abs().max()
+
+
+def test_resnet20_rewrite_names_twins_and_adds():
+    model = hessq.models.resnet20().eval()
+    q = hessq.quantize(model, 8, _batches((1, 28, 28)))
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+    assert list(layers) == list(hessq.quantizable_layers(model))
+    assert isinstance(layers["layer2.0.shortcut.0"], QuantConv2d)
+    assert sum(isinstance(m, QuantAdd) for m in q.modules()) == 9
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
+    # the shortcut conv and the block's first conv read the same tensor: one shared quantizer
+    assert q.get_submodule("layer2.0.shortcut.0").act_quantizer is q.get_submodule("layer2.0.conv1").act_quantizer
+    # a block's input arrives on the previous add's grid: not quantized twice
+    assert q.get_submodule("layer1.1.conv1").act_quantizer is q.quant_add_0.output_quantizer
+    _close_to_float(model, q, _batches((1, 28, 28), 1, seed=1)[0], 0.05)
+    # the original model is untouched
+    assert isinstance(model.layer1[0].conv1, nn.Conv2d) and isinstance(model.layer1[0].bn1, nn.BatchNorm2d)
+
+
+def test_depthwise_rewrite():
+    model = DepthwiseNet().eval()
+    q = hessq.quantize(model, 8, _batches((1, 12, 12)), first_last_bits=None)
+    dw = q.get_submodule("dw")
+    assert isinstance(dw, QuantConv2d) and dw.groups == 8
+    assert dw.weight_quantizer.scale(dw.weight).shape == (8,)
+    _close_to_float(model, q, _batches((1, 12, 12), 1, seed=1)[0], 0.05)
+
+
+def test_mlp_rewrite_and_mixed_plan():
+    model = MLP().eval()
+    plan = {"fc1": (8, 8), "fc2": (4, 4), "head": 6}
+    q = hessq.quantize(model, plan, _batches((64,)))
+    assert q.hessq_layer_bits == {"fc1": (8, 8), "fc2": (4, 4), "head": (6, 8)}
+    assert q.fc2.w_bits == 4 and q.fc2.act_quantizer.bits == 4
+    assert q.head.act_quantizer.bits == 8
+    codes = q.fc2.weight_quantizer(q.fc2.weight) / q.fc2.weight_quantizer.scale(q.fc2.weight)[:, None]
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 7
+    _close_to_float(model, q, _batches((64,), 1, seed=1)[0], 0.3)
+
+
+def test_residual_add_is_quantized_on_one_grid():
+    model = Residual().eval()
+    q = hessq.quantize(model, 8, _batches((1, 8, 8)), first_last_bits=None)
+    adds = [m for m in q.modules() if isinstance(m, QuantAdd)]
+    assert len(adds) == 1
+    seen = {}
+    adds[0].register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    with torch.no_grad():
+        q(_batches((1, 8, 8), 1, seed=1)[0])
+    s = adds[0].output_quantizer.scale
+    codes = seen["out"] / s
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    _close_to_float(model, q, _batches((1, 8, 8), 1, seed=1)[0], 0.05)
+
+
+def test_uniform_plan_keeps_first_and_last_at_8_bits():
+    model = hessq.models.resnet20().eval()
+    q = hessq.quantize(model, (4, 4), _batches((1, 28, 28), 1))
+    assert q.hessq_layer_bits["conv1"] == (8, 8) and q.hessq_layer_bits["fc"] == (8, 8)
+    assert q.hessq_layer_bits["layer2.1.conv2"] == (4, 4)
+    assert q.get_submodule("layer2.1.conv2").act_quantizer.bits == 4
+    q2 = hessq.quantize(model, (4, 4), _batches((1, 28, 28), 1), first_last_bits=None)
+    assert q2.hessq_layer_bits["conv1"] == (4, 4)
+
+
+def test_untraceable_model_error_names_module_and_line():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 1)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return self.conv(x)
+            return x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x):
+            return self.block(x)
+
+    with pytest.raises(UntraceableModelError) as info:
+        hessq.quantize(Net(), 8, _batches((1, 4, 4)))
+    msg = str(info.value)
+    assert "module `block` (Block)" in msg
+    assert "test_rewrite.py" in msg and "if x.sum() > 0" in msg
+    assert "leaf_modules" in msg
+
+
+def test_unknown_op_error_names_op_and_place_and_float_escape():
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(8, 8)
+            self.fc2 = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc2(torch.sigmoid(self.fc1(x)))
+
+    batches = _batches((8,))
+    with pytest.raises(UnsupportedOpError) as info:
+        hessq.quantize(Gated(), 8, batches)
+    msg = str(info.value)
+    assert "torch.sigmoid" in msg and "test_rewrite.py" in msg and "unsupported='float'" in msg
+    q = hessq.quantize(Gated(), 8, batches, unsupported="float")
+    assert len(q.hessq_float_ops) == 1 and "sigmoid" in q.hessq_float_ops[0]
+
+
+def test_plan_errors():
+    model = MLP().eval()
+    with pytest.raises(ValueError, match="no bits for layers"):
+        hessq.quantize(model, {"fc1": 8}, _batches((64,)))
+    with pytest.raises(ValueError, match="does not have"):
+        hessq.quantize(model, {"fc1": 8, "fc2": 8, "head": 8, "nope": 8}, _batches((64,)))
+    with pytest.raises(ValueError, match="from 2 to 8"):
+        hessq.quantize(model, 9, _batches((64,)))
+    with pytest.raises(ValueError, match="activation bit width"):
+        hessq.quantize(model, (8, 3), _batches((64,)))
+    with pytest.raises(ValueError, match="at least one batch"):
+        hessq.quantize(model, 8, [])
+
+
+def test_nan_in_model_is_refused():
+    model = MLP()
+    with torch.no_grad():
+        model.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf in `fc2.weight`"):
+        hessq.quantize(model, 8, _batches((64,)))
+
+
+def test_act_quantizers_are_all_calibrated():
+    q = hessq.quantize(hessq.models.resnet20().eval(), 8, _batches((1, 28, 28), 1))
+    quantizers = act_quantizers(q)
+    assert len(quantizers) == 9 + 12  # 9 adds + inputs of the convs/fc not fed by an add
+    assert all(bool(a.calibrated) for a in quantizers.values())
+
+
+def test_layer_mapped_to_none_stays_float():
+    model = MLP().eval()
+    q = hessq.quantize(model, {"fc1": None, "fc2": 4, "head": None}, _batches((64,)))
+    assert isinstance(q.fc1, nn.Linear) and isinstance(q.head, nn.Linear)
+    assert isinstance(q.fc2, QuantLinear)
+    assert len(act_quantizers(q)) == 1
+    x = _batches((64,), 1, seed=1)[0]
+    with torch.no_grad():
+        h = F.relu(model.fc1(torch.flatten(x, 1)))
+        expected = model.head(F.relu(q.fc2(q.fc2.act_quantizer(h))))
+        torch.testing.assert_close(q(x), expected)

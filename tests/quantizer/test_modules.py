@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from hessq.quantizer import ActQuantizer, RangeObserver, WeightQuantizer
+
+
+def test_minmax_observer_tracks_extremes():
+    obs = RangeObserver("minmax")
+    obs(torch.tensor([0.0, 1.0]))
+    obs(torch.tensor([-2.0, 0.5]))
+    assert float(obs.min_val) == -2.0 and float(obs.max_val) == 1.0
+
+
+def test_percentile_observer_ignores_outliers():
+    x = torch.rand(100_000)
+    x[0] = 1000.0
+    obs = RangeObserver("percentile", percentile=99.9)
+    obs(x)
+    assert 0.99 < float(obs.max_val) < 1.0
+
+
+def test_ema_observer():
+    obs = RangeObserver("ema", momentum=0.5)
+    obs(torch.tensor([0.0, 2.0]))
+    obs(torch.tensor([0.0, 4.0]))
+    assert float(obs.max_val) == pytest.approx(3.0)
+
+
+def test_observer_rejects_nan():
+    with pytest.raises(ValueError, match="NaN"):
+        RangeObserver()(torch.tensor([float("nan")]))
+
+
+def test_act_quantizer_unsigned_after_relu_and_error_bound():
+    q = ActQuantizer(8)
+    q.observing = True
+    x = torch.relu(torch.randn(1000))
+    q(x)
+    q.freeze()
+    assert not bool(q.signed)
+    assert float(q.scale) == pytest.approx(float(x.max()) / 255)
+    y = q(x)
+    assert torch.all((y - x).abs() <= q.scale / 2 + 1e-7)
+
+
+def test_act_quantizer_signed_and_4_bit():
+    q = ActQuantizer(4)
+    q.observing = True
+    q(torch.tensor([-1.0, 0.5]))
+    q.freeze()
+    assert bool(q.signed) and float(q.scale) == pytest.approx(1 / 7)
+    q.eval()
+    assert q(torch.tensor([3.0]))[0] == pytest.approx(1.0)
+    # in training the range follows an EMA of each batch's extremes
+    q.train()
+    q(torch.tensor([7.0]))
+    assert float(q.scale) == pytest.approx(0.9 / 7 + 0.1 * 7 / 7)
+
+
+def test_uncalibrated_act_quantizer_errors():
+    with pytest.raises(RuntimeError, match="never calibrated"):
+        ActQuantizer(8)(torch.ones(2))
+
+
+@pytest.mark.parametrize("bad", [2, 5, 32])
+def test_act_bits_out_of_range(bad):
+    with pytest.raises(ValueError, match="activation bit width"):
+        ActQuantizer(bad)
+
+
+def test_weight_quantizer_backward_reaches_weight():
+    w = torch.randn(4, 3, requires_grad=True)
+    WeightQuantizer(4)(w).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
