@@ -7,3 +7,4 @@ from hessq.graph import quantizable_layers
 from hessq.sensitivity import LayerSensitivity, Sensitivity
 from hessq.data import accuracy
 from hessq.quantize import calibrate, finetune, quantize
+from hessq.plan import BitPlan, InfeasibleLimitsError, LatencyTable, ParetoFrontier, Relative, pareto_frontier, plan_bits

@@ -10,6 +10,7 @@ import sys
 # sets ``func`` (args -> exit code). Imported lazily so ``hessq --help`` stays fast.
 _COMMANDS = [
     "hessq.cli._demo",
+    "hessq.cli._plan",
 ]
 
 

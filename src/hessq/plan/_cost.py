@@ -1,0 +1,292 @@
+"""The cost model (size, BOPs, latency per layer and bit width) and the perturbation Ω."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from hessq.graph import quantizable_layers
+from hessq.quantizer._functional import check_act_bits, check_weight_bits, quantization_error
+from hessq.sensitivity import Sensitivity
+
+#: Bytes of one per-output-channel scale (float32) and of one int32 bias entry.
+SCALE_BYTES = 4
+BIAS_BYTES = 4
+
+LATENCY_FORMAT = "hessq.latency"
+
+Variant = Literal["trace", "eigenvalue"]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """What one quantizable layer costs, as a function of its weight bit width.
+
+    ``num_params`` is n_i (weight elements), ``macs`` the multiply-accumulates of one forward
+    pass on the example input (batch of one), ``has_bias`` whether the deployed layer stores an
+    int32 bias (its own bias, or one folded from the BatchNorm that follows it).
+    """
+
+    name: str
+    kind: str
+    num_params: int
+    out_channels: int
+    has_bias: bool
+    macs: int
+
+    def size_bytes(self, bits: int) -> int:
+        """Weights packed at ``bits`` bits (rounded up to whole bytes), int32 bias, float32 scale per channel."""
+        weights = math.ceil(self.num_params * bits / 8)
+        bias = self.out_channels * BIAS_BYTES if self.has_bias else 0
+        return weights + bias + self.out_channels * SCALE_BYTES
+
+    def bops(self, bits: int, act_bits: int = 8) -> int:
+        """Bit operations: MACs × weight bits × activation bits (HAWQ-V3)."""
+        return self.macs * bits * act_bits
+
+
+class LatencyTable(Mapping[str, Mapping[int, float]]):
+    """Measured latency in seconds: layer name -> weight bits -> seconds.
+
+    JSON form: ``{"format": "hessq.latency", "layers": {"conv1": {"4": 1.2e-5, "8": 2.0e-5}, ...}}``
+    or just the inner ``{"conv1": {"4": ..., ...}, ...}`` mapping.
+    """
+
+    def __init__(self, layers: Mapping[str, Mapping[Any, float]], meta: Mapping[str, Any] | None = None) -> None:
+        table: dict[str, dict[int, float]] = {}
+        for name, row in layers.items():
+            if not isinstance(row, Mapping):
+                raise ValueError(f"latency table entry for {name!r} must map bit widths to seconds, got {row!r}")
+            parsed: dict[int, float] = {}
+            for bits, seconds in row.items():
+                try:
+                    b = int(bits)
+                except (TypeError, ValueError):
+                    raise ValueError(f"latency table entry {name!r}: bit width {bits!r} is not an integer") from None
+                s = float(seconds)
+                if not math.isfinite(s) or s < 0:
+                    raise ValueError(f"latency table entry {name!r} at {b} bits: {seconds!r} is not a time in seconds")
+                parsed[b] = s
+            table[str(name)] = parsed
+        self._layers = table
+        self.meta = dict(meta) if meta is not None else {}
+
+    def __getitem__(self, name: str) -> Mapping[int, float]:
+        return self._layers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def seconds(self, name: str, bits: int) -> float:
+        if name not in self._layers:
+            raise ValueError(f"the latency table has no entry for layer {name!r} (it has {len(self._layers)} layers)")
+        row = self._layers[name]
+        if bits not in row:
+            raise ValueError(
+                f"the latency table has no time for layer {name!r} at {bits} bits (it has {sorted(row)}); "
+                "measure it or drop that bit width"
+            )
+        return row[bits]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": LATENCY_FORMAT,
+            "meta": self.meta,
+            "layers": {n: {str(b): s for b, s in row.items()} for n, row in self._layers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LatencyTable":
+        if "format" in data:
+            if data["format"] != LATENCY_FORMAT:
+                raise ValueError(f"not a hessq latency table (format {data['format']!r}, expected {LATENCY_FORMAT!r})")
+            return cls(data["layers"], data.get("meta"))
+        return cls(data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from hessq._io import write_text_atomic
+
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LatencyTable":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); expected a latency table") from exc
+
+
+def as_latency_table(table: "LatencyTable | Mapping | str | os.PathLike | None") -> LatencyTable | None:
+    if table is None or isinstance(table, LatencyTable):
+        return table
+    if isinstance(table, (str, os.PathLike)):
+        return LatencyTable.load(table)
+    if isinstance(table, Mapping):
+        return LatencyTable.from_dict(table)
+    raise TypeError(f"latency_table must be a LatencyTable, a mapping or a JSON path, got {type(table).__name__}")
+
+
+def default_input_shape(model: nn.Module) -> tuple[int, ...]:
+    """(C, 28, 28) for a model whose first layer is a Conv2d (the bundled ResNet-20 is 1×28×28), else (in_features,)."""
+    first = next(iter(quantizable_layers(model).values()))
+    if isinstance(first, nn.Conv2d):
+        return (first.in_channels, 28, 28)
+    return (first.in_features,)
+
+
+def _example_input(model: nn.Module, example_input: torch.Tensor | None, input_shape: Sequence[int] | None) -> torch.Tensor:
+    if example_input is not None and input_shape is not None:
+        raise ValueError("give example_input or input_shape, not both")
+    if example_input is not None:
+        return example_input
+    shape = tuple(int(s) for s in (input_shape if input_shape is not None else default_input_shape(model)))
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.zeros((1, *shape), device=device, dtype=dtype)
+
+
+def layer_costs(
+    model: nn.Module,
+    *,
+    example_input: torch.Tensor | None = None,
+    input_shape: Sequence[int] | None = None,
+    bias_layers: Iterable[str] | None = None,
+) -> dict[str, LayerCost]:
+    """The :class:`LayerCost` of every quantizable layer, in network order.
+
+    MACs come from one forward pass with hooks: ``example_input`` as given (its batch size is
+    divided out), or zeros of shape ``(1, *input_shape)``; the default shape is
+    :func:`default_input_shape`. ``bias_layers`` names layers that store an int32 bias though
+    their module has none (because a BatchNorm folds into them).
+    """
+    layers = quantizable_layers(model)
+    x = _example_input(model, example_input, input_shape)
+    batch = x.shape[0] if x.dim() > 0 and x.shape[0] > 0 else 1
+    macs = {name: 0 for name in layers}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            per_output = module.weight[0].numel()  # (in/groups)·kh·kw for a conv, in_features for a linear
+            macs[name] += output.numel() // batch * per_output
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(name)) for name, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:
+        raise ValueError(
+            f"could not run {type(model).__name__} on an example input of shape {tuple(x.shape)} to count MACs "
+            f"({type(exc).__name__}: {exc}); pass example_input= or input_shape= (without the batch dimension)"
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    unused = [n for n, v in macs.items() if v == 0]
+    if unused:
+        warnings.warn(f"layers never ran on the example input (counted as 0 MACs): {unused[:5]}", stacklevel=2)
+    extra_bias = set(bias_layers or ())
+    costs = {}
+    for name, m in layers.items():
+        costs[name] = LayerCost(
+            name=name,
+            kind=type(m).__name__,
+            num_params=int(m.weight.numel()),
+            out_channels=int(m.weight.shape[0]),
+            has_bias=m.bias is not None or name in extra_bias,
+            macs=int(macs[name]),
+        )
+    return costs
+
+
+def check_bits_list(weight_bits: Iterable[int] | int) -> tuple[int, ...]:
+    """Sorted, de-duplicated weight bit widths, each checked to be an integer from 2 to 8."""
+    if isinstance(weight_bits, int) and not isinstance(weight_bits, bool):
+        weight_bits = (weight_bits,)
+    try:
+        bits = list(weight_bits)
+    except TypeError:
+        raise ValueError(f"weight_bits must be a bit width or a list of them, got {weight_bits!r}") from None
+    if not bits:
+        raise ValueError("weight_bits is empty: give at least one candidate bit width from 2 to 8")
+    for b in bits:
+        check_weight_bits(b)
+    return tuple(sorted(set(bits)))
+
+
+def perturbations(
+    model: nn.Module,
+    sens: Sensitivity,
+    weight_bits: Iterable[int],
+    *,
+    variant: Variant = "trace",
+) -> dict[str, dict[int, float]]:
+    """Ω_i(b) for every quantizable layer i and bit width b.
+
+    ``variant="trace"`` (HAWQ-V2/V3): Ω_i(b) = (Tr(H_i)/n_i)·‖Q_b(W_i) − W_i‖².
+    ``variant="eigenvalue"`` (HAWQ): Ω_i(b) = (λ_i/n_i)·‖Q_b(W_i) − W_i‖², λ_i the top eigenvalue.
+    """
+    bits = check_bits_list(weight_bits)
+    layers = quantizable_layers(model)
+    check_sensitivity(model, sens, layers)
+    if variant not in ("trace", "eigenvalue"):
+        raise ValueError(f"variant must be 'trace' or 'eigenvalue', got {variant!r}")
+    out: dict[str, dict[int, float]] = {}
+    for name, m in layers.items():
+        rec = sens[name]
+        if variant == "trace":
+            factor = rec.trace / rec.num_params
+        else:
+            if rec.top_eigenvalue is None:
+                raise ValueError(
+                    f"the sensitivity has no top eigenvalue for layer {name!r}; compute eigenvalues "
+                    "(hessian_sensitivity(..., eigenvalues=True)) or use variant='trace'"
+                )
+            factor = rec.top_eigenvalue / rec.num_params
+        if not math.isfinite(factor):
+            raise ValueError(f"the sensitivity of layer {name!r} is not finite ({factor}); recompute it")
+        w = m.weight.detach()
+        out[name] = {b: factor * quantization_error(w, b) for b in bits}
+    return out
+
+
+def check_sensitivity(model: nn.Module, sens: Sensitivity, layers: Mapping[str, nn.Module] | None = None) -> None:
+    """Raise if ``sens`` belongs to another model or misses any of its quantizable layers."""
+    if not isinstance(sens, Mapping):
+        raise TypeError(f"sens must be a hessq Sensitivity (layer name -> LayerSensitivity), got {type(sens).__name__}")
+    if hasattr(sens, "check_model"):
+        sens.check_model(model)
+    layers = layers if layers is not None else quantizable_layers(model)
+    missing = [n for n in layers if n not in sens]
+    if missing:
+        raise ValueError(
+            f"the sensitivity has no record for {len(missing)} quantizable layer(s) of this model, e.g. {missing[:5]}; "
+            "it was computed for another model"
+        )
+    for name, m in layers.items():
+        if sens[name].num_params != m.weight.numel():
+            raise ValueError(
+                f"the sensitivity says layer {name!r} has {sens[name].num_params} weights but the model's has "
+                f"{m.weight.numel()}: it was computed for another model"
+            )
+
+
+def check_act(act_bits: int) -> int:
+    return check_act_bits(act_bits)

@@ -1,0 +1,127 @@
+"""Which layers must share bits: convs whose outputs meet at the same residual add (torch.fx)."""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from hessq.graph import quantizable_layers
+
+# Modules an output passes through unchanged in meaning (per-channel affine or identity).
+_TRANSPARENT_MODULES = (nn.modules.batchnorm._BatchNorm, nn.Identity, nn.Dropout)
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+@dataclass
+class GraphFacts:
+    """What a torch.fx trace tells the planner: residual ties and layers followed by BatchNorm."""
+
+    ties: list[list[str]] = field(default_factory=list)
+    bn_followed: set[str] = field(default_factory=set)
+    traced: bool = False
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADDS:
+        return True
+    return node.op == "call_method" and node.target in ("add", "add_", "__add__", "__iadd__")
+
+
+def graph_facts(model: nn.Module) -> GraphFacts:
+    """Trace ``model`` with torch.fx and find the residual ties.
+
+    Two quantizable layers are tied when their outputs reach the same residual add through
+    BatchNorm / identity / dropout (and further adds) only — e.g. a ResNet block's last conv
+    and its 1×1 shortcut conv. An untraceable model gives a warning and no automatic ties.
+    """
+    layers = quantizable_layers(model)
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as exc:  # fx raises many kinds of errors
+        warnings.warn(
+            f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}); "
+            "no automatic residual ties (pass ties= yourself, or auto_ties=False to silence this)",
+            stacklevel=3,
+        )
+        return GraphFacts()
+    modules = dict(model.named_modules())
+    facts = GraphFacts(traced=True)
+
+    def is_transparent(node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(modules.get(node.target), _TRANSPARENT_MODULES)
+
+    def sources(node: fx.Node, seen: set[fx.Node]) -> list[str]:
+        if node in seen:
+            return []
+        seen.add(node)
+        if node.op == "call_module" and node.target in layers:
+            return [node.target]
+        if is_transparent(node) or _is_add(node):
+            found = []
+            for arg in node.args:
+                if isinstance(arg, fx.Node):
+                    found += sources(arg, seen)
+            return found
+        return []
+
+    done: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
+            arg = node.args[0] if node.args else None
+            if isinstance(arg, fx.Node) and arg.op == "call_module" and arg.target in layers and len(arg.users) == 1:
+                facts.bn_followed.add(arg.target)
+        if not _is_add(node) or node in done:
+            continue
+        # Only the outermost add of a chain forms a group; the inner ones are walked through.
+        if any(_is_add(u) for u in node.users):
+            continue
+        names = sources(node, done)
+        unique = list(dict.fromkeys(names))
+        if len(unique) > 1:
+            facts.ties.append(unique)
+    return facts
+
+
+def merge_ties(names: Sequence[str], ties: Iterable[Iterable[str]]) -> list[list[str]]:
+    """Union of overlapping ties: groups of layer names (every layer in exactly one group), in network order."""
+    index = {n: i for i, n in enumerate(names)}
+    parent = list(range(len(names)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for tie in ties:
+        members = [index[n] for n in tie]
+        for other in members[1:]:
+            a, b = find(members[0]), find(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[str]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(find(i), []).append(n)
+    return [groups[k] for k in sorted(groups)]
+
+
+def check_names(what: str, given: Iterable[str], known: Mapping[str, object] | Sequence[str]) -> None:
+    """Raise naming every unknown layer in ``given``, with close matches."""
+    import difflib
+
+    known_list = list(known)
+    unknown = [n for n in given if n not in known_list]
+    if unknown:
+        hints = []
+        for n in unknown[:5]:
+            close = difflib.get_close_matches(str(n), known_list, n=2)
+            hints.append(f"{n!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+        raise ValueError(
+            f"unknown layer name(s) in {what}: {', '.join(hints)}; the model's quantizable layers are "
+            f"{known_list[:6]}{' …' if len(known_list) > 6 else ''} ({len(known_list)} in all)"
+        )
