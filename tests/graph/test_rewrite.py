@@ -97,7 +97,7 @@ def test_mlp_rewrite_and_mixed_plan():
     model = MLP().eval()
     plan = {"fc1": (8, 8), "fc2": (4, 4), "head": 6}
     q = hessq.quantize(model, plan, _batches((64,)))
-    assert q.hessq_layer_bits == {"fc1": (8, 8), "fc2": (4, 4), "head": (6, 8)}
+    assert q.layer_bits == {"fc1": (8, 8), "fc2": (4, 4), "head": (6, 8)}
     assert q.fc2.w_bits == 4 and q.fc2.act_quantizer.bits == 4
     assert q.head.act_quantizer.bits == 8
     codes = q.fc2.weight_quantizer(q.fc2.weight) / q.fc2.weight_quantizer.scale(q.fc2.weight)[:, None]
@@ -113,7 +113,7 @@ def test_residual_add_is_quantized_on_one_grid():
     seen = {}
     adds[0].register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
     with torch.no_grad():
-        q(_batches((1, 8, 8), 1, seed=1)[0])
+        q.float_forward(_batches((1, 8, 8), 1, seed=1)[0])
     s = adds[0].output_quantizer.scale
     codes = seen["out"] / s
     assert torch.allclose(codes, codes.round(), atol=1e-3)
@@ -123,11 +123,11 @@ def test_residual_add_is_quantized_on_one_grid():
 def test_uniform_plan_keeps_first_and_last_at_8_bits():
     model = hessq.models.resnet20().eval()
     q = hessq.quantize(model, (4, 4), _batches((1, 28, 28), 1))
-    assert q.hessq_layer_bits["conv1"] == (8, 8) and q.hessq_layer_bits["fc"] == (8, 8)
-    assert q.hessq_layer_bits["layer2.1.conv2"] == (4, 4)
+    assert q.layer_bits["conv1"] == (8, 8) and q.layer_bits["fc"] == (8, 8)
+    assert q.layer_bits["layer2.1.conv2"] == (4, 4)
     assert q.get_submodule("layer2.1.conv2").act_quantizer.bits == 4
     q2 = hessq.quantize(model, (4, 4), _batches((1, 28, 28), 1), first_last_bits=None)
-    assert q2.hessq_layer_bits["conv1"] == (4, 4)
+    assert q2.layer_bits["conv1"] == (4, 4)
 
 
 def test_untraceable_model_error_names_module_and_line():
@@ -173,7 +173,7 @@ def test_unknown_op_error_names_op_and_place_and_float_escape():
     msg = str(info.value)
     assert "torch.sigmoid" in msg and "test_rewrite.py" in msg and "unsupported='float'" in msg
     q = hessq.quantize(Gated(), 8, batches, unsupported="float")
-    assert len(q.hessq_float_ops) == 1 and "sigmoid" in q.hessq_float_ops[0]
+    assert len(q.float_ops) == 1 and "sigmoid" in q.float_ops[0]
 
 
 def test_plan_errors():

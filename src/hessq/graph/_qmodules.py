@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessq.quantizer import ActQuantizer, WeightQuantizer, expand_scale, round_ste
+from hessq.quantizer import ActQuantizer, WeightQuantizer, expand_scale, qrange, round_ste
 from hessq.quantizer._functional import Granularity
 
 INT32_MAX = 2**31 - 1
@@ -49,6 +49,25 @@ class _QuantLayer(nn.Module):
         bias_scale = expand_scale(self.weight_quantizer.scale(self.weight), self.bias, axis=0) * q_in.scale
         b_q = torch.clamp(round_ste(self.bias / bias_scale), -INT32_MAX, INT32_MAX) * bias_scale
         return w_q, b_q
+
+
+    @torch.no_grad()
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 codes, float64 scale per channel / group / tensor) of the quantized weight."""
+        wq = self.weight_quantizer
+        scale = wq.scale(self.weight).double()
+        lo, hi = qrange(wq.bits, signed=True)
+        codes = torch.clamp(torch.round(self.weight.double() / expand_scale(scale, self.weight, 0)), lo, hi)
+        return codes.to(torch.int64), scale
+
+    @torch.no_grad()
+    def integer_bias(self, input_scale: torch.Tensor) -> torch.Tensor | None:
+        """int32-range codes of the bias at scale S_w·S_in (as int64), or None without bias."""
+        if self.bias is None:
+            return None
+        _, w_scale = self.integer_weight()
+        bias_scale = expand_scale(w_scale, self.bias, 0) * input_scale.double()
+        return torch.clamp(torch.round(self.bias.double() / bias_scale), -INT32_MAX, INT32_MAX).to(torch.int64)
 
 
 class QuantConv2d(_QuantLayer):
@@ -114,6 +133,28 @@ class QuantAdd(nn.Module):
             q._track(a + b)
         codes = torch.clamp(round_ste(a / q.scale) + round_ste(b / q.scale), q.qmin, q.qmax)
         return codes * q.scale
+
+
+class QuantCat(nn.Module):
+    """Concatenation: each input is rounded onto the one output grid, then joined."""
+
+    def __init__(self, quantizer: ActQuantizer, dim: int = 0) -> None:
+        super().__init__()
+        self.output_quantizer = quantizer
+        self.dim = dim
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        q = self.output_quantizer
+        if q.observing:
+            return q(torch.cat(tensors, self.dim))
+        if not bool(q.calibrated):
+            q(tensors[0])  # raises the "never calibrated" error
+        if self.training and q.ema_in_training:
+            q._track(torch.cat(tensors, self.dim))
+        return torch.cat([torch.clamp(round_ste(t / q.scale), q.qmin, q.qmax) * q.scale for t in tensors], self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
 
 
 QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear)

@@ -6,7 +6,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
 import torch
-import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -14,6 +13,7 @@ from hessq.graph import act_quantizers, quantizable_layers, rewrite, trace
 from hessq.quantizer import check_act_bits, check_weight_bits
 from hessq.quantizer._functional import Granularity
 from hessq.quantizer._observer import RangeMethod
+from hessq.quantize._model import QuantizedModel
 
 #: An int b (weights b bits, activations 8), a (weight_bits, act_bits) pair, or a mapping
 #: layer name -> either, or None to keep that layer in floating point (a BitPlan is such
@@ -93,8 +93,11 @@ def calibrate(qmodel: nn.Module, batches: Iterable, *, progress: bool = False) -
     count = 0
     try:
         for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
-            qmodel(_inputs(batch).to(device))
+            x = _inputs(batch)
+            qmodel(x.to(device))
             count += 1
+            # the integer model is compiled for this per-sample input shape
+            qmodel.input_shape = tuple(x.shape[1:])
     finally:
         for q in quantizers.values():
             q.observing = False
@@ -119,7 +122,7 @@ def quantize(
     unsupported: str = "error",
     leaf_modules: Iterable[str] = (),
     progress: bool = False,
-) -> fx.GraphModule:
+) -> QuantizedModel:
     """The fake-quantized copy of ``model`` under ``plan``, calibrated; ``model`` is left untouched.
 
     ``plan``: an int b (weights b bits, activations 8 bits), a (weight_bits, act_bits)
@@ -130,8 +133,9 @@ def quantize(
     ``'group'`` with ``num_groups``); activation ranges come from ``act_range``
     ('minmax', 'percentile' or 'ema') over ``calibration_batches``.
 
-    The result is a ``torch.fx.GraphModule`` whose Conv2d/Linear layers are quantized
-    twins at the same module paths; ``result.hessq_layer_bits`` records the plan applied.
+    The result is a :class:`QuantizedModel` whose Conv2d/Linear layers are quantized
+    twins at the same module paths; ``result.layer_bits`` records the plan applied. Its
+    eval mode computes exactly what the integer model computes.
     """
     check_finite(model)
     leaf_modules = list(leaf_modules)
@@ -140,7 +144,7 @@ def quantize(
         raise ValueError(f"{type(model).__name__} calls no Conv2d or Linear layer; there is nothing to quantize")
     layer_bits = resolve_plan(plan, order, first_last_bits)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    qmodel = rewrite(
+    gm = rewrite(
         model,
         layer_bits,
         weight_granularity=weight_granularity,
@@ -150,6 +154,6 @@ def quantize(
         unsupported=unsupported,
         leaf_modules=leaf_modules,
     ).to(device)
-    qmodel.hessq_layer_bits = layer_bits
+    qmodel = QuantizedModel(gm, layer_bits, gm.hessq_float_ops)
     calibrate(qmodel, calibration_batches, progress=progress)
     return qmodel

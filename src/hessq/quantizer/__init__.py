@@ -1,5 +1,6 @@
 """Uniform quantization of tensors: formulas, range observers and quantizer modules."""
 
+from hessq.quantizer._dyadic import DYADIC_BITS, dyadic, dyadic_value, requantize
 from hessq.quantizer._functional import (
     ACT_BITS,
     WEIGHT_BITS,
@@ -18,6 +19,10 @@ from hessq.quantizer._modules import ActQuantizer, WeightQuantizer
 from hessq.quantizer._observer import RANGE_METHODS, RangeObserver
 
 __all__ = [
+    "DYADIC_BITS",
+    "dyadic",
+    "dyadic_value",
+    "requantize",
     "ACT_BITS",
     "RANGE_METHODS",
     "WEIGHT_BITS",

@@ -1,0 +1,230 @@
+"""IntegerModel: the integer program, its reference executor, and its file format."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hessq._io import write_atomic
+from hessq.quantizer import _kernels
+from hessq.integer._program import Op, compile_program
+from hessq.quantizer import requantize
+
+FORMAT = "hessq.integer-model"
+VERSION = 1
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-8, 7] → uint8, two per byte (low nibble first), two's complement."""
+    flat = codes.flatten().to(torch.int16) & 0xF
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return (flat[0::2] | (flat[1::2] << 4)).to(torch.uint8)
+
+
+def _unpack_nibbles(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    p = packed.to(torch.int16)
+    flat = torch.stack([p & 0xF, p >> 4], 1).flatten()
+    flat = torch.where(flat >= 8, flat - 16, flat)
+    n = 1
+    for s in shape:
+        n *= s
+    return flat[:n].reshape(shape).to(torch.int8)
+
+
+class IntegerModel:
+    """An integer-only model: int8 weights, int32 biases, dyadic requantization.
+
+    ``model(x)`` quantizes the float input, runs every op on int64 tensors (integer
+    multiply, add, arithmetic shift, clamps, integer sums) and dequantizes the output
+    for the user. ``ops`` lists the program; each op's ``scale`` is its output scale.
+    ``kernel='int64'`` runs the products as int64 matrix products instead of the
+    (exact) float BLAS kernels.
+    """
+
+    def __init__(self, ops: list[Op], input_name: str, output_name: str, input_shape: tuple[int, ...], meta: dict | None = None) -> None:
+        self.ops = ops
+        self.input_name = input_name
+        self.output_name = output_name
+        self.input_shape = tuple(input_shape)
+        self.meta = dict(meta or {})
+
+    def __repr__(self) -> str:
+        kinds: dict[str, int] = {}
+        for op in self.ops:
+            kinds[op.kind] = kinds.get(op.kind, 0) + 1
+        return f"IntegerModel(input {self.input_shape}, {len(self.ops)} ops: {kinds})"
+
+    def layers(self) -> Iterator[Op]:
+        return (op for op in self.ops if op.kind in ("conv2d", "linear"))
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, *, kernel: str = "auto", keep: bool = False) -> dict[str, torch.Tensor] | torch.Tensor:
+        """Execute the program; with ``keep`` return every named value (codes) instead of the output."""
+        if kernel not in _kernels.KERNELS:
+            raise ValueError(f"kernel must be one of {_kernels.KERNELS}, got {kernel!r}")
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"input shape {tuple(x.shape)} does not match the model's (N, {', '.join(map(str, self.input_shape))})")
+        env: dict[str, torch.Tensor] = {self.input_name: x}
+        for op in self.ops:
+            env[op.output] = _execute(op, [env[name] for name in op.inputs], kernel)
+        return env if keep else env[self.output_name]
+
+    def __call__(self, x: torch.Tensor, *, kernel: str = "auto") -> torch.Tensor:
+        return self.run(x, kernel=kernel)
+
+    # -- files ----------------------------------------------------------------------------------
+    def _payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        program, tensors = [], {}
+        for i, op in enumerate(self.ops):
+            entry = {"kind": op.kind, "inputs": op.inputs, "output": op.output, "attrs": op.attrs, "tensors": {}}
+            for key, t in op.tensors.items():
+                name = f"{i}.{key}"
+                if key == "weight" and op.attrs.get("w_bits", 8) <= 4:
+                    tensors[name] = _pack_nibbles(t)
+                    entry["tensors"][key] = {"name": name, "packed4": list(t.shape)}
+                else:
+                    tensors[name] = t.contiguous()
+                    entry["tensors"][key] = {"name": name}
+            if op.scale is not None:
+                tensors[f"{i}.scale_out"] = op.scale
+                entry["scale"] = f"{i}.scale_out"
+            program.append(entry)
+        header = {
+            "format": FORMAT,
+            "version": VERSION,
+            "input_name": self.input_name,
+            "output_name": self.output_name,
+            "input_shape": list(self.input_shape),
+            "meta": self.meta,
+            "program": program,
+        }
+        return header, tensors
+
+    @staticmethod
+    def _digest(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+        h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+        for name in sorted(tensors):
+            t = tensors[name]
+            h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One versioned file with a checksum, written to a temporary name and renamed."""
+        header, tensors = self._payload()
+        blob = {"header": json.dumps(header), "tensors": tensors, "sha256": self._digest(header, tensors)}
+        write_atomic(path, lambda tmp: torch.save(blob, tmp))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "IntegerModel":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no integer model file at {path}")
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            header = json.loads(blob["header"])
+            tensors = blob["tensors"]
+            digest = blob["sha256"]
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable hessq integer model (truncated or corrupt: {type(exc).__name__}: {exc})") from exc
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a hessq integer model (format {header.get('format')!r})")
+        if header.get("version") != VERSION:
+            raise ValueError(
+                f"{path} is integer-model file version {header.get('version')}, this hessq reads version {VERSION}; "
+                "re-export it with this hessq (hessq.to_integer(...).save(path))"
+            )
+        if cls._digest(header, tensors) != digest:
+            raise ValueError(f"{path} is corrupt: its checksum does not match its contents")
+        ops = []
+        for entry in header["program"]:
+            op_tensors = {}
+            for key, ref in entry["tensors"].items():
+                t = tensors[ref["name"]]
+                op_tensors[key] = _unpack_nibbles(t, ref["packed4"]) if "packed4" in ref else t
+            scale = tensors[entry["scale"]] if "scale" in entry else None
+            ops.append(Op(entry["kind"], entry["inputs"], entry["output"], entry["attrs"], op_tensors, scale))
+        return cls(ops, header["input_name"], header["output_name"], tuple(header["input_shape"]), header["meta"])
+
+    def size_bytes(self) -> int:
+        """Bytes of the stored weights (packed), biases and requantization constants."""
+        _, tensors = self._payload()
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t if t.dim() == 0 else t.reshape([1, -1] + [1] * (ndim - 2))
+
+
+def _execute(op: Op, inputs: list[torch.Tensor], kernel: str) -> torch.Tensor:
+    k, a, t = op.kind, op.attrs, op.tensors
+    x = inputs[0]
+    if k == "quantize":
+        return torch.clamp(torch.round(x.double() / t["scale"]), a["qmin"], a["qmax"]).to(torch.int64)
+    if k == "requantize":
+        return requantize(x, t["b"], t["c"], a["qmin"], a["qmax"])
+    if k in ("conv2d", "linear"):
+        w = t["weight"].to(torch.int64)
+        chosen = "int64" if kernel == "int64" else a["kernel"]
+        if k == "conv2d":
+            acc = _kernels.conv2d(x, w, a["stride"], a["padding"], a["dilation"], a["groups"], chosen)
+        else:
+            acc = _kernels.linear(x, w, chosen)
+        if "bias" in t:
+            acc = acc + _channel(t["bias"].to(torch.int64), acc.dim())
+        return acc
+    if k == "add":
+        wide = 2**62
+        y = requantize(x, t["b0"], t["c0"], -wide, wide) + requantize(inputs[1], t["b1"], t["c1"], -wide, wide)
+        return torch.clamp(y, a["qmin"], a["qmax"])
+    if k == "cat":
+        parts = [requantize(v, t[f"b{i}"], t[f"c{i}"], a["qmin"], a["qmax"]) for i, v in enumerate(inputs)]
+        return torch.cat(parts, a["dim"])
+    if k == "relu":
+        return x.clamp(min=0)
+    if k == "clamp":
+        return torch.minimum(x.clamp(min=0), t["max"])
+    if k == "max_pool2d":
+        return F.max_pool2d(x, **a)
+    if k == "sum_pool2d":
+        # an integer window sum: pad-free windows, summed by unfolding
+        kh, kw = a["kernel"]
+        sh, sw = a["stride"]
+        windows = x.unfold(2, kh, sh).unfold(3, kw, sw)
+        return windows.sum((-1, -2))
+    if k == "sum":
+        return x.sum(a["dims"], keepdim=a["keepdim"])
+    if k == "pad":
+        return F.pad(x, a["pads"])
+    if k == "flatten":
+        return torch.flatten(x, a["start_dim"], a["end_dim"])
+    if k == "reshape":
+        return x.reshape(a["shape"])
+    if k == "dequantize":
+        return (x.double() * t["scale"]).float()
+    raise ValueError(f"unknown integer op {k!r} (a file from a newer hessq?)")
+
+
+def to_integer(qmodel: Any) -> IntegerModel:
+    """The integer-only model of a calibrated :func:`hessq.quantize` result.
+
+    Raises :class:`IntegerConversionError` naming any op with no integer form (e.g.
+    sigmoid, softmax, layer norm) and for a model that was never calibrated.
+    """
+    ops, input_name, output_name, input_shape = compile_program(qmodel)
+    meta = {"layer_bits": {k: list(v) for k, v in qmodel.layer_bits.items()}}
+    return IntegerModel(ops, input_name, output_name, input_shape, meta)
+
+
+def load_integer(path: str | os.PathLike) -> IntegerModel:
+    """Load an IntegerModel saved by :meth:`IntegerModel.save`."""
+    return IntegerModel.load(path)

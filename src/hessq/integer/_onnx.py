@@ -1,0 +1,347 @@
+"""Export of an IntegerModel to ONNX with integer operators, for ONNX Runtime on the CPU.
+
+Activations travel as uint8 codes: zero-point 0 on an unsigned grid, 128 on a signed one
+(the same grid, shifted); weights as int8 codes per output channel.
+
+``mode="exact"`` (default) reproduces the integer model: ConvInteger / MatMulInteger give
+the int32 accumulators, the int32 bias is added, and requantization multiplies by the
+dyadic number b/2^c in float64 (exact for b < 2^31), adds 1/2 and floors — round half up,
+as the arithmetic shift does — so outputs match the integer model bit for bit but for
+float64 rounding at an exact tie.
+
+``mode="fast"`` maps conv → ReLU → requantize onto one QLinearConv (ONNX Runtime's fused
+int8 kernel); other accumulators are scaled to float32 and residual adds round once. ONNX
+Runtime then requantizes with a float32 multiplier and rounds half to even, which can
+move a value by one step next to a rounding tie.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hessq._io import write_atomic
+from hessq.integer._model import IntegerModel
+from hessq.integer._program import Op
+
+OPSET = 17
+
+
+def _require_onnx():
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError("ONNX export needs the onnx package: pip install 'hessq[onnx]' (onnx, onnxruntime)") from exc
+    return onnx, TensorProto, helper, numpy_helper
+
+
+@dataclass
+class _Tensor:
+    name: str
+    kind: str  # "codes": uint8 on a grid; "acc": float64 exact integers at scale; "real": float32 value
+    scale: float = 0.0
+    zero_point: int = 0
+
+
+class _Exporter:
+    def __init__(self, model: IntegerModel, mode: str = "exact") -> None:
+        self.onnx, self.TP, self.helper, self.nh = _require_onnx()
+        self.model = model
+        self.exact = mode == "exact"
+        self.nodes, self.inits = [], []
+        self.values: dict[str, _Tensor] = {}
+        self.grid_signed: dict[str, bool] = {}
+        self.users: dict[str, list[Op]] = {}
+        for op in model.ops:
+            for name in op.inputs:
+                self.users.setdefault(name, []).append(op)
+        self.fused: set[str] = set()
+        self._n = 0
+
+    def fresh(self, base: str) -> str:
+        self._n += 1
+        return f"{base}__{self._n}"
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.inits.append(self.nh.from_array(np.asarray(array), name))
+        return name
+
+    def node(self, op_type: str, inputs: list[str], base: str, domain: str = "", **attrs) -> str:
+        out = self.fresh(base)
+        self.nodes.append(self.helper.make_node(op_type, inputs, [out], name=out, domain=domain, **attrs))
+        return out
+
+    # -- conversions between codes and real values ------------------------------------------------
+    def scale_zp(self, t: _Tensor) -> tuple[str, str]:
+        return self.const("scale", np.float32(t.scale)), self.const("zp", np.uint8(t.zero_point))
+
+    def real(self, t: _Tensor) -> str:
+        if t.kind == "real":
+            return t.name
+        s, zp = self.scale_zp(t)
+        return self.node("DequantizeLinear", [t.name, s, zp], "dq")
+
+    def codes(self, name_in: str, scale: float, signed: bool, base: str) -> _Tensor:
+        zp = 128 if signed else 0
+        t = _Tensor("", "codes", scale, zp)
+        s, z = self.scale_zp(t)
+        t.name = self.node("QuantizeLinear", [name_in, s, z], base)
+        return t
+
+    def as_codes_input(self, t: _Tensor) -> _Tensor:
+        if t.kind != "codes":
+            raise RuntimeError("internal: a layer input is not on a grid")
+        return t
+
+    # -- exact-mode integer arithmetic in float64 ----------------------------------------------------
+    def acc(self, t: _Tensor) -> str:
+        """float64 integers standing for ``t`` at its own scale (codes minus zero-point, or an accumulator)."""
+        if t.kind == "acc":
+            return t.name
+        if t.kind != "codes":
+            raise RuntimeError("internal: a float value in the exact export")
+        d = self.node("Cast", [t.name], "codes_f64", to=self.TP.DOUBLE)
+        return self.node("Sub", [d, self.const("zp", np.float64(t.zero_point))], "centred") if t.zero_point else d
+
+    def round_half_up(self, acc: str, b: torch.Tensor, c: torch.Tensor) -> str:
+        # b and c are shaped to broadcast against the accumulator already
+        m = torch.ldexp(b.double(), -c).numpy()  # b/2^c, exact in float64
+        scaled = self.node("Mul", [acc, self.const("dyadic", m.astype(np.float64))], "scaled")
+        return self.node("Floor", [self.node("Add", [scaled, self.const("half", np.float64(0.5))], "half")], "rounded")
+
+    def to_codes(self, rounded: str, qmin: int, qmax: int, scale: float) -> _Tensor:
+        zp = 128 if qmin < 0 else 0
+        lo, hi = self.const("qmin", np.float64(qmin + zp)), self.const("qmax", np.float64(qmax + zp))
+        shifted = self.node("Add", [rounded, self.const("zp", np.float64(zp))], "shifted") if zp else rounded
+        clipped = self.node("Clip", [shifted, lo, hi], "clip")
+        return _Tensor(self.node("Cast", [clipped], "codes", to=self.TP.UINT8), "codes", scale, zp)
+
+    # -- ops ----------------------------------------------------------------------------------------
+    def run(self, input_name: str) -> None:
+        self.values[self.model.input_name] = _Tensor(input_name, "real")
+        for op in self.model.ops:
+            if op.output in self.fused:
+                continue
+            self.values[op.output] = getattr(self, f"op_{op.kind}")(op, [self.values[n] for n in op.inputs])
+
+    def op_quantize(self, op: Op, ins: list[_Tensor]) -> _Tensor:
+        if not self.exact:
+            return self.codes(ins[0].name, float(op.tensors["scale"]), op.attrs["qmin"] < 0, "quantize")
+        x = self.node("Cast", [ins[0].name], "x_f64", to=self.TP.DOUBLE)
+        q = self.node("Div", [x, self.const("scale", np.float64(op.tensors["scale"]))], "x_over_s")
+        return self.to_codes(self.node("Round", [q], "round"), op.attrs["qmin"], op.attrs["qmax"], float(op.scale))
+
+    def op_requantize(self, op: Op, ins: list[_Tensor]) -> _Tensor:
+        if not self.exact:
+            return self.codes(self.real(ins[0]), float(op.scale), op.attrs["qmin"] < 0, "requantize")
+        t = ins[0]
+        rounded = self.round_half_up(self.acc(t), op.tensors["b"], op.tensors["c"])
+        return self.to_codes(rounded, op.attrs["qmin"], op.attrs["qmax"], float(op.scale))
+
+    def _fusable_chain(self, op: Op) -> tuple[list[Op], Op] | None:
+        """conv → [relu | clamp] → requantize, each used once: one QLinearConv."""
+        chain, cur = [], op
+        while True:
+            users = self.users.get(cur.output, [])
+            if len(users) != 1:
+                return None
+            nxt = users[0]
+            if nxt.kind == "requantize":
+                return chain, nxt
+            if nxt.kind in ("relu", "clamp") and not chain:
+                chain.append(nxt)
+                cur = nxt
+                continue
+            return None
+
+    def _weights(self, op: Op, x: _Tensor) -> tuple[str, str, str, np.ndarray]:
+        w = op.tensors["weight"].numpy().astype(np.int8)
+        w_scale = (op.scale.reshape(-1).double() / x.scale).numpy().astype(np.float32)
+        if w_scale.size == 1:
+            w_scale = np.full(w.shape[0], w_scale.item(), np.float32)
+        return self.const("w", w), self.const("w_scale", w_scale), self.const("w_zp", np.zeros(w.shape[0], np.int8)), w_scale
+
+    def op_conv2d(self, op: Op, ins: list[_Tensor]) -> _Tensor:
+        x = self.as_codes_input(ins[0])
+        a = op.attrs
+        conv_attrs = dict(strides=a["stride"], pads=a["padding"] * 2, dilations=a["dilation"], group=a["groups"])
+        fused = None if self.exact else self._fusable_chain(op)
+        if fused is not None:
+            chain, req = fused
+            w, ws, wzp, _ = self._weights(op, x)
+            signed = req.attrs["qmin"] < 0
+            y = _Tensor("", "codes", float(req.scale), 128 if signed else 0)
+            xs, xzp = self.scale_zp(x)
+            ys, yzp = self.scale_zp(y)
+            inputs = [x.name, xs, xzp, w, ws, wzp, ys, yzp]
+            if "bias" in op.tensors:
+                inputs.append(self.const("bias", op.tensors["bias"].numpy().astype(np.int32)))
+            y.name = self.node("QLinearConv", inputs, "qconv", **conv_attrs)
+            for extra in chain:
+                if extra.kind == "relu" and signed:
+                    y.name = self.node("Max", [y.name, self.const("zero", np.uint8(y.zero_point))], "relu")
+                elif extra.kind == "clamp":
+                    six = float((extra.tensors["max"].double().reshape(-1)[0] * op.scale.reshape(-1)[0]).item())
+                    hi = min(255, y.zero_point + int(round(six / y.scale)))
+                    y.name = self.node("Clip", [y.name, self.const("lo", np.uint8(y.zero_point)), self.const("hi", np.uint8(hi))], "relu6")
+                self.fused.add(extra.output)
+            self.fused.add(req.output)
+            self.values[req.output] = y
+            return y
+        w = self.const("w", op.tensors["weight"].numpy().astype(np.int8))
+        acc = self.node("ConvInteger", [x.name, w, self.const("x_zp", np.uint8(x.zero_point))], "convint", **conv_attrs)
+        return self._accumulator(op, acc)
+
+    def _accumulator(self, op: Op, acc: str) -> _Tensor:
+        if "bias" in op.tensors:
+            shape = [1, -1] + [1] * (2 if op.kind == "conv2d" else 0)
+            acc = self.node("Add", [acc, self.const("bias", op.tensors["bias"].numpy().astype(np.int32).reshape(shape))], "bias")
+        if self.exact:
+            return _Tensor(self.node("Cast", [acc], "acc_f64", to=self.TP.DOUBLE), "acc")
+        real = self.node("Cast", [acc], "acc_f", to=self.TP.FLOAT)
+        scale = op.scale.numpy().astype(np.float32)
+        return _Tensor(self.node("Mul", [real, self.const("acc_scale", scale)], "acc_real"), "real")
+
+    def op_linear(self, op: Op, ins: list[_Tensor]) -> _Tensor:
+        x = self.as_codes_input(ins[0])
+        wt = self.const("wT", op.tensors["weight"].numpy().astype(np.int8).T.copy())
+        acc = self.node("MatMulInteger", [x.name, wt, self.const("x_zp", np.uint8(x.zero_point))], "matmulint")
+        return self._accumulator(op, acc)
+
+    def op_add(self, op: Op, ins: list[_Tensor]) -> _Tensor:
+        if self.exact:
+            a, b = (self.round_half_up(self.acc(t), op.tensors[f"b{i}"], op.tensors[f"c{i}"]) for i, t in enumerate(ins))
+            return self.to_codes(self.node("Add", [a, b], "add"), op.attrs["qmin"], op.attrs["qmax"], float(op.scale))
+        total = self.node("Add", [self.real(ins[0]), self.real(ins[1])], "add")
+        return self.codes(total, float(op.scale), op.attrs["qmin"] < 0, "add_q")
+
+    def op_cat(self, op: Op, ins: list[_Tensor]) -> _Tensor:
+        signed = op.attrs["qmin"] < 0
+        if self.exact:
+            parts = [
+                self.to_codes(self.round_half_up(self.acc(t), op.tensors[f"b{i}"], op.tensors[f"c{i}"]),
+                              op.attrs["qmin"], op.attrs["qmax"], float(op.scale))
+                for i, t in enumerate(ins)
+            ]
+        else:
+            parts = [self.codes(self.real(t), float(op.scale), signed, "cat_q") for t in ins]
+        out = _Tensor(self.node("Concat", [p.name for p in parts], "cat", axis=op.attrs["dim"]), "codes", float(op.scale), parts[0].zero_point)
+        return out
+
+    def op_relu(self, op: Op, ins: list[_Tensor]) -> _Tensor:
+        t = ins[0]
+        if t.kind in ("real", "acc"):
+            return _Tensor(self.node("Relu", [t.name], "relu"), t.kind)
+        if t.zero_point == 0:
+            return t
+        return _Tensor(self.node("Max", [t.name, self.const("zero", np.uint8(t.zero_point))], "relu"), "codes", t.scale, t.zero_point)
+
+    def op_clamp(self, op: Op, ins: list[_Tensor]) -> _Tensor:
+        t = ins[0]
+        if t.kind == "acc":
+            six = op.tensors["max"].double().numpy()
+            return _Tensor(self.node("Min", [self.node("Relu", [t.name], "relu"), self.const("six", six)], "relu6"), "acc")
+        if t.kind == "real":
+            six = (op.tensors["max"].double() * op.scale.double()).numpy().astype(np.float32)
+            clipped = self.node("Min", [self.node("Relu", [t.name], "relu"), self.const("six", six)], "relu6")
+            return _Tensor(clipped, "real")
+        hi = min(255, t.zero_point + int(op.tensors["max"].reshape(-1)[0]))
+        lo, hi_c = self.const("lo", np.uint8(t.zero_point)), self.const("hi", np.uint8(hi))
+        return _Tensor(self.node("Clip", [t.name, lo, hi_c], "relu6"), "codes", t.scale, t.zero_point)
+
+    def op_max_pool2d(self, op: Op, ins: list[_Tensor]) -> _Tensor:
+        a = op.attrs
+
+        def pair(v):
+            return list(v) if isinstance(v, (list, tuple)) else [v, v]
+
+        attrs = dict(kernel_shape=pair(a["kernel_size"]), strides=pair(a.get("stride") or a["kernel_size"]),
+                     pads=pair(a.get("padding", 0)) * 2, dilations=pair(a.get("dilation", 1)), ceil_mode=int(bool(a.get("ceil_mode", False))))
+        t = ins[0]
+        return _Tensor(self.node("MaxPool", [t.name], "maxpool", **attrs), t.kind, t.scale, t.zero_point)
+
+    def op_sum_pool2d(self, op: Op, ins: list[_Tensor]) -> _Tensor:
+        if self.exact:
+            # ONNX Runtime has no float64 AveragePool; in float32 a window sum of 8-bit codes
+            # (< 2^24) survives the average and the multiply back exactly after rounding.
+            k = op.attrs["kernel"]
+            if 256 * k[0] * k[1] >= 2**23:
+                raise ValueError(f"a {k[0]}×{k[1]} pooling window is too large for the exact ONNX export")
+            f32 = self.node("Cast", [self.acc(ins[0])], "pool_in", to=self.TP.FLOAT)
+            avg = self.node("AveragePool", [f32], "avgpool", kernel_shape=k, strides=op.attrs["stride"])
+            summed = self.node("Round", [self.node("Mul", [avg, self.const("count", np.float32(k[0] * k[1]))], "times_n")], "window_sum")
+            return _Tensor(self.node("Cast", [summed], "window_sum_f64", to=self.TP.DOUBLE), "acc")
+        # the real value of (window sum · s/N) is the float average of the real inputs
+        avg = self.node("AveragePool", [self.real(ins[0])], "avgpool", kernel_shape=op.attrs["kernel"], strides=op.attrs["stride"])
+        return _Tensor(avg, "real")
+
+    def op_sum(self, op: Op, ins: list[_Tensor]) -> _Tensor:
+        axes = self.const("axes", np.array(op.attrs["dims"], np.int64))
+        if self.exact:
+            out = self.node("ReduceSum", [self.acc(ins[0]), axes], "sum", keepdims=int(op.attrs["keepdim"]))
+            return _Tensor(out, "acc")
+        return _Tensor(self.node("ReduceMean", [self.real(ins[0]), axes], "mean", keepdims=int(op.attrs["keepdim"])), "real")
+
+    def op_pad(self, op: Op, ins: list[_Tensor]) -> _Tensor:
+        left, right, top, bottom = op.attrs["pads"]
+        pads = self.const("pads", np.array([0, 0, top, left, 0, 0, bottom, right], np.int64))
+        t = ins[0]
+        fill = np.uint8(t.zero_point) if t.kind == "codes" else (np.float64(0) if t.kind == "acc" else np.float32(0))
+        return _Tensor(self.node("Pad", [t.name, pads, self.const("fill", fill)], "pad"), t.kind, t.scale, t.zero_point)
+
+    def op_flatten(self, op: Op, ins: list[_Tensor]) -> _Tensor:
+        t = ins[0]
+        out = self.node("Flatten", [t.name], "flatten", axis=op.attrs["start_dim"])
+        return _Tensor(out, t.kind, t.scale, t.zero_point)
+
+    def op_reshape(self, op: Op, ins: list[_Tensor]) -> _Tensor:
+        t = ins[0]
+        out = self.node("Reshape", [t.name, self.const("shape", np.array(op.attrs["shape"], np.int64))], "reshape")
+        return _Tensor(out, t.kind, t.scale, t.zero_point)
+
+    def op_dequantize(self, op: Op, ins: list[_Tensor]) -> _Tensor:
+        t = ins[0]
+        if self.exact:
+            scale = op.tensors["scale"].double().numpy()
+            real = self.node("Mul", [self.acc(t), self.const("out_scale", scale)], "dequant")
+            return _Tensor(self.node("Cast", [real], "output_f32", to=self.TP.FLOAT), "real")
+        return _Tensor(self.real(t), "real")
+
+
+def export_onnx(model: IntegerModel, path: str | os.PathLike, *, mode: str = "exact", batch_size: int | None = None) -> None:
+    """Write ``model`` as an ONNX graph of integer operators for ONNX Runtime.
+
+    ``mode="exact"`` matches the integer model bit for bit (ConvInteger + dyadic
+    requantization in float64); ``mode="fast"`` uses ONNX Runtime's fused QLinearConv,
+    within one quantization step of it. ``batch_size=None`` leaves the batch dimension
+    dynamic. The file is written to a temporary name and renamed.
+    """
+    if not isinstance(model, IntegerModel):
+        raise TypeError(f"export_onnx takes an IntegerModel (hessq.to_integer(qmodel)), got {type(model).__name__}")
+    if mode not in ("exact", "fast"):
+        raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
+    exporter = _Exporter(model, mode)
+    onnx, TP, helper = exporter.onnx, exporter.TP, exporter.helper
+    for op in model.ops:
+        if op.kind == "flatten" and op.attrs["end_dim"] != -1:
+            raise ValueError("ONNX export supports flatten to the last dimension only")
+    exporter.run("input")
+    final = exporter.values[model.output_name]
+    exporter.nodes.append(helper.make_node("Identity", [final.name], ["output"], name="output"))
+    batch = batch_size if batch_size is not None else "batch"
+    out_shape = list(model(torch.zeros(1, *model.input_shape)).shape[1:])
+    graph = helper.make_graph(
+        exporter.nodes,
+        "hessq_integer_model",
+        [helper.make_tensor_value_info("input", TP.FLOAT, [batch, *model.input_shape])],
+        [helper.make_tensor_value_info("output", TP.FLOAT, [batch, *out_shape])],
+        exporter.inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="hessq")
+    onnx.checker.check_model(proto)
+    write_atomic(path, lambda tmp: onnx.save(proto, tmp))

@@ -1,0 +1,50 @@
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import hessq
+
+from .test_integer import CASES, _data, _quantized
+
+
+def _session(path):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exact_export_matches_the_integer_model_bit_for_bit(case, tmp_path):
+    _, q, shape = _quantized(case)
+    imodel = hessq.to_integer(q)
+    hessq.export_onnx(imodel, tmp_path / "m.onnx")
+    session = _session(tmp_path / "m.onnx")
+    for x in _data(shape, n=2, batch=32, seed=11):
+        got = session.run(None, {"input": x.numpy()})[0]
+        assert np.array_equal(got, imodel(x).numpy())
+
+
+@pytest.mark.parametrize("case", ["resnet20-w8a8", "concat-w4a4"])
+def test_fast_export_uses_fused_int8_kernels_and_agrees_on_top1(case, tmp_path):
+    _, q, shape = _quantized(case)
+    imodel = hessq.to_integer(q)
+    hessq.export_onnx(imodel, tmp_path / "fast.onnx", mode="fast")
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(tmp_path / "fast.onnx").graph.node}
+    assert "QLinearConv" in ops
+    x = _data(shape, n=1, batch=64, seed=12)[0]
+    got = _session(tmp_path / "fast.onnx").run(None, {"input": x.numpy()})[0]
+    ref = imodel(x).numpy()
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.95
+    assert np.abs(got - ref).max() <= 0.1 * np.abs(ref).max()
+
+
+def test_export_errors(tmp_path):
+    with pytest.raises(TypeError, match="IntegerModel"):
+        hessq.export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
+    _, q, _ = _quantized("concat-w8a8")
+    with pytest.raises(ValueError, match="mode"):
+        hessq.export_onnx(hessq.to_integer(q), tmp_path / "x.onnx", mode="turbo")
+    assert not (tmp_path / "x.onnx").exists()
