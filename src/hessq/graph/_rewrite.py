@@ -20,14 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessq.graph._fold import fold_batchnorm
-from hessq.graph._qmodules import QUANT_LAYER_TYPES, QuantAdd, QuantConv2d, QuantLinear
+from hessq.graph._qmodules import QUANT_LAYER_TYPES, QuantAdd, QuantCat, QuantConv2d, QuantLinear
 from hessq.graph._trace import UnsupportedOpError, node_location, trace
 from hessq.quantizer import ActQuantizer
 from hessq.quantizer._functional import Granularity
 from hessq.quantizer._observer import RangeMethod
 
 # Ops that keep values on the grid of their input (no arithmetic on the codes).
-_GRID_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+_GRID_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.ZeroPad2d)  # zero padding: 0 is on every grid
 _GRID_FUNCTIONS = {F.relu, torch.relu, torch.flatten, F.max_pool2d, F.dropout, operator.getitem}
 _GRID_METHODS = {"relu", "view", "reshape", "flatten", "contiguous"}
 
@@ -78,6 +78,17 @@ def _is_tensor_add(node: fx.Node) -> bool:
         and all(isinstance(a, fx.Node) and not _is_shape_arithmetic(a) for a in node.args)
         and not node.kwargs
     )
+
+
+def _tensor_cat(node: fx.Node) -> tuple[list[fx.Node], int] | None:
+    """(inputs, dim) for torch.cat of a list of tensors, else None."""
+    if node.op != "call_function" or node.target is not torch.cat:
+        return None
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors) or not isinstance(dim, int):
+        return None
+    return list(tensors), dim
 
 
 def _is_shape_arithmetic(node: fx.Node) -> bool:
@@ -164,9 +175,22 @@ def rewrite(
     grid: dict[fx.Node, ActQuantizer] = {}
     input_quant_node: dict[fx.Node, fx.Node] = {}
     quantizer_nodes: dict[fx.Node, ActQuantizer] = {}
-    add_count = 0
+    add_count = cat_count = 0
     for node in list(graph.nodes):
-        if _is_tensor_add(node):
+        cat = _tensor_cat(node)
+        if cat is not None:
+            name = f"quant_cat_{cat_count}"
+            cat_count += 1
+            q = new_act_quantizer()
+            gm.add_submodule(name, QuantCat(q, cat[1]))
+            with graph.inserting_after(node):
+                new = graph.call_module(name, tuple(cat[0]))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            grid[new] = q
+            quantizer_nodes[new] = q
+        elif _is_tensor_add(node):
             name = f"quant_add_{add_count}"
             add_count += 1
             q = new_act_quantizer()
