@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHAPE, TinyResNet, make_sensitivity
+from ._tiny import SHAPE, TinyResNet, make_sensitivity
 from hessq.graph import quantizable_layers
 from hessq.plan import (
     BitPlan,
@@ -218,3 +218,16 @@ def test_plan_is_deterministic_and_a_mapping_for_quantize(tiny, tiny_sens):
     assert torch.isfinite(q(torch.randn(2, *SHAPE))).all()
     applied = getattr(q, "layer_bits", None) or getattr(q, "hessq_layer_bits")
     assert {n: w for n, (w, _) in applied.items()} == dict(a)
+
+
+def test_negative_traces_are_least_sensitive_with_a_warning(tiny):
+    from hessq.sensitivity import LayerSensitivity, Sensitivity
+
+    base = make_sensitivity(tiny)
+    recs = dict(base)
+    n = recs["c1"].num_params
+    recs["c1"] = LayerSensitivity(-5.0 * n, 1.0, None, n)
+    sens = Sensitivity(recs, base.signature)
+    with pytest.warns(UserWarning, match=r"non-positive trace \(\['c1'\]\)"):
+        om = perturbations(tiny, sens, (2, 4))
+    assert 0 < om["c1"][4] < om["c1"][2] < min(om[k][4] for k in om if k != "c1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,6 +24,9 @@ SCALE_BYTES = 4
 BIAS_BYTES = 4
 
 LATENCY_FORMAT = "hessq.latency"
+
+#: Non-positive sensitivities are replaced by this fraction of the largest |sensitivity|.
+NEGATIVE_FLOOR = 1e-9
 
 Variant = Literal["trace", "eigenvalue"]
 
@@ -248,8 +252,8 @@ def perturbations(
     check_sensitivity(model, sens, layers)
     if variant not in ("trace", "eigenvalue"):
         raise ValueError(f"variant must be 'trace' or 'eigenvalue', got {variant!r}")
-    out: dict[str, dict[int, float]] = {}
-    for name, m in layers.items():
+    factors: dict[str, float] = {}
+    for name in layers:
         rec = sens[name]
         if variant == "trace":
             factor = rec.trace / rec.num_params
@@ -262,9 +266,42 @@ def perturbations(
             factor = rec.top_eigenvalue / rec.num_params
         if not math.isfinite(factor):
             raise ValueError(f"the sensitivity of layer {name!r} is not finite ({factor}); recompute it")
+        factors[name] = factor
+    # A negative trace (a noisy estimate, or a saddle) would make Ω reward quantization error.
+    # Such layers get a tiny positive factor: least sensitive of all, yet still better at more bits.
+    negative = [n for n, f in factors.items() if f <= 0]
+    if negative:
+        floor = NEGATIVE_FLOOR * max([abs(f) for f in factors.values()] + [1e-30])
+        warnings.warn(
+            f"{len(negative)} layer(s) have a non-positive {'trace' if variant == 'trace' else 'top eigenvalue'} "
+            f"({negative[:4]}{' …' if len(negative) > 4 else ''}); treated as least sensitive "
+            f"({floor:.3g} per weight). Estimate with more samples or data if that is unexpected.",
+            stacklevel=2,
+        )
+        for n in negative:
+            factors[n] = floor
+    out: dict[str, dict[int, float]] = {}
+    for name, m in layers.items():
+        factor = factors[name]
         w = m.weight.detach()
-        out[name] = {b: factor * quantization_error(w, b) for b in bits}
+        with _one_thread():
+            out[name] = {b: factor * quantization_error(w, b) for b in bits}
     return out
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run small tensor ops on one thread: on a busy machine, waking a thread pool for a few
+    thousand elements can cost milliseconds per op (seen: 10 ms vs 1 µs for torch.round)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def check_sensitivity(model: nn.Module, sens: Sensitivity, layers: Mapping[str, nn.Module] | None = None) -> None:

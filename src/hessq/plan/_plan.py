@@ -29,6 +29,7 @@ from hessq.plan._ilp import LIMIT_NAMES, reachable_range, solve
 from hessq.plan._ties import check_names, graph_facts, merge_ties
 from hessq.quantizer._functional import check_weight_bits
 from hessq.sensitivity import Sensitivity, model_signature
+from hessq.sensitivity._kl import is_kl_sensitivity, kl_omega
 
 
 class Relative:
@@ -139,7 +140,8 @@ class Problem:
         for g, col in zip(self.groups, sol.choice):
             for n in g:
                 bits[n] = self.bits[col]
-        m = {"solver": "scipy.optimize.milp (HiGHS)", "status": sol.status, "solve_seconds": elapsed}
+        m = {"solver": "scipy.optimize.milp (HiGHS)", "status": sol.status, "mip_gap": sol.mip_gap,
+             "solve_seconds": elapsed}
         m.update(meta or {})
         return self.plan(bits, limits=limits, meta=m)
 
@@ -175,6 +177,15 @@ class Problem:
         m.update(meta or {})
         return BitPlan({n: bits[n] for n in self.names}, self.act_bits, layers=layers, limits=limits,
                        signature=self.signature, meta=m)
+
+
+def sensitivity_omega(model: nn.Module, sens: Sensitivity, bits: Iterable[int], *, variant: Variant = "trace") -> dict[str, dict[int, float]]:
+    """Ω per layer and bit width from a sensitivity: ZeroQ's KL table for a :func:`hessq.kl_sensitivity`
+    result, else HAWQ's (Tr(H_i)/n_i or λ_i/n_i)·‖Q_b(W_i) − W_i‖²."""
+    if is_kl_sensitivity(sens):
+        check_sensitivity(model, sens)
+        return kl_omega(sens)
+    return perturbations(model, sens, bits, variant=variant)
 
 
 def build_problem(
@@ -243,7 +254,7 @@ def build_problem(
     if omega is None:
         if sens is None:
             raise ValueError("give a sensitivity (or an omega table)")
-        omega = perturbations(model, sens, cols, variant=variant)
+        omega = sensitivity_omega(model, sens, cols, variant=variant)
     else:
         check_names("omega", omega, names)
         missing = [n for n in names if n not in omega]
@@ -320,6 +331,7 @@ def plan_bits(
     example_input: torch.Tensor | None = None,
     input_shape: Sequence[int] | None = None,
     time_limit: float | None = None,
+    omega: Mapping[str, Mapping[int, float]] | None = None,
 ) -> BitPlan:
     """Choose a weight bit width per layer minimising Σ Ω_i(b_i) under any of three limits (HAWQ-V3's ILP).
 
@@ -330,6 +342,8 @@ def plan_bits(
     bits, and the first and last layer are pinned to ``pin_first_last`` bits unless it is None.
     ``variant="eigenvalue"`` uses λ_i/n_i instead of Tr(H_i)/n_i. MACs are counted on
     ``example_input`` or zeros of ``(1, *input_shape)`` (default (C, 28, 28)).
+    A ZeroQ KL sensitivity (:func:`hessq.kl_sensitivity`) gives Ω_i(b) = KL directly; ``omega``
+    (layer -> {bits: Ω}) overrides Ω from any source.
 
     Raises :class:`InfeasibleLimitsError` (a ValueError) naming the smallest reachable value of
     each limit when no plan meets them. With no limit, every free layer gets its highest width.
@@ -337,7 +351,7 @@ def plan_bits(
     problem = build_problem(
         model, sens, weight_bits=weight_bits, act_bits=act_bits, latency_table=latency_table, ties=ties,
         auto_ties=auto_ties, pins=pins, pin_first_last=pin_first_last, variant=variant,
-        example_input=example_input, input_shape=input_shape,
+        example_input=example_input, input_shape=input_shape, omega=omega,
     )
     limits = problem.resolve_limits(size_limit, bops_limit, latency_limit)
     return problem.solve(limits, time_limit=time_limit)
@@ -367,7 +381,7 @@ def evaluate_plan(
     cols = sorted(set(bits.values()))
     if sens is not None:
         check_sensitivity(model, sens)
-        omega = perturbations(model, sens, cols, variant=variant)
+        omega = sensitivity_omega(model, sens, cols, variant=variant)
     else:
         omega = {n: {} for n in names}
     problem = build_problem(
