@@ -8,3 +8,5 @@ from hessq.sensitivity import LayerSensitivity, Sensitivity
 from hessq.data import accuracy
 from hessq.quantize import calibrate, finetune, quantize
 from hessq.plan import BitPlan, InfeasibleLimitsError, LatencyTable, ParetoFrontier, Relative, pareto_frontier, plan_bits
+from hessq.distill import DistilledData, distill_data
+from hessq.sensitivity import kl_sensitivity

@@ -10,9 +10,8 @@ import sys
 # sets ``func`` (args -> exit code). Imported lazily so ``hessq --help`` stays fast.
 _COMMANDS = [
     "hessq.cli._demo",
-    "hessq.cli._export",
+    "hessq.cli._distill",
     "hessq.cli._plan",
-    "hessq.cli._quantize",
 ]
 
 

@@ -19,3 +19,7 @@ __all__ = [
     "digits",
     "fashion_mnist",
 ]
+
+from hessq.data._photos import PHOTOS, load_photos, photo_crops  # noqa: E402
+
+__all__ += ["PHOTOS", "load_photos", "photo_crops"]

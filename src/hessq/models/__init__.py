@@ -3,3 +3,7 @@
 from hessq.models._resnet import BasicBlock, ResNet, resnet20
 
 __all__ = ["BasicBlock", "ResNet", "resnet20"]
+
+from hessq.models._efficientnet import EfficientNetLite, efficientnet_lite0, preprocess_lite  # noqa: E402
+
+__all__ += ["EfficientNetLite", "efficientnet_lite0", "preprocess_lite"]
