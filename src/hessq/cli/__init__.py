@@ -11,7 +11,9 @@ import sys
 _COMMANDS = [
     "hessq.cli._demo",
     "hessq.cli._distill",
+    "hessq.cli._export",
     "hessq.cli._plan",
+    "hessq.cli._quantize",
 ]
 
 

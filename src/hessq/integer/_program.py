@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessq.graph import QuantAdd, QuantCat, QuantConv2d, QuantLinear, act_quantizers, node_location
+from hessq.graph._pooling import average_pool_window
 from hessq.quantizer._kernels import choose_kernel
 from hessq.quantizer import ActQuantizer, dyadic, expand_scale
 
@@ -237,24 +238,10 @@ class _Compiler:
     def sum_pool(self, node, op, v: _Val, rest, kwargs) -> _Val:
         if v.scale is None:
             self.fail(node, "average pooling of a float input")
-        h, w = v.dummy.shape[-2:]
-        if isinstance(op, nn.AdaptiveAvgPool2d) or getattr(op, "__name__", "") == "adaptive_avg_pool2d":
-            out = op.output_size if isinstance(op, nn.Module) else (rest[0] if rest else kwargs["output_size"])
-            oh, ow = (out, out) if isinstance(out, int) else (out[0] or h, out[1] or w)
-            if h % oh or w % ow:
-                self.fail(node, f"adaptive average pooling from {h}×{w} to {oh}×{ow} (unequal windows)")
-            kernel = stride = [h // oh, w // ow]
-        else:
-            if isinstance(op, nn.Module):
-                kernel, stride, padding = op.kernel_size, op.stride or op.kernel_size, op.padding
-            else:
-                kernel = rest[0] if rest else kwargs["kernel_size"]
-                stride = (rest[1] if len(rest) > 1 else kwargs.get("stride")) or kernel
-                padding = rest[2] if len(rest) > 2 else kwargs.get("padding", 0)
-            if padding not in (0, (0, 0), [0, 0]):
-                self.fail(node, "average pooling with padding")
-            kernel = [kernel, kernel] if isinstance(kernel, int) else list(kernel)
-            stride = [stride, stride] if isinstance(stride, int) else list(stride)
+        try:
+            kernel, stride = average_pool_window(op, rest, kwargs, *v.dummy.shape[-2:])
+        except ValueError as exc:
+            self.fail(node, str(exc))
         count = kernel[0] * kernel[1]
         dummy = F.avg_pool2d(v.dummy.double(), kernel, stride).to(torch.int64)
         return self.emit(node, "sum_pool2d", [v], dummy, v.scale / count, v.qmax * count, {"kernel": kernel, "stride": stride})

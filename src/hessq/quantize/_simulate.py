@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessq.graph import QuantAdd, QuantCat, QuantConv2d, QuantLinear
+from hessq.graph._pooling import average_pool_window
 from hessq.quantizer import ActQuantizer, _kernels, dyadic, expand_scale, requantize
 from hessq.quantizer._kernels import choose_kernel
 
@@ -162,26 +163,12 @@ class _Unclamped:
 
 def _sum_pool(op, v: QValue, rest, kwargs) -> QValue:
     """Average pooling as an integer window sum; the 1/N goes into the scale (a dyadic divide later)."""
-    x = v.codes
-    h, w = x.shape[-2:]
-    if isinstance(op, nn.AdaptiveAvgPool2d) or getattr(op, "__name__", "") == "adaptive_avg_pool2d":
-        out = op.output_size if isinstance(op, nn.Module) else (rest[0] if rest else kwargs["output_size"])
-        oh, ow = (out, out) if isinstance(out, int) else (out[0] or h, out[1] or w)
-        if h % oh or w % ow:
-            raise RuntimeError(f"adaptive average pooling from {h}×{w} to {oh}×{ow} has unequal windows: no integer form")
-        kernel, stride, padding = (h // oh, w // ow), (h // oh, w // ow), 0
-    else:
-        if isinstance(op, nn.Module):
-            kernel, stride, padding = op.kernel_size, op.stride or op.kernel_size, op.padding
-        else:
-            kernel = rest[0] if rest else kwargs["kernel_size"]
-            stride = (rest[1] if len(rest) > 1 else kwargs.get("stride")) or kernel
-            padding = rest[2] if len(rest) > 2 else kwargs.get("padding", 0)
-        if padding not in (0, (0, 0)):
-            raise RuntimeError("average pooling with padding has no integer form in hessq yet")
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    count = kh * kw
-    summed = torch.round(F.avg_pool2d(x.double(), kernel, stride, 0) * count).to(torch.int64)
+    try:
+        kernel, stride = average_pool_window(op, rest, kwargs, *v.codes.shape[-2:])
+    except ValueError as exc:
+        raise RuntimeError(f"{exc} has no integer form") from None
+    count = kernel[0] * kernel[1]
+    summed = torch.round(F.avg_pool2d(v.codes.double(), kernel, stride) * count).to(torch.int64)
     return QValue(summed, v.scale / count)
 
 

@@ -1,0 +1,31 @@
+"""``hessq export``: an integer model file to ONNX, and its per-layer ONNX Runtime latency table."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export an integer model file to ONNX (and measure per-layer latency)")
+    p.add_argument("model", help="integer model file written by `hessq quantize` or IntegerModel.save")
+    p.add_argument("-o", "--output", default="model.onnx", help="ONNX file (default model.onnx)")
+    p.add_argument("--mode", choices=("exact", "fast"), default="exact",
+                   help="exact: bit-exact with the integer model; fast: ONNX Runtime's fused QLinearConv (default exact)")
+    p.add_argument("--latency-table", help="also measure each layer on ONNX Runtime and write the table (JSON) here")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size for the latency table (default 1)")
+    p.add_argument("--repeats", type=int, default=50, help="timed runs per layer (default 50; the median is kept)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hessq.integer import export_onnx, load_integer, measure_latency_table
+
+    imodel = load_integer(args.model)
+    export_onnx(imodel, args.output, mode=args.mode)
+    print(f"wrote {args.output} ({args.mode})")
+    if args.latency_table:
+        table = measure_latency_table(imodel, batch_size=args.batch_size, repeats=args.repeats)
+        table.save(args.latency_table)
+        print(f"wrote {args.latency_table}: {len(table)} layers, int8 total "
+              f"{1e3 * sum(row[8] for row in table.values()):.3f} ms at batch {args.batch_size}")
+    return 0

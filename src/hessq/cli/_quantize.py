@@ -1,0 +1,66 @@
+"""``hessq quantize``: a model and a bit plan to a calibrated integer model file (and ONNX)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hessq.cli._common import add_model_arguments, load_model
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a model with a bit plan, calibrate it and write the integer model")
+    add_model_arguments(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--plan", help="plan.json from `hessq plan`")
+    which.add_argument("--bits", default="8", help="uniform W or W,A bits (default 8: W8A8; first/last stay 8-bit)")
+    p.add_argument("--data", default="fashion-mnist", choices=("fashion-mnist", "none"),
+                   help="calibration data: Fashion-MNIST training images, or none (ZeroQ distilled data)")
+    p.add_argument("--calibration-batches", type=int, default=8, help="batches of 128 used to calibrate (default 8)")
+    p.add_argument("--evaluate", action="store_true", help="print top-1 on the Fashion-MNIST test set")
+    p.add_argument("-o", "--output", default="model.hq", help="integer model file (default model.hq)")
+    p.add_argument("--onnx", help="also export ONNX here")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import hessq
+
+    model = load_model(args.model, args.checkpoint)
+    if args.plan:
+        from hessq.plan import BitPlan
+
+        plan = BitPlan.load(args.plan)
+    else:
+        parts = [int(b) for b in args.bits.split(",")]
+        if len(parts) not in (1, 2):
+            raise ValueError(f"--bits takes W or W,A, got {args.bits!r}")
+        plan = parts[0] if len(parts) == 1 else (parts[0], parts[1])
+    if args.data == "none":
+        from hessq.distill import distill_data
+
+        shape = tuple(getattr(model, "input_shape", None) or (1, 28, 28))
+        distilled = distill_data(model, 32 * args.calibration_batches // 8 or 32, shape, seed=args.seed)
+        images = getattr(distilled, "images", distilled)
+        calibration = [images[i : i + 32] for i in range(0, len(images), 32)]
+    else:
+        from hessq.data import fashion_mnist
+
+        calibration = fashion_mnist("train", batch_size=128, shuffle=True, seed=args.seed).take(args.calibration_batches)
+    torch.manual_seed(args.seed)
+    qmodel = hessq.quantize(model, plan, calibration, progress=True)
+    imodel = hessq.to_integer(qmodel)
+    imodel.save(args.output)
+    print(f"wrote {args.output} ({imodel.size_bytes() / 1024:.1f} KiB of weights and constants)")
+    if args.onnx:
+        hessq.export_onnx(imodel, args.onnx)
+        print(f"wrote {args.onnx}")
+    if args.evaluate:
+        from hessq.data import fashion_mnist
+
+        acc = hessq.accuracy(qmodel, fashion_mnist("test", batch_size=500), progress=True)
+        print(f"top-1 on the Fashion-MNIST test set: {100 * acc:.2f}%")
+    return 0

@@ -1,0 +1,50 @@
+import json
+import subprocess
+import sys
+
+import onnxruntime as ort
+import pytest
+import torch
+
+import hessq
+from hessq.cli import main
+
+
+def test_quantize_then_export_with_latency_table(tmp_path, capsys):
+    hq, onnx_path, table = tmp_path / "m.hq", tmp_path / "m.onnx", tmp_path / "latency.json"
+    assert main(["quantize", "--bits", "8", "--calibration-batches", "2", "-o", str(hq)]) == 0
+    assert main(["export", str(hq), "-o", str(onnx_path), "--latency-table", str(table), "--repeats", "3"]) == 0
+    imodel = hessq.load_integer(hq)
+    x = torch.randn(4, 1, 28, 28)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert (session.run(None, {"input": x.numpy()})[0] == imodel(x).numpy()).all()
+    rows = json.loads(table.read_text())["layers"]
+    assert set(rows) == set(hessq.quantizable_layers(hessq.models.resnet20()))
+    assert all(row["8"] > 0 and row["4"] == row["8"] for row in rows.values())
+    from hessq.plan import LatencyTable
+
+    assert len(LatencyTable.load(table)) == 22
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "absent.hq")]) == 1
+    assert "no integer model file" in capsys.readouterr().err
+    assert main(["quantize", "--bits", "9", "-o", str(tmp_path / "x.hq")]) == 1
+    assert "from 2 to 8" in capsys.readouterr().err
+    assert main(["quantize", "--model", "nosuch.module:f", "-o", str(tmp_path / "x.hq")]) == 1
+    assert "cannot load model factory" in capsys.readouterr().err
+
+
+def test_demo_writes_its_report(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "hessq.cli", "demo", "--out", str(out), "--qat-epochs", "0.01", "--test-limit", "500",
+         "--calibration-batches", "2", "--no-progress"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in results["rows"]]
+    assert names == ["FP32", "W8A8 PTQ", "W4A4 PTQ", "W4A4 QAT"]
+    assert results["rows"][0]["accuracy"] > 0.9 and results["rows"][1]["accuracy"] > 0.88
+    assert "| W8A8 PTQ |" in (out / "results.md").read_text()
