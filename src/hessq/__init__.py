@@ -10,3 +10,4 @@ from hessq.quantize import calibrate, finetune, quantize
 from hessq.plan import BitPlan, InfeasibleLimitsError, LatencyTable, ParetoFrontier, Relative, pareto_frontier, plan_bits
 from hessq.distill import DistilledData, distill_data
 from hessq.sensitivity import kl_sensitivity
+from hessq.sensitivity import SpectralDensity, TraceEstimate, hessian_sensitivity, hessian_trace, spectral_density, top_eigenvalues

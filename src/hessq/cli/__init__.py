@@ -9,6 +9,7 @@ import sys
 # Each module defines ``add_parser(subparsers)``, which registers its sub-command and
 # sets ``func`` (args -> exit code). Imported lazily so ``hessq --help`` stays fast.
 _COMMANDS = [
+    "hessq.cli._analyze",
     "hessq.cli._demo",
     "hessq.cli._distill",
     "hessq.cli._export",

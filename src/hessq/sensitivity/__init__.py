@@ -1,8 +1,21 @@
 """How much each layer minds low bits: Hessian traces and eigenvalues, KL sensitivity."""
 
+from hessq.sensitivity._density import SpectralDensity
+from hessq.sensitivity._engine import hessian_sensitivity, hessian_trace, spectral_density, top_eigenvalues
+from hessq.sensitivity._hutchinson import TraceEstimate
 from hessq.sensitivity._result import LayerSensitivity, Sensitivity, model_signature
 
-__all__ = ["LayerSensitivity", "Sensitivity", "model_signature"]
+__all__ = [
+    "LayerSensitivity",
+    "Sensitivity",
+    "SpectralDensity",
+    "TraceEstimate",
+    "hessian_sensitivity",
+    "hessian_trace",
+    "model_signature",
+    "spectral_density",
+    "top_eigenvalues",
+]
 
 from hessq.sensitivity._kl import is_kl_sensitivity, kl_omega, kl_sensitivity  # noqa: E402  (ZeroQ)
 

@@ -1,0 +1,105 @@
+"""``hessq analyze``: per-layer Hessian sensitivity of a model on Fashion-MNIST batches -> sensitivity.json."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+
+import torch
+from torch import nn
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "analyze",
+        help="Hessian traces and eigenvalues of every quantizable layer (writes sensitivity.json)",
+        description=(
+            "Estimate each Conv2d/Linear layer's Hessian trace (Hutchinson, one HVP per sample serves all "
+            "layers) and top eigenvalue (power iteration) on Fashion-MNIST training batches. Under torchrun "
+            "the batches are split across processes (gloo on CPU, nccl on GPU)."
+        ),
+    )
+    p.add_argument("--model", default="resnet20",
+                   help="'resnet20' (the bundled Fashion-MNIST model) or 'package.module:factory' (called with no arguments)")
+    p.add_argument("--checkpoint", help="a state_dict (.pt) to load into --model")
+    p.add_argument("--random-init", action="store_true", help="use resnet20 without its trained weights (for trying things out)")
+    p.add_argument("--batches", type=int, default=1, help="number of data batches the Hessian averages over (default 1)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split (default train)")
+    p.add_argument("--rtol", type=float, default=0.05, help="stop when every layer's trace stderr <= rtol*|trace| (default 0.05)")
+    p.add_argument("--max-samples", type=int, default=200, help="at most this many Hutchinson samples (default 200)")
+    p.add_argument("--min-samples", type=int, default=10, help="at least this many samples (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random vectors (default 0)")
+    p.add_argument("--eigenvalues", action=argparse.BooleanOptionalAction, default=True,
+                   help="also each layer's top eigenvalue by power iteration (default on)")
+    p.add_argument("--top-k", type=int, default=1, help="eigenvalues per layer (default 1)")
+    p.add_argument("--eig-max-iter", type=int, default=100, help="power iterations per eigenvalue at most (default 100)")
+    p.add_argument("--eig-tol", type=float, default=1e-4, help="relative change that ends power iteration (default 1e-4)")
+    p.add_argument("--qbert", action="store_true", help="also Q-BERT's |mean λ| + std λ over the batches")
+    p.add_argument("--activations", action="store_true", help="also HAWQ-V2's trace w.r.t. each layer's input activation")
+    p.add_argument("--layers", help="comma-separated layer names to analyse (default all)")
+    p.add_argument("--device", default=None, help="torch device (default cpu; under torchrun with CUDA, cuda:LOCAL_RANK)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-o", "--output", default="sensitivity.json", help="where to write the result (default sensitivity.json)")
+    p.set_defaults(func=run)
+
+
+def _load_model(args) -> nn.Module:
+    if args.model == "resnet20":
+        from hessq.models import resnet20
+
+        model = resnet20(pretrained=not (args.random_init or args.checkpoint))
+    else:
+        if ":" not in args.model:
+            raise ValueError(f"--model must be 'resnet20' or 'package.module:factory', got {args.model!r}")
+        mod_name, fn_name = args.model.split(":", 1)
+        model = getattr(importlib.import_module(mod_name), fn_name)()
+    if args.checkpoint:
+        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from hessq.data import fashion_mnist
+    from hessq.sensitivity import hessian_sensitivity
+    from hessq.sensitivity import _distributed as D
+
+    if args.batches < 1 or args.batch_size < 1:
+        raise ValueError("--batches and --batch-size must be at least 1")
+    device = torch.device(args.device) if args.device else (
+        torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}") if "LOCAL_RANK" in os.environ and torch.cuda.is_available() else torch.device("cpu")
+    )
+    started = D.init_from_env(device)
+    try:
+        model = _load_model(args).to(device)
+        data = fashion_mnist(args.split, batch_size=args.batch_size, shuffle=False, limit=args.batches * args.batch_size)
+        batches = data.take(args.batches)
+        t0 = time.perf_counter()
+        sens = hessian_sensitivity(
+            model, batches, None,
+            layers=args.layers.split(",") if args.layers else None,
+            rtol=args.rtol, max_samples=args.max_samples, min_samples=args.min_samples, seed=args.seed,
+            eigenvalues=args.eigenvalues, top_k=args.top_k, eig_max_iter=args.eig_max_iter, eig_tol=args.eig_tol,
+            qbert=args.qbert, activations=args.activations, progress=not args.no_progress,
+        )
+        sens.meta.update(model=args.model, dataset=f"fashion-mnist/{args.split}", batch_size=args.batch_size,
+                         seconds=round(time.perf_counter() - t0, 3))
+        rank, _ = D.rank_and_world()
+        if rank == 0:
+            sens.save(args.output)
+            print(f"{'layer':<24} {'params':>7} {'trace':>12} {'stderr':>10} {'Tr/n':>10} {'λ_max':>10}")
+            for name, r in sens.items():
+                lam = f"{r.top_eigenvalue:10.4g}" if r.top_eigenvalue is not None else f"{'-':>10}"
+                print(f"{name:<24} {r.num_params:>7} {r.trace:>12.5g} {r.trace_stderr:>10.3g} {r.mean_trace:>10.3g} {lam}")
+            m = sens.meta
+            print(f"{m['samples']} samples ({'converged' if m['converged'] else 'not converged'} at rtol {m['rtol']}), "
+                  f"{m['num_data']} images, {m['seconds']} s -> {args.output}")
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
