@@ -127,7 +127,8 @@ def test_layers_argument_restricts_analysis(case):
     first = list(exact)[0]
     sens = hessian_sensitivity(model, data, layers=[first], rtol=1.0, max_samples=5, eigenvalues=False)
     assert list(sens) == [first]
-    assert list(sens.signature) == [first]
+    assert list(sens.signature) == list(exact)
+    sens.check_model(model)
 
 
 def test_whole_model_trace_matches_exact():

@@ -149,7 +149,7 @@ def hessian_sensitivity(
     records = {
         n: LayerSensitivity(per[i].trace, per[i].stderr, tops[n], chosen[n].weight.numel(), extras[n]) for i, n in enumerate(names)
     }
-    signature = {n: s for n, s in model_signature(model).items() if n in chosen}
+    signature = model_signature(model)  # the whole model's, so check_model() accepts it with layers= too
     meta = {
         "method": "hutchinson",
         "samples": total.samples,

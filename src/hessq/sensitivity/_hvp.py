@@ -197,6 +197,12 @@ class HessianOperator:
                 acc[j + 1] += w * (v[0].numel() if v.dim() else 1)  # activation elements per sample
         D.all_reduce_sum(acc, self.group)
         acc /= self.num_data
+        if not torch.isfinite(acc).all():
+            raise ValueError(
+                "the Hessian-vector product is not finite although the loss is: the gradients overflow or "
+                "the inputs hold NaN/inf that the model saturates (e.g. tanh(inf)). Check the batches and "
+                "the weights for NaN/inf."
+            )
         dots = acc[: len(self.params)].cpu()
         act = {n: (float(acc[len(self.params) + 2 * k]), float(acc[len(self.params) + 2 * k + 1])) for k, n in enumerate(act_names)}
         return dots, act
