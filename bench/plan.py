@@ -181,19 +181,94 @@ def random_sensitivity(sens: Sensitivity, seed: int) -> Sensitivity:
 
 
 # ----------------------------------------------------------------------------- 3. accuracy
+class FastPTQ:
+    """Post-training fake quantization by hooks on the FP32 model, for many plans quickly.
+
+    Weights: per-output-channel symmetric b-bit (hessq.quantizer.fake_quantize_weight) on the
+    unfolded weights — exactly the same as quantizing the BN-folded weights per channel, since
+    folding scales each output channel. Activations: every quantizable layer's input at 8 bits,
+    min/max ranges from the calibration batches (unsigned when never negative). This is what
+    hessq.quantize computes for these models, without the fx rewrite, and ~4× faster here.
+    """
+
+    def __init__(self, model: nn.Module, calib, act_bits: int = 8) -> None:
+        from hessq.quantizer import fake_quantize_weight
+
+        self.model, self.calib, self.act_bits = model, calib, act_bits
+        self.layers = quantizable_layers(model)
+        self.original = {n: m.weight.detach().clone() for n, m in self.layers.items()}
+        self.fq = fake_quantize_weight
+        self.wcache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def weight(self, name: str, bits: int) -> torch.Tensor:
+        if (name, bits) not in self.wcache:
+            with torch.no_grad():
+                self.wcache[name, bits] = self.fq(self.original[name], bits).detach()
+        return self.wcache[name, bits]
+
+    @torch.no_grad()
+    def accuracy(self, bits: dict, test) -> float:
+        lo = {n: float("inf") for n in self.layers}
+        hi = {n: float("-inf") for n in self.layers}
+        mode = {"observe": True}
+        scales: dict[str, tuple[float, int, int]] = {}
+
+        def hook_for(name):
+            def pre(module, inputs):
+                x = inputs[0]
+                if mode["observe"]:
+                    lo[name] = min(lo[name], float(x.min()))
+                    hi[name] = max(hi[name], float(x.max()))
+                    return None
+                s, qmin, qmax = scales[name]
+                return (torch.clamp(torch.round(x / s), qmin, qmax) * s,)
+            return pre
+
+        handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in self.layers.items()]
+        try:
+            for n, m in self.layers.items():
+                m.weight.data = self.weight(n, bits[n])
+            for x, _ in self.calib:
+                self.model(x)
+            for n in self.layers:
+                if lo[n] >= 0:
+                    scales[n] = (max(hi[n], 1e-12) / (2**self.act_bits - 1), 0, 2**self.act_bits - 1)
+                else:
+                    q = 2 ** (self.act_bits - 1) - 1
+                    scales[n] = (max(abs(lo[n]), abs(hi[n]), 1e-12) / q, -q, q)
+            mode["observe"] = False
+            correct = total = 0
+            for x, y in test:
+                correct += int((self.model(x).argmax(1) == y).sum())
+                total += len(y)
+            return correct / total
+        finally:
+            for h in handles:
+                h.remove()
+            for n, m in self.layers.items():
+                m.weight.data = self.original[n]
+
+
 class Evaluator:
-    def __init__(self, model, calib, test) -> None:
+    def __init__(self, model, calib, test, engine: str = "fast") -> None:
         self.model, self.calib, self.test = model, calib, test
+        self.engine = engine
+        self.fast = FastPTQ(model, calib) if engine == "fast" else None
+        self.names = list(quantizable_layers(model))
         self.cache: dict[tuple, float] = {}
         self.count = 0
         self.seconds = 0.0
 
     def __call__(self, plan) -> float:
-        key = tuple(plan.items()) if not isinstance(plan, int) else ("uniform", plan)
+        if isinstance(plan, int):  # uniform: first and last layer at 8 bits, as hessq.quantize does
+            plan = {n: 8 if n in (self.names[0], self.names[-1]) else plan for n in self.names}
+        key = tuple(plan.items())
         if key not in self.cache:
             t = time.perf_counter()
-            qmodel = hessq.quantize(self.model, plan, self.calib)
-            self.cache[key] = hessq.accuracy(qmodel, self.test)
+            if self.fast is not None:
+                self.cache[key] = self.fast.accuracy(dict(plan), self.test)
+            else:
+                self.cache[key] = hessq.accuracy(hessq.quantize(self.model, dict(plan), self.calib), self.test)
             self.seconds += time.perf_counter() - t
             self.count += 1
         return self.cache[key]
@@ -206,80 +281,85 @@ def size_limit_for(model: nn.Module, avg_bits: float) -> float:
     return float(overhead + sum(d["num_params"] for d in eight.layers.values()) * avg_bits / 8)
 
 
-def headline(model, sens, args) -> dict:
+def headline(model, sens, args, partial=None) -> dict:
     from hessq.data import fashion_mnist
 
     test = fashion_mnist("test", batch_size=1000, limit=args.test_limit)
     calib = fashion_mnist("train", batch_size=128, shuffle=True, seed=1).take(args.calib_batches)
-    ev = Evaluator(model, calib, test)
+    ev = Evaluator(model, calib, test, args.ptq)
     t = time.perf_counter()
     fp32 = hessq.accuracy(model, test)
     log(f"FP32 accuracy {fp32:.4f} ({time.perf_counter() - t:.1f} s)")
     names = list(quantizable_layers(model))
     edges = {names[0]: 8, names[-1]: 8}
+    deadline = time.time() + args.budget_minutes * 60 if args.budget_minutes else None
 
     uniform = {}
     for b in BITS:
         bits = {n: edges.get(n, b) for n in names}
         p = evaluate_plan(model, bits, sens, input_shape=(1, 28, 28))
-        acc = ev(b)  # quantize() keeps first/last at 8 for a uniform int, like `bits`
         uniform[b] = {"bits": b, "average_bits": p.average_bits, "size_bytes": p.size_bytes, "omega": p.omega,
-                      "accuracy": acc}
-        log(f"uniform W{b}A8: avg {p.average_bits:.3f} bits, acc {acc:.4f}")
+                      "accuracy": None}
 
     rev = reverse_sensitivity(sens)
     rands = [random_sensitivity(sens, seed) for seed in range(args.random_plans)]
     rows = []
+    jobs = []  # (row, key, plan) in priority order: every target's main comparison first, then random plans
     for target in args.targets:
         limit = size_limit_for(model, target)
 
         def plan_with(s):
             p = plan_bits(model, s, weight_bits=BITS, size_limit=limit, input_shape=(1, 28, 28))
-            # Ω of every plan under the real Hessian sensitivity
-            true = evaluate_plan(model, dict(p), sens, input_shape=(1, 28, 28))
-            return p, true
+            true = evaluate_plan(model, dict(p), sens, input_shape=(1, 28, 28))  # Ω under the real traces
+            return {"accuracy": None, "average_bits": p.average_bits, "size_bytes": p.size_bytes,
+                    "omega": true.omega, "bits": dict(p), "solve_seconds": p.meta["solve_seconds"]}
 
-        hp, htrue = plan_with(sens)
-        h_acc = ev(hp)
-        rp, rtrue = plan_with(rev)
-        r_acc = ev(rp)
-        rand = []
-        for s in rands:
-            p, true = plan_with(s)
-            rand.append({"accuracy": ev(p), "average_bits": p.average_bits, "omega": true.omega, "bits": dict(p)})
         nearest = min(uniform.values(), key=lambda u: (abs(u["size_bytes"] - limit), u["bits"]))
-        rand_accs = [r["accuracy"] for r in rand]
-        row = {
-            "target_average_bits": target,
-            "size_limit_bytes": limit,
-            "hessian": {"accuracy": h_acc, "average_bits": hp.average_bits, "size_bytes": hp.size_bytes,
-                        "omega": htrue.omega, "bits": dict(hp), "solve_seconds": hp.meta["solve_seconds"]},
-            "uniform_nearest": nearest,
-            "reverse": {"accuracy": r_acc, "average_bits": rp.average_bits, "size_bytes": rp.size_bytes,
-                        "omega": rtrue.omega, "bits": dict(rp)},
-            "random": {"median_accuracy": statistics.median(rand_accs), "min_accuracy": min(rand_accs),
-                       "max_accuracy": max(rand_accs), "accuracies": rand_accs,
-                       "median_omega": statistics.median(r["omega"] for r in rand), "plans": rand},
-        }
-        row["hessian_beats_reverse"] = h_acc > r_acc
-        row["hessian_beats_random_median"] = h_acc > row["random"]["median_accuracy"]
-        row["hessian_vs_uniform_nearest"] = h_acc - nearest["accuracy"]
+        row = {"target_average_bits": target, "size_limit_bytes": limit, "hessian": plan_with(sens),
+               "uniform_nearest": nearest, "reverse": plan_with(rev),
+               "random": {"plans": [plan_with(s) for s in rands]}}
         rows.append(row)
-        log(f"avg {target} bits: hessian {h_acc:.4f} ({hp.average_bits:.3f} b), uniform W{nearest['bits']} "
-            f"{nearest['accuracy']:.4f}, reverse {r_acc:.4f}, random median {row['random']['median_accuracy']:.4f} "
-            f"[{min(rand_accs):.4f}, {max(rand_accs):.4f}]")
-    return {
-        "fp32_accuracy": fp32,
-        "test_images": len(test.targets),
-        "calibration_images": sum(len(y) for _, y in calib),
-        "weight_bits": list(BITS),
-        "act_bits": 8,
-        "pinned": edges,
-        "uniform": list(uniform.values()),
-        "targets": rows,
-        "evaluations": ev.count,
-        "evaluation_seconds": ev.seconds,
-    }
+        jobs += [(row["hessian"], row["hessian"]["bits"]), (row["reverse"], row["reverse"]["bits"]),
+                 (nearest, nearest["bits"])]
+    for i in range(args.random_plans):
+        for row in rows:
+            r = row["random"]["plans"][i]
+            jobs.append((r, r["bits"]))
+
+    def summarise(stopped: bool) -> dict:
+        for row in rows:
+            accs = [r["accuracy"] for r in row["random"]["plans"] if r["accuracy"] is not None]
+            rd = row["random"]
+            rd["evaluated"] = len(accs)
+            rd["accuracies"] = accs
+            rd["median_accuracy"] = statistics.median(accs) if accs else None
+            rd["min_accuracy"] = min(accs) if accs else None
+            rd["max_accuracy"] = max(accs) if accs else None
+            rd["median_omega"] = statistics.median(r["omega"] for r in rd["plans"])
+            h, rv = row["hessian"]["accuracy"], row["reverse"]["accuracy"]
+            row["hessian_beats_reverse"] = None if h is None or rv is None else h > rv
+            row["hessian_beats_random_median"] = None if h is None or not accs else h > rd["median_accuracy"]
+            u = row["uniform_nearest"]["accuracy"]
+            row["hessian_vs_uniform_nearest"] = None if h is None or u is None else h - u
+        return {
+            "fp32_accuracy": fp32, "test_images": len(test.targets),
+            "calibration_images": sum(len(y) for _, y in calib), "ptq": args.ptq,
+            "weight_bits": list(BITS), "act_bits": 8, "pinned": edges,
+            "uniform": list(uniform.values()), "targets": rows, "evaluations": ev.count,
+            "evaluation_seconds": ev.seconds, "stopped_by_budget": stopped,
+        }
+
+    stopped = False
+    for k, (slot, plan) in enumerate(jobs):
+        if deadline is not None and time.time() > deadline:
+            stopped = True
+            log(f"time budget spent: {len(jobs) - k} of {len(jobs)} evaluations not run")
+            break
+        slot["accuracy"] = ev(plan)
+        log(f"eval {k + 1}/{len(jobs)}: acc {slot['accuracy']:.4f} (avg {slot['average_bits']:.3f} b)")
+        if partial is not None:
+            partial(summarise(False))
+    return summarise(stopped)
 
 
 # ----------------------------------------------------------------------------- report
@@ -317,25 +397,34 @@ def markdown(res: dict) -> str:
                 f"FP32 accuracy {h['fp32_accuracy'] * 100:.2f}% on {h['test_images']:,} test images. Weights 2–8 bits "
                 f"per channel, activations 8 bits, first/last layer 8 bits, calibration on {h['calibration_images']} "
                 "training images, no fine-tuning. Same ILP and size limit for every mixed plan; reverse = mean traces "
-                "reassigned in inverted rank order; random = mean traces randomly permuted (10 seeds). Ω is under the "
-                "real Hessian traces.", "",
+                "reassigned in inverted rank order; random = mean traces randomly permuted (one seed per plan). "
+                f"PTQ engine: {h.get('ptq')}. Ω is under the real Hessian traces.", "",
                 "| avg bits | Hessian | uniform (nearest size) | reverse | random median [min, max] | Hessian > reverse | Hessian > random |",
                 "|---:|---:|---:|---:|---:|:---:|:---:|"]
+        def pct(v):
+            return "–" if v is None else f"{v * 100:.2f}%"
+
+        def yn(v):
+            return "–" if v is None else ("yes" if v else "no")
+
         for r in h["targets"]:
             u = r["uniform_nearest"]
             rd = r["random"]
+            rand = "–" if rd["median_accuracy"] is None else (
+                f"{pct(rd['median_accuracy'])} [{pct(rd['min_accuracy'])}, {pct(rd['max_accuracy'])}], n={rd['evaluated']}")
             out.append(
-                f"| {r['target_average_bits']} | **{r['hessian']['accuracy'] * 100:.2f}%** ({r['hessian']['average_bits']:.3f} b, "
-                f"Ω {r['hessian']['omega']:.3g}) | {u['accuracy'] * 100:.2f}% (W{u['bits']}, {u['average_bits']:.3f} b) | "
-                f"{r['reverse']['accuracy'] * 100:.2f}% ({r['reverse']['average_bits']:.3f} b, Ω {r['reverse']['omega']:.3g}) | "
-                f"{rd['median_accuracy'] * 100:.2f}% [{rd['min_accuracy'] * 100:.2f}, {rd['max_accuracy'] * 100:.2f}] "
-                f"(Ω {rd['median_omega']:.3g}) | {'yes' if r['hessian_beats_reverse'] else 'no'} | "
-                f"{'yes' if r['hessian_beats_random_median'] else 'no'} |")
+                f"| {r['target_average_bits']} | **{pct(r['hessian']['accuracy'])}** ({r['hessian']['average_bits']:.3f} b, "
+                f"Ω {r['hessian']['omega']:.3g}) | {pct(u['accuracy'])} (W{u['bits']}, {u['average_bits']:.3f} b) | "
+                f"{pct(r['reverse']['accuracy'])} ({r['reverse']['average_bits']:.3f} b, Ω {r['reverse']['omega']:.3g}) | "
+                f"{rand} (Ω {rd['median_omega']:.3g}) | {yn(r['hessian_beats_reverse'])} | "
+                f"{yn(r['hessian_beats_random_median'])} |")
+        if h.get("stopped_by_budget"):
+            out += ["", "**The time budget ran out before every evaluation was run; n = random plans evaluated.**"]
         out += ["", "Uniform settings (first/last layer 8 bits):", "", "| weights | avg bits | size (B) | Ω | accuracy |",
                 "|---:|---:|---:|---:|---:|"]
         for u in h["uniform"]:
-            out.append(f"| W{u['bits']}A8 | {u['average_bits']:.3f} | {u['size_bytes']:,.0f} | {u['omega']:.3g} | "
-                       f"{u['accuracy'] * 100:.2f}% |")
+            acc = "not evaluated" if u["accuracy"] is None else f"{u['accuracy'] * 100:.2f}%"
+            out.append(f"| W{u['bits']}A8 | {u['average_bits']:.3f} | {u['size_bytes']:,.0f} | {u['omega']:.3g} | {acc} |")
         out += ["", "Bits per layer of the Hessian plans:", "",
                 "| layer | " + " | ".join(f"{r['target_average_bits']} b" for r in h["targets"]) + " |",
                 "|---|" + "---:|" * len(h["targets"])]
@@ -356,10 +445,15 @@ def main() -> int:
     ap.add_argument("--random-plans", type=int, default=10)
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--sens-batches", type=int, default=2)
-    ap.add_argument("--max-samples", type=int, default=64)
-    ap.add_argument("--rtol", type=float, default=0.05)
+    ap.add_argument("--max-samples", type=int, default=40)
+    ap.add_argument("--rtol", type=float, default=0.1)
     ap.add_argument("--recompute-sensitivity", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "plan.json"))
+    ap.add_argument("--ptq", choices=("fast", "hessq"), default="fast",
+                    help="fast: weight fake-quant + 8-bit input hooks on the FP32 model; hessq: hessq.quantize (fx rewrite)")
+    ap.add_argument("--budget-minutes", type=float, default=None,
+                    help="stop starting PTQ evaluations after this many minutes (random plans are evaluated last)")
+    ap.add_argument("--sens-batch-size", type=int, default=100)
     ap.add_argument("--test-limit", type=int, default=None, help="smoke runs only: evaluate on fewer test images")
     ap.add_argument("--untrained", action="store_true", help="smoke runs only: random weights, no checkpoint")
     args = ap.parse_args()
@@ -384,7 +478,7 @@ def main() -> int:
     from hessq.models import resnet20
 
     model = resnet20(pretrained=not args.untrained)
-    sens_batches = fashion_mnist("train", batch_size=128, shuffle=True, seed=2).take(args.sens_batches)
+    sens_batches = fashion_mnist("train", batch_size=args.sens_batch_size, shuffle=True, seed=2).take(args.sens_batches)
     sens, info = get_sensitivity(model, sens_batches, args)
     res["sensitivity"] = info
     res["sensitivity"]["mean_trace"] = {n: sens[n].mean_trace for n in sens}
@@ -398,10 +492,14 @@ def main() -> int:
                       "bits": list(p.plan.values())} for p in front],
     }
     log(f"   {len(front)} points in {front.meta['seconds']:.2f} s")
+    out = Path(args.out)
     if not args.quick:
         log("3. Hessian plan vs uniform / reverse / random (PTQ, 10k test images)")
-        res["headline"] = headline(model, sens, args)
-    out = Path(args.out)
+        def partial(h):
+            write_text_atomic(out.with_suffix(".partial.json"), json.dumps({**res, "headline": h}, indent=2))
+            write_text_atomic(out.with_suffix(".partial.md"), markdown({**res, "headline": h}))
+
+        res["headline"] = headline(model, sens, args, partial)
     write_text_atomic(out, json.dumps(res, indent=2))
     write_text_atomic(out.with_suffix(".md"), markdown(res))
     log(f"wrote {out} and {out.with_suffix('.md')}")
