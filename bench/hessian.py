@@ -53,6 +53,31 @@ def _rademacher_like(params, gen):
     return [rademacher(p.shape, gen, p) for p in params]
 
 
+def render(res: dict) -> str:
+    cfg = res["config"]
+    hv, al, wm = res["hvp_seconds"], res["all_layer_traces"], res["whole_model_trace"]
+    md = f"""# Hessian engine vs PyHessian (bench/hessian.py)
+
+ResNet-20 ({'random init' if cfg["untrained"] else 'bundled Fashion-MNIST checkpoint'}), one batch of {cfg["batch_size"]} Fashion-MNIST training images, CPU, torch {cfg['torch']}, {cfg['threads']} threads (machine shared with other jobs: absolute times are noisy, ratios are from the same run).
+
+| measure | hessq | PyHessian | ratio (PyHessian / hessq) |
+|---|---|---|---|
+| time per HVP, median of {cfg["repeats"]} (s) — PyHessian over all {cfg['params']} params | {hv['hessq']:.3f} | {hv['pyhessian_all_params']:.3f} | {hv['pyhessian_all_params'] / hv['hessq']:.2f}× |
+| time per HVP, median of {cfg["repeats"]} (s) — PyHessian over the same {cfg['weights']} weights | {hv['hessq']:.3f} | {hv['pyhessian_same_weights']:.3f} | {hv['pyhessian_same_weights'] / hv['hessq']:.2f}× |
+| all {cfg["layers"]} per-layer traces at {al['samples']} samples (s) | {al['hessq_s']:.1f} | {al['pyhessian_per_layer_s_extrapolated']:.1f} ¹ | {al['speedup']:.1f}× |
+| whole-model trace (all params) at {wm['samples']} samples each | {wm['hessq'][0]:.2f} ± {wm['hessq'][1]:.2f} | {wm['pyhessian'][0]:.2f} ± {wm['pyhessian'][1]:.2f} | differ by {wm['difference_in_combined_stderr']:.2f} combined stderr ({'agree' if wm['agree_within_2_stderr'] else 'DISAGREE'} within 2) |
+
+¹ PyHessian per layer (freeze the other parameters, build `hessian`, `trace()`), run at {al["pyhessian_measured_samples_per_layer"]} samples per layer and
+extrapolated linearly to {al['samples']}: setup (forward + backward with create_graph) + {al['samples']}/{al['pyhessian_measured_samples_per_layer']} × the measured trace time, summed over the {cfg["layers"]} layers.
+
+Why {al['speedup']:.1f}× and not {cfg["layers"]}×: a per-layer PyHessian HVP back-propagates (twice) only from the loss down
+to that layer, so late layers are cheap (`fc`: {al['pyhessian_per_layer']['fc']['trace_s'] * 1000:.1f} ms) and the {cfg["layers"]} per-layer HVPs of one
+sample add up to {sum(r['trace_s'] for r in al['pyhessian_per_layer'].values()):.1f} s, i.e. {sum(r['trace_s'] for r in al['pyhessian_per_layer'].values()) / (al['hessq_s'] / al['samples']):.1f} of hessq's
+all-layer samples ({al['hessq_s'] / al['samples']:.2f} s each, setup included), plus a forward/backward setup per layer.
+"""
+    return md
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-size", type=int, default=256)
@@ -62,7 +87,13 @@ def main() -> int:
     ap.add_argument("--pyhessian-layer-samples", type=int, default=2, help="samples per layer actually run for PyHessian per layer")
     ap.add_argument("--untrained", action="store_true", help="random-init ResNet-20 (before the checkpoint exists)")
     ap.add_argument("--out", default=str(RESULTS / "hessian.json"))
+    ap.add_argument("--render-only", action="store_true", help="rewrite the .md from an existing --out JSON")
     args = ap.parse_args()
+    if args.render_only:
+        res = json.loads(Path(args.out).read_text())
+        write_text_atomic(Path(args.out).with_suffix(".md"), render(res))
+        print(render(res))
+        return 0
 
     from pyhessian import hessian as PyHessian
     from pyhessian.utils import hessian_vector_product
@@ -78,27 +109,36 @@ def main() -> int:
 
     # 1. time per HVP -------------------------------------------------------------------
     model.eval()
+    # All three gradient graphs are built first; the timed HVPs then alternate between the methods
+    # (hessq, PyHessian all params, PyHessian same weights) so that load on the machine hits each alike.
     op = HessianOperator(model, [(0, (x, y))], F.cross_entropy, weights, list(layers), cache=True)
     op.products(_rademacher_like(weights, gen))  # builds and caches the gradient graph
-    hq = [_timed(lambda: op.products(_rademacher_like(weights, gen)))[0] for _ in range(args.repeats)]
-    del op
 
-    def pyh_hvp(params_subset):
+    def pyh(params_subset):
         for p in model.parameters():
             p.requires_grad_(False); p.grad = None
         for p in params_subset:
             p.requires_grad_(True)
         h = PyHessian(model, F.cross_entropy, data=(x, y), cuda=False)
-        times = []
-        for _ in range(args.repeats):
-            v = _rademacher_like(h.params, gen)
-            times.append(_timed(lambda: sum(float((a * b).sum()) for a, b in zip(hessian_vector_product(h.gradsH, h.params, v), v)))[0])
         for p in model.parameters():
-            p.requires_grad_(True); p.grad = None
-        return times
+            p.requires_grad_(True)
+        return h
 
-    ph_all = pyh_hvp(list(model.parameters()))
-    ph_same = pyh_hvp(weights)
+    h_all = pyh(list(model.parameters()))
+    h_same = pyh(weights)
+
+    def pyh_hvp(h):
+        v = _rademacher_like(h.params, gen)
+        return sum(float((a * b).sum()) for a, b in zip(hessian_vector_product(h.gradsH, h.params, v), v))
+
+    hq, ph_all, ph_same = [], [], []
+    for _ in range(args.repeats):
+        hq.append(_timed(lambda: op.products(_rademacher_like(weights, gen)))[0])
+        ph_all.append(_timed(lambda: pyh_hvp(h_all))[0])
+        ph_same.append(_timed(lambda: pyh_hvp(h_same))[0])
+    del op, h_all, h_same
+    for p in model.parameters():
+        p.grad = None
     res["hvp_seconds"] = {"hessq": statistics.median(hq), "pyhessian_all_params": statistics.median(ph_all),
                           "pyhessian_same_weights": statistics.median(ph_same), "raw": {"hessq": hq, "pyhessian_all_params": ph_all, "pyhessian_same_weights": ph_same}}
     print("HVP", res["hvp_seconds"], flush=True)
@@ -144,21 +184,7 @@ def main() -> int:
     print("whole", res["whole_model_trace"])
     out.with_suffix(".partial.json").unlink(missing_ok=True)
     write_text_atomic(out, json.dumps(res, indent=2))
-    hv, al, wm = res["hvp_seconds"], res["all_layer_traces"], res["whole_model_trace"]
-    md = f"""# Hessian engine vs PyHessian (bench/hessian.py)
-
-ResNet-20 ({'random init' if args.untrained else 'bundled Fashion-MNIST checkpoint'}), one batch of {args.batch_size} Fashion-MNIST training images, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads (machine shared with other jobs: absolute times are noisy, ratios are from the same run).
-
-| measure | hessq | PyHessian | ratio (PyHessian / hessq) |
-|---|---|---|---|
-| time per HVP, median of {args.repeats} (s) — PyHessian over all {res['config']['params']} params | {hv['hessq']:.3f} | {hv['pyhessian_all_params']:.3f} | {hv['pyhessian_all_params'] / hv['hessq']:.2f}× |
-| time per HVP, median of {args.repeats} (s) — PyHessian over the same {res['config']['weights']} weights | {hv['hessq']:.3f} | {hv['pyhessian_same_weights']:.3f} | {hv['pyhessian_same_weights'] / hv['hessq']:.2f}× |
-| all {len(layers)} per-layer traces at {al['samples']} samples (s) | {al['hessq_s']:.1f} | {al['pyhessian_per_layer_s_extrapolated']:.1f} ¹ | {al['speedup']:.1f}× |
-| whole-model trace (all params) at {wm['samples']} samples each | {wm['hessq'][0]:.2f} ± {wm['hessq'][1]:.2f} | {wm['pyhessian'][0]:.2f} ± {wm['pyhessian'][1]:.2f} | differ by {wm['difference_in_combined_stderr']:.2f} combined stderr ({'agree' if wm['agree_within_2_stderr'] else 'DISAGREE'} within 2) |
-
-¹ PyHessian per layer (freeze the other parameters, build `hessian`, `trace()`), run at {m} samples per layer and
-extrapolated linearly to {al['samples']}: setup (forward + backward with create_graph) + {al['samples']}/{m} × the measured trace time, summed over the {len(layers)} layers.
-"""
+    md = render(res)
     write_text_atomic(out.with_suffix(".md"), md)
     print(md)
     return 0
