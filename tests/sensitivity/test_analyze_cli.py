@@ -11,7 +11,7 @@ from hessq.sensitivity import Sensitivity
 @pytest.mark.slow  # loads Fashion-MNIST and runs ResNet-20's double backward: tens of seconds on a shared CPU
 def test_analyze_writes_sensitivity(tmp_path, capsys):
     out = tmp_path / "sensitivity.json"
-    code = main(["analyze", "--random-init", "--batches", "2", "--batch-size", "4", "--max-samples", "2", "--min-samples", "2",
+    code = main(["analyze", "--batches", "2", "--batch-size", "4", "--max-samples", "2", "--min-samples", "2",
                  "--no-eigenvalues", "--no-progress", "--seed", "3", "-o", str(out)])
     assert code == 0
     sens = Sensitivity.load(out)

@@ -46,6 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load_model(args) -> nn.Module:
+    torch.manual_seed(args.seed)  # the same random init on every rank and every run (--random-init)
     if args.model == "resnet20":
         from hessq.models import resnet20
 
