@@ -145,3 +145,12 @@ def test_resnet20_data_free_w8a8_within_half_a_point(pretrained_resnet20, fashio
     noise = hessq.accuracy(hessq.quantize(model, (4, 4), [torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))]), fashion_test)
     distilled4 = hessq.accuracy(hessq.quantize(model, (4, 4), d), fashion_test)
     assert distilled4 > noise + 0.02, (distilled4, noise)
+
+
+def test_input_range_keeps_pixels_valid():
+    model = TinyBN()
+    d = distill_data(model, 4, (2, 6, 6), steps=20, lr=0.5, batch_size=4, progress=False, input_range=(-0.5, 0.5))
+    assert d.inputs.min() >= -0.5 and d.inputs.max() <= 0.5
+    assert d.meta["input_range"] == [-0.5, 0.5]
+    with pytest.raises(ValueError, match="input_range"):
+        distill_data(model, 4, (2, 6, 6), steps=1, progress=False, input_range=(1.0, 0.0))

@@ -85,7 +85,7 @@ def test_w8a8_calibrated_on_distilled_data_agrees_with_fp32(pretrained):
     x = preprocess_lite(photo_crops(48, seed=11))
     with torch.no_grad():
         ref = pretrained(x).argmax(1)
-    d = hessq.distill_data(pretrained, 8, (3, 224, 224), steps=25, batch_size=8, progress=False)
+    d = hessq.distill_data(pretrained, 8, (3, 224, 224), steps=25, batch_size=8, progress=False, input_range=(-127 / 128, 1.0))
     assert d.loss < d.initial_loss / 1.5
 
     def agree(calib):

@@ -33,6 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=0.5, help="Adam learning rate on the pixels (default 0.5)")
     p.add_argument("--batch-size", type=int, default=32, help="inputs optimised together (default 32)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input-range", help="LOW,HIGH: keep pixels in the range of valid preprocessed inputs "
+                                          "(default for efficientnet_lite0: -0.9921875,1; else unbounded)")
     p.add_argument("--sensitivity", type=Path, help="also write ZeroQ's KL sensitivity on the distilled data to this JSON")
     p.add_argument("--weight-bits", default="2,4,6,8", help="bit widths of the KL sensitivity (default 2,4,6,8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,9 +77,17 @@ def run(args: argparse.Namespace) -> int:
 
     model = _load_model(args.model, args.checkpoint)
     shape = _shape(args.input_shape, args.model)
+    if args.input_range:
+        try:
+            lo, hi = (float(v) for v in args.input_range.split(","))
+        except ValueError:
+            raise ValueError(f"--input-range must be LOW,HIGH, got {args.input_range!r}") from None
+        input_range = (lo, hi)
+    else:
+        input_range = (-127 / 128, 1.0) if args.model == "efficientnet_lite0" else None
     data = distill_data(
         model, args.num_samples, shape, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-        seed=args.seed, progress=not args.no_progress,
+        seed=args.seed, progress=not args.no_progress, input_range=input_range,
     )
     data.meta["model"] = args.model
     data.save(args.output)

@@ -174,6 +174,7 @@ def distill_data(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
+    input_range: tuple[float, float] | None = None,
 ) -> DistilledData:
     """ZeroQ: synthesise ``num_samples`` inputs of shape ``input_shape`` (one sample, no batch dimension).
 
@@ -182,6 +183,11 @@ def distill_data(
     plateaus) so that, at every BatchNorm layer, the per-channel batch mean and standard
     deviation of the BN's input match its running statistics. The model's weights are
     untouched and it is run in eval mode.
+
+    ``input_range`` = (low, high), the range of valid (preprocessed) inputs, e.g.
+    ``(-127/128, 1.0)`` for EfficientNet-Lite's (px − 127)/128: the pixels start and stay
+    inside it (projected after every step), so activation ranges calibrated on them are
+    not stretched by impossible pixel values.
 
     Returns a :class:`DistilledData` (iterable as calibration batches) with the final
     statistics loss. Raises ValueError if the model has no BatchNorm with running
@@ -204,6 +210,10 @@ def distill_data(
     if not shape or any(s < 1 for s in shape):
         raise ValueError(f"input_shape must be positive sizes of one sample (e.g. (3, 224, 224)), got {input_shape!r}")
     num_samples, batch_size, steps = int(num_samples), int(batch_size), int(steps)
+    if input_range is not None:
+        lo, hi = (float(v) for v in input_range)
+        if not lo < hi:
+            raise ValueError(f"input_range must be (low, high) with low < high, got {input_range!r}")
 
     bns = batchnorm_layers(model)
     if not bns:
@@ -237,7 +247,10 @@ def distill_data(
         bar = tqdm(total=len(sizes) * steps, desc="distill", disable=not progress, leave=False)
         for index, n in enumerate(sizes):
             gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + index)
-            x = torch.randn((n, *shape), generator=gen).to(device).requires_grad_(True)
+            x = torch.randn((n, *shape), generator=gen).to(device)
+            if input_range is not None:
+                x = x.clamp(lo, hi)
+            x.requires_grad_(True)
             optimizer = torch.optim.Adam([x], lr=lr)
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=50, min_lr=1e-4)
             for step in range(steps):
@@ -249,6 +262,9 @@ def distill_data(
                     initials.append(value)
                 loss.backward()
                 optimizer.step()
+                if input_range is not None:
+                    with torch.no_grad():
+                        x.clamp_(lo, hi)
                 scheduler.step(value)
                 bar.update(1)
                 if step % 10 == 0 or step == steps - 1:
@@ -282,7 +298,7 @@ def distill_data(
         seed=int(seed),
         seconds=time.perf_counter() - start,
         num_bn_layers=used,
-        meta={"model": type(model).__name__},
+        meta={"model": type(model).__name__, "input_range": list(input_range) if input_range is not None else None},
     )
 
 
