@@ -72,7 +72,7 @@ extrapolated linearly to {al['samples']}: setup (forward + backward with create_
 
 Why {al['speedup']:.1f}× and not {cfg["layers"]}×: a per-layer PyHessian HVP back-propagates (twice) only from the loss down
 to that layer, so late layers are cheap (`fc`: {al['pyhessian_per_layer']['fc']['trace_s'] * 1000:.1f} ms) and the {cfg["layers"]} per-layer HVPs of one
-sample add up to {sum(r['trace_s'] for r in al['pyhessian_per_layer'].values()):.1f} s, i.e. {sum(r['trace_s'] for r in al['pyhessian_per_layer'].values()) / (al['hessq_s'] / al['samples']):.1f} of hessq's
+sample add up to {sum(r['trace_s'] / r['samples'] for r in al['pyhessian_per_layer'].values()):.1f} s, i.e. {sum(r['trace_s'] / r['samples'] for r in al['pyhessian_per_layer'].values()) / (al['hessq_s'] / al['samples']):.1f} of hessq's
 all-layer samples ({al['hessq_s'] / al['samples']:.2f} s each, setup included), plus a forward/backward setup per layer.
 """
     return md
