@@ -3,11 +3,20 @@
 __version__ = "0.1.0"
 
 from hessq import data, models
-from hessq.graph import quantizable_layers
-from hessq.sensitivity import LayerSensitivity, Sensitivity
 from hessq.data import accuracy
-from hessq.quantize import calibrate, finetune, quantize
-from hessq.plan import BitPlan, InfeasibleLimitsError, LatencyTable, ParetoFrontier, Relative, pareto_frontier, plan_bits
 from hessq.distill import DistilledData, distill_data
-from hessq.sensitivity import kl_sensitivity
-from hessq.sensitivity import SpectralDensity, TraceEstimate, hessian_sensitivity, hessian_trace, spectral_density, top_eigenvalues
+from hessq.graph import quantizable_layers
+from hessq.integer import IntegerModel, export_onnx, load_integer, to_integer
+from hessq.plan import BitPlan, InfeasibleLimitsError, LatencyTable, ParetoFrontier, Relative, pareto_frontier, plan_bits
+from hessq.quantize import calibrate, finetune, quantize
+from hessq.sensitivity import (
+    LayerSensitivity,
+    Sensitivity,
+    SpectralDensity,
+    TraceEstimate,
+    hessian_sensitivity,
+    hessian_trace,
+    kl_sensitivity,
+    spectral_density,
+    top_eigenvalues,
+)
