@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from hessq import data, models
+from hessq.compress import CompressResult, FinetuneConfig, compress
 from hessq.data import accuracy
 from hessq.distill import DistilledData, distill_data
 from hessq.graph import quantizable_layers

@@ -10,6 +10,7 @@ import sys
 # sets ``func`` (args -> exit code). Imported lazily so ``hessq --help`` stays fast.
 _COMMANDS = [
     "hessq.cli._analyze",
+    "hessq.cli._compress",
     "hessq.cli._demo",
     "hessq.cli._distill",
     "hessq.cli._export",

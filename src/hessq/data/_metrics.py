@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -10,11 +10,17 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, batches: Iterable, *, progress: bool = False, desc: str = "evaluate") -> float:
-    """Top-1 accuracy of ``model`` (in eval mode) over (inputs, targets) batches, on the model's device."""
-    was_training = model.training
-    model.eval()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+def accuracy(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], batches: Iterable, *, progress: bool = False,
+             desc: str = "evaluate") -> float:
+    """Top-1 accuracy of ``model`` (in eval mode) over (inputs, targets) batches, on the model's device.
+
+    ``model`` may also be any callable from inputs to scores, e.g. a :class:`hessq.IntegerModel`.
+    """
+    is_module = isinstance(model, nn.Module)
+    was_training = model.training if is_module else False
+    if is_module:
+        model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu")) if is_module else torch.device("cpu")
     correct = total = 0
     try:
         for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False):
@@ -22,7 +28,8 @@ def accuracy(model: nn.Module, batches: Iterable, *, progress: bool = False, des
             correct += int((pred == y).sum())
             total += len(y)
     finally:
-        model.train(was_training)
+        if is_module:
+            model.train(was_training)
     if total == 0:
         raise ValueError("no batches to evaluate")
     return correct / total

@@ -9,6 +9,7 @@ measured time; ``32`` holds the float32 time of the same layer for reference.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -104,3 +105,17 @@ def measure_latency_table(
     meta = {"runtime": "onnxruntime", "batch_size": batch_size, "repeats": repeats, "statistic": "median seconds",
             "note": "weight widths 2-8 run on the same int8 kernels; 32 is float32"}
     return LatencyTable(rows, meta)
+
+
+def measure_onnx_latency(
+    path: str | os.PathLike, input_shape: tuple[int, ...], *, batch_size: int = 1, repeats: int = 50, threads: int | None = None
+) -> float:
+    """Median ONNX Runtime seconds of a whole exported model at ``batch_size`` (float32 input named as in the file)."""
+    import onnx
+
+    if batch_size < 1 or repeats < 1:
+        raise ValueError("batch_size and repeats must be >= 1")
+    proto = onnx.load(str(path))
+    name = proto.graph.input[0].name
+    x = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)
+    return _median_seconds(_session(proto, threads), {name: x}, repeats)

@@ -1,0 +1,130 @@
+"""``hessq compress``: the whole pipeline from the command line, every artefact written to one folder."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from hessq.cli._common import add_model_arguments, load_model
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="sensitivity → plan → quantize → (QAT) → integer model → verify → ONNX → report.html, in one folder",
+    )
+    add_model_arguments(p)
+    p.add_argument("--data", default="fashion-mnist",
+                   help="'fashion-mnist', 'none' (data-free: ZeroQ distilled inputs) or 'package.module:function' "
+                        "returning (inputs, targets) batches, a (train, eval) pair, or a dict with 'train' and 'eval'")
+    p.add_argument("--size-limit", help="bytes, or a percentage between all-lowest and all-highest like 50%%")
+    p.add_argument("--bops-limit", help="bit operations, or a percentage")
+    p.add_argument("--latency-limit", help="seconds, or a percentage (the latency table is measured on ONNX Runtime)")
+    p.add_argument("--weight-bits", default="4,8", help="candidate weight bit widths (default 4,8)")
+    p.add_argument("--act-bits", type=int, default=8, help="activation bits (default 8)")
+    p.add_argument("--sensitivity", default="hessian",
+                   help="'hessian' (Hutchinson traces), 'kl' (ZeroQ) or a sensitivity.json from `hessq analyze`")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="epochs of quantization-aware training (default 0: none)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="stop QAT after this many steps")
+    p.add_argument("--lr", type=float, default=0.01, help="QAT learning rate (default 0.01)")
+    p.add_argument("--calibration-batches", type=int, default=8, help="batches used to set the ranges (default 8)")
+    p.add_argument("--baselines", default="8,4", help="uniform weight widths evaluated for comparison (default 8,4; 'none')")
+    p.add_argument("--pareto-points", type=int, default=40, help="size limits on the Pareto frontier (default 40; 0 = none)")
+    p.add_argument("--no-latency", action="store_true", help="skip the ONNX Runtime latency measurements")
+    p.add_argument("--onnx-mode", choices=("exact", "fast"), default="exact",
+                   help="exact: bit-exact integer graph; fast: fused QLinearConv kernels (default exact)")
+    p.add_argument("--input-shape", help="one input's shape, e.g. 3,224,224 (needed with --data none for a user model)")
+    p.add_argument("--distilled-samples", type=int, default=64, help="distilled inputs with --data none (default 64)")
+    p.add_argument("--distill-steps", type=int, default=500, help="Adam steps of distillation (default 500)")
+    p.add_argument("-o", "--out", type=Path, default=Path("hessq-out"), help="output folder (default hessq-out)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def _is_batches(obj: Any) -> bool:
+    return isinstance(obj, Iterable) and not isinstance(obj, (str, bytes, Mapping, tuple))
+
+
+def load_data(spec: str, *, seed: int = 0) -> tuple[Iterable | None, Iterable | None]:
+    """``(train, eval)`` batches for a data spec: ``fashion-mnist``, ``none`` or ``package.module:function``."""
+    if spec == "none":
+        return None, None
+    if spec == "fashion-mnist":
+        from hessq.data import fashion_mnist
+
+        return fashion_mnist("train", batch_size=128, augment=True, seed=seed), fashion_mnist("test", batch_size=500)
+    if ":" not in spec:
+        raise ValueError(f"--data must be 'fashion-mnist', 'none' or 'package.module:function', got {spec!r}")
+    mod_name, fn_name = spec.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import the data module {mod_name!r} of --data {spec!r}: {exc}") from exc
+    except AttributeError:
+        raise ValueError(f"module {mod_name!r} has no function {fn_name!r} (from --data {spec!r})") from None
+    data = fn()
+    if isinstance(data, Mapping):
+        if "train" not in data:
+            raise ValueError(f"{spec} returned a dict without a 'train' entry (keys: {sorted(data)})")
+        train, evaluation = data["train"], data.get("eval", data.get("test"))
+    elif isinstance(data, tuple) and len(data) == 2 and all(_is_batches(d) for d in data):
+        train, evaluation = data
+    elif _is_batches(data):
+        train, evaluation = data, None
+    else:
+        raise ValueError(
+            f"{spec} returned a {type(data).__name__}; it must return (inputs, targets) batches, a (train, eval) pair "
+            "of them, or a dict with 'train' and 'eval'"
+        )
+    return train, evaluation
+
+
+def run(args: argparse.Namespace) -> int:
+    import hessq
+    from hessq.report import results_table
+    from hessq.sensitivity import Sensitivity
+
+    model = load_model(args.model, args.checkpoint)
+    train, evaluation = load_data(args.data, seed=args.seed)
+    sensitivity: Any = args.sensitivity
+    if sensitivity not in ("hessian", "kl"):
+        if not Path(sensitivity).exists():
+            raise ValueError(f"--sensitivity must be 'hessian', 'kl' or an existing sensitivity.json, got {sensitivity!r}")
+        sensitivity = Sensitivity.load(sensitivity)
+        sensitivity.check_model(model)
+    shape = _ints(args.input_shape, "--input-shape") if args.input_shape else None
+    if shape is None and train is None:
+        known = {"resnet20": (1, 28, 28), "efficientnet_lite0": (3, 224, 224)}
+        shape = known.get(args.model)
+        if shape is None:
+            raise ValueError("--data none needs --input-shape C,H,W for a model that is not bundled")
+    baselines = [] if args.baselines == "none" else _ints(args.baselines, "--baselines")
+    finetune = None
+    if args.finetune_epochs > 0:
+        finetune = hessq.FinetuneConfig(epochs=args.finetune_epochs, lr=args.lr, max_steps=args.finetune_steps)
+    result = hessq.compress(
+        model, train, eval_data=evaluation, size_limit=args.size_limit, bops_limit=args.bops_limit,
+        latency_limit=args.latency_limit, weight_bits=_ints(args.weight_bits, "--weight-bits"), act_bits=args.act_bits,
+        sensitivity=sensitivity, finetune=finetune or False, calibration_batches=args.calibration_batches,
+        baselines=baselines, pareto_points=args.pareto_points, measure_latency=not args.no_latency,
+        onnx_mode=args.onnx_mode, input_shape=shape, num_distilled=args.distilled_samples,
+        distill_steps=args.distill_steps, out_dir=args.out, model_name=args.model, seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print()
+    print(results_table(result.rows))
+    print(f"\nwrote {', '.join(Path(p).name for p in result.files.values())} to {args.out}/")
+    if "report" in result.files:
+        print(f"report: {result.files['report']}")
+    return 0
