@@ -51,6 +51,8 @@ CASES = {
     "resnet20-mixed": (lambda: _random_bn(hessq.models.resnet20()), (1, 28, 28), "mixed"),
     "concat-w8a8": (lambda: _random_bn(ConcatNet()), (1, 12, 12), 8),
     "concat-w4a4": (lambda: _random_bn(ConcatNet()), (1, 12, 12), (4, 4)),
+    # TF "same" padding of the float input before the stem, depthwise convs, ReLU6, residual adds.
+    "efficientnet-w8a8": (lambda: _random_bn(hessq.models.efficientnet_lite0(pretrained=False)), (3, 32, 32), 8),
 }
 
 

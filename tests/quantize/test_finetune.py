@@ -80,3 +80,16 @@ def test_checkpoint_of_another_model_is_refused(trained, tmp_path):
     ckpt.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="truncated or not a checkpoint"):
         hessq.finetune(_fresh_quantized(trained), digits("train"), epochs=1, progress=False, checkpoint=ckpt)
+
+
+def test_fractional_epochs_run_a_whole_shorter_schedule(trained):
+    q = _fresh_quantized(trained)
+    train = digits("train")
+    hist = hessq.finetune(q, train, epochs=0.5, lr=0.01, progress=False)
+    assert hist["steps"] == round(0.5 * len(train))
+    # Same steps, but stopped by max_steps out of a whole epoch: the schedule differs, so do the weights.
+    q2 = _fresh_quantized(trained)
+    hessq.finetune(q2, train, epochs=1, max_steps=hist["steps"], lr=0.01, progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(q.state_dict().values(), q2.state_dict().values()))
+    with pytest.raises(ValueError, match="epochs must be > 0"):
+        hessq.finetune(q, train, epochs=0, progress=False)

@@ -1,13 +1,17 @@
-"""``hessq analyze``: per-layer Hessian sensitivity of a model on Fashion-MNIST batches -> sensitivity.json."""
+"""``hessq analyze``: per-layer Hessian sensitivity of a model -> sensitivity.json.
+
+On Fashion-MNIST batches by default; with ``--data none`` (or a ``hessq distill`` file) on ZeroQ
+distilled inputs labelled by the FP32 model's own top-1 predictions, so no data is needed.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 
 import torch
-from torch import nn
+
+from hessq.cli._common import BUNDLED_INPUT_SHAPES, add_data_argument, add_model_arguments, load_distilled, load_model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -16,16 +20,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="Hessian traces and eigenvalues of every quantizable layer (writes sensitivity.json)",
         description=(
             "Estimate each Conv2d/Linear layer's Hessian trace (Hutchinson, one HVP per sample serves all "
-            "layers) and top eigenvalue (power iteration) on Fashion-MNIST training batches. Under torchrun "
-            "the batches are split across processes (gloo on CPU, nccl on GPU)."
+            "layers) and top eigenvalue (power iteration) on Fashion-MNIST training batches, or data-free on "
+            "ZeroQ distilled inputs whose targets are the FP32 model's own predictions (--data none). Under "
+            "torchrun the batches are split across processes (gloo on CPU, nccl on GPU); give distilled data "
+            "as a file (`hessq distill`) there, so every process reads the same inputs."
         ),
     )
-    p.add_argument("--model", default="resnet20",
-                   help="'resnet20' (the bundled Fashion-MNIST model) or 'package.module:factory' (called with no arguments)")
-    p.add_argument("--checkpoint", help="a state_dict (.pt) to load into --model")
-    p.add_argument("--random-init", action="store_true", help="use resnet20 without its trained weights (for trying things out)")
-    p.add_argument("--batches", type=int, default=1, help="number of data batches the Hessian averages over (default 1)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    add_model_arguments(p)
+    p.add_argument("--random-init", action="store_true", help="use the bundled model without its trained weights (for trying things out)")
+    add_data_argument(p, purpose="inputs of the Hessian")
+    p.add_argument("--batches", type=int, default=None,
+                   help="number of data batches the Hessian averages over (default: 1 of Fashion-MNIST, all of distilled data)")
+    p.add_argument("--batch-size", type=int, default=256, help="inputs per batch (default 256; distilled data: at most all of it)")
     p.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split (default train)")
     p.add_argument("--rtol", type=float, default=0.05, help="stop when every layer's trace stderr <= rtol*|trace| (default 0.05)")
     p.add_argument("--max-samples", type=int, default=200, help="at most this many Hutchinson samples (default 200)")
@@ -45,39 +51,47 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _load_model(args) -> nn.Module:
-    torch.manual_seed(args.seed)  # the same random init on every rank and every run (--random-init)
-    if args.model == "resnet20":
-        from hessq.models import resnet20
+def _batches(args: argparse.Namespace, model: torch.nn.Module) -> tuple[list, dict]:
+    """(inputs, targets) batches for the Hessian, and what to record about them in the sensitivity's meta."""
+    distilled = load_distilled(args, model, progress=not args.no_progress)
+    if distilled is None:
+        shape = BUNDLED_INPUT_SHAPES.get(args.model)
+        if shape is not None and shape != (1, 28, 28):
+            raise ValueError(f"--model {args.model} takes inputs of shape {shape}, not Fashion-MNIST's (1, 28, 28): "
+                             "use --data none (distilled data) or a file from `hessq distill`")
+        from hessq.data import fashion_mnist
 
-        model = resnet20(pretrained=not (args.random_init or args.checkpoint))
-    else:
-        if ":" not in args.model:
-            raise ValueError(f"--model must be 'resnet20' or 'package.module:factory', got {args.model!r}")
-        mod_name, fn_name = args.model.split(":", 1)
-        model = getattr(importlib.import_module(mod_name), fn_name)()
-    if args.checkpoint:
-        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
-    return model
+        num = args.batches or 1
+        data = fashion_mnist(args.split, batch_size=args.batch_size, shuffle=False, limit=num * args.batch_size)
+        return data.take(num), {"dataset": f"fashion-mnist/{args.split}", "data_free": False, "targets": "labels",
+                                "batch_size": args.batch_size}
+    # No labels: the FP32 model's own top-1 predictions are the targets, so the loss (and its Hessian)
+    # measures how far a perturbation moves the model away from what it computes now.
+    size = min(args.batch_size, distilled.num_samples)
+    batches = distilled.labelled(model, batch_size=size)
+    if args.batches is not None:
+        batches = batches[: args.batches]
+    summary = {k: v for k, v in distilled.summary().items() if k != "batch_losses"}
+    return batches, {"dataset": "distilled", "data_free": True, "targets": "fp32-argmax", "batch_size": size,
+                     "distilled": summary}
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from hessq.data import fashion_mnist
     from hessq.sensitivity import hessian_sensitivity
     from hessq.sensitivity import _distributed as D
 
-    if args.batches < 1 or args.batch_size < 1:
+    if (args.batches is not None and args.batches < 1) or args.batch_size < 1:
         raise ValueError("--batches and --batch-size must be at least 1")
     device = torch.device(args.device) if args.device else (
         torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}") if "LOCAL_RANK" in os.environ and torch.cuda.is_available() else torch.device("cpu")
     )
     started = D.init_from_env(device)
     try:
-        model = _load_model(args).to(device)
-        data = fashion_mnist(args.split, batch_size=args.batch_size, shuffle=False, limit=args.batches * args.batch_size)
-        batches = data.take(args.batches)
+        torch.manual_seed(args.seed)  # the same random init on every rank and every run (--random-init)
+        model = load_model(args.model, args.checkpoint, pretrained=not args.random_init).to(device)
+        batches, data_meta = _batches(args, model)
         t0 = time.perf_counter()
         sens = hessian_sensitivity(
             model, batches, None,
@@ -86,8 +100,7 @@ def run(args: argparse.Namespace) -> int:
             eigenvalues=args.eigenvalues, top_k=args.top_k, eig_max_iter=args.eig_max_iter, eig_tol=args.eig_tol,
             qbert=args.qbert, activations=args.activations, progress=not args.no_progress,
         )
-        sens.meta.update(model=args.model, dataset=f"fashion-mnist/{args.split}", batch_size=args.batch_size,
-                         seconds=round(time.perf_counter() - t0, 3))
+        sens.meta.update(model=args.model, **data_meta, seconds=round(time.perf_counter() - t0, 3))
         rank, _ = D.rank_and_world()
         if rank == 0:
             sens.save(args.output)
@@ -97,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name:<24} {r.num_params:>7} {r.trace:>12.5g} {r.trace_stderr:>10.3g} {r.mean_trace:>10.3g} {lam}")
             m = sens.meta
             print(f"{m['samples']} samples ({'converged' if m['converged'] else 'not converged'} at rtol {m['rtol']}), "
-                  f"{m['num_data']} images, {m['seconds']} s -> {args.output}")
+                  f"{m['num_data']} {'distilled inputs (FP32 predictions as targets)' if m['data_free'] else 'images'}, {m['seconds']} s -> {args.output}")
     finally:
         if started:
             import torch.distributed as dist

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,6 +16,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet20",
                    help="a bundled model (resnet20, efficientnet_lite0) or 'package.module:factory' called with no arguments")
     p.add_argument("--checkpoint", help="a state_dict (.pt) to load into --model")
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    """``"4,8"`` as ``[4, 8]``; an error naming the option otherwise."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
 def load_model(spec: str, checkpoint: str | None = None, *, pretrained: bool = True) -> nn.Module:
@@ -41,3 +50,80 @@ def load_model(spec: str, checkpoint: str | None = None, *, pretrained: bool = T
             raise ValueError(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
         model.load_state_dict(state)
     return model.eval()
+
+
+# --- data-free inputs: the shared `--data` option and ZeroQ distillation ------------------
+
+if TYPE_CHECKING:  # imported lazily below, so `hessq --help` stays fast
+    from hessq.distill import DistilledData
+
+#: One sample's input shape for each bundled model (distillation needs it; a user model must give it).
+BUNDLED_INPUT_SHAPES = {"resnet20": (1, 28, 28), "efficientnet_lite0": (3, 224, 224)}
+#: Valid preprocessed pixel range per bundled model: distilled pixels outside it would stretch the ranges.
+BUNDLED_INPUT_RANGES = {"efficientnet_lite0": (-127 / 128, 1.0)}
+
+
+def parse_input_shape(text: str | None, spec: str) -> tuple[int, ...]:
+    """``--input-shape C,H,W`` as a tuple; the bundled model's shape when not given."""
+    if text is None:
+        if spec not in BUNDLED_INPUT_SHAPES:
+            raise ValueError(
+                f"--input-shape is needed for --model {spec}: hessq cannot know the input of a model that is not "
+                "bundled; give one sample's shape without the batch dimension, e.g. --input-shape 3,224,224"
+            )
+        return BUNDLED_INPUT_SHAPES[spec]
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--input-shape must be comma-separated sizes like 3,224,224, got {text!r}") from None
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"--input-shape must be positive sizes like 3,224,224, got {text!r}")
+    return shape
+
+
+def add_data_argument(p: argparse.ArgumentParser, *, purpose: str) -> None:
+    """``--data fashion-mnist|none|FILE.pt`` plus the knobs of the distillation ``none`` runs."""
+    p.add_argument("--data", default="fashion-mnist", metavar="fashion-mnist|none|FILE.pt",
+                   help=f"{purpose}: Fashion-MNIST training images (default); 'none' for ZeroQ data distilled from "
+                        "the model's BatchNorm statistics (no data at all); or a file written by `hessq distill`")
+    p.add_argument("--input-shape", help="one sample's shape for --data none, e.g. 3,32,32 (default: the bundled model's; "
+                                         "required for a model given as package.module:factory)")
+    p.add_argument("--distilled-samples", type=int, default=32, help="inputs distilled for --data none (default 32)")
+    p.add_argument("--distill-steps", type=int, default=500, help="Adam steps of the distillation for --data none (default 500)")
+
+
+def load_distilled(args: argparse.Namespace, model: nn.Module, *, progress: bool = True) -> DistilledData | None:
+    """The distilled data that ``--data`` names (distilled now for ``none``, read for a file); None for Fashion-MNIST.
+
+    Returns a :class:`hessq.distill.DistilledData` whose ``meta["source"]`` says where it came from.
+    """
+    from pathlib import Path
+
+    from hessq.distill import DistilledData, distill_data
+
+    if args.data == "fashion-mnist":
+        return None
+    if args.data == "none":
+        shape = parse_input_shape(args.input_shape, args.model)
+        data = distill_data(model, args.distilled_samples, shape, steps=args.distill_steps, seed=args.seed,
+                            progress=progress, input_range=BUNDLED_INPUT_RANGES.get(args.model))
+        data.meta.update(model=args.model, source="distilled now")
+        print(f"distilled {data.num_samples} inputs of shape {shape} in {data.seconds:.1f}s: statistics loss "
+              f"{data.initial_loss:.4g} (noise) -> {data.loss:.4g}")
+        return data
+    path = Path(args.data)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {args.data}: no such file; give fashion-mnist, none, or a file written by `hessq distill`")
+    try:
+        data = DistilledData.load(path)
+    except ValueError:
+        raise
+    except Exception as exc:  # not a torch file at all: unpickling errors of many kinds
+        raise ValueError(f"cannot read {path} as distilled data (a file written by `hessq distill`): {exc}") from exc
+    # A file distilled for another input shape would fail deep in the forward pass: say so here.
+    expected = parse_input_shape(args.input_shape, args.model) if args.input_shape or args.model in BUNDLED_INPUT_SHAPES else None
+    got = tuple(data.inputs.shape[1:])
+    if expected is not None and got != tuple(expected):
+        raise ValueError(f"{path} holds inputs of shape {got}, but --model {args.model} takes {tuple(expected)}")
+    data.meta["source"] = str(path)
+    return data

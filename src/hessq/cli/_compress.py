@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from hessq.cli._common import add_model_arguments, load_model
+from hessq.cli._common import BUNDLED_INPUT_RANGES, add_model_arguments, load_model, parse_input_shape, parse_ints
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--act-bits", type=int, default=8, help="activation bits (default 8)")
     p.add_argument("--sensitivity", default="hessian",
                    help="'hessian' (Hutchinson traces), 'kl' (ZeroQ) or a sensitivity.json from `hessq analyze`")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="epochs of quantization-aware training (default 0: none)")
+    p.add_argument("--finetune-epochs", type=float, default=0,
+                   help="epochs of quantization-aware training, fractions allowed (default 0: none)")
     p.add_argument("--finetune-steps", type=int, default=None, help="stop QAT after this many steps")
     p.add_argument("--lr", type=float, default=0.01, help="QAT learning rate (default 0.01)")
     p.add_argument("--calibration-batches", type=int, default=8, help="batches used to set the ranges (default 8)")
@@ -43,13 +44,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
 def _is_batches(obj: Any) -> bool:
@@ -103,24 +97,21 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--sensitivity must be 'hessian', 'kl' or an existing sensitivity.json, got {sensitivity!r}")
         sensitivity = Sensitivity.load(sensitivity)
         sensitivity.check_model(model)
-    shape = _ints(args.input_shape, "--input-shape") if args.input_shape else None
-    if shape is None and train is None:
-        known = {"resnet20": (1, 28, 28), "efficientnet_lite0": (3, 224, 224)}
-        shape = known.get(args.model)
-        if shape is None:
-            raise ValueError("--data none needs --input-shape C,H,W for a model that is not bundled")
-    baselines = [] if args.baselines == "none" else _ints(args.baselines, "--baselines")
+    shape = None
+    if args.input_shape or train is None:
+        shape = parse_input_shape(args.input_shape, args.model)
+    baselines = [] if args.baselines == "none" else parse_ints(args.baselines, "--baselines")
     finetune = None
     if args.finetune_epochs > 0:
         finetune = hessq.FinetuneConfig(epochs=args.finetune_epochs, lr=args.lr, max_steps=args.finetune_steps)
     result = hessq.compress(
         model, train, eval_data=evaluation, size_limit=args.size_limit, bops_limit=args.bops_limit,
-        latency_limit=args.latency_limit, weight_bits=_ints(args.weight_bits, "--weight-bits"), act_bits=args.act_bits,
+        latency_limit=args.latency_limit, weight_bits=parse_ints(args.weight_bits, "--weight-bits"), act_bits=args.act_bits,
         sensitivity=sensitivity, finetune=finetune or False, calibration_batches=args.calibration_batches,
         baselines=baselines, pareto_points=args.pareto_points, measure_latency=not args.no_latency,
         onnx_mode=args.onnx_mode, input_shape=shape, num_distilled=args.distilled_samples,
-        distill_steps=args.distill_steps, out_dir=args.out, model_name=args.model, seed=args.seed,
-        progress=not args.no_progress,
+        distill_steps=args.distill_steps, distill_input_range=BUNDLED_INPUT_RANGES.get(args.model), out_dir=args.out,
+        model_name=args.model, seed=args.seed, progress=not args.no_progress,
     )
     print()
     print(results_table(result.rows))

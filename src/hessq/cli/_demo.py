@@ -38,9 +38,8 @@ def run(args: argparse.Namespace) -> int:
     train = fashion_mnist("train", root=args.data_dir, batch_size=128, augment=True, seed=args.seed)
     model = resnet20(pretrained=True)
     data_free = args.data == "none"
-    steps = max(1, int(round(args.qat_epochs * len(train))))
-    epochs = max(1, -int(-args.qat_epochs // 1))
-    qat = None if data_free else hessq.FinetuneConfig(epochs=epochs, lr=args.qat_lr, max_steps=steps)
+    steps = max(1, round(args.qat_epochs * len(train)))
+    qat = None if data_free else hessq.FinetuneConfig(epochs=args.qat_epochs, lr=args.qat_lr)
     result = hessq.compress(
         model, None if data_free else train, eval_data=test, size_limit=args.size_limit, weight_bits=(4, 8),
         finetune=qat or False, baselines=[(8, 8), (4, 4)], model_name="resnet20 (bundled, Fashion-MNIST)",
@@ -52,10 +51,11 @@ def run(args: argparse.Namespace) -> int:
             print("[extra] W4A4 with quantization-aware training", flush=True)
         calib = train.take(8)
         w4a4 = hessq.quantize(model, (4, 4), calib)
-        hessq.finetune(w4a4, train, teacher=model, epochs=epochs, max_steps=steps, lr=args.qat_lr, seed=args.seed,
+        hessq.finetune(w4a4, train, teacher=model, epochs=args.qat_epochs, lr=args.qat_lr, seed=args.seed,
                        checkpoint=args.out / "qat-w4a4.ckpt", resume=False, progress=progress)
-        costs = evaluate_plan(model, {n: (8 if n in (list(result.plan)[0], list(result.plan)[-1]) else 4) for n in result.plan},
-                              result.sensitivity, act_bits=4, input_shape=(1, 28, 28))
+        names = list(result.plan)
+        bits = {n: 8 if n in (names[0], names[-1]) else 4 for n in names}  # first and last stay 8-bit
+        costs = evaluate_plan(model, bits, result.sensitivity, act_bits=4, input_shape=(1, 28, 28))
         result.rows.append(evaluate_setting("W4A4 QAT", f"4 / 4 (QAT, {steps} steps)", hessq.to_integer(w4a4), test,
                                             costs=costs, input_shape=(1, 28, 28), progress=progress))
     result.meta["test_images"] = len(test.inputs)

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 
-import torch
-from torch import nn
-
-#: Built-in models and the input shape of one sample.
-_MODELS = {"resnet20": (1, 28, 28), "efficientnet_lite0": (3, 224, 224)}
+from hessq.cli._common import BUNDLED_INPUT_RANGES, add_model_arguments, load_model, parse_input_shape
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,11 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "sensitivity of every layer, so the pipeline needs no data at all."
         ),
     )
-    p.add_argument("--model", default="resnet20",
-                   help="'resnet20' (bundled Fashion-MNIST), 'efficientnet_lite0' (ImageNet, needs hessq[zeroq]) "
-                        "or 'package.module:factory' (called with no arguments)")
-    p.add_argument("--checkpoint", help="a state_dict (.pt) to load into --model")
-    p.add_argument("--input-shape", help="one sample's shape, e.g. 3,224,224 (default: the built-in model's)")
+    add_model_arguments(p)
+    p.add_argument("--input-shape", help="one sample's shape, e.g. 3,224,224 (default: the bundled model's; "
+                                         "required for a model given as package.module:factory)")
     p.add_argument("-n", "--num-samples", type=int, default=32, help="inputs to synthesise (default 32)")
     p.add_argument("--steps", type=int, default=500, help="Adam steps per batch (default 500)")
     p.add_argument("--lr", type=float, default=0.5, help="Adam learning rate on the pixels (default 0.5)")
@@ -42,41 +35,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _load_model(name: str, checkpoint: str | None) -> nn.Module:
-    if name == "resnet20":
-        from hessq.models import resnet20
-
-        model = resnet20(pretrained=checkpoint is None)
-    elif name == "efficientnet_lite0":
-        from hessq.models import efficientnet_lite0
-
-        model = efficientnet_lite0(pretrained=checkpoint is None)
-    elif ":" in name:
-        mod_name, fn_name = name.split(":", 1)
-        model = getattr(importlib.import_module(mod_name), fn_name)()
-    else:
-        raise ValueError(f"--model must be one of {sorted(_MODELS)} or 'package.module:factory', got {name!r}")
-    if checkpoint:
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    return model.eval()
-
-
-def _shape(text: str | None, model_name: str) -> tuple[int, ...]:
-    if text is None:
-        if model_name not in _MODELS:
-            raise ValueError("--input-shape is needed for a model that is not built in (e.g. --input-shape 3,224,224)")
-        return _MODELS[model_name]
-    try:
-        return tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
-    except ValueError:
-        raise ValueError(f"--input-shape must be comma-separated sizes like 3,224,224, got {text!r}") from None
-
-
 def run(args: argparse.Namespace) -> int:
     from hessq.distill import distill_data
 
-    model = _load_model(args.model, args.checkpoint)
-    shape = _shape(args.input_shape, args.model)
+    model = load_model(args.model, args.checkpoint)  # first, so a mistyped --model is reported as such
+    shape = parse_input_shape(args.input_shape, args.model)
     if args.input_range:
         try:
             lo, hi = (float(v) for v in args.input_range.split(","))
@@ -84,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--input-range must be LOW,HIGH, got {args.input_range!r}") from None
         input_range = (lo, hi)
     else:
-        input_range = (-127 / 128, 1.0) if args.model == "efficientnet_lite0" else None
+        input_range = BUNDLED_INPUT_RANGES.get(args.model)
     data = distill_data(
         model, args.num_samples, shape, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         seed=args.seed, progress=not args.no_progress, input_range=input_range,
@@ -102,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         bits = [int(b) for b in args.weight_bits.split(",") if b.strip()]
         sens = kl_sensitivity(model, data, weight_bits=bits, progress=not args.no_progress)
         sens.meta["data"] = {"distilled": str(args.output), **{k: v for k, v in data.summary().items() if k != "batch_losses"}}
+        sens.meta["data_free"] = True  # as `hessq analyze --data none` records it
         sens.save(args.sensitivity)
         top = sorted(sens, key=lambda n: -sens[n].extra["kl"][str(min(bits))])[:3]
         print(f"wrote {args.sensitivity} (KL sensitivity at {bits} bits; most sensitive at {min(bits)} bits: {', '.join(top)})")

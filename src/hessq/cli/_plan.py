@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-from pathlib import Path
 
-import torch
-from torch import nn
+from hessq.cli._common import parse_ints, BUNDLED_INPUT_SHAPES, add_model_arguments, load_model, parse_input_shape
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -17,14 +14,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Choose a weight bit width per layer that minimises the Hessian-weighted perturbation under "
             "size / BOPs / latency limits. Limits are absolute (bytes, BOPs, seconds) or relative, e.g. "
-            "'50%%' = halfway between the all-lowest and the all-highest setting."
+            "'50%%' = halfway between the all-lowest and the all-highest setting. Needs no data: the sensitivity "
+            "may come from real data, from distilled data (`hessq analyze --data none`), or be ZeroQ's KL "
+            "sensitivity (`hessq distill --sensitivity`), whose KL per bit width is used as the perturbation."
         ),
     )
     p.add_argument("sensitivity", help="sensitivity JSON written by `hessq analyze` / Sensitivity.save")
-    p.add_argument("--model", default="resnet20",
-                   help="'resnet20' (the bundled Fashion-MNIST model) or 'package.module:factory' (called with no arguments)")
-    p.add_argument("--checkpoint", help="a state_dict (.pt) to load into --model")
-    p.add_argument("--weight-bits", default="2,3,4,5,6,7,8", help="candidate weight bit widths (default 2,3,4,5,6,7,8)")
+    add_model_arguments(p)
+    p.add_argument("--weight-bits", default=None,
+                   help="candidate weight bit widths (default 2,3,4,5,6,7,8; for a KL sensitivity, the widths it was computed at)")
     p.add_argument("--act-bits", type=int, default=8, help="activation bit width (default 8)")
     p.add_argument("--size-limit", help="bytes, or a percentage like 50%%")
     p.add_argument("--bops-limit", help="bit operations, or a percentage")
@@ -34,60 +32,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-auto-ties", action="store_true", help="do not tie the convs that meet at a residual add")
     p.add_argument("--pin", action="append", default=[], metavar="LAYER=BITS", help="fix a layer's bits (repeatable)")
     p.add_argument("--pin-first-last", default="8", help="bits for the first and last layer, or 'none' (default 8)")
-    p.add_argument("--variant", choices=("trace", "eigenvalue"), default="trace", help="Tr(H)/n (HAWQ-V2/V3) or λ/n (HAWQ)")
-    p.add_argument("--input-shape", help="example input shape without batch, e.g. 1,28,28 (default (C,28,28))")
+    p.add_argument("--variant", choices=("trace", "eigenvalue"), default=None,
+                   help="Tr(H)/n (HAWQ-V2/V3, the default) or λ/n (HAWQ); not for a KL sensitivity")
+    p.add_argument("--input-shape", help="example input shape without batch, for counting MACs, e.g. 3,224,224 "
+                                         "(default: the bundled model's, else (C,28,28))")
     p.add_argument("-o", "--output", default="plan.json", help="where to write the plan (default plan.json)")
     p.add_argument("--table", help="also write the table here (Markdown if it ends in .md, else plain text)")
     p.set_defaults(func=run)
 
 
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
-
-
-def load_model(spec: str, checkpoint: str | None = None) -> nn.Module:
-    if spec == "resnet20":
-        from hessq.models import resnet20
-
-        model = resnet20(pretrained=checkpoint is None)
-    else:
-        if ":" not in spec:
-            raise ValueError(f"--model must be 'resnet20' or 'package.module:factory', got {spec!r}")
-        mod_name, fn_name = spec.split(":", 1)
-        try:
-            factory = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"cannot load model factory {spec!r}: {exc}") from exc
-        model = factory()
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
-    if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    model.eval()
-    return model
-
-
 def run(args: argparse.Namespace) -> int:
     from hessq.plan import plan_bits
-    from hessq.sensitivity import Sensitivity
+    from hessq.sensitivity import Sensitivity, is_kl_sensitivity
 
     sens = Sensitivity.load(args.sensitivity)
+    if is_kl_sensitivity(sens) and args.variant is not None:
+        # A KL sensitivity has no traces or eigenvalues: its Ω is the KL itself, so a variant would be ignored.
+        raise ValueError(f"{args.sensitivity} is a ZeroQ KL sensitivity: its KL per bit width is the perturbation, "
+                         "--variant applies only to a Hessian sensitivity (`hessq analyze`)")
+    # A KL sensitivity holds Ω only at the widths it was computed at: those are the candidates.
+    default_bits = list(sens.meta.get("weight_bits", [])) if is_kl_sensitivity(sens) else [2, 3, 4, 5, 6, 7, 8]
     model = load_model(args.model, args.checkpoint)
+    input_shape = (parse_input_shape(args.input_shape, args.model)
+                   if args.input_shape or args.model in BUNDLED_INPUT_SHAPES else None)
     pins = {}
     for item in args.pin:
         if "=" not in item:
             raise ValueError(f"--pin takes LAYER=BITS, got {item!r}")
         name, bits = item.rsplit("=", 1)
-        pins[name] = _ints(bits, "--pin bits")[0]
-    pfl = None if args.pin_first_last.lower() == "none" else _ints(args.pin_first_last, "--pin-first-last")[0]
+        pins[name] = parse_ints(bits, "--pin bits")[0]
+    pfl = None if args.pin_first_last.lower() == "none" else parse_ints(args.pin_first_last, "--pin-first-last")[0]
     plan = plan_bits(
         model,
         sens,
-        weight_bits=_ints(args.weight_bits, "--weight-bits"),
+        weight_bits=parse_ints(args.weight_bits, "--weight-bits") if args.weight_bits else default_bits,
         act_bits=args.act_bits,
         size_limit=args.size_limit,
         bops_limit=args.bops_limit,
@@ -97,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
         auto_ties=not args.no_auto_ties,
         pins=pins,
         pin_first_last=pfl,
-        variant=args.variant,
-        input_shape=_ints(args.input_shape, "--input-shape") if args.input_shape else None,
+        variant=args.variant or "trace",
+        input_shape=input_shape,
     )
     plan.save(args.output)
     print(plan.table(markdown=False), end="")

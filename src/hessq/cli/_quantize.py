@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hessq.cli._common import add_model_arguments, load_model
+from hessq.cli._common import add_data_argument, add_model_arguments, load_distilled, load_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,9 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--plan", help="plan.json from `hessq plan`")
     which.add_argument("--bits", default="8", help="uniform W or W,A bits (default 8: W8A8; first/last stay 8-bit)")
-    p.add_argument("--data", default="fashion-mnist", choices=("fashion-mnist", "none"),
-                   help="calibration data: Fashion-MNIST training images, or none (ZeroQ distilled data)")
-    p.add_argument("--calibration-batches", type=int, default=8, help="batches of 128 used to calibrate (default 8)")
+    add_data_argument(p, purpose="calibration data")
+    p.add_argument("--calibration-batches", type=int, default=8,
+                   help="Fashion-MNIST batches of 128 used to calibrate (default 8); distilled data is used whole")
     p.add_argument("--evaluate", action="store_true", help="print top-1 on the Fashion-MNIST test set")
     p.add_argument("-o", "--output", default="model.hq", help="integer model file (default model.hq)")
     p.add_argument("--onnx", help="also export ONNX here")
@@ -39,20 +39,21 @@ def run(args: argparse.Namespace) -> int:
         if len(parts) not in (1, 2):
             raise ValueError(f"--bits takes W or W,A, got {args.bits!r}")
         plan = parts[0] if len(parts) == 1 else (parts[0], parts[1])
-    if args.data == "none":
-        from hessq.distill import distill_data
-
-        shape = tuple(getattr(model, "input_shape", None) or (1, 28, 28))
-        distilled = distill_data(model, 32 * args.calibration_batches // 8 or 32, shape, seed=args.seed)
-        images = getattr(distilled, "images", distilled)
-        calibration = [images[i : i + 32] for i in range(0, len(images), 32)]
+    distilled = load_distilled(args, model)
+    if distilled is not None:
+        calibration = distilled.batches()  # inputs only: calibration needs no labels
+        calibrated_on = {"data": "distilled", "data_free": True, "num_samples": distilled.num_samples,
+                         "source": distilled.meta.get("source")}
     else:
         from hessq.data import fashion_mnist
 
         calibration = fashion_mnist("train", batch_size=128, shuffle=True, seed=args.seed).take(args.calibration_batches)
+        calibrated_on = {"data": "fashion-mnist/train", "data_free": False,
+                         "num_samples": sum(len(x) for x, _ in calibration)}
     torch.manual_seed(args.seed)
     qmodel = hessq.quantize(model, plan, calibration, progress=True)
     imodel = hessq.to_integer(qmodel)
+    imodel.meta["calibration"] = calibrated_on  # the file says whether it was made without data
     imodel.save(args.output)
     print(f"wrote {args.output} ({imodel.size_bytes() / 1024:.1f} KiB of weights and constants)")
     if args.onnx:

@@ -33,7 +33,7 @@ from hessq.sensitivity._kl import kl_omega
 class FinetuneConfig:
     """Quantization-aware training after quantizing (see :func:`hessq.finetune`)."""
 
-    epochs: int = 1
+    epochs: float = 1  # fractional: a shorter whole cosine schedule
     lr: float = 0.01
     max_steps: int | None = None
     distill: bool = True  # learn from the FP32 model's outputs (the teacher)
@@ -219,6 +219,7 @@ def compress(
     latency_repeats: int = 30,
     num_distilled: int = 64,
     distill_steps: int = 500,
+    distill_input_range: tuple[float, float] | None = None,
     input_shape: Sequence[int] | None = None,
     out_dir: str | os.PathLike | None = None,
     onnx_mode: str = "exact",
@@ -232,7 +233,8 @@ def compress(
     ``data``: an iterable of ``(inputs, targets)`` batches (or of input batches, labelled by the
     model's own predictions) used for the sensitivity (first ``sensitivity_batches``), calibration
     (first ``calibration_batches``) and QAT (all of it); ``None`` means data-free: ZeroQ distilled
-    inputs stand in for all three (``num_distilled`` of them, ``distill_steps`` Adam steps).
+    inputs stand in for all three (``num_distilled`` of them, ``distill_steps`` Adam steps, pixels kept
+    in ``distill_input_range`` when given).
     ``eval_data`` (labelled batches) gives every row's top-1; without it accuracy is left empty.
 
     Stages: sensitivity (``"hessian"``: Hutchinson traces; ``"kl"``: ZeroQ's KL; or a
@@ -276,7 +278,8 @@ def compress(
     distilled = None
     if data is None:
         stages("distil inputs from the BatchNorm statistics (no data)")
-        distilled = distill_data(model, num_distilled, shape, steps=distill_steps, seed=seed, progress=progress)
+        distilled = distill_data(model, num_distilled, shape, steps=distill_steps, seed=seed, progress=progress,
+                                 input_range=distill_input_range)
         meta["distilled_statistics_loss"] = distilled.loss
         train = distilled.labelled(model)
         if ft is not None:

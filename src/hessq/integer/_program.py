@@ -42,6 +42,10 @@ class _Val:
     dummy: torch.Tensor  # batch-1 stand-in with the value's shape
     scale: torch.Tensor | None  # None: float
     qmax: int = 0  # largest |code| (static bound), for integer values
+    # Zero padding applied to a float value (the model input, e.g. TF "same" padding before the stem):
+    # (pads, shape before) in order. Deferred until the value is quantized: with zero-point 0, quantizing
+    # then padding with code 0 is exactly padding then quantizing, and keeps the pad integer.
+    pending_pads: tuple = ()
 
 
 def _channel(scale: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -125,6 +129,16 @@ class _Compiler:
         s_out = q.scale.double()
         bound = max(-q.qmin, q.qmax)
         attrs = {"qmin": q.qmin, "qmax": q.qmax}
+        if v.scale is None and v.pending_pads:
+            first = f"{node.name}_unpadded"
+            self.ops.append(Op("quantize", [v.name], first, attrs, {"scale": s_out}, s_out))
+            current, dummy = first, v.pending_pads[0][1]
+            for i, (pads, _) in enumerate(v.pending_pads):
+                out = node.name if i == len(v.pending_pads) - 1 else f"{node.name}_pad{i}"
+                dummy = F.pad(dummy, pads)
+                self.ops.append(Op("pad", [current], out, {"pads": pads}, {}, s_out))
+                current = out
+            return _Val(node.name, dummy, s_out, bound)
         if v.scale is None:
             return self.emit(node, "quantize", [v], v.dummy, s_out, bound, attrs, {"scale": s_out})
         b, c = dyadic(v.scale / s_out)
@@ -163,9 +177,12 @@ class _Compiler:
             return getattr(v.dummy, rest[0]) if op is getattr else getattr(v.dummy, name)(*rest, **kwargs)
         if isinstance(op, (nn.Dropout, nn.Identity)) or name in ("dropout", "contiguous"):
             return v
+        if isinstance(op, nn.ZeroPad2d) and v.scale is None:
+            pads = list(op.padding)
+            return _Val(v.name, F.pad(v.dummy, pads), None, 0, v.pending_pads + ((pads, v.dummy),))
+        if v.pending_pads:
+            self.fail(node, "an op on a zero-padded float input (other than quantizing it)")
         if isinstance(op, nn.ZeroPad2d):
-            if v.scale is None:
-                self.fail(node, "zero padding of a float input")
             pads = list(op.padding)
             dummy = F.pad(v.dummy, pads)
             scale = v.scale if v.scale.dim() == 0 else v.scale.expand(v.dummy.shape)[:, :, :1, :1]

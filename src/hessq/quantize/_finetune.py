@@ -48,7 +48,7 @@ def finetune(
     train_batches: Iterable,
     *,
     teacher: nn.Module | None = None,
-    epochs: int = 1,
+    epochs: float = 1,
     lr: float = 1e-3,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
@@ -64,7 +64,8 @@ def finetune(
 ) -> dict[str, Any]:
     """Quantization-aware training of a model from :func:`hessq.quantize`, in place.
 
-    SGD with momentum and a per-step cosine schedule from ``lr`` to 0 over ``epochs``.
+    SGD with momentum and a per-step cosine schedule from ``lr`` to 0 over ``epochs`` (which may be
+    fractional: ``epochs=0.5`` trains half an epoch with the whole schedule).
     Gradients pass the rounding by the straight-through estimator; activation ranges
     follow an EMA of each batch. With ``teacher`` the loss is
     ``distill_weight·KL(teacher‖student)·T² + (1 − distill_weight)·task loss``.
@@ -72,11 +73,12 @@ def finetune(
     ``checkpoint``: a file written (atomically) at the end of each epoch and every
     ``checkpoint_every`` steps; with ``resume`` an existing one is loaded and training
     continues where it stopped, giving the same weights as an uninterrupted run.
-    ``max_steps`` stops early (e.g. to bound time), counting steps already done.
+    ``max_steps`` stops early (an interruption: the schedule is still that of ``epochs``), counting steps
+    already done.
     Returns the history: per-epoch mean loss and the number of steps done.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not epochs > 0:
+        raise ValueError(f"epochs must be > 0, got {epochs}")
     if not 0.0 <= distill_weight <= 1.0:
         raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
     if not hasattr(train_batches, "__len__"):
@@ -84,7 +86,7 @@ def finetune(
     steps_per_epoch = len(train_batches)  # type: ignore[arg-type]
     if steps_per_epoch == 0:
         raise ValueError("no training batches")
-    total_steps = epochs * steps_per_epoch
+    total_steps = max(1, round(epochs * steps_per_epoch))  # a fractional epoch is a shorter schedule
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     device = next(p.device for p in qmodel.parameters())
 

@@ -117,8 +117,8 @@ def quantize(
     first_last_bits: int | None = 8,
     weight_granularity: Granularity = "channel",
     num_groups: int = 1,
-    act_range: RangeMethod = "minmax",
-    percentile: float = 99.99,
+    act_range: RangeMethod = "percentile",
+    percentile: float | None = None,
     unsupported: str = "error",
     leaf_modules: Iterable[str] = (),
     progress: bool = False,
@@ -131,7 +131,9 @@ def quantize(
     first and last layer at ``first_last_bits`` (None to quantize them like the rest).
     Weights are quantized per output channel (``weight_granularity='tensor'`` or
     ``'group'`` with ``num_groups``); activation ranges come from ``act_range``
-    ('minmax', 'percentile' or 'ema') over ``calibration_batches``.
+    ('minmax', 'percentile' or 'ema') over ``calibration_batches``. The default clips each
+    activation at a percentile chosen by its bits (99.99 at 8 bits, 99.7 at 4, none at 16; see
+    :func:`hessq.quantizer.default_percentile`) unless ``percentile`` is given.
 
     The result is a :class:`QuantizedModel` whose Conv2d/Linear layers are quantized
     twins at the same module paths; ``result.layer_bits`` records the plan applied. Its

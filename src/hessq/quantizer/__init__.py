@@ -15,10 +15,11 @@ from hessq.quantizer._functional import (
     round_ste,
     symmetric_scale,
 )
-from hessq.quantizer._modules import ActQuantizer, WeightQuantizer
+from hessq.quantizer._modules import ActQuantizer, WeightQuantizer, default_percentile
 from hessq.quantizer._observer import RANGE_METHODS, RangeObserver
 
 __all__ = [
+    "default_percentile",
     "DYADIC_BITS",
     "dyadic",
     "dyadic_value",
