@@ -41,6 +41,20 @@ def test_fast_export_uses_fused_int8_kernels_and_agrees_on_top1(case, tmp_path):
     assert np.abs(got - ref).max() <= 0.1 * np.abs(ref).max()
 
 
+def test_exact_export_holds_a_bias_at_the_int32_limit(tmp_path):
+    # A bias large against S_w·S_in sits at the int32 limit; ONNX Runtime's int32 sum with the products
+    # would wrap, so the export adds it after widening (found on an untrained EfficientNet-Lite0's classifier).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3)).eval()
+    with torch.no_grad():
+        model[3].bias.copy_(torch.tensor([1e6, -1e6, 0.0]))
+    imodel = hessq.to_integer(hessq.quantize(model, 8, _data((1, 8, 8)), first_last_bits=None))
+    assert max(abs(int(b)) for b in imodel.ops[-2].tensors["bias"]) == 2**31 - 1
+    hessq.export_onnx(imodel, tmp_path / "m.onnx")
+    for x in _data((1, 8, 8), n=2, seed=3):
+        assert np.array_equal(_session(tmp_path / "m.onnx").run(None, {"input": x.numpy()})[0], imodel(x).numpy())
+
+
 def test_export_errors(tmp_path):
     with pytest.raises(TypeError, match="IntegerModel"):
         hessq.export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")

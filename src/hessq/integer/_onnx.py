@@ -198,14 +198,23 @@ class _Exporter:
         return self._accumulator(op, acc)
 
     def _accumulator(self, op: Op, acc: str) -> _Tensor:
+        # ONNX Runtime accumulates the products in int32, which holds them (checked below); the bias is added
+        # after widening, because a large bias against a small input scale can carry the sum past 2^31.
+        products = op.attrs["bound"] - (int(op.tensors["bias"].abs().max()) if "bias" in op.tensors else 0)
+        if products >= 2**31:
+            raise ValueError(
+                f"layer `{op.output}` can accumulate up to {products:,} before its bias, beyond ONNX Runtime's int32 "
+                "accumulators; quantize that layer to fewer weight or activation bits, or keep the integer model"
+            )
+        shape = [1, -1] + [1] * (2 if op.kind == "conv2d" else 0)
+        dtype = (self.TP.DOUBLE, np.float64) if self.exact else (self.TP.FLOAT, np.float32)
+        acc = self.node("Cast", [acc], "acc_f64" if self.exact else "acc_f", to=dtype[0])
         if "bias" in op.tensors:
-            shape = [1, -1] + [1] * (2 if op.kind == "conv2d" else 0)
-            acc = self.node("Add", [acc, self.const("bias", op.tensors["bias"].numpy().astype(np.int32).reshape(shape))], "bias")
+            acc = self.node("Add", [acc, self.const("bias", op.tensors["bias"].numpy().astype(dtype[1]).reshape(shape))], "bias")
         if self.exact:
-            return _Tensor(self.node("Cast", [acc], "acc_f64", to=self.TP.DOUBLE), "acc")
-        real = self.node("Cast", [acc], "acc_f", to=self.TP.FLOAT)
+            return _Tensor(acc, "acc")
         scale = op.scale.numpy().astype(np.float32)
-        return _Tensor(self.node("Mul", [real, self.const("acc_scale", scale)], "acc_real"), "real")
+        return _Tensor(self.node("Mul", [acc, self.const("acc_scale", scale)], "acc_real"), "real")
 
     def op_linear(self, op: Op, ins: list[_Tensor]) -> _Tensor:
         x = self.as_codes_input(ins[0])
