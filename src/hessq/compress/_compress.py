@@ -108,7 +108,13 @@ class CompressResult:
 
     def report(self) -> str:
         """The self-contained HTML report."""
-        notes = [f"{k}: {v}" for k, v in self.verification.items()]
+        v = self.verification
+        notes = []
+        if v:
+            notes.append(f"The integer model was checked against the fake-quant model on {v.get('checked_inputs')} inputs: "
+                         f"{'equal bit for bit' if v.get('bit_exact') else 'NOT equal'}. Accuracies are the integer model's.")
+        if "latency" in self.meta:
+            notes.append(f"Latency: {self.meta['latency']}.")
         return render_report(
             title=f"hessq compress: {self.meta.get('model', 'model')}",
             rows=self.rows, sensitivity=self.sensitivity, frontier=self.frontier, plan=self.plan,

@@ -9,10 +9,12 @@ dyadic number b/2^c in float64 (exact for b < 2^31), adds 1/2 and floors — rou
 as the arithmetic shift does — so outputs match the integer model bit for bit but for
 float64 rounding at an exact tie.
 
-``mode="fast"`` maps conv → ReLU → requantize onto one QLinearConv (ONNX Runtime's fused
-int8 kernel); other accumulators are scaled to float32 and residual adds round once. ONNX
-Runtime then requantizes with a float32 multiplier and rounds half to even, which can
-move a value by one step next to a rounding tie.
+``mode="fast"`` runs on ONNX Runtime's fused int8 kernels: each conv (with its ReLU and the
+requantization after it) is one QLinearConv writing codes onto the grid its consumer needs,
+residual adds are QLinearAdd (a ReLU after them folded in), a global average pool is
+QLinearGlobalAveragePool. ONNX Runtime requantizes with a float32 multiplier and rounds half
+to even, and a conv feeding an add is rounded onto the add's grid before adding, so values
+can differ from the integer model by a step; the top-1 class almost never does.
 """
 
 from __future__ import annotations
@@ -60,7 +62,11 @@ class _Exporter:
             for name in op.inputs:
                 self.users.setdefault(name, []).append(op)
         self.fused: set[str] = set()
+        self.uses_ms_domain = False
         self._n = 0
+        # every value's shape at batch 1, for shape-dependent choices (a pool that covers the whole map)
+        env = model.run(torch.zeros(1, *model.input_shape), keep=True)
+        self.model_shapes = {k: tuple(v.shape) for k, v in env.items()}
 
     def fresh(self, base: str) -> str:
         self._n += 1
@@ -138,26 +144,36 @@ class _Exporter:
 
     def op_requantize(self, op: Op, ins: list[_Tensor]) -> _Tensor:
         if not self.exact:
-            return self.codes(self.real(ins[0]), float(op.scale), op.attrs["qmin"] < 0, "requantize")
+            t, zp = ins[0], 128 if op.attrs["qmin"] < 0 else 0
+            if t.kind == "codes" and t.scale == float(op.scale) and t.zero_point == zp:
+                return t  # a fused kernel already wrote these codes on this grid
+            return self.codes(self.real(t), float(op.scale), op.attrs["qmin"] < 0, "requantize")
         t = ins[0]
         rounded = self.round_half_up(self.acc(t), op.tensors["b"], op.tensors["c"])
         return self.to_codes(rounded, op.attrs["qmin"], op.attrs["qmax"], float(op.scale))
 
-    def _fusable_chain(self, op: Op) -> tuple[list[Op], Op] | None:
-        """conv → [relu | clamp] → requantize, each used once: one QLinearConv."""
+    def _fast_output_grid(self, op: Op) -> tuple[list[Op], Op, _Tensor, Op | None] | None:
+        """Where a conv/linear's fused int8 kernel should write its codes, in fast mode.
+
+        Follows conv → [relu | clamp] (each used once) and returns (chain, last op, the output grid, the
+        requantize folded in or None). The grid is that of the single requantize that follows (exact
+        placement), else of a requantize, add or cat among the consumers (the add then runs on int8 codes
+        as ONNX Runtime's QLinearAdd, as its own quantizer does); None when no consumer has a grid.
+        """
         chain, cur = [], op
-        while True:
+        users = self.users.get(cur.output, [])
+        while len(users) == 1 and users[0].kind in ("relu", "clamp") and not chain:
+            chain.append(users[0])
+            cur = users[0]
             users = self.users.get(cur.output, [])
-            if len(users) != 1:
-                return None
-            nxt = users[0]
-            if nxt.kind == "requantize":
-                return chain, nxt
-            if nxt.kind in ("relu", "clamp") and not chain:
-                chain.append(nxt)
-                cur = nxt
-                continue
-            return None
+        if len(users) == 1 and users[0].kind == "requantize":
+            req = users[0]
+            return chain, cur, _Tensor("", "codes", float(req.scale), 128 if req.attrs["qmin"] < 0 else 0), req
+        for kind in ("requantize", "add", "cat"):
+            for u in users:
+                if u.kind == kind:
+                    return chain, cur, _Tensor("", "codes", float(u.scale), 128 if u.attrs["qmin"] < 0 else 0), None
+        return None
 
     def _weights(self, op: Op, x: _Tensor) -> tuple[str, str, str, np.ndarray]:
         w = op.tensors["weight"].numpy().astype(np.int8)
@@ -170,12 +186,10 @@ class _Exporter:
         x = self.as_codes_input(ins[0])
         a = op.attrs
         conv_attrs = dict(strides=a["stride"], pads=a["padding"] * 2, dilations=a["dilation"], group=a["groups"])
-        fused = None if self.exact else self._fusable_chain(op)
-        if fused is not None:
-            chain, req = fused
+        plan = None if self.exact else self._fast_output_grid(op)
+        if plan is not None:
+            chain, last, y, req = plan
             w, ws, wzp, _ = self._weights(op, x)
-            signed = req.attrs["qmin"] < 0
-            y = _Tensor("", "codes", float(req.scale), 128 if signed else 0)
             xs, xzp = self.scale_zp(x)
             ys, yzp = self.scale_zp(y)
             inputs = [x.name, xs, xzp, w, ws, wzp, ys, yzp]
@@ -183,15 +197,17 @@ class _Exporter:
                 inputs.append(self.const("bias", op.tensors["bias"].numpy().astype(np.int32)))
             y.name = self.node("QLinearConv", inputs, "qconv", **conv_attrs)
             for extra in chain:
-                if extra.kind == "relu" and signed:
+                if extra.kind == "relu" and y.zero_point:
                     y.name = self.node("Max", [y.name, self.const("zero", np.uint8(y.zero_point))], "relu")
                 elif extra.kind == "clamp":
                     six = float((extra.tensors["max"].double().reshape(-1)[0] * op.scale.reshape(-1)[0]).item())
                     hi = min(255, y.zero_point + int(round(six / y.scale)))
                     y.name = self.node("Clip", [y.name, self.const("lo", np.uint8(y.zero_point)), self.const("hi", np.uint8(hi))], "relu6")
                 self.fused.add(extra.output)
-            self.fused.add(req.output)
-            self.values[req.output] = y
+            if req is not None:
+                self.fused.add(req.output)
+                self.values[req.output] = y
+            self.values[last.output] = y
             return y
         w = self.const("w", op.tensors["weight"].numpy().astype(np.int8))
         acc = self.node("ConvInteger", [x.name, w, self.const("x_zp", np.uint8(x.zero_point))], "convint", **conv_attrs)
@@ -226,6 +242,20 @@ class _Exporter:
         if self.exact:
             a, b = (self.round_half_up(self.acc(t), op.tensors[f"b{i}"], op.tensors[f"c{i}"]) for i, t in enumerate(ins))
             return self.to_codes(self.node("Add", [a, b], "add"), op.attrs["qmin"], op.attrs["qmax"], float(op.scale))
+        if all(t.kind == "codes" for t in ins):
+            # ONNX Runtime's int8 residual add (com.microsoft QLinearAdd), each input on its own grid. A ReLU
+            # that alone follows is folded in, as ONNX Runtime's own quantizer does: the sum goes on the
+            # unsigned grid of the same scale, which clips at 0 (and at 255 steps instead of 127).
+            users = self.users.get(op.output, [])
+            relu = users[0] if len(users) == 1 and users[0].kind == "relu" else None
+            y = _Tensor("", "codes", float(op.scale), 128 if op.attrs["qmin"] < 0 and relu is None else 0)
+            inputs = [part for t in ins for part in (t.name, *self.scale_zp(t))] + list(self.scale_zp(y))
+            y.name = self.node("QLinearAdd", inputs, "qadd", domain="com.microsoft")
+            self.uses_ms_domain = True
+            if relu is not None:
+                self.fused.add(relu.output)
+                self.values[relu.output] = y
+            return y
         total = self.node("Add", [self.real(ins[0]), self.real(ins[1])], "add")
         return self.codes(total, float(op.scale), op.attrs["qmin"] < 0, "add_q")
 
@@ -285,8 +315,24 @@ class _Exporter:
             avg = self.node("AveragePool", [f32], "avgpool", kernel_shape=k, strides=op.attrs["stride"])
             summed = self.node("Round", [self.node("Mul", [avg, self.const("count", np.float32(k[0] * k[1]))], "times_n")], "window_sum")
             return _Tensor(self.node("Cast", [summed], "window_sum_f64", to=self.TP.DOUBLE), "acc")
+        t = ins[0]
+        shape = self.model_shapes.get(op.inputs[0])
+        users = self.users.get(op.output, [])
+        if t.kind == "codes" and shape is not None and list(op.attrs["kernel"]) == list(shape[-2:]):
+            # a global average pool on int8 codes (com.microsoft QLinearGlobalAveragePool), written straight
+            # onto the grid of the requantize that follows when there is one
+            req = users[0] if len(users) == 1 and users[0].kind == "requantize" else None
+            y = _Tensor("", "codes", float(req.scale) if req is not None else t.scale,
+                        (128 if req.attrs["qmin"] < 0 else 0) if req is not None else t.zero_point)
+            y.name = self.node("QLinearGlobalAveragePool", [t.name, *self.scale_zp(t), *self.scale_zp(y)], "qgap",
+                               domain="com.microsoft", channels_last=0)
+            self.uses_ms_domain = True
+            if req is not None:
+                self.fused.add(req.output)
+                self.values[req.output] = y
+            return y
         # the real value of (window sum · s/N) is the float average of the real inputs
-        avg = self.node("AveragePool", [self.real(ins[0])], "avgpool", kernel_shape=op.attrs["kernel"], strides=op.attrs["stride"])
+        avg = self.node("AveragePool", [self.real(t)], "avgpool", kernel_shape=op.attrs["kernel"], strides=op.attrs["stride"])
         return _Tensor(avg, "real")
 
     def op_sum(self, op: Op, ins: list[_Tensor]) -> _Tensor:
@@ -351,6 +397,7 @@ def export_onnx(model: IntegerModel, path: str | os.PathLike, *, mode: str = "ex
         [helper.make_tensor_value_info("output", TP.FLOAT, [batch, *out_shape])],
         exporter.inits,
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="hessq")
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if exporter.uses_ms_domain else [])
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="hessq")
     onnx.checker.check_model(proto)
     write_atomic(path, lambda tmp: onnx.save(proto, tmp))
