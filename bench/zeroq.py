@@ -40,9 +40,11 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def distill_row(name: str, model: torch.nn.Module, shape: tuple[int, ...], real: torch.Tensor, args, steps: int) -> tuple[dict, object]:
+def distill_row(name: str, model: torch.nn.Module, shape: tuple[int, ...], real: torch.Tensor, args, steps: int,
+                input_range: tuple[float, float] | None = None) -> tuple[dict, object]:
     log(f"{name}: distilling {args.num_samples} images of {shape}, {steps} steps")
-    d = distill_data(model, args.num_samples, shape, steps=steps, batch_size=args.num_samples, seed=args.seed, progress=not args.no_progress)
+    d = distill_data(model, args.num_samples, shape, steps=steps, batch_size=args.num_samples, seed=args.seed,
+                     progress=not args.no_progress, input_range=input_range)
     noise = torch.randn((args.num_samples, *shape), generator=torch.Generator().manual_seed(args.seed + 1))
     row = {
         "model": name,
@@ -106,7 +108,9 @@ def efficientnet_part(args) -> tuple[dict, dict]:
     noise_x = torch.randn((args.num_samples, *shape), generator=torch.Generator().manual_seed(args.seed + 3))
     with torch.no_grad():
         ref = torch.cat([model(eval_x[i : i + 32]).argmax(1) for i in range(0, len(eval_x), 32)])
-    row, d = distill_row("efficientnet_lite0", model, shape, photo_x, args, args.effnet_steps)
+    # Pixels kept in the range preprocessing can produce ((px − 127)/128 for px in 0..255), as `hessq distill` does.
+    row, d = distill_row("efficientnet_lite0", model, shape, photo_x, args, args.effnet_steps, input_range=(-127 / 128, 1.0))
+    row["input_range"] = [-127 / 128, 1.0]
     if args.save_distilled:
         d.save(RESULTS / "zeroq_efficientnet_distilled.pt")
 
