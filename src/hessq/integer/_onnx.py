@@ -47,6 +47,10 @@ class _Tensor:
     kind: str  # "codes": uint8 on a grid; "acc": float64 exact integers at scale; "real": float32 value
     scale: float = 0.0
     zero_point: int = 0
+    # fast mode: codes that are a zero-point padding of `padded_from` by (top, left, bottom, right), so a
+    # QLinearConv reading them can take the padding as its own (asymmetric) pads instead
+    padded_from: "_Tensor | None" = None
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 class _Exporter:
@@ -81,6 +85,16 @@ class _Exporter:
         out = self.fresh(base)
         self.nodes.append(self.helper.make_node(op_type, inputs, [out], name=out, domain=domain, **attrs))
         return out
+
+    def prune(self) -> None:
+        """Drop nodes and constants nothing reads (e.g. a Pad folded into the conv after it)."""
+        needed, kept = {"output"}, []
+        for n in reversed(self.nodes):
+            if any(o in needed for o in n.output):
+                kept.append(n)
+                needed.update(n.input)
+        self.nodes = kept[::-1]
+        self.inits = [t for t in self.inits if t.name in needed]
 
     # -- conversions between codes and real values ------------------------------------------------
     def scale_zp(self, t: _Tensor) -> tuple[str, str]:
@@ -162,7 +176,9 @@ class _Exporter:
         """
         chain, cur = [], op
         users = self.users.get(cur.output, [])
-        while len(users) == 1 and users[0].kind in ("relu", "clamp") and not chain:
+        # conv → [relu | clamp] → [zero pad] (TF "same" padding before a strided conv) → requantize
+        while len(users) == 1 and users[0].kind in ("relu", "clamp", "pad") and users[0].kind not in {c.kind for c in chain} \
+                and not (chain and users[0].kind != "pad"):
             chain.append(users[0])
             cur = users[0]
             users = self.users.get(cur.output, [])
@@ -173,6 +189,15 @@ class _Exporter:
             for u in users:
                 if u.kind == kind:
                     return chain, cur, _Tensor("", "codes", float(u.scale), 128 if u.attrs["qmin"] < 0 else 0), None
+        if len(users) == 1 and users[0].kind == "sum_pool2d":
+            # an average pool then a requantize: the average stays within the inputs' range, so the codes go on the
+            # grid after the pool (QLinearGlobalAveragePool then keeps it)
+            after = self.users.get(users[0].output, [])
+            while len(after) == 1 and after[0].kind in ("flatten", "reshape"):
+                after = self.users.get(after[0].output, [])
+            if len(after) == 1 and after[0].kind == "requantize":
+                req = after[0]
+                return chain, cur, _Tensor("", "codes", float(req.scale), 128 if req.attrs["qmin"] < 0 else 0), None
         return None
 
     def _weights(self, op: Op, x: _Tensor) -> tuple[str, str, str, np.ndarray]:
@@ -186,6 +211,12 @@ class _Exporter:
         x = self.as_codes_input(ins[0])
         a = op.attrs
         conv_attrs = dict(strides=a["stride"], pads=a["padding"] * 2, dilations=a["dilation"], group=a["groups"])
+        if x.padded_from is not None and not self.exact:
+            # a separate Pad (TF "same" padding) folds into the conv's own zero-point padding
+            top, left, bottom, right = x.pads
+            p_h, p_w = a["padding"]
+            conv_attrs["pads"] = [p_h + top, p_w + left, p_h + bottom, p_w + right]
+            x = x.padded_from
         plan = None if self.exact else self._fast_output_grid(op)
         if plan is not None:
             chain, last, y, req = plan
@@ -202,7 +233,11 @@ class _Exporter:
                 elif extra.kind == "clamp":
                     six = float((extra.tensors["max"].double().reshape(-1)[0] * op.scale.reshape(-1)[0]).item())
                     hi = min(255, y.zero_point + int(round(six / y.scale)))
-                    y.name = self.node("Clip", [y.name, self.const("lo", np.uint8(y.zero_point)), self.const("hi", np.uint8(hi))], "relu6")
+                    if y.zero_point or hi < 255:  # on an unsigned grid that ends below 6 the kernel already clips
+                        y.name = self.node("Clip", [y.name, self.const("lo", np.uint8(y.zero_point)),
+                                                    self.const("hi", np.uint8(hi))], "relu6")
+                elif extra.kind == "pad":
+                    y = self.op_pad(extra, [y])  # zero on the accumulator is the zero-point in codes
                 self.fused.add(extra.output)
             if req is not None:
                 self.fused.add(req.output)
@@ -321,16 +356,16 @@ class _Exporter:
         if t.kind == "codes" and shape is not None and list(op.attrs["kernel"]) == list(shape[-2:]):
             # a global average pool on int8 codes (com.microsoft QLinearGlobalAveragePool), written straight
             # onto the grid of the requantize that follows when there is one
-            req = users[0] if len(users) == 1 and users[0].kind == "requantize" else None
+            follow = users
+            while len(follow) == 1 and follow[0].kind in ("flatten", "reshape"):
+                follow = self.users.get(follow[0].output, [])
+            req = follow[0] if len(follow) == 1 and follow[0].kind == "requantize" else None
             y = _Tensor("", "codes", float(req.scale) if req is not None else t.scale,
                         (128 if req.attrs["qmin"] < 0 else 0) if req is not None else t.zero_point)
             y.name = self.node("QLinearGlobalAveragePool", [t.name, *self.scale_zp(t), *self.scale_zp(y)], "qgap",
                                domain="com.microsoft", channels_last=0)
             self.uses_ms_domain = True
-            if req is not None:
-                self.fused.add(req.output)
-                self.values[req.output] = y
-            return y
+            return y  # the requantize after it (past any flatten) finds its codes already on its grid
         # the real value of (window sum · s/N) is the float average of the real inputs
         avg = self.node("AveragePool", [self.real(t)], "avgpool", kernel_shape=op.attrs["kernel"], strides=op.attrs["stride"])
         return _Tensor(avg, "real")
@@ -347,7 +382,10 @@ class _Exporter:
         pads = self.const("pads", np.array([0, 0, top, left, 0, 0, bottom, right], np.int64))
         t = ins[0]
         fill = np.uint8(t.zero_point) if t.kind == "codes" else (np.float64(0) if t.kind == "acc" else np.float32(0))
-        return _Tensor(self.node("Pad", [t.name, pads, self.const("fill", fill)], "pad"), t.kind, t.scale, t.zero_point)
+        out = _Tensor(self.node("Pad", [t.name, pads, self.const("fill", fill)], "pad"), t.kind, t.scale, t.zero_point)
+        if not self.exact and t.kind == "codes" and t.padded_from is None and min(left, right, top, bottom) >= 0:
+            out.padded_from, out.pads = t, (top, left, bottom, right)
+        return out
 
     def op_flatten(self, op: Op, ins: list[_Tensor]) -> _Tensor:
         t = ins[0]
@@ -388,6 +426,7 @@ def export_onnx(model: IntegerModel, path: str | os.PathLike, *, mode: str = "ex
     exporter.run("input")
     final = exporter.values[model.output_name]
     exporter.nodes.append(helper.make_node("Identity", [final.name], ["output"], name="output"))
+    exporter.prune()
     batch = batch_size if batch_size is not None else "batch"
     out_shape = list(model(torch.zeros(1, *model.input_shape)).shape[1:])
     graph = helper.make_graph(
