@@ -57,7 +57,7 @@ def load_data(spec: str, *, seed: int = 0) -> tuple[Iterable | None, Iterable | 
     if spec == "fashion-mnist":
         from hessq.data import fashion_mnist
 
-        return fashion_mnist("train", batch_size=128, augment=True, seed=seed), fashion_mnist("test", batch_size=500)
+        return fashion_mnist("train", batch_size=128, augment=True, seed=seed), fashion_mnist("test", batch_size=100)
     if ":" not in spec:
         raise ValueError(f"--data must be 'fashion-mnist', 'none' or 'package.module:function', got {spec!r}")
     mod_name, fn_name = spec.split(":", 1)

@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
     progress = not args.no_progress
     torch.manual_seed(args.seed)
-    test = fashion_mnist("test", root=args.data_dir, batch_size=500, limit=args.test_limit)
+    # batches of 100: the exact integer arithmetic runs about 3× faster than at 500 (less memory traffic)
+    test = fashion_mnist("test", root=args.data_dir, batch_size=100, limit=args.test_limit)
     train = fashion_mnist("train", root=args.data_dir, batch_size=128, augment=True, seed=args.seed)
     model = resnet20(pretrained=True)
     data_free = args.data == "none"

@@ -62,6 +62,6 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluate:
         from hessq.data import fashion_mnist
 
-        acc = hessq.accuracy(qmodel, fashion_mnist("test", batch_size=500), progress=True)
+        acc = hessq.accuracy(qmodel, fashion_mnist("test", batch_size=100), progress=True)
         print(f"top-1 on the Fashion-MNIST test set: {100 * acc:.2f}%")
     return 0
