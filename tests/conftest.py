@@ -6,7 +6,10 @@ from hessq.data._datasets import fashion_mnist_available
 
 @pytest.fixture(autouse=True)
 def _seed():
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)  # a test that narrows the thread pool must not slow the ones after it
 
 
 @pytest.fixture(scope="session")

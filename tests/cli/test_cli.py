@@ -39,8 +39,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_demo_writes_its_report(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "hessq.cli", "demo", "--out", str(out), "--qat-epochs", "0.01", "--test-limit", "500",
-         "--no-progress"],
+        [sys.executable, "-m", "hessq.cli", "demo", "--out", str(out), "--quick", "--no-progress"],
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr

@@ -20,7 +20,6 @@ FILES = ("sensitivity.json", "plan.json", "model.hq", "model.onnx", "results.jso
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_num_threads(1)
     return trained_tiny_net()
 
 

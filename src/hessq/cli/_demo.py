@@ -19,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="none: data-free (ZeroQ distilled inputs; the test set only scores the result)")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images (default: all 10,000)")
     p.add_argument("--data-dir", type=Path, default=None, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run in about a minute: 500 test images, 20 Hessian samples, a few QAT steps, no latency")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -33,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from hessq.report import results_table
 
     progress = not args.no_progress
+    if args.quick:
+        args.test_limit = args.test_limit or 500
+        args.qat_epochs = min(args.qat_epochs, 0.01)
     torch.manual_seed(args.seed)
     # batches of 100: the exact integer arithmetic runs about 3× faster than at 500 (less memory traffic)
     test = fashion_mnist("test", root=args.data_dir, batch_size=100, limit=args.test_limit)
@@ -45,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         model, None if data_free else train, eval_data=test, size_limit=args.size_limit, weight_bits=(4, 8),
         finetune=qat or False, baselines=[(8, 8), (4, 4)], model_name="resnet20 (bundled, Fashion-MNIST)",
         input_shape=(1, 28, 28), seed=args.seed, progress=progress,
+        max_samples=20 if args.quick else 100, measure_latency=not args.quick,
     )
     if qat is not None:
         # The uniform W4A4 setting with the same QAT budget: how much the mixed plan's 8-bit layers buy.
@@ -58,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         bits = {n: 8 if n in (names[0], names[-1]) else 4 for n in names}  # first and last stay 8-bit
         costs = evaluate_plan(model, bits, result.sensitivity, act_bits=4, input_shape=(1, 28, 28))
         result.rows.append(evaluate_setting("W4A4 QAT", f"4 / 4 (QAT, {steps} steps)", hessq.to_integer(w4a4), test,
-                                            costs=costs, input_shape=(1, 28, 28), progress=progress))
+                                            costs=costs, input_shape=(1, 28, 28), progress=progress,
+                                            latency_repeats=0 if args.quick else 30))
     result.meta["test_images"] = len(test.inputs)
     result.meta["qat_steps"] = 0 if qat is None else steps
     files = result.save(args.out)
