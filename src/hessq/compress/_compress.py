@@ -23,7 +23,7 @@ from hessq.plan import BitPlan, LatencyTable, ParetoFrontier, pareto_frontier, p
 from hessq.plan._plan import evaluate_plan
 from hessq.quantize import finetune as run_finetune
 from hessq.quantize import quantize
-from hessq.quantize._quantize import check_finite
+from hessq.quantize._quantize import _inputs, check_finite
 from hessq.report import render_report, results_table
 from hessq.sensitivity import Sensitivity, hessian_sensitivity, kl_sensitivity
 from hessq.sensitivity._kl import kl_omega
@@ -142,10 +142,6 @@ class _Stages:
         if self._name is not None:
             self.timings[self._name] = round(time.perf_counter() - self._start, 3)
             self._name = None
-
-
-def _inputs(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _take(batches: Iterable, n: int) -> list:
@@ -386,9 +382,6 @@ def compress(
     if out_dir is not None:
         stages("write files and report")
         result.save(out_dir, onnx_mode=onnx_mode, report=report)
-        stages.done()
-        result.timings = stages.timings
-        write_text_atomic(Path(out_dir) / "results.json", json.dumps(result.results(), indent=2))
     return result
 
 

@@ -177,11 +177,12 @@ class _Exporter:
         chain, cur = [], op
         users = self.users.get(cur.output, [])
         # conv → [relu | clamp] → [zero pad] (TF "same" padding before a strided conv) → requantize
-        while len(users) == 1 and users[0].kind in ("relu", "clamp", "pad") and users[0].kind not in {c.kind for c in chain} \
-                and not (chain and users[0].kind != "pad"):
-            chain.append(users[0])
+        allowed: tuple[str, ...] = ("relu", "clamp", "pad")
+        while len(users) == 1 and users[0].kind in allowed:
             cur = users[0]
+            chain.append(cur)
             users = self.users.get(cur.output, [])
+            allowed = ("pad",) if cur.kind != "pad" else ()
         if len(users) == 1 and users[0].kind == "requantize":
             req = users[0]
             return chain, cur, _Tensor("", "codes", float(req.scale), 128 if req.attrs["qmin"] < 0 else 0), req
