@@ -5,18 +5,20 @@
    for reference.
 2. ResNet-20 on the 10,000 Fashion-MNIST test images: FP32 vs W8A8 calibrated on the distilled
    images (no data at all), on 32 real training images, and on 32 N(0,1) noise images.
-3. EfficientNet-Lite0 (ImageNet weights) W8A8, per-channel weights: calibrated on the 32
-   distilled images, on 32 N(0,1) noise images, and on 32 random crops of scikit-image's photos;
-   scored as top-1 agreement with FP32 on ``--eval-crops`` other crops (another seed).
-4. Data-free mixed precision on EfficientNet-Lite0: ZeroQ KL sensitivity on the distilled images,
-   the planner's ILP at the size of uniform 6-bit (first and last layer 8-bit in every setting),
-   candidates {4, 8} and {4, 6, 8}, against uniform 6-bit; all calibrated on distilled data.
+3. EfficientNet-Lite0 (ImageNet weights) W8A8, per-channel weights: calibrated on 32 distilled
+   images per ``--label-weights`` entry (0: plain ZeroQ; λ > 0: plus λ·cross-entropy to random
+   labels), on 32 N(0,1) noise images, and on 32 random crops of scikit-image's photos; scored
+   as top-1 agreement with FP32 on ``--eval-crops`` other crops (another seed).
+4. Data-free mixed precision on EfficientNet-Lite0: ZeroQ KL sensitivity on the last distilled
+   set, the planner's ILP at the size of uniform 6-bit (first and last layer 8-bit in every
+   setting), candidates {4, 8} and {4, 6, 8}, against uniform 6-bit; all calibrated on it.
 
     .venv/bin/python bench/zeroq.py                        # everything; writes bench/results/zeroq.{json,md}
-    .venv/bin/python bench/zeroq.py --effnet-steps 100     # fewer Adam steps for EfficientNet (CPU time)
+    .venv/bin/python bench/zeroq.py --skip resnet20 --device cuda   # EfficientNet on a GPU (ResNet-20 figures kept)
     .venv/bin/python bench/zeroq.py --quick                # a smoke run with tiny settings (not for quoting)
 
 Torch runs on ``--threads`` threads (default 1: on a shared 2-core machine a thread pool mostly waits).
+An EfficientNet distillation step takes ~4-6 s on 2 CPU cores (~40 min for 500 steps), 0.03 s on an H200.
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ def log(msg: str) -> None:
 
 
 def distill_row(name: str, model: torch.nn.Module, shape: tuple[int, ...], real: torch.Tensor, args, steps: int,
-                input_range: tuple[float, float] | None = None) -> tuple[dict, object]:
-    log(f"{name}: distilling {args.num_samples} images of {shape}, {steps} steps")
+                input_range: tuple[float, float] | None = None, label_weight: float = 0.0) -> tuple[dict, object]:
+    log(f"{name}: distilling {args.num_samples} images of {shape}, {steps} steps, label weight {label_weight:g}")
     d = distill_data(model, args.num_samples, shape, steps=steps, batch_size=args.num_samples, seed=args.seed,
-                     progress=not args.no_progress, input_range=input_range)
+                     progress=not args.no_progress, input_range=input_range, label_weight=label_weight)
     noise = torch.randn((args.num_samples, *shape), generator=torch.Generator().manual_seed(args.seed + 1))
     row = {
         "model": name,
@@ -52,6 +54,7 @@ def distill_row(name: str, model: torch.nn.Module, shape: tuple[int, ...], real:
         "input_shape": list(shape),
         "steps": steps,
         "lr": d.lr,
+        "label_weight": label_weight,
         "seconds": d.seconds,
         "seconds_per_step": d.seconds / max(steps, 1),
         "initial_loss": d.initial_loss,
@@ -84,7 +87,8 @@ def resnet20_part(args) -> tuple[dict, dict]:
 @torch.no_grad()
 def agreement(model: torch.nn.Module, x: torch.Tensor, ref: torch.Tensor, batch: int = 32) -> float:
     model.eval()
-    preds = torch.cat([model(x[i : i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    device = next(model.parameters()).device
+    preds = torch.cat([model(x[i : i + batch].to(device)).argmax(1).cpu() for i in range(0, len(x), batch)])
     return float((preds == ref).float().mean())
 
 
@@ -101,33 +105,41 @@ def efficientnet_part(args) -> tuple[dict, dict]:
     from hessq.plan import evaluate_plan, plan_bits
     from hessq.sensitivity import kl_sensitivity
 
-    model = efficientnet_lite0(pretrained=True)
+    model = efficientnet_lite0(pretrained=True).to(args.device)
     shape = (3, 224, 224)
     eval_x = preprocess_lite(photo_crops(args.eval_crops, seed=1000 + args.seed))
     photo_x = preprocess_lite(photo_crops(args.num_samples, seed=2000 + args.seed))
     noise_x = torch.randn((args.num_samples, *shape), generator=torch.Generator().manual_seed(args.seed + 3))
     with torch.no_grad():
-        ref = torch.cat([model(eval_x[i : i + 32]).argmax(1) for i in range(0, len(eval_x), 32)])
+        ref = torch.cat([model(eval_x[i : i + 32].to(args.device)).argmax(1).cpu() for i in range(0, len(eval_x), 32)])
     # Pixels kept in the range preprocessing can produce ((px − 127)/128 for px in 0..255), as `hessq distill` does.
-    row, d = distill_row("efficientnet_lite0", model, shape, photo_x, args, args.effnet_steps, input_range=(-127 / 128, 1.0))
-    row["input_range"] = [-127 / 128, 1.0]
-    if args.save_distilled:
-        d.save(RESULTS / "zeroq_efficientnet_distilled.pt")
+    rows, calibrations = [], []
+    for weight in args.label_weights:
+        row, d = distill_row("efficientnet_lite0", model, shape, photo_x, args, args.effnet_steps,
+                             input_range=(-127 / 128, 1.0), label_weight=weight)
+        row["input_range"] = [-127 / 128, 1.0]
+        rows.append(row)
+        calibrations.append((f"distilled_lw{weight:g}", d.inputs))
+        if args.save_distilled:
+            d.save(RESULTS / f"{args.stem}_efficientnet_distilled_lw{weight:g}.pt")
 
-    out: dict = {"eval_crops": len(eval_x), "calibration_images": args.num_samples, "eval_arithmetic": "float fake-quant"}
-    for label, calib in (("distilled", d.inputs), ("noise", noise_x), ("photos", photo_x)):
+    out: dict = {"eval_crops": len(eval_x), "calibration_images": args.num_samples, "eval_arithmetic": "float fake-quant",
+                 "label_weights": list(args.label_weights)}
+    for label, calib in (*calibrations, ("noise", noise_x), ("photos", photo_x)):
         t = time.perf_counter()
         q = fake_quant(hessq.quantize(model, (8, 8), [calib]))
         out[f"w8a8_{label}"] = agreement(q, eval_x, ref)
         log(f"EfficientNet-Lite0 W8A8 calibrated on {label}: agreement {100 * out[f'w8a8_{label}']:.2f}% ({time.perf_counter() - t:.0f}s)")
 
-    # Data-free mixed precision: KL sensitivity on distilled images, ILP at uniform-6 size.
+    # Data-free mixed precision: KL sensitivity on the last distilled set, ILP at uniform-6 size.
+    out["plans_distilled"] = calibrations[-1][0]
+    d_inputs = calibrations[-1][1]
     t = time.perf_counter()
-    kl_x = d.inputs[: args.kl_images]
+    kl_x = d_inputs[: args.kl_images]
     sens = kl_sensitivity(model, [kl_x], weight_bits=(4, 6, 8), progress=not args.no_progress)
     out["kl_seconds"] = time.perf_counter() - t
     out["kl_images"] = len(kl_x)
-    sens.save(RESULTS / "zeroq_efficientnet_kl.json")
+    sens.save(RESULTS / f"{args.stem}_efficientnet_kl.json")
     log(f"KL sensitivity: {out['kl_seconds']:.0f}s for {len(sens)} layers × 3 bit widths on {len(kl_x)} images")
     names = list(sens)
     uniform = {n: 6 for n in names}
@@ -143,7 +155,7 @@ def efficientnet_part(args) -> tuple[dict, dict]:
         "uniform8": evaluate_plan(model, 8, input_shape=shape).size_bytes,
     }
     for label, plan in plans.items():
-        q = fake_quant(hessq.quantize(model, {n: (plan[n], 8) for n in names}, [d.inputs]))
+        q = fake_quant(hessq.quantize(model, {n: (plan[n], 8) for n in names}, [d_inputs]))
         counts = {str(b): sum(1 for n in names if plan[n] == b) for b in sorted(set(plan.values()))}
         out[label] = {
             "agreement": agreement(q, eval_x, ref),
@@ -155,16 +167,17 @@ def efficientnet_part(args) -> tuple[dict, dict]:
         out["size_bytes"][label] = plan.size_bytes
         log(f"{label}: agreement {100 * out[label]['agreement']:.2f}%, size {plan.size_bytes / 1e6:.3f} MB, "
             f"avg bits {plan.average_bits:.2f}, Σ KL {plan.omega:.4g}, layers per bits {counts}")
-    return row, out
+    return rows, out
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# ZeroQ bench ({res['machine']}, torch {res['torch']}, {res['threads']} thread(s))", ""]
+    where = f", EfficientNet-Lite0 on {res['device']}" if res.get("device", "cpu") != "cpu" else ""
+    lines = [f"# ZeroQ bench ({res['machine']}, torch {res['torch']}, {res['threads']} thread(s){where})", ""]
     lines += ["## Distillation (32 images, Adam lr 0.5, one batch)", "",
-              "| model | input | steps | time (s) | s/step | loss: noise start | final | real data | N(0,1) noise |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| model | input | label weight | steps | time (s) | s/step | loss: noise start | final | real data | N(0,1) noise |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["distillation"]:
-        lines.append(f"| {r['model']} | {'×'.join(map(str, r['input_shape']))} | {r['steps']} | {r['seconds']:.1f} | "
+        lines.append(f"| {r['model']} | {'×'.join(map(str, r['input_shape']))} | {r.get('label_weight', 0):g} | {r['steps']} | {r['seconds']:.1f} | "
                      f"{r['seconds_per_step']:.3f} | {r['initial_loss']:.4g} | {r['final_loss']:.4g} | {r['real_data_loss']:.4g} | {r['noise_loss']:.4g} |")
     if "resnet20" in res:
         a = res["resnet20"]
@@ -178,10 +191,12 @@ def markdown(res: dict) -> str:
         e = res["efficientnet"]
         lines += ["", f"## EfficientNet-Lite0, top-1 agreement with FP32 on {e['eval_crops']} held-out photo crops ({e['eval_arithmetic']})", "",
                   "| setting | calibration | agreement (%) | size (MB) |", "|---|---|---:|---:|"]
-        for k in ("distilled", "noise", "photos"):
-            lines.append(f"| W8A8 | {k} | {100 * e[f'w8a8_{k}']:.2f} | {e['size_bytes']['uniform8'] / 1e6:.3f} |")
+        labels = {f"distilled_lw{w:g}": ("distilled (ZeroQ)" if w == 0 else f"distilled + random labels (λ={w:g})")
+                  for w in e.get("label_weights", [])}
+        for k in (*labels, "noise", "photos"):
+            lines.append(f"| W8A8 | {labels.get(k, k)} | {100 * e[f'w8a8_{k}']:.2f} | {e['size_bytes']['uniform8'] / 1e6:.3f} |")
         for k, label in (("uniform6", "W6A8 uniform"), ("kl_mixed_4_8", "KL plan, {4,8} bits"), ("kl_mixed_4_6_8", "KL plan, {4,6,8} bits")):
-            lines.append(f"| {label} (avg {e[k]['average_bits']:.2f} bits, Σ KL {e[k]['kl_omega']:.3g}) | distilled | {100 * e[k]['agreement']:.2f} | {e[k]['size_bytes'] / 1e6:.3f} |")
+            lines.append(f"| {label} (avg {e[k]['average_bits']:.2f} bits, Σ KL {e[k]['kl_omega']:.3g}) | {labels.get(e['plans_distilled'], 'distilled')} | {100 * e[k]['agreement']:.2f} | {e[k]['size_bytes'] / 1e6:.3f} |")
         lines.append(f"\nUniform 4-bit size {e['size_bytes']['uniform4'] / 1e6:.3f} MB, uniform 8-bit {e['size_bytes']['uniform8'] / 1e6:.3f} MB "
                      f"(first and last layer 8-bit throughout). KL sensitivity: {e['kl_seconds']:.0f}s on {e['kl_images']} distilled images.")
     return "\n".join(lines) + "\n"
@@ -192,10 +207,14 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--resnet-steps", type=int, default=500)
     p.add_argument("--effnet-steps", type=int, default=500)
+    p.add_argument("--label-weights", type=float, nargs="+", default=[0.0, 1.0],
+                   help="EfficientNet distillations: 0 is plain ZeroQ, > 0 adds that weight of cross-entropy to random labels; "
+                        "the KL plans use the last")
     p.add_argument("--eval-crops", type=int, default=256)
     p.add_argument("--kl-images", type=int, default=16, help="distilled images the KL sensitivity averages over")
     p.add_argument("--test-limit", type=int, default=None, help="Fashion-MNIST test images (default all 10,000)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where EfficientNet-Lite0 runs (cpu, cuda); ResNet-20 stays on the CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", choices=("resnet20", "efficientnet"), action="append", default=[])
     p.add_argument("--save-distilled", action="store_true", help="keep the distilled EfficientNet images in bench/results")
@@ -204,10 +223,10 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.resnet_steps, args.effnet_steps, args.eval_crops, args.test_limit, args.kl_images = 5, 2, 8, 500, 2
-        args.num_samples = 4
+        args.num_samples, args.label_weights = 4, [0.0, 1.0]
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "zeroq_quick" if args.quick else "zeroq"
+    stem = args.stem = "zeroq_quick" if args.quick else "zeroq"
     previous = RESULTS / f"{stem}.json"
     # A partial run (--skip) keeps the other part's figures from the last run.
     kept = json.loads(previous.read_text()) if args.skip and previous.exists() else {}
@@ -216,6 +235,7 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "args": vars(args),
         "distillation": [],
     }
@@ -230,8 +250,8 @@ def main() -> None:
         res["distillation"].insert(0, row)
         res["resnet20"] = acc
     if "efficientnet" not in args.skip:
-        row, eff = efficientnet_part(args)
-        res["distillation"].append(row)
+        rows, eff = efficientnet_part(args)
+        res["distillation"] += rows
         res["efficientnet"] = eff
     res["total_seconds"] = time.perf_counter() - start
     write_text_atomic(RESULTS / f"{stem}.json", json.dumps(res, indent=2))

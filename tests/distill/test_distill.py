@@ -138,19 +138,26 @@ def test_resnet20_data_free_w8a8_within_half_a_point(pretrained_resnet20, fashio
     """The issue's claim: data-free W8A8 within 0.5 points of FP32 on the whole test set; and better than noise."""
     torch.set_num_threads(1)
     model = pretrained_resnet20
+
+    def accuracy(plan, calibration, **kwargs) -> float:
+        qmodel = hessq.quantize(model, plan, calibration, **kwargs)
+        # Float fake quantization: the integer model equals it bit for bit (tests/quantize) and runs ~4x slower.
+        qmodel.integer_eval = False
+        return hessq.accuracy(qmodel, fashion_test)
+
     d = distill_data(model, 64, (1, 28, 28), steps=200, batch_size=32, progress=False)
     fp32 = hessq.accuracy(model, fashion_test)
-    distilled = hessq.accuracy(hessq.quantize(model, (8, 8), d), fashion_test)
+    distilled = accuracy((8, 8), d)
     assert distilled >= fp32 - 0.005, (fp32, distilled)
     noise_x = [torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))]
     # W4A4 calibrated on distilled inputs beats Gaussian noise: by 1.3 points with the default percentile clipping
     # (91.82% vs 90.50%), and widely with min/max ranges, where the calibration data alone sets the clipping
     # (81.78% vs 72.55%).
-    noise = hessq.accuracy(hessq.quantize(model, (4, 4), noise_x), fashion_test)
-    distilled4 = hessq.accuracy(hessq.quantize(model, (4, 4), d), fashion_test)
+    noise = accuracy((4, 4), noise_x)
+    distilled4 = accuracy((4, 4), d)
     assert distilled4 > noise + 0.005, (distilled4, noise)
-    noise_mm = hessq.accuracy(hessq.quantize(model, (4, 4), noise_x, percentile=100.0), fashion_test)
-    distilled_mm = hessq.accuracy(hessq.quantize(model, (4, 4), d, percentile=100.0), fashion_test)
+    noise_mm = accuracy((4, 4), noise_x, percentile=100.0)
+    distilled_mm = accuracy((4, 4), d, percentile=100.0)
     assert distilled_mm > noise_mm + 0.05, (distilled_mm, noise_mm)
 
 
@@ -161,3 +168,29 @@ def test_input_range_keeps_pixels_valid():
     assert d.meta["input_range"] == [-0.5, 0.5]
     with pytest.raises(ValueError, match="input_range"):
         distill_data(model, 4, (2, 6, 6), steps=1, progress=False, input_range=(1.0, 0.0))
+
+
+def test_label_weight_pulls_each_input_to_its_own_random_class(pretrained_resnet20):
+    torch.set_num_threads(1)
+    model = pretrained_resnet20
+    d = distill_data(model, 16, (1, 28, 28), steps=60, batch_size=16, progress=False, label_weight=1.0)
+    targets = torch.tensor(d.meta["targets"])
+    assert targets.shape == (16,) and d.meta["label_weight"] == 1.0
+    assert len(set(targets.tolist())) >= 4  # drawn at random over the 10 classes, not one class
+    with torch.no_grad():
+        hits = int((model(d.inputs).argmax(1) == targets).sum())
+    assert hits >= 15, hits
+    # The BatchNorm statistics are still matched (the reported loss is the statistics term alone).
+    assert d.initial_loss > 10 * d.loss, (d.initial_loss, d.loss)
+    assert statistics_loss(model, d.inputs) == pytest.approx(d.loss, rel=1e-3)
+    plain = distill_data(model, 4, (1, 28, 28), steps=1, progress=False)
+    assert "targets" not in plain.meta and plain.meta["label_weight"] == 0.0
+
+
+def test_label_weight_needs_a_classifier_and_a_valid_weight():
+    features = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    with pytest.raises(ValueError, match=r"\(batch, classes\) logits.*label_weight=0"):
+        distill_data(features, 4, (2, 6, 6), steps=1, progress=False, label_weight=1.0)
+    distill_data(features, 4, (2, 6, 6), steps=1, progress=False)  # fine without the label term
+    with pytest.raises(ValueError, match="label_weight must be"):
+        distill_data(TinyBN(), 4, (2, 6, 6), steps=1, progress=False, label_weight=-1.0)

@@ -40,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-shape", help="one input's shape, e.g. 3,224,224 (needed with --data none for a user model)")
     p.add_argument("--distilled-samples", type=int, default=64, help="distilled inputs with --data none (default 64)")
     p.add_argument("--distill-steps", type=int, default=500, help="Adam steps of distillation (default 500)")
+    p.add_argument("--distill-label-weight", type=float, default=0.0,
+                   help="with --data none: weight of cross-entropy to random classes in the distillation (0 = plain ZeroQ)")
     p.add_argument("-o", "--out", type=Path, default=Path("hessq-out"), help="output folder (default hessq-out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -110,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         sensitivity=sensitivity, finetune=finetune or False, calibration_batches=args.calibration_batches,
         baselines=baselines, pareto_points=args.pareto_points, measure_latency=not args.no_latency,
         onnx_mode=args.onnx_mode, input_shape=shape, num_distilled=args.distilled_samples,
-        distill_steps=args.distill_steps, distill_input_range=BUNDLED_INPUT_RANGES.get(args.model), out_dir=args.out,
+        distill_steps=args.distill_steps, distill_input_range=BUNDLED_INPUT_RANGES.get(args.model),
+        distill_label_weight=args.distill_label_weight, out_dir=args.out,
         model_name=args.model, seed=args.seed, progress=not args.no_progress,
     )
     print()

@@ -26,6 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=0.5, help="Adam learning rate on the pixels (default 0.5)")
     p.add_argument("--batch-size", type=int, default=32, help="inputs optimised together (default 32)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-weight", type=float, default=0.0,
+                   help="weight of a cross-entropy term pulling each input towards a random class (0 = plain ZeroQ, "
+                        "the default; 1 makes the last layers' ranges closer to real data's)")
     p.add_argument("--input-range", help="LOW,HIGH: keep pixels in the range of valid preprocessed inputs "
                                           "(default for efficientnet_lite0: -0.9921875,1; else unbounded)")
     p.add_argument("--sensitivity", type=Path, help="also write ZeroQ's KL sensitivity on the distilled data to this JSON")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         input_range = BUNDLED_INPUT_RANGES.get(args.model)
     data = distill_data(
         model, args.num_samples, shape, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-        seed=args.seed, progress=not args.no_progress, input_range=input_range,
+        seed=args.seed, progress=not args.no_progress, input_range=input_range, label_weight=args.label_weight,
     )
     data.meta["model"] = args.model
     data.save(args.output)

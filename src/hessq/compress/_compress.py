@@ -222,6 +222,7 @@ def compress(
     num_distilled: int = 64,
     distill_steps: int = 500,
     distill_input_range: tuple[float, float] | None = None,
+    distill_label_weight: float = 0.0,
     input_shape: Sequence[int] | None = None,
     out_dir: str | os.PathLike | None = None,
     onnx_mode: str = "exact",
@@ -236,7 +237,7 @@ def compress(
     model's own predictions) used for the sensitivity (first ``sensitivity_batches``), calibration
     (first ``calibration_batches``) and QAT (all of it); ``None`` means data-free: ZeroQ distilled
     inputs stand in for all three (``num_distilled`` of them, ``distill_steps`` Adam steps, pixels kept
-    in ``distill_input_range`` when given).
+    in ``distill_input_range`` when given, ``distill_label_weight`` of cross-entropy to random classes).
     ``eval_data`` (labelled batches) gives every row's top-1; without it accuracy is left empty.
 
     Stages: sensitivity (``"hessian"``: Hutchinson traces; ``"kl"``: ZeroQ's KL; or a
@@ -281,7 +282,7 @@ def compress(
     if data is None:
         stages("distil inputs from the BatchNorm statistics (no data)")
         distilled = distill_data(model, num_distilled, shape, steps=distill_steps, seed=seed, progress=progress,
-                                 input_range=distill_input_range)
+                                 input_range=distill_input_range, label_weight=distill_label_weight)
         meta["distilled_statistics_loss"] = distilled.loss
         train = distilled.labelled(model)
         if ft is not None:

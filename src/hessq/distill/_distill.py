@@ -8,6 +8,11 @@ where μ̃_c, σ̃_c are the per-channel mean and standard deviation of the Batc
 *input* over the batch (and spatial positions), and μ_c, σ_c = sqrt(running_var + eps)
 the BatchNorm's running statistics. The statistics are taken by hooks on the BatchNorm
 modules themselves, so the matching never depends on module order or position.
+
+With ``label_weight`` = λ > 0 each sample also gets a random target class t (seeded) and
+the loss becomes L(x) + λ · CE(f(x), t), as in DeepInversion / GDFQ: BatchNorm statistics
+alone leave the last layers' activations weaker than real images give (no sample looks
+like any class), which shrinks the calibrated ranges there.
 """
 
 from __future__ import annotations
@@ -175,6 +180,7 @@ def distill_data(
     seed: int = 0,
     progress: bool = True,
     input_range: tuple[float, float] | None = None,
+    label_weight: float = 0.0,
 ) -> DistilledData:
     """ZeroQ: synthesise ``num_samples`` inputs of shape ``input_shape`` (one sample, no batch dimension).
 
@@ -188,6 +194,11 @@ def distill_data(
     ``(-127/128, 1.0)`` for EfficientNet-Lite's (px − 127)/128: the pixels start and stay
     inside it (projected after every step), so activation ranges calibrated on them are
     not stretched by impossible pixel values.
+
+    ``label_weight`` > 0 adds that weight times the cross-entropy of the model's output
+    against a random target class per sample (the model must return (N, classes) logits;
+    the classes drawn are kept in ``meta["targets"]``); ``loss`` still reports the
+    statistics loss alone.
 
     Returns a :class:`DistilledData` (iterable as calibration batches) with the final
     statistics loss. Raises ValueError if the model has no BatchNorm with running
@@ -203,6 +214,8 @@ def distill_data(
         raise ValueError(f"steps must be >= 0, got {steps}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if not (math.isfinite(label_weight) and label_weight >= 0):
+        raise ValueError(f"label_weight must be a finite number >= 0, got {label_weight}")
     try:
         shape = tuple(int(s) for s in input_shape)
     except TypeError:
@@ -230,7 +243,7 @@ def distill_data(
         # Does the shape fit? One small forward pass, with the error translated.
         try:
             with torch.no_grad():
-                model(torch.zeros((min(2, batch_size), *shape), device=device))
+                probe = model(torch.zeros((min(2, batch_size), *shape), device=device))
         except Exception as exc:  # any shape mismatch: RuntimeError, ValueError, IndexError, ...
             raise ValueError(
                 f"input_shape {shape} does not fit {type(model).__name__}: a forward pass on a batch of shape "
@@ -239,10 +252,16 @@ def distill_data(
             ) from exc
         if not hooks.seen:
             raise _no_batchnorm_error(model)
+        if label_weight > 0 and not (isinstance(probe, torch.Tensor) and probe.dim() == 2 and probe.shape[1] > 1):
+            raise ValueError(
+                f"label_weight > 0 needs a classifier returning (batch, classes) logits; {type(model).__name__} returns "
+                f"{tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__}. Pass label_weight=0."
+            )
+        num_classes = int(probe.shape[1]) if label_weight > 0 else 0
         hooks.terms = []
         used = len(hooks.seen)
 
-        outputs, finals, initials = [], [], []
+        outputs, finals, initials, all_targets = [], [], [], []
         sizes = [min(batch_size, num_samples - s) for s in range(0, num_samples, batch_size)]
         bar = tqdm(total=len(sizes) * steps, desc="distill", disable=not progress, leave=False)
         for index, n in enumerate(sizes):
@@ -251,21 +270,24 @@ def distill_data(
             if input_range is not None:
                 x = x.clamp(lo, hi)
             x.requires_grad_(True)
+            targets = torch.randint(0, max(num_classes, 1), (n,), generator=gen).to(device)
             optimizer = torch.optim.Adam([x], lr=lr)
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=50, min_lr=1e-4)
             for step in range(steps):
                 optimizer.zero_grad(set_to_none=True)
-                model(x)
+                out = model(x)
                 loss = hooks.pop_loss()
                 value = float(loss.detach())
                 if step == 0:
                     initials.append(value)
+                if label_weight > 0:
+                    loss = loss + label_weight * nn.functional.cross_entropy(out, targets)
                 loss.backward()
                 optimizer.step()
                 if input_range is not None:
                     with torch.no_grad():
                         x.clamp_(lo, hi)
-                scheduler.step(value)
+                scheduler.step(float(loss.detach()))
                 bar.update(1)
                 if step % 10 == 0 or step == steps - 1:
                     bar.set_postfix(batch=index, loss=f"{value:.4g}")
@@ -280,6 +302,7 @@ def distill_data(
                 )
             finals.append(final)
             outputs.append(x.detach())
+            all_targets.append(targets.cpu())
         bar.close()
     finally:
         hooks.remove()
@@ -298,7 +321,9 @@ def distill_data(
         seed=int(seed),
         seconds=time.perf_counter() - start,
         num_bn_layers=used,
-        meta={"model": type(model).__name__, "input_range": list(input_range) if input_range is not None else None},
+        meta={"model": type(model).__name__, "input_range": list(input_range) if input_range is not None else None,
+              "label_weight": float(label_weight),
+              **({"targets": torch.cat(all_targets).tolist()} if label_weight > 0 else {})},
     )
 
 
