@@ -92,7 +92,7 @@ def add_data_argument(p: argparse.ArgumentParser, *, purpose: str) -> None:
     p.add_argument("--distill-steps", type=int, default=500, help="Adam steps of the distillation for --data none (default 500)")
     p.add_argument("--distill-label-weight", type=float, default=0.0,
                    help="for --data none: weight of a cross-entropy term towards random classes (0 = plain ZeroQ, the default; "
-                        "1 gave EfficientNet-Lite0 ~0.7 points more W8A8 agreement)")
+                        "1 gave EfficientNet-Lite0 ~0.6 points more W8A8 agreement on average, bench/results/zeroq_sweep.md)")
 
 
 def load_distilled(args: argparse.Namespace, model: nn.Module, *, progress: bool = True) -> DistilledData | None:

@@ -270,7 +270,7 @@ def distill_data(
             if input_range is not None:
                 x = x.clamp(lo, hi)
             x.requires_grad_(True)
-            targets = torch.randint(0, max(num_classes, 1), (n,), generator=gen).to(device)
+            targets = torch.randint(0, num_classes, (n,), generator=gen).to(device) if label_weight > 0 else None
             optimizer = torch.optim.Adam([x], lr=lr)
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=50, min_lr=1e-4)
             for step in range(steps):
@@ -302,7 +302,8 @@ def distill_data(
                 )
             finals.append(final)
             outputs.append(x.detach())
-            all_targets.append(targets.cpu())
+            if targets is not None:
+                all_targets.append(targets.cpu())
         bar.close()
     finally:
         hooks.remove()

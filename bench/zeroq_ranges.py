@@ -1,0 +1,119 @@
+"""Where distilled calibration loses to photos on EfficientNet-Lite0 W8A8 (issue 6 diagnosis).
+
+For each calibration set (32 photo crops, and each ``--distilled`` file written by
+`hessq distill` or `bench/zeroq.py --save-distilled`): every activation quantizer's range
+relative to the photo-calibrated one, and the top-1 agreement with FP32 on ``--eval-crops``
+held-out crops with the classifier's input (the global average of the head's ReLU6) quantized
+three ways: as calibrated (99.99th percentile), at the calibration set's max, and at its
+provable bound [0, 6]. The pooled features are computed once per set, so the three scorings
+cost one pass.
+
+    .venv/bin/hessq distill --model efficientnet_lite0 --label-weight 1 -o d_lw1.pt   # or on a GPU
+    .venv/bin/python bench/zeroq_ranges.py --distilled lw1=d_lw1.pt   # writes bench/results/zeroq_ranges.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hessq  # noqa: E402
+from hessq._io import write_text_atomic  # noqa: E402
+from hessq.distill import DistilledData  # noqa: E402
+from hessq.graph import act_quantizers  # noqa: E402
+from zeroq import fake_quant  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+POOLED = "fc.input_quantizer"  # quantizes the pooled features the classifier reads
+RELU6_BOUND = 6.0
+
+
+@torch.no_grad()
+def score(model, calib: torch.Tensor, eval_x: torch.Tensor, ref: torch.Tensor) -> tuple[dict, dict]:
+    """(scales of every activation quantizer, agreement per way of quantizing the pooled features)."""
+    q = fake_quant(hessq.quantize(model, (8, 8), [calib]))
+    quantizers = act_quantizers(q)
+    pooled_q = quantizers[POOLED]
+    seen: list[torch.Tensor] = []
+    hook = pooled_q.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    try:
+        q(calib)
+        calib_max = float(seen.pop().max())
+        for i in range(0, len(eval_x), 32):
+            q(eval_x[i : i + 32])
+    finally:
+        hook.remove()
+    features = torch.cat(seen)
+    qmax = float(pooled_q.qmax)
+    calibrated = pooled_q.scale.clone()
+    out = {}
+    # The classifier's bias grid follows its input scale, so setting the quantizer's scale changes both.
+    for name, scale in (("calibrated", calibrated), ("calibration max", calib_max / qmax), ("bound [0, 6]", RELU6_BOUND / qmax)):
+        pooled_q.scale.copy_(torch.as_tensor(scale))
+        out[name] = float((q.fc(pooled_q(features)).argmax(1) == ref).float().mean())
+    pooled_q.scale.copy_(calibrated)
+    scales = {n: float(m.scale) for n, m in quantizers.items()}
+    return scales, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--distilled", action="append", default=[], metavar="NAME=FILE", help="distilled data to compare (repeatable)")
+    p.add_argument("--eval-crops", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from hessq.data import photo_crops
+    from hessq.models import efficientnet_lite0, preprocess_lite
+
+    sets = {"photos": preprocess_lite(photo_crops(32, seed=2000))}
+    sources = {"photos": "32 crops of scikit-image's photos (seed 2000)"}
+    for spec in args.distilled:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            raise SystemExit(f"--distilled wants NAME=FILE, got {spec!r}")
+        data = DistilledData.load(path)
+        sets[name] = data.inputs
+        sources[name] = (f"{path}: {data.steps} steps, label weight {data.meta.get('label_weight', 0.0):g}, statistics loss "
+                         f"{data.loss:.3g}" + (f", {data.meta['source']}" if "source" in data.meta else ""))
+    model = efficientnet_lite0(pretrained=True)
+    eval_x = preprocess_lite(photo_crops(args.eval_crops, seed=1000))
+    with torch.no_grad():
+        ref = torch.cat([model(eval_x[i : i + 32]).argmax(1) for i in range(0, len(eval_x), 32)])
+    res: dict = {"eval_crops": len(eval_x), "torch": torch.__version__, "sources": sources, "sets": {}}
+    for name, x in sets.items():
+        scales, agree = score(model, x, eval_x, ref)
+        res["sets"][name] = {"scales": scales, "agreement": agree}
+        print(name, {k: f"{100 * v:.2f}%" for k, v in agree.items()}, flush=True)
+    write_text_atomic(RESULTS / "zeroq_ranges.json", json.dumps(res, indent=1))
+    write_text_atomic(RESULTS / "zeroq_ranges.md", markdown(res))
+    print(markdown(res))
+
+
+def markdown(res: dict) -> str:
+    names = list(res["sets"])
+    ways = list(res["sets"][names[0]]["agreement"])
+    lines = [f"# EfficientNet-Lite0 W8A8: where distilled calibration differs from photos (torch {res['torch']})", "",
+             f"Top-1 agreement with FP32 on {res['eval_crops']} held-out crops, the pooled features before the classifier quantized three ways:", "",
+             "| calibration | " + " | ".join(ways) + " |", "|---|" + "---:|" * len(ways)]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(f"{100 * res['sets'][n]['agreement'][w]:.2f}" for w in ways) + " |")
+    lines += ["", *(f"- {n}: {src}" for n, src in res.get("sources", {}).items())]
+    photos = res["sets"]["photos"]["scales"]
+    lines += ["", "Activation ranges differing from the photo-calibrated ones by more than 5% (ratio of scales; the rest are "
+              "equal, mostly ReLU6 outputs saturated at 6/255):", "", "| quantizer | " + " | ".join(names[1:]) + " |",
+              "|---|" + "---:|" * (len(names) - 1)]
+    for q, s in photos.items():
+        ratios = [res["sets"][n]["scales"][q] / s for n in names[1:]]
+        if any(abs(r - 1) > 0.05 for r in ratios):
+            lines.append(f"| {q} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
