@@ -4,18 +4,22 @@ For each calibration set (32 photo crops, and each ``--distilled`` file written 
 `hessq distill` or `bench/zeroq.py --save-distilled`): every activation quantizer's range
 relative to the photo-calibrated one, and the top-1 agreement with FP32 on ``--eval-crops``
 held-out crops with the classifier's input (the global average of the head's ReLU6) quantized
-three ways: as calibrated (99.99th percentile), at the calibration set's max, and at its
-provable bound [0, 6]. The pooled features are computed once per set, so the three scorings
-cost one pass.
+three ways: as calibrated (99.99th percentile, ``activation_bounds=False``), at the calibration
+set's max, and at its provable bound [0, 6] (what `hessq.quantize` does by default since this
+diagnosis). The pooled features are computed once per set, so the three scorings cost one pass.
+``--photo-seeds`` and ``--noise-seeds`` add more draws of photo crops and N(0,1) noise, scored
+on the same held-out crops.
 
     .venv/bin/hessq distill --model efficientnet_lite0 --label-weight 1 -o d_lw1.pt   # or on a GPU
     .venv/bin/python bench/zeroq_ranges.py --distilled lw1=d_lw1.pt   # writes bench/results/zeroq_ranges.{json,md}
+    .venv/bin/python bench/zeroq_ranges.py --photo-seeds 2000 2001 2002 --noise-seeds 3 --distilled ...
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -36,7 +40,7 @@ RELU6_BOUND = 6.0
 @torch.no_grad()
 def score(model, calib: torch.Tensor, eval_x: torch.Tensor, ref: torch.Tensor) -> tuple[dict, dict]:
     """(scales of every activation quantizer, agreement per way of quantizing the pooled features)."""
-    q = fake_quant(hessq.quantize(model, (8, 8), [calib]))
+    q = fake_quant(hessq.quantize(model, (8, 8), [calib], activation_bounds=False))
     quantizers = act_quantizers(q)
     pooled_q = quantizers[POOLED]
     seen: list[torch.Tensor] = []
@@ -53,7 +57,7 @@ def score(model, calib: torch.Tensor, eval_x: torch.Tensor, ref: torch.Tensor) -
     calibrated = pooled_q.scale.clone()
     out = {}
     # The classifier's bias grid follows its input scale, so setting the quantizer's scale changes both.
-    for name, scale in (("calibrated", calibrated), ("calibration max", calib_max / qmax), ("bound [0, 6]", RELU6_BOUND / qmax)):
+    for name, scale in (("calibrated (percentile)", calibrated), ("calibration max", calib_max / qmax), ("bound [0, 6]", RELU6_BOUND / qmax)):
         pooled_q.scale.copy_(torch.as_tensor(scale))
         out[name] = float((q.fc(pooled_q(features)).argmax(1) == ref).float().mean())
     pooled_q.scale.copy_(calibrated)
@@ -64,6 +68,8 @@ def score(model, calib: torch.Tensor, eval_x: torch.Tensor, ref: torch.Tensor) -
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--distilled", action="append", default=[], metavar="NAME=FILE", help="distilled data to compare (repeatable)")
+    p.add_argument("--photo-seeds", type=int, nargs="+", default=[2000], help="photo-crop draws to calibrate on (the first is the reference)")
+    p.add_argument("--noise-seeds", type=int, nargs="*", default=[], help="N(0,1) noise draws to calibrate on")
     p.add_argument("--eval-crops", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -71,8 +77,13 @@ def main() -> None:
     from hessq.data import photo_crops
     from hessq.models import efficientnet_lite0, preprocess_lite
 
-    sets = {"photos": preprocess_lite(photo_crops(32, seed=2000))}
-    sources = {"photos": "32 crops of scikit-image's photos (seed 2000)"}
+    sets, sources = {}, {}
+    for seed in args.photo_seeds:
+        sets[f"photos {seed}"] = preprocess_lite(photo_crops(32, seed=seed))
+        sources[f"photos {seed}"] = f"32 crops of scikit-image's photos (seed {seed})"
+    for seed in args.noise_seeds:
+        sets[f"noise {seed}"] = torch.randn((32, 3, 224, 224), generator=torch.Generator().manual_seed(seed))
+        sources[f"noise {seed}"] = f"32 images of N(0,1) noise (seed {seed})"
     for spec in args.distilled:
         name, sep, path = spec.partition("=")
         if not sep:
@@ -103,13 +114,24 @@ def markdown(res: dict) -> str:
              "| calibration | " + " | ".join(ways) + " |", "|---|" + "---:|" * len(ways)]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(f"{100 * res['sets'][n]['agreement'][w]:.2f}" for w in ways) + " |")
+    groups: dict[str, list[str]] = {}
+    for n in names:  # "photos 2000", "photos 2001" -> "photos": one row of means per source
+        head, _, tail = n.rpartition(" ")
+        groups.setdefault(head if tail.isdigit() and head else n, []).append(n)
+    if any(len(g) > 1 for g in groups.values()):
+        lines += ["", "Means over the draws of each source:", "", "| source | draws | " + " | ".join(ways) + " |",
+                  "|---|---:|" + "---:|" * len(ways)]
+        for head, members in groups.items():
+            means = [statistics.mean(100 * res["sets"][n]["agreement"][w] for n in members) for w in ways]
+            lines.append(f"| {head} | {len(members)} | " + " | ".join(f"{m:.2f}" for m in means) + " |")
     lines += ["", *(f"- {n}: {src}" for n, src in res.get("sources", {}).items())]
-    photos = res["sets"]["photos"]["scales"]
-    lines += ["", "Activation ranges differing from the photo-calibrated ones by more than 5% (ratio of scales; the rest are "
-              "equal, mostly ReLU6 outputs saturated at 6/255):", "", "| quantizer | " + " | ".join(names[1:]) + " |",
-              "|---|" + "---:|" * (len(names) - 1)]
+    photos = res["sets"][names[0]]["scales"]
+    others = [n for n in names[1:] if not n.startswith("noise")]  # noise differs almost everywhere
+    lines += ["", f"Activation ranges differing from those calibrated on {names[0]} by more than 5% (ratio of scales; the rest are "
+              "equal, mostly ReLU6 outputs saturated at 6/255):", "", "| quantizer | " + " | ".join(others) + " |",
+              "|---|" + "---:|" * len(others)]
     for q, s in photos.items():
-        ratios = [res["sets"][n]["scales"][q] / s for n in names[1:]]
+        ratios = [res["sets"][n]["scales"][q] / s for n in others]
         if any(abs(r - 1) > 0.05 for r in ratios):
             lines.append(f"| {q} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
     return "\n".join(lines) + "\n"

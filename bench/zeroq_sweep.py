@@ -5,7 +5,9 @@ the activation ranges, so one run per setting cannot tell 1 point apart. This sw
 each calibration source over seeds: photo crops (3 draws), N(0,1) noise (2), plain ZeroQ
 distillation (3 seeds; also 2,000 steps, lower learning rates, no pixel range) and ZeroQ plus
 λ·cross-entropy to random labels (λ in 0.03..1, up to 3 seeds). W8A8, per-channel weights,
-float fake-quant evaluation. Needs a GPU in practice (a 500-step distillation is ~40 min on
+float fake-quant evaluation. The recorded results (bench/results/zeroq_sweep.md) predate the
+[0, 6] range of pooled ReLU6 features (`activation_bounds`): there the classifier's input was
+calibrated at a percentile, which cost distilled data most of its gap (bench/zeroq_ranges.py). Needs a GPU in practice (a 500-step distillation is ~40 min on
 2 CPU cores, ~16 s on an H200):
 
     .venv/bin/python bench/zeroq_sweep.py --device cuda      # writes bench/results/zeroq_sweep.{json,md}

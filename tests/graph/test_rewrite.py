@@ -216,3 +216,47 @@ def test_layer_mapped_to_none_stays_float():
         h = F.relu(model.fc1(torch.flatten(x, 1)))
         expected = model.head(F.relu(q.fc2(q.fc2.act_quantizer(h))))
         torch.testing.assert_close(q(x), expected)
+
+
+class PooledReLU6(nn.Module):
+    """ReLU6 features averaged for a classifier (EfficientNet-Lite's head), beside a direct ReLU6 input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.conv(F.relu6(self.stem(x)))  # a direct ReLU6 output: calibrated
+        return self.fc(torch.flatten(self.pool(F.relu6(x)), 1))  # its average: provably in [0, 6]
+
+
+def test_pooled_relu6_is_quantized_on_its_bound():
+    model = PooledReLU6().eval()
+    with torch.no_grad():
+        model.conv.weight.mul_(0.01)  # the pooled features stay far below 6 on the calibration data
+    calib = _batches((1, 8, 8), 2)
+    bounded = act_quantizers(hessq.quantize(model, 8, calib, first_last_bits=None))
+    fc_in, conv_in = bounded["fc.input_quantizer"], bounded["conv.input_quantizer"]
+    assert fc_in.bound == (0.0, 6.0) and not bool(fc_in.signed)
+    assert float(fc_in.scale) == pytest.approx(6 / 255)
+    assert conv_in.bound is None
+    calibrated = act_quantizers(hessq.quantize(model, 8, calib, first_last_bits=None, activation_bounds=False))
+    assert calibrated["fc.input_quantizer"].bound is None
+    assert float(calibrated["fc.input_quantizer"].scale) < 0.5 * float(fc_in.scale)
+    assert float(calibrated["conv.input_quantizer"].scale) == float(conv_in.scale)
+    # the bound holds through fine-tuning: the range does not follow the batches
+    q = hessq.quantize(model, 8, calib, first_last_bits=None)
+    q.train()
+    q(calib[0])
+    assert float(act_quantizers(q)["fc.input_quantizer"].scale) == pytest.approx(6 / 255)
+    assert float(act_quantizers(q)["conv.input_quantizer"].scale) != float(conv_in.scale)
+
+
+def test_average_of_plain_relu_is_calibrated():
+    q = hessq.quantize(DepthwiseNet().eval(), 8, _batches((1, 8, 8)))
+    assert all(a.bound is None for a in act_quantizers(q).values())
+    with pytest.raises(ValueError, match="must contain 0"):
+        hessq.quantizer.ActQuantizer(8, bound=(1.0, 6.0))

@@ -121,6 +121,7 @@ def quantize(
     percentile: float | None = None,
     unsupported: str = "error",
     leaf_modules: Iterable[str] = (),
+    activation_bounds: bool = True,
     progress: bool = False,
 ) -> QuantizedModel:
     """The fake-quantized copy of ``model`` under ``plan``, calibrated; ``model`` is left untouched.
@@ -133,7 +134,12 @@ def quantize(
     ``'group'`` with ``num_groups``); activation ranges come from ``act_range``
     ('minmax', 'percentile' or 'ema') over ``calibration_batches``. The default clips each
     activation at a percentile chosen by its bits (99.99 at 8 bits, 99.7 at 4, none at 16; see
-    :func:`hessq.quantizer.default_percentile`) unless ``percentile`` is given.
+    :func:`hessq.quantizer.default_percentile`) unless ``percentile`` is given. With
+    ``activation_bounds`` (default), a layer input that is a global or local average of
+    ReLU6 outputs (EfficientNet-Lite's and MobileNet's pooled features) is quantized on its
+    provable range [0, 6] instead: calibrating it means estimating an extreme from a few
+    numbers per image, and on EfficientNet-Lite0 that cost distilled calibration a point of
+    agreement.
 
     The result is a :class:`QuantizedModel` whose Conv2d/Linear layers are quantized
     twins at the same module paths; ``result.layer_bits`` records the plan applied. Its
@@ -155,6 +161,7 @@ def quantize(
         percentile=percentile,
         unsupported=unsupported,
         leaf_modules=leaf_modules,
+        activation_bounds=activation_bounds,
     ).to(device)
     qmodel = QuantizedModel(gm, layer_bits, gm.hessq_float_ops)
     calibrate(qmodel, calibration_batches, progress=progress)

@@ -71,6 +71,10 @@ class ActQuantizer(nn.Module):
     quantization-aware training). Signed or unsigned is decided from the calibrated range:
     a tensor never seen negative (after ReLU) gets the unsigned code and one more bit of
     resolution.
+
+    ``bound``: a range the tensor provably lies in (say [0, 6] for an average of ReLU6
+    outputs). When given, it is the range: calibration only checks that data flowed, and
+    training does not move it.
     """
 
     def __init__(
@@ -80,9 +84,13 @@ class ActQuantizer(nn.Module):
         percentile: float | None = None,
         ema_momentum: float = 0.9,
         ema_in_training: bool = True,
+        bound: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         self.bits = check_act_bits(bits)
+        if bound is not None and not (bound[0] <= 0 <= bound[1] and bound[0] < bound[1]):
+            raise ValueError(f"an activation bound must contain 0 and be non-empty, got {bound}")
+        self.bound = None if bound is None else (float(bound[0]), float(bound[1]))
         self.auto_percentile = percentile is None
         self.observer = RangeObserver(range_method, default_percentile(self.bits) if percentile is None else percentile,
                                       ema_momentum)
@@ -112,7 +120,7 @@ class ActQuantizer(nn.Module):
         """Compute the scale from the observed range; from now on the quantizer quantizes."""
         if not self.observer.initialized:
             raise RuntimeError("an activation quantizer saw no data during calibration; pass calibration batches")
-        lo, hi = float(self.observer.min_val), float(self.observer.max_val)
+        lo, hi = self.bound if self.bound is not None else (float(self.observer.min_val), float(self.observer.max_val))
         signed = lo < 0
         absmax = max(abs(lo), abs(hi)) if signed else hi
         self.signed.fill_(signed)
@@ -128,7 +136,7 @@ class ActQuantizer(nn.Module):
                 "this quantized model was never calibrated: call hessq.quantize(model, plan, calibration_batches) "
                 "with at least one batch"
             )
-        if self.training and self.ema_in_training:
+        if self.training and self.ema_in_training and self.bound is None:
             self._track(x)
         return fake_quantize(x, self.scale, self.qmin, self.qmax)
 
@@ -152,4 +160,5 @@ class ActQuantizer(nn.Module):
     def extra_repr(self) -> str:
         state = "observing" if self.observing else ("calibrated" if bool(self.calibrated) else "uncalibrated")
         sign = "signed" if bool(self.signed) else "unsigned"
-        return f"bits={self.bits}, {sign}, scale={float(self.scale):.4g}, {state}"
+        bound = "" if self.bound is None else f", bound=[{self.bound[0]:g}, {self.bound[1]:g}]"
+        return f"bits={self.bits}, {sign}, scale={float(self.scale):.4g}{bound}, {state}"
