@@ -110,7 +110,8 @@ def markdown(res: dict) -> str:
     names = list(res["sets"])
     ways = list(res["sets"][names[0]]["agreement"])
     lines = [f"# EfficientNet-Lite0 W8A8: where distilled calibration differs from photos (torch {res['torch']})", "",
-             f"Top-1 agreement with FP32 on {res['eval_crops']} held-out crops, the pooled features before the classifier quantized three ways:", "",
+             f"Top-1 agreement with FP32 on {res['eval_crops']} held-out crops, the pooled features before the classifier quantized three ways "
+             "(the bound [0, 6] is what `hessq.quantize` does by default, `activation_bounds=True`):", "",
              "| calibration | " + " | ".join(ways) + " |", "|---|" + "---:|" * len(ways)]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(f"{100 * res['sets'][n]['agreement'][w]:.2f}" for w in ways) + " |")

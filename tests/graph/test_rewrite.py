@@ -260,3 +260,7 @@ def test_average_of_plain_relu_is_calibrated():
     assert all(a.bound is None for a in act_quantizers(q).values())
     with pytest.raises(ValueError, match="must contain 0"):
         hessq.quantizer.ActQuantizer(8, bound=(1.0, 6.0))
+    with pytest.raises(ValueError, match="pair of numbers"):
+        hessq.quantizer.ActQuantizer(8, bound=6.0)
+    with pytest.raises(ValueError, match="must contain 0"):
+        hessq.quantizer.ActQuantizer(8, bound=(0.0, float("nan")))

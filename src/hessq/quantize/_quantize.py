@@ -138,8 +138,8 @@ def quantize(
     ``activation_bounds`` (default), a layer input that is a global or local average of
     ReLU6 outputs (EfficientNet-Lite's and MobileNet's pooled features) is quantized on its
     provable range [0, 6] instead: calibrating it means estimating an extreme from a few
-    numbers per image, and on EfficientNet-Lite0 that cost distilled calibration a point of
-    agreement.
+    numbers per image, and on EfficientNet-Lite0 that cost distilled calibration 0.4-1 point
+    of agreement (bench/results/zeroq_ranges.md).
 
     The result is a :class:`QuantizedModel` whose Conv2d/Linear layers are quantized
     twins at the same module paths; ``result.layer_bits`` records the plan applied. Its

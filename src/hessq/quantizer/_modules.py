@@ -58,6 +58,16 @@ def default_percentile(bits: int) -> float:
     return 100.0 if bits >= 16 else (99.99 if bits >= 8 else 99.7)
 
 
+def _check_bound(bound: object) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in bound)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"an activation bound is a (low, high) pair of numbers, got {bound!r}") from None
+    if not lo <= 0 <= hi or not lo < hi:
+        raise ValueError(f"an activation bound must contain 0 and be non-empty (low <= 0 <= high, low < high), got {bound!r}")
+    return lo, hi
+
+
 # Elements sampled per batch when a percentile range is tracked during training.
 _TRACK_SAMPLES = 1 << 16
 
@@ -88,9 +98,10 @@ class ActQuantizer(nn.Module):
     ) -> None:
         super().__init__()
         self.bits = check_act_bits(bits)
-        if bound is not None and not (bound[0] <= 0 <= bound[1] and bound[0] < bound[1]):
-            raise ValueError(f"an activation bound must contain 0 and be non-empty, got {bound}")
-        self.bound = None if bound is None else (float(bound[0]), float(bound[1]))
+        if bound is not None:
+            lo, hi = _check_bound(bound)
+            bound = (lo, hi)
+        self.bound = bound
         self.auto_percentile = percentile is None
         self.observer = RangeObserver(range_method, default_percentile(self.bits) if percentile is None else percentile,
                                       ema_momentum)
