@@ -2,6 +2,17 @@
 
 __version__ = "0.1.0"
 
+from hessq._errors import (
+    ArtifactError,
+    CheckpointMismatchError,
+    ConfigError,
+    ConfigTypeError,
+    HessqError,
+    HessqRuntimeError,
+    InputDataError,
+    MissingDependencyError,
+    ModelError,
+)
 from hessq import data, models
 from hessq.compress import CompressResult, FinetuneConfig, compress
 from hessq.data import accuracy

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from hessq._errors import ConfigError
 from hessq.cli._common import BUNDLED_INPUT_SHAPES, add_data_argument, add_model_arguments, load_distilled, load_model
 
 
@@ -57,7 +58,7 @@ def _batches(args: argparse.Namespace, model: torch.nn.Module) -> tuple[list, di
     if distilled is None:
         shape = BUNDLED_INPUT_SHAPES.get(args.model)
         if shape is not None and shape != (1, 28, 28):
-            raise ValueError(f"--model {args.model} takes inputs of shape {shape}, not Fashion-MNIST's (1, 28, 28): "
+            raise ConfigError(f"--model {args.model} takes inputs of shape {shape}, not Fashion-MNIST's (1, 28, 28): "
                              "use --data none (distilled data) or a file from `hessq distill`")
         from hessq.data import fashion_mnist
 
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from hessq.sensitivity import _distributed as D
 
     if (args.batches is not None and args.batches < 1) or args.batch_size < 1:
-        raise ValueError("--batches and --batch-size must be at least 1")
+        raise ConfigError("--batches and --batch-size must be at least 1")
     device = torch.device(args.device) if args.device else (
         torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}") if "LOCAL_RANK" in os.environ and torch.cuda.is_available() else torch.device("cpu")
     )

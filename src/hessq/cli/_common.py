@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from hessq._errors import ConfigError
+
 BUNDLED = ("resnet20", "efficientnet_lite0")
 
 
@@ -23,7 +25,7 @@ def parse_ints(text: str, what: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
 def load_model(spec: str, checkpoint: str | None = None, *, pretrained: bool = True) -> nn.Module:
@@ -34,20 +36,20 @@ def load_model(spec: str, checkpoint: str | None = None, *, pretrained: bool = T
         model = getattr(models, spec)(pretrained=pretrained and checkpoint is None)
     else:
         if ":" not in spec:
-            raise ValueError(f"--model must be one of {BUNDLED} or 'package.module:factory', got {spec!r}")
+            raise ConfigError(f"--model must be one of {BUNDLED} or 'package.module:factory', got {spec!r}")
         mod_name, fn_name = spec.split(":", 1)
         try:
             factory = getattr(importlib.import_module(mod_name), fn_name)
         except (ImportError, AttributeError) as exc:
-            raise ValueError(f"cannot load model factory {spec!r}: {exc}") from exc
+            raise ConfigError(f"cannot load model factory {spec!r}: {exc}") from exc
         model = factory()
         if not isinstance(model, nn.Module):
-            raise ValueError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+            raise ConfigError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     if checkpoint is not None:
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
+            raise ConfigError(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
         model.load_state_dict(state)
     return model.eval()
 
@@ -67,7 +69,7 @@ def parse_input_shape(text: str | None, spec: str) -> tuple[int, ...]:
     """``--input-shape C,H,W`` as a tuple; the bundled model's shape when not given."""
     if text is None:
         if spec not in BUNDLED_INPUT_SHAPES:
-            raise ValueError(
+            raise ConfigError(
                 f"--input-shape is needed for --model {spec}: hessq cannot know the input of a model that is not "
                 "bundled; give one sample's shape without the batch dimension, e.g. --input-shape 3,224,224"
             )
@@ -75,9 +77,9 @@ def parse_input_shape(text: str | None, spec: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
     except ValueError:
-        raise ValueError(f"--input-shape must be comma-separated sizes like 3,224,224, got {text!r}") from None
+        raise ConfigError(f"--input-shape must be comma-separated sizes like 3,224,224, got {text!r}") from None
     if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"--input-shape must be positive sizes like 3,224,224, got {text!r}")
+        raise ConfigError(f"--input-shape must be positive sizes like 3,224,224, got {text!r}")
     return shape
 
 
@@ -123,11 +125,11 @@ def load_distilled(args: argparse.Namespace, model: nn.Module, *, progress: bool
     except ValueError:
         raise
     except Exception as exc:  # not a torch file at all: unpickling errors of many kinds
-        raise ValueError(f"cannot read {path} as distilled data (a file written by `hessq distill`): {exc}") from exc
+        raise ConfigError(f"cannot read {path} as distilled data (a file written by `hessq distill`): {exc}") from exc
     # A file distilled for another input shape would fail deep in the forward pass: say so here.
     expected = parse_input_shape(args.input_shape, args.model) if args.input_shape or args.model in BUNDLED_INPUT_SHAPES else None
     got = tuple(data.inputs.shape[1:])
     if expected is not None and got != tuple(expected):
-        raise ValueError(f"{path} holds inputs of shape {got}, but --model {args.model} takes {tuple(expected)}")
+        raise ConfigError(f"{path} holds inputs of shape {got}, but --model {args.model} takes {tuple(expected)}")
     data.meta["source"] = str(path)
     return data

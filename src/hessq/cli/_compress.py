@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hessq._errors import ConfigError
 from hessq.cli._common import BUNDLED_INPUT_RANGES, add_model_arguments, load_model, parse_input_shape, parse_ints
 
 
@@ -61,25 +62,25 @@ def load_data(spec: str, *, seed: int = 0) -> tuple[Iterable | None, Iterable | 
 
         return fashion_mnist("train", batch_size=128, augment=True, seed=seed), fashion_mnist("test", batch_size=100)
     if ":" not in spec:
-        raise ValueError(f"--data must be 'fashion-mnist', 'none' or 'package.module:function', got {spec!r}")
+        raise ConfigError(f"--data must be 'fashion-mnist', 'none' or 'package.module:function', got {spec!r}")
     mod_name, fn_name = spec.split(":", 1)
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except ImportError as exc:
-        raise ValueError(f"cannot import the data module {mod_name!r} of --data {spec!r}: {exc}") from exc
+        raise ConfigError(f"cannot import the data module {mod_name!r} of --data {spec!r}: {exc}") from exc
     except AttributeError:
-        raise ValueError(f"module {mod_name!r} has no function {fn_name!r} (from --data {spec!r})") from None
+        raise ConfigError(f"module {mod_name!r} has no function {fn_name!r} (from --data {spec!r})") from None
     data = fn()
     if isinstance(data, Mapping):
         if "train" not in data:
-            raise ValueError(f"{spec} returned a dict without a 'train' entry (keys: {sorted(data)})")
+            raise ConfigError(f"{spec} returned a dict without a 'train' entry (keys: {sorted(data)})")
         train, evaluation = data["train"], data.get("eval", data.get("test"))
     elif isinstance(data, tuple) and len(data) == 2 and all(_is_batches(d) for d in data):
         train, evaluation = data
     elif _is_batches(data):
         train, evaluation = data, None
     else:
-        raise ValueError(
+        raise ConfigError(
             f"{spec} returned a {type(data).__name__}; it must return (inputs, targets) batches, a (train, eval) pair "
             "of them, or a dict with 'train' and 'eval'"
         )
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     sensitivity: Any = args.sensitivity
     if sensitivity not in ("hessian", "kl"):
         if not Path(sensitivity).exists():
-            raise ValueError(f"--sensitivity must be 'hessian', 'kl' or an existing sensitivity.json, got {sensitivity!r}")
+            raise ConfigError(f"--sensitivity must be 'hessian', 'kl' or an existing sensitivity.json, got {sensitivity!r}")
         sensitivity = Sensitivity.load(sensitivity)
         sensitivity.check_model(model)
     shape = None

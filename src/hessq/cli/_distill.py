@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hessq._errors import ConfigError
 from hessq.cli._common import BUNDLED_INPUT_RANGES, add_model_arguments, load_model, parse_input_shape
 
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             lo, hi = (float(v) for v in args.input_range.split(","))
         except ValueError:
-            raise ValueError(f"--input-range must be LOW,HIGH, got {args.input_range!r}") from None
+            raise ConfigError(f"--input-range must be LOW,HIGH, got {args.input_range!r}") from None
         input_range = (lo, hi)
     else:
         input_range = BUNDLED_INPUT_RANGES.get(args.model)

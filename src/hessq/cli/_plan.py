@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hessq._errors import ConfigError
 from hessq.cli._common import parse_ints, BUNDLED_INPUT_SHAPES, add_model_arguments, load_model, parse_input_shape
 
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     sens = Sensitivity.load(args.sensitivity)
     if is_kl_sensitivity(sens) and args.variant is not None:
         # A KL sensitivity has no traces or eigenvalues: its Ω is the KL itself, so a variant would be ignored.
-        raise ValueError(f"{args.sensitivity} is a ZeroQ KL sensitivity: its KL per bit width is the perturbation, "
+        raise ConfigError(f"{args.sensitivity} is a ZeroQ KL sensitivity: its KL per bit width is the perturbation, "
                          "--variant applies only to a Hessian sensitivity (`hessq analyze`)")
     # A KL sensitivity holds Ω only at the widths it was computed at: those are the candidates.
     default_bits = list(sens.meta.get("weight_bits", [])) if is_kl_sensitivity(sens) else [2, 3, 4, 5, 6, 7, 8]
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     pins = {}
     for item in args.pin:
         if "=" not in item:
-            raise ValueError(f"--pin takes LAYER=BITS, got {item!r}")
+            raise ConfigError(f"--pin takes LAYER=BITS, got {item!r}")
         name, bits = item.rsplit("=", 1)
         pins[name] = parse_ints(bits, "--pin bits")[0]
     pfl = None if args.pin_first_last.lower() == "none" else parse_ints(args.pin_first_last, "--pin-first-last")[0]

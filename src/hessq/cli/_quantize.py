@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hessq._errors import ConfigError
 from hessq.cli._common import add_data_argument, add_model_arguments, load_distilled, load_model
 
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         parts = [int(b) for b in args.bits.split(",")]
         if len(parts) not in (1, 2):
-            raise ValueError(f"--bits takes W or W,A, got {args.bits!r}")
+            raise ConfigError(f"--bits takes W or W,A, got {args.bits!r}")
         plan = parts[0] if len(parts) == 1 else (parts[0], parts[1])
     distilled = load_distilled(args, model)
     if distilled is not None:

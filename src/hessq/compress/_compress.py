@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hessq._errors import ConfigError, ConfigTypeError, HessqRuntimeError
 from hessq._io import write_text_atomic
 from hessq.data import accuracy
 from hessq.distill import DistilledData, distill_data
@@ -176,7 +177,7 @@ def _input_shape(model: nn.Module, data: Any, input_shape: Sequence[int] | None)
     known = getattr(model, "input_shape", None)
     if known is not None:
         return tuple(known)
-    raise ValueError(
+    raise ConfigError(
         "without data hessq cannot tell the model's input shape: pass input_shape=(C, H, W) "
         "(on the command line: --input-shape C,H,W)"
     )
@@ -251,11 +252,11 @@ def compress(
     """
     ft = FinetuneConfig() if finetune is True else (finetune or None)
     if ft is not None and not isinstance(ft, FinetuneConfig):
-        raise TypeError(f"finetune must be a bool or a FinetuneConfig, got {type(finetune).__name__}")
+        raise ConfigTypeError(f"finetune must be a bool or a FinetuneConfig, got {type(finetune).__name__}")
     if isinstance(sensitivity, str) and sensitivity not in ("hessian", "kl"):
-        raise ValueError(f"sensitivity must be 'hessian', 'kl' or a Sensitivity, got {sensitivity!r}")
+        raise ConfigError(f"sensitivity must be 'hessian', 'kl' or a Sensitivity, got {sensitivity!r}")
     if onnx_mode not in ("exact", "fast"):
-        raise ValueError(f"onnx_mode must be 'exact' or 'fast', got {onnx_mode!r}")
+        raise ConfigError(f"onnx_mode must be 'exact' or 'fast', got {onnx_mode!r}")
     if size_limit is None and bops_limit is None and latency_limit is None:
         size_limit = "50%"
     model = model.eval()
@@ -340,7 +341,7 @@ def compress(
             mismatched += int((imodel(x) != qmodel.eval()(x)).sum())
     verification = {"bit_exact": mismatched == 0, "checked_inputs": sum(len(_inputs(b)) for b in check)}
     if mismatched:
-        raise RuntimeError(
+        raise HessqRuntimeError(
             f"the integer model differs from the fake-quant model in {mismatched} output elements; this is a bug in "
             "hessq, please report it with the model"
         )

@@ -10,6 +10,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from hessq._errors import ConfigError
+
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
@@ -38,9 +40,9 @@ class TensorBatches:
         augment=None,
     ) -> None:
         if len(inputs) != len(targets):
-            raise ValueError(f"inputs ({len(inputs)}) and targets ({len(targets)}) differ in length")
+            raise ConfigError(f"inputs ({len(inputs)}) and targets ({len(targets)}) differ in length")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.inputs = inputs
         self.targets = targets
         self.batch_size = batch_size
@@ -85,13 +87,13 @@ def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     if len(data) < 8 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+        raise ConfigError(f"{path} is not an IDX file (bad magic number)")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims))
     if len(data) - offset != expected:
-        raise ValueError(f"{path} is truncated: expected {expected} values, found {len(data) - offset}")
+        raise ConfigError(f"{path} is truncated: expected {expected} values, found {len(data) - offset}")
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
 
 
@@ -144,7 +146,7 @@ def fashion_mnist(
     ``"test"`` (10,000). ``shuffle`` defaults to True for train.
     """
     if split not in _FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
     d = _fashion_dir(root)
     img_name, lbl_name = _FILES[split]
     missing = [n for n in (img_name, lbl_name) if not (d / n).exists()]
@@ -173,7 +175,7 @@ def digits(
 ) -> TensorBatches:
     """scikit-learn's bundled 8×8 digits (1,797 images) as 1×8×8 tensors, split deterministically."""
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
     from sklearn.datasets import load_digits
 
     bunch = load_digits()

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hessq._errors import ConfigError
+
 
 @torch.no_grad()
 def accuracy(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], batches: Iterable, *, progress: bool = False,
@@ -31,5 +33,5 @@ def accuracy(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], batches:
         if is_module:
             model.train(was_training)
     if total == 0:
-        raise ValueError("no batches to evaluate")
+        raise ConfigError("no batches to evaluate")
     return correct / total

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hessq._errors import ConfigError, MissingDependencyError
+
 #: skimage.data photos bundled with scikit-image itself (no download); grey ones are stacked to RGB.
 PHOTOS = (
     "astronaut",
@@ -37,18 +39,18 @@ def load_photos(names: tuple[str, ...] | list[str] = PHOTOS) -> dict[str, torch.
     try:
         import skimage.data
     except ImportError:
-        raise ImportError("the photo set needs scikit-image: pip install scikit-image  (or pip install 'hessq[zeroq]')") from None
+        raise MissingDependencyError("the photo set needs scikit-image: pip install scikit-image  (or pip install 'hessq[zeroq]')") from None
     out: dict[str, torch.Tensor] = {}
     for name in names:
         loader = getattr(skimage.data, name, None)
         if loader is None:
-            raise ValueError(f"skimage.data has no photo {name!r}")
+            raise ConfigError(f"skimage.data has no photo {name!r}")
         image = loader()
         views = {f"{name}_left": image[0], f"{name}_right": image[1]} if isinstance(image, tuple) else {name: image}
         for key, arr in views.items():
             arr = np.asarray(arr)
             if arr.dtype != np.uint8:
-                raise ValueError(f"skimage photo {key!r} is {arr.dtype}, expected uint8")
+                raise ConfigError(f"skimage photo {key!r} is {arr.dtype}, expected uint8")
             if arr.ndim == 2:
                 arr = np.stack([arr] * 3, axis=-1)
             out[key] = torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1).contiguous()
@@ -71,7 +73,7 @@ def photo_crops(
     resized with antialiased bilinear interpolation. Different seeds give different crops.
     """
     if num_crops < 1:
-        raise ValueError(f"num_crops must be >= 1, got {num_crops}")
+        raise ConfigError(f"num_crops must be >= 1, got {num_crops}")
     photos = list(load_photos(names).values())
     gen = torch.Generator().manual_seed(seed)
     crops = []

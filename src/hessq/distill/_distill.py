@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hessq._errors import ConfigError, ConfigTypeError, HessqRuntimeError
 from hessq._io import write_atomic
 
 FORMAT = "hessq.distilled"
@@ -133,7 +134,7 @@ class DistilledData:
     def load(cls, path: str | os.PathLike) -> "DistilledData":
         data = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a hessq distilled-data file (written by DistilledData.save / `hessq distill`)")
+            raise ConfigError(f"{path} is not a hessq distilled-data file (written by DistilledData.save / `hessq distill`)")
         known = {"inputs", "loss", "initial_loss", "batch_losses", "steps", "lr", "batch_size", "seed", "seconds", "num_bn_layers"}
         meta = {k: v for k, v in data.items() if k not in known | {"format", "num_samples", "input_shape"}}
         return cls(**{k: data[k] for k in known}, meta=meta)
@@ -205,28 +206,28 @@ def distill_data(
     statistics or if ``input_shape`` does not fit the model.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        raise ConfigTypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if int(num_samples) < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if int(steps) < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+        raise ConfigError(f"steps must be >= 0, got {steps}")
     if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+        raise ConfigError(f"lr must be > 0, got {lr}")
     if not (math.isfinite(label_weight) and label_weight >= 0):
-        raise ValueError(f"label_weight must be a finite number >= 0, got {label_weight}")
+        raise ConfigError(f"label_weight must be a finite number >= 0, got {label_weight}")
     try:
         shape = tuple(int(s) for s in input_shape)
     except TypeError:
-        raise ValueError(f"input_shape must be a sequence of ints (one sample, e.g. (3, 224, 224)), got {input_shape!r}") from None
+        raise ConfigError(f"input_shape must be a sequence of ints (one sample, e.g. (3, 224, 224)), got {input_shape!r}") from None
     if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"input_shape must be positive sizes of one sample (e.g. (3, 224, 224)), got {input_shape!r}")
+        raise ConfigError(f"input_shape must be positive sizes of one sample (e.g. (3, 224, 224)), got {input_shape!r}")
     num_samples, batch_size, steps = int(num_samples), int(batch_size), int(steps)
     if input_range is not None:
         lo, hi = (float(v) for v in input_range)
         if not lo < hi:
-            raise ValueError(f"input_range must be (low, high) with low < high, got {input_range!r}")
+            raise ConfigError(f"input_range must be (low, high) with low < high, got {input_range!r}")
 
     bns = batchnorm_layers(model)
     if not bns:
@@ -245,7 +246,7 @@ def distill_data(
             with torch.no_grad():
                 probe = model(torch.zeros((min(2, batch_size), *shape), device=device))
         except Exception as exc:  # any shape mismatch: RuntimeError, ValueError, IndexError, ...
-            raise ValueError(
+            raise ConfigError(
                 f"input_shape {shape} does not fit {type(model).__name__}: a forward pass on a batch of shape "
                 f"{(min(2, batch_size), *shape)} fails with {type(exc).__name__}: {exc}. input_shape is the shape of "
                 "one sample without the batch dimension, e.g. (1, 28, 28) for Fashion-MNIST or (3, 224, 224) for ImageNet."
@@ -253,7 +254,7 @@ def distill_data(
         if not hooks.seen:
             raise _no_batchnorm_error(model)
         if label_weight > 0 and not (isinstance(probe, torch.Tensor) and probe.dim() == 2 and probe.shape[1] > 1):
-            raise ValueError(
+            raise ConfigError(
                 f"label_weight > 0 needs a classifier returning (batch, classes) logits; {type(model).__name__} returns "
                 f"{tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__}. Pass label_weight=0."
             )
@@ -297,7 +298,7 @@ def distill_data(
             if steps == 0:
                 initials.append(final)
             if not math.isfinite(final):
-                raise RuntimeError(
+                raise HessqRuntimeError(
                     f"distillation diverged (statistics loss {final}) in batch {index}; try a smaller lr (got {lr})"
                 )
             finals.append(final)

@@ -6,12 +6,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from hessq._errors import ConfigError
+
 
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A new Conv2d computing conv followed by bn (in eval mode, with its running statistics)."""
     if not bn.track_running_stats or bn.running_mean is None:
-        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+        raise ConfigError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
     folded = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,

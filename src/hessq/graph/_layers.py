@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from hessq._errors import ConfigError
+
 #: Module types that get quantized twins (weights quantized, input activations quantized).
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
@@ -16,7 +18,7 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)}
     if not layers:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no quantizable layer (hessq quantizes nn.Conv2d and nn.Linear); "
             "nothing to analyse or quantize"
         )

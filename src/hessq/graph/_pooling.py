@@ -6,6 +6,8 @@ from typing import Any
 
 from torch import nn
 
+from hessq._errors import ConfigError
+
 
 def average_pool_window(op: Any, args: tuple, kwargs: dict, height: int, width: int) -> tuple[list[int], list[int]]:
     """(kernel, stride) of an AvgPool2d / AdaptiveAvgPool2d module or functional call on an H×W input.
@@ -18,7 +20,7 @@ def average_pool_window(op: Any, args: tuple, kwargs: dict, height: int, width: 
         out = op.output_size if isinstance(op, nn.Module) else (args[0] if args else kwargs["output_size"])
         oh, ow = (out, out) if isinstance(out, int) else (out[0] or height, out[1] or width)
         if height % oh or width % ow:
-            raise ValueError(f"adaptive average pooling from {height}×{width} to {oh}×{ow} (unequal windows)")
+            raise ConfigError(f"adaptive average pooling from {height}×{width} to {oh}×{ow} (unequal windows)")
         return [height // oh, width // ow], [height // oh, width // ow]
     if isinstance(op, nn.Module):
         kernel, stride, padding = op.kernel_size, op.stride or op.kernel_size, op.padding
@@ -27,7 +29,7 @@ def average_pool_window(op: Any, args: tuple, kwargs: dict, height: int, width: 
         stride = (args[1] if len(args) > 1 else kwargs.get("stride")) or kernel
         padding = args[2] if len(args) > 2 else kwargs.get("padding", 0)
     if padding not in (0, (0, 0), [0, 0]):
-        raise ValueError("average pooling with padding")
+        raise ConfigError("average pooling with padding")
 
     def pair(v: Any) -> list[int]:
         return [v, v] if isinstance(v, int) else list(v)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hessq._errors import ConfigError
 from hessq.quantizer import ActQuantizer, WeightQuantizer, expand_scale, qrange, round_ste
 from hessq.quantizer._functional import Granularity
 
@@ -76,7 +77,7 @@ class QuantConv2d(_QuantLayer):
     def __init__(self, conv: nn.Conv2d, w_bits: int, a_bits: int, granularity: Granularity = "channel", num_groups: int = 1) -> None:
         super().__init__()
         if conv.padding_mode != "zeros":
-            raise ValueError(f"only zero padding is supported, got padding_mode={conv.padding_mode!r}")
+            raise ConfigError(f"only zero padding is supported, got padding_mode={conv.padding_mode!r}")
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.weight = nn.Parameter(conv.weight.detach().clone())

@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from hessq._errors import ConfigError
 from hessq.graph._fold import fold_batchnorm
 from hessq.graph._qmodules import QUANT_LAYER_TYPES, QuantAdd, QuantCat, QuantConv2d, QuantLinear
 from hessq.graph._trace import UnsupportedOpError, node_location, trace
@@ -146,7 +147,7 @@ def _is_shape_arithmetic(node: fx.Node) -> bool:
 def check_supported(gm: fx.GraphModule, unsupported: str = "error") -> list[str]:
     """Raise :class:`UnsupportedOpError` for the first op hessq does not know; list them all if ``'float'``."""
     if unsupported not in ("error", "float"):
-        raise ValueError(f"unsupported must be 'error' or 'float', got {unsupported!r}")
+        raise ConfigError(f"unsupported must be 'error' or 'float', got {unsupported!r}")
     modules = dict(gm.named_modules())
     found = []
     for node in gm.graph.nodes:
@@ -203,7 +204,7 @@ def rewrite(
         if node.op != "call_module" or not isinstance(modules[node.target], (nn.Conv2d, nn.Linear)):
             continue
         if node.target not in layer_bits:
-            raise ValueError(f"no bit width given for layer `{node.target}`")
+            raise ConfigError(f"no bit width given for layer `{node.target}`")
         if layer_bits[node.target] is None:
             continue
         w_bits, a_bits = layer_bits[node.target]
@@ -215,7 +216,7 @@ def rewrite(
     called = {n.target for n in graph.nodes if n.op == "call_module"}
     missing = set(layer_bits) - called
     if missing:
-        raise ValueError(f"bit widths given for {sorted(missing)}, which are not quantizable layers the model calls")
+        raise ConfigError(f"bit widths given for {sorted(missing)}, which are not quantizable layers the model calls")
 
     # 4 and 5, in topological order: grid[node] is the quantizer whose grid node's value lies on.
     grid: dict[fx.Node, ActQuantizer] = {}

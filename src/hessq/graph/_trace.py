@@ -10,12 +10,14 @@ from collections.abc import Iterable
 import torch.fx as fx
 from torch import nn
 
+from hessq._errors import ConfigError, ConfigTypeError, ModelError
 
-class UntraceableModelError(RuntimeError):
+
+class UntraceableModelError(ModelError, RuntimeError):
     """torch.fx could not trace the model."""
 
 
-class UnsupportedOpError(RuntimeError):
+class UnsupportedOpError(ModelError, RuntimeError):
     """The graph holds an op that hessq does not know how to quantize."""
 
 
@@ -53,12 +55,12 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
     Raises :class:`UntraceableModelError` naming the module and source line that failed.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        raise ConfigTypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     leaf_modules = list(leaf_modules)
     known = {name for name, _ in model.named_modules()}
     unknown = [name for name in leaf_modules if name not in known]
     if unknown:
-        raise ValueError(f"leaf_modules names {unknown} that are not modules of {type(model).__name__}")
+        raise ConfigError(f"leaf_modules names {unknown} that are not modules of {type(model).__name__}")
     model = copy.deepcopy(model)
     tracer = _LocatingTracer(leaf_modules)
     try:

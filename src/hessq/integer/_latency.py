@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from hessq._errors import ConfigError
 from hessq.integer._model import IntegerModel
 from hessq.integer._onnx import _require_onnx
 from hessq.plan import LatencyTable
@@ -87,7 +88,7 @@ def measure_latency_table(
     by replacing dots with underscores.
     """
     if batch_size < 1 or repeats < 1:
-        raise ValueError("batch_size and repeats must be >= 1")
+        raise ConfigError("batch_size and repeats must be >= 1")
     env = model.run(torch.zeros(batch_size, *model.input_shape), keep=True)
     known = {name.replace(".", "_"): name for name in model.meta.get("layer_bits", {})}
     names = layer_names or known
@@ -114,7 +115,7 @@ def measure_onnx_latency(
     import onnx
 
     if batch_size < 1 or repeats < 1:
-        raise ValueError("batch_size and repeats must be >= 1")
+        raise ConfigError("batch_size and repeats must be >= 1")
     proto = onnx.load(str(path))
     name = proto.graph.input[0].name
     x = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hessq._errors import ConfigError
 from hessq._io import write_atomic
 from hessq.quantizer import _kernels
 from hessq.integer._program import Op, compile_program
@@ -70,9 +71,9 @@ class IntegerModel:
     def run(self, x: torch.Tensor, *, kernel: str = "auto", keep: bool = False) -> dict[str, torch.Tensor] | torch.Tensor:
         """Execute the program; with ``keep`` return every named value (codes) instead of the output."""
         if kernel not in _kernels.KERNELS:
-            raise ValueError(f"kernel must be one of {_kernels.KERNELS}, got {kernel!r}")
+            raise ConfigError(f"kernel must be one of {_kernels.KERNELS}, got {kernel!r}")
         if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"input shape {tuple(x.shape)} does not match the model's (N, {', '.join(map(str, self.input_shape))})")
+            raise ConfigError(f"input shape {tuple(x.shape)} does not match the model's (N, {', '.join(map(str, self.input_shape))})")
         env: dict[str, torch.Tensor] = {self.input_name: x}
         for op in self.ops:
             env[op.output] = _execute(op, [env[name] for name in op.inputs], kernel)
@@ -135,16 +136,16 @@ class IntegerModel:
             tensors = blob["tensors"]
             digest = blob["sha256"]
         except Exception as exc:
-            raise ValueError(f"{path} is not a readable hessq integer model (truncated or corrupt: {type(exc).__name__}: {exc})") from exc
+            raise ConfigError(f"{path} is not a readable hessq integer model (truncated or corrupt: {type(exc).__name__}: {exc})") from exc
         if header.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a hessq integer model (format {header.get('format')!r})")
+            raise ConfigError(f"{path} is not a hessq integer model (format {header.get('format')!r})")
         if header.get("version") != VERSION:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} is integer-model file version {header.get('version')}, this hessq reads version {VERSION}; "
                 "re-export it with this hessq (hessq.to_integer(...).save(path))"
             )
         if cls._digest(header, tensors) != digest:
-            raise ValueError(f"{path} is corrupt: its checksum does not match its contents")
+            raise ConfigError(f"{path} is corrupt: its checksum does not match its contents")
         ops = []
         for entry in header["program"]:
             op_tensors = {}
@@ -211,7 +212,7 @@ def _execute(op: Op, inputs: list[torch.Tensor], kernel: str) -> torch.Tensor:
         return x.reshape(a["shape"])
     if k == "dequantize":
         return (x.double() * t["scale"]).float()
-    raise ValueError(f"unknown integer op {k!r} (a file from a newer hessq?)")
+    raise ConfigError(f"unknown integer op {k!r} (a file from a newer hessq?)")
 
 
 def to_integer(qmodel: Any) -> IntegerModel:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hessq._errors import ConfigError, ConfigTypeError, MissingDependencyError
 from hessq._io import write_atomic
 from hessq.integer._model import IntegerModel
 from hessq.integer._program import Op
@@ -37,7 +38,7 @@ def _require_onnx():
         import onnx
         from onnx import TensorProto, helper, numpy_helper
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise ImportError("ONNX export needs the onnx package: pip install 'hessq[onnx]' (onnx, onnxruntime)") from exc
+        raise MissingDependencyError("ONNX export needs the onnx package: pip install 'hessq[onnx]' (onnx, onnxruntime)") from exc
     return onnx, TensorProto, helper, numpy_helper
 
 
@@ -254,7 +255,7 @@ class _Exporter:
         # after widening, because a large bias against a small input scale can carry the sum past 2^31.
         products = op.attrs["bound"] - (int(op.tensors["bias"].abs().max()) if "bias" in op.tensors else 0)
         if products >= 2**31:
-            raise ValueError(
+            raise ConfigError(
                 f"layer `{op.output}` can accumulate up to {products:,} before its bias, beyond ONNX Runtime's int32 "
                 "accumulators; quantize that layer to fewer weight or activation bits, or keep the integer model"
             )
@@ -346,7 +347,7 @@ class _Exporter:
             # (< 2^24) survives the average and the multiply back exactly after rounding.
             k = op.attrs["kernel"]
             if 256 * k[0] * k[1] >= 2**23:
-                raise ValueError(f"a {k[0]}×{k[1]} pooling window is too large for the exact ONNX export")
+                raise ConfigError(f"a {k[0]}×{k[1]} pooling window is too large for the exact ONNX export")
             f32 = self.node("Cast", [self.acc(ins[0])], "pool_in", to=self.TP.FLOAT)
             avg = self.node("AveragePool", [f32], "avgpool", kernel_shape=k, strides=op.attrs["stride"])
             summed = self.node("Round", [self.node("Mul", [avg, self.const("count", np.float32(k[0] * k[1]))], "times_n")], "window_sum")
@@ -416,14 +417,14 @@ def export_onnx(model: IntegerModel, path: str | os.PathLike, *, mode: str = "ex
     dynamic. The file is written to a temporary name and renamed.
     """
     if not isinstance(model, IntegerModel):
-        raise TypeError(f"export_onnx takes an IntegerModel (hessq.to_integer(qmodel)), got {type(model).__name__}")
+        raise ConfigTypeError(f"export_onnx takes an IntegerModel (hessq.to_integer(qmodel)), got {type(model).__name__}")
     if mode not in ("exact", "fast"):
-        raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
+        raise ConfigError(f"mode must be 'exact' or 'fast', got {mode!r}")
     exporter = _Exporter(model, mode)
     onnx, TP, helper = exporter.onnx, exporter.TP, exporter.helper
     for op in model.ops:
         if op.kind == "flatten" and op.attrs["end_dim"] != -1:
-            raise ValueError("ONNX export supports flatten to the last dimension only")
+            raise ConfigError("ONNX export supports flatten to the last dimension only")
     exporter.run("input")
     final = exporter.values[model.output_name]
     exporter.nodes.append(helper.make_node("Identity", [final.name], ["output"], name="output"))

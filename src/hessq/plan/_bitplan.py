@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from hessq._errors import ConfigError
 from hessq._io import write_text_atomic
 from hessq.quantizer._functional import check_act_bits, check_weight_bits
 
@@ -44,7 +45,7 @@ class BitPlan(Mapping[str, int]):
         self.layers: dict[str, dict[str, Any]] = {n: dict(d) for n, d in (layers or {}).items()}
         unknown = set(self.layers) - set(self._bits)
         if unknown:
-            raise ValueError(f"per-layer figures given for layers without bits: {sorted(unknown)[:5]}")
+            raise ConfigError(f"per-layer figures given for layers without bits: {sorted(unknown)[:5]}")
         self.limits = {k: v for k, v in (limits or {}).items() if v is not None}
         self.signature = dict(signature) if signature is not None else {}
         self.meta = dict(meta) if meta is not None else {}
@@ -143,9 +144,9 @@ class BitPlan(Mapping[str, int]):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "BitPlan":
         if data.get("format") != FORMAT:
-            raise ValueError(f"not a hessq bit plan (format {data.get('format')!r}, expected {FORMAT!r})")
+            raise ConfigError(f"not a hessq bit plan (format {data.get('format')!r}, expected {FORMAT!r})")
         if data.get("version") != VERSION:
-            raise ValueError(f"bit plan version {data.get('version')!r} is not supported (expected {VERSION})")
+            raise ConfigError(f"bit plan version {data.get('version')!r} is not supported (expected {VERSION})")
         return cls(
             data["bits"],
             data.get("act_bits", 8),
@@ -171,7 +172,7 @@ class BitPlan(Mapping[str, int]):
         try:
             return cls.from_json(Path(path).read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}); the file is truncated or not a bit plan") from exc
+            raise ConfigError(f"{path} is not valid JSON ({exc}); the file is truncated or not a bit plan") from exc
 
     def check_model(self, model) -> None:
         """Raise if this plan was made for a model with other quantizable layers or shapes."""
@@ -182,7 +183,7 @@ class BitPlan(Mapping[str, int]):
         if set(self._bits) != set(actual) or (self.signature and actual != expected):
             missing = sorted(set(self._bits) - set(actual))
             extra = sorted(set(actual) - set(self._bits))
-            raise ValueError(
+            raise ConfigError(
                 f"this bit plan was made for another model: layers only in the plan {missing[:5]}, "
                 f"only in the model {extra[:5]}"
             )

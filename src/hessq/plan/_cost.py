@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from hessq._errors import ConfigError, ConfigTypeError
 from hessq.graph import quantizable_layers
 from hessq.quantizer._functional import check_act_bits, check_weight_bits, quantization_error
 from hessq.sensitivity import Sensitivity
@@ -69,16 +70,16 @@ class LatencyTable(Mapping[str, Mapping[int, float]]):
         table: dict[str, dict[int, float]] = {}
         for name, row in layers.items():
             if not isinstance(row, Mapping):
-                raise ValueError(f"latency table entry for {name!r} must map bit widths to seconds, got {row!r}")
+                raise ConfigError(f"latency table entry for {name!r} must map bit widths to seconds, got {row!r}")
             parsed: dict[int, float] = {}
             for bits, seconds in row.items():
                 try:
                     b = int(bits)
                 except (TypeError, ValueError):
-                    raise ValueError(f"latency table entry {name!r}: bit width {bits!r} is not an integer") from None
+                    raise ConfigError(f"latency table entry {name!r}: bit width {bits!r} is not an integer") from None
                 s = float(seconds)
                 if not math.isfinite(s) or s < 0:
-                    raise ValueError(f"latency table entry {name!r} at {b} bits: {seconds!r} is not a time in seconds")
+                    raise ConfigError(f"latency table entry {name!r} at {b} bits: {seconds!r} is not a time in seconds")
                 parsed[b] = s
             table[str(name)] = parsed
         self._layers = table
@@ -95,10 +96,10 @@ class LatencyTable(Mapping[str, Mapping[int, float]]):
 
     def seconds(self, name: str, bits: int) -> float:
         if name not in self._layers:
-            raise ValueError(f"the latency table has no entry for layer {name!r} (it has {len(self._layers)} layers)")
+            raise ConfigError(f"the latency table has no entry for layer {name!r} (it has {len(self._layers)} layers)")
         row = self._layers[name]
         if bits not in row:
-            raise ValueError(
+            raise ConfigError(
                 f"the latency table has no time for layer {name!r} at {bits} bits (it has {sorted(row)}); "
                 "measure it or drop that bit width"
             )
@@ -115,7 +116,7 @@ class LatencyTable(Mapping[str, Mapping[int, float]]):
     def from_dict(cls, data: Mapping[str, Any]) -> "LatencyTable":
         if "format" in data:
             if data["format"] != LATENCY_FORMAT:
-                raise ValueError(f"not a hessq latency table (format {data['format']!r}, expected {LATENCY_FORMAT!r})")
+                raise ConfigError(f"not a hessq latency table (format {data['format']!r}, expected {LATENCY_FORMAT!r})")
             return cls(data["layers"], data.get("meta"))
         return cls(data)
 
@@ -129,7 +130,7 @@ class LatencyTable(Mapping[str, Mapping[int, float]]):
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}); expected a latency table") from exc
+            raise ConfigError(f"{path} is not valid JSON ({exc}); expected a latency table") from exc
 
 
 def as_latency_table(table: "LatencyTable | Mapping | str | os.PathLike | None") -> LatencyTable | None:
@@ -139,7 +140,7 @@ def as_latency_table(table: "LatencyTable | Mapping | str | os.PathLike | None")
         return LatencyTable.load(table)
     if isinstance(table, Mapping):
         return LatencyTable.from_dict(table)
-    raise TypeError(f"latency_table must be a LatencyTable, a mapping or a JSON path, got {type(table).__name__}")
+    raise ConfigTypeError(f"latency_table must be a LatencyTable, a mapping or a JSON path, got {type(table).__name__}")
 
 
 def default_input_shape(model: nn.Module) -> tuple[int, ...]:
@@ -152,7 +153,7 @@ def default_input_shape(model: nn.Module) -> tuple[int, ...]:
 
 def _example_input(model: nn.Module, example_input: torch.Tensor | None, input_shape: Sequence[int] | None) -> torch.Tensor:
     if example_input is not None and input_shape is not None:
-        raise ValueError("give example_input or input_shape, not both")
+        raise ConfigError("give example_input or input_shape, not both")
     if example_input is not None:
         return example_input
     shape = tuple(int(s) for s in (input_shape if input_shape is not None else default_input_shape(model)))
@@ -195,7 +196,7 @@ def layer_costs(
         with torch.no_grad():
             model(x)
     except Exception as exc:
-        raise ValueError(
+        raise ConfigError(
             f"could not run {type(model).__name__} on an example input of shape {tuple(x.shape)} to count MACs "
             f"({type(exc).__name__}: {exc}); pass example_input= or input_shape= (without the batch dimension)"
         ) from exc
@@ -227,9 +228,9 @@ def check_bits_list(weight_bits: Iterable[int] | int) -> tuple[int, ...]:
     try:
         bits = list(weight_bits)
     except TypeError:
-        raise ValueError(f"weight_bits must be a bit width or a list of them, got {weight_bits!r}") from None
+        raise ConfigError(f"weight_bits must be a bit width or a list of them, got {weight_bits!r}") from None
     if not bits:
-        raise ValueError("weight_bits is empty: give at least one candidate bit width from 2 to 8")
+        raise ConfigError("weight_bits is empty: give at least one candidate bit width from 2 to 8")
     for b in bits:
         check_weight_bits(b)
     return tuple(sorted(set(bits)))
@@ -251,7 +252,7 @@ def perturbations(
     layers = quantizable_layers(model)
     check_sensitivity(model, sens, layers)
     if variant not in ("trace", "eigenvalue"):
-        raise ValueError(f"variant must be 'trace' or 'eigenvalue', got {variant!r}")
+        raise ConfigError(f"variant must be 'trace' or 'eigenvalue', got {variant!r}")
     factors: dict[str, float] = {}
     for name in layers:
         rec = sens[name]
@@ -259,13 +260,13 @@ def perturbations(
             factor = rec.trace / rec.num_params
         else:
             if rec.top_eigenvalue is None:
-                raise ValueError(
+                raise ConfigError(
                     f"the sensitivity has no top eigenvalue for layer {name!r}; compute eigenvalues "
                     "(hessian_sensitivity(..., eigenvalues=True)) or use variant='trace'"
                 )
             factor = rec.top_eigenvalue / rec.num_params
         if not math.isfinite(factor):
-            raise ValueError(f"the sensitivity of layer {name!r} is not finite ({factor}); recompute it")
+            raise ConfigError(f"the sensitivity of layer {name!r} is not finite ({factor}); recompute it")
         factors[name] = factor
     # A negative trace (a noisy estimate, or a saddle) would make Ω reward quantization error.
     # Such layers get a tiny positive factor: least sensitive of all, yet still better at more bits.
@@ -307,19 +308,19 @@ def _one_thread() -> Iterator[None]:
 def check_sensitivity(model: nn.Module, sens: Sensitivity, layers: Mapping[str, nn.Module] | None = None) -> None:
     """Raise if ``sens`` belongs to another model or misses any of its quantizable layers."""
     if not isinstance(sens, Mapping):
-        raise TypeError(f"sens must be a hessq Sensitivity (layer name -> LayerSensitivity), got {type(sens).__name__}")
+        raise ConfigTypeError(f"sens must be a hessq Sensitivity (layer name -> LayerSensitivity), got {type(sens).__name__}")
     if hasattr(sens, "check_model"):
         sens.check_model(model)
     layers = layers if layers is not None else quantizable_layers(model)
     missing = [n for n in layers if n not in sens]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"the sensitivity has no record for {len(missing)} quantizable layer(s) of this model, e.g. {missing[:5]}; "
             "it was computed for another model"
         )
     for name, m in layers.items():
         if sens[name].num_params != m.weight.numel():
-            raise ValueError(
+            raise ConfigError(
                 f"the sensitivity says layer {name!r} has {sens[name].num_params} weights but the model's has "
                 f"{m.weight.numel()}: it was computed for another model"
             )

@@ -17,6 +17,8 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import LinearConstraint, milp
 
+from hessq._errors import ConfigError, HessqRuntimeError
+
 #: The limits the planner knows, in the order they are reported, with their units.
 LIMIT_NAMES = ("size", "bops", "latency")
 UNITS = {"size": "bytes", "bops": "BOPs", "latency": "s"}
@@ -64,7 +66,7 @@ def _quiet_stdout() -> Iterator[None]:
             os.close(devnull)
 
 
-class InfeasibleLimitsError(ValueError):
+class InfeasibleLimitsError(ConfigError):
     """No bit plan meets the limits.
 
     ``minimum`` holds, for each limit given, the smallest value any plan reaches (that limit on
@@ -116,14 +118,14 @@ def solve(
     G, K = omega.shape
     allowed = _allowed(omega)
     if not allowed.any(axis=1).all():
-        raise ValueError("a layer group has no allowed bit width")
+        raise ConfigError("a layer group has no allowed bit width")
     for name in limits:
         if name not in costs:
-            raise ValueError(f"a {name} limit needs a {name} cost for every layer")
+            raise ConfigError(f"a {name} limit needs a {name} cost for every layer")
     active = {k: float(v) for k, v in limits.items() if v is not None}
     for name, v in active.items():
         if not np.isfinite(v):
-            raise ValueError(f"{name}_limit must be a finite number, got {v}")
+            raise ConfigError(f"{name}_limit must be a finite number, got {v}")
 
     # Cheap check first: each limit on its own.
     minimum = {k: reachable_range(np.asarray(costs[k], dtype=np.float64), allowed)[0] for k in active}
@@ -177,16 +179,16 @@ def _milp(
     if res.x is None:
         if res.status == 2:
             return None
-        raise RuntimeError(f"the ILP solver stopped without a plan: {res.message}")
+        raise HessqRuntimeError(f"the ILP solver stopped without a plan: {res.message}")
     x = res.x > 0.5
     choice = np.full(G, -1)
     choice[rows[x]] = cols[x]
     if (choice < 0).any() or np.bincount(rows[x], minlength=G).max() != 1:
-        raise RuntimeError(f"the ILP solver returned an invalid assignment ({res.message})")
+        raise HessqRuntimeError(f"the ILP solver returned an invalid assignment ({res.message})")
     for name, limit in limits.items():
         total = float(np.asarray(costs[name], dtype=np.float64)[np.arange(G), choice].sum())
         if not _met(total, limit + 1e-7 * max(abs(limit), 1.0)):
-            raise RuntimeError(f"the ILP solver's plan exceeds the {name} limit ({total} > {limit})")
+            raise HessqRuntimeError(f"the ILP solver's plan exceeds the {name} limit ({total} > {limit})")
     status = "optimal" if res.status == 0 else f"stopped early: {res.message}"
     gap = getattr(res, "mip_gap", None)
     return Solution(choice, float(objective[np.arange(G), choice].sum()), status,

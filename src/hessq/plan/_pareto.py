@@ -13,6 +13,7 @@ from typing import Any, overload
 import torch
 from torch import nn
 
+from hessq._errors import ConfigError
 from hessq._io import write_text_atomic
 from hessq.plan._bitplan import BitPlan
 from hessq.plan._cost import LatencyTable, Variant
@@ -72,7 +73,7 @@ class ParetoFrontier(Sequence[ParetoPoint]):
         """The point of least Ω with size at most ``size_bytes``."""
         fits = [p for p in self.points if p.size_bytes <= size_bytes]
         if not fits:
-            raise ValueError(f"no frontier point is at most {size_bytes:,.0f} bytes (smallest {self.points[0].size_bytes:,.0f})")
+            raise ConfigError(f"no frontier point is at most {size_bytes:,.0f} bytes (smallest {self.points[0].size_bytes:,.0f})")
         return min(fits, key=lambda p: p.omega)
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,7 +82,7 @@ class ParetoFrontier(Sequence[ParetoPoint]):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ParetoFrontier":
         if data.get("format") != FORMAT:
-            raise ValueError(f"not a hessq Pareto frontier (format {data.get('format')!r}, expected {FORMAT!r})")
+            raise ConfigError(f"not a hessq Pareto frontier (format {data.get('format')!r}, expected {FORMAT!r})")
         return cls([ParetoPoint.from_dict(p) for p in data["points"]], data.get("meta"))
 
     def to_json(self) -> str:
@@ -123,7 +124,7 @@ def pareto_frontier(
     The same arguments as :func:`plan_bits`; Ω and the costs are computed once for all points.
     """
     if not isinstance(num_points, int) or num_points < 2:
-        raise ValueError(f"num_points must be an integer ≥ 2, got {num_points!r}")
+        raise ConfigError(f"num_points must be an integer ≥ 2, got {num_points!r}")
     problem = build_problem(
         model, sens, weight_bits=weight_bits, act_bits=act_bits, latency_table=latency_table, ties=ties,
         auto_ties=auto_ties, pins=pins, pin_first_last=pin_first_last, variant=variant,

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hessq._errors import ConfigError, ConfigTypeError
 from hessq.graph import quantizable_layers
 from hessq.plan._bitplan import BitPlan
 from hessq.plan._cost import (
@@ -42,7 +43,7 @@ class Relative:
     def __init__(self, fraction: float) -> None:
         f = float(fraction)
         if not (0.0 < f <= 1.0):
-            raise ValueError(f"a relative limit must be a fraction in (0, 1], got {fraction!r}")
+            raise ConfigError(f"a relative limit must be a fraction in (0, 1], got {fraction!r}")
         self.fraction = f
 
     def __repr__(self) -> str:
@@ -63,22 +64,22 @@ def parse_limit(value: Limit, name: str = "limit") -> float | Relative | None:
     if value is None or isinstance(value, Relative):
         return value
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, a Relative fraction or 'NN%', got {value!r}")
+        raise ConfigError(f"{name} must be a number, a Relative fraction or 'NN%', got {value!r}")
     if isinstance(value, str):
         text = value.strip()
         try:
             number = float(text[:-1] if text.endswith("%") else text)
         except ValueError:
-            raise ValueError(f"{name} must be a number or a percentage like '50%', got {value!r}") from None
+            raise ConfigError(f"{name} must be a number or a percentage like '50%', got {value!r}") from None
         if text.endswith("%"):
             return Relative(number / 100.0)
         value = number
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, a Relative fraction or 'NN%', got {value!r}") from None
+        raise ConfigError(f"{name} must be a number, a Relative fraction or 'NN%', got {value!r}") from None
     if not np.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise ConfigError(f"{name} must be finite, got {value!r}")
     return v
 
 
@@ -116,7 +117,7 @@ class Problem:
 
     def reachable(self, limit: str) -> tuple[float, float]:
         if limit not in self.layer_costs:
-            raise ValueError(f"a {limit} limit needs a latency_table" if limit == "latency" else f"no {limit} costs")
+            raise ConfigError(f"a {limit} limit needs a latency_table" if limit == "latency" else f"no {limit} costs")
         return reachable_range(self.group_costs()[limit], self.allowed)
 
     def resolve_limits(self, size: Limit = None, bops: Limit = None, latency: Limit = None) -> dict[str, float]:
@@ -126,7 +127,7 @@ class Problem:
             if v is None:
                 continue
             if name == "latency" and "latency" not in self.layer_costs:
-                raise ValueError("latency_limit needs a latency_table (layer -> bits -> seconds)")
+                raise ConfigError("latency_limit needs a latency_table (layer -> bits -> seconds)")
             if isinstance(v, Relative):
                 v = v.resolve(*self.reachable(name))
             out[name] = float(v)
@@ -218,7 +219,7 @@ def build_problem(
         pin_map[names[-1]] = pin_first_last
     if pins:
         if not isinstance(pins, Mapping):
-            raise TypeError(f"pins must map layer names to bit widths, got {type(pins).__name__}")
+            raise ConfigTypeError(f"pins must map layer names to bit widths, got {type(pins).__name__}")
         check_names("pins", pins, names)
         for n, b in pins.items():
             check_weight_bits(b)
@@ -229,7 +230,7 @@ def build_problem(
     user_ties = []
     for tie in ties:
         if isinstance(tie, str):
-            raise TypeError(f"each tie must be a list of layer names, got the string {tie!r}")
+            raise ConfigTypeError(f"each tie must be a list of layer names, got the string {tie!r}")
         tie = list(tie)
         check_names("ties", tie, names)
         user_ties.append(tie)
@@ -244,7 +245,7 @@ def build_problem(
     for gi, g in enumerate(groups):
         pinned = {pin_map[n] for n in g if n in pin_map}
         if len(pinned) > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"tied layers {g} are pinned to different bit widths {sorted(pinned)}; tied layers share one width"
             )
         ok = pinned if pinned else set(wbits)
@@ -253,13 +254,13 @@ def build_problem(
     # Ω per layer and column.
     if omega is None:
         if sens is None:
-            raise ValueError("give a sensitivity (or an omega table)")
+            raise ConfigError("give a sensitivity (or an omega table)")
         omega = sensitivity_omega(model, sens, cols, variant=variant)
     else:
         check_names("omega", omega, names)
         missing = [n for n in names if n not in omega]
         if missing:
-            raise ValueError(f"omega has no values for layers {missing[:5]}")
+            raise ConfigError(f"omega has no values for layers {missing[:5]}")
     layer_omega = np.full((len(names), len(cols)), np.nan)
     index = {n: i for i, n in enumerate(names)}
     for n in names:
@@ -267,13 +268,13 @@ def build_problem(
             if b in omega[n]:
                 v = float(omega[n][b])
                 if not np.isfinite(v):
-                    raise ValueError(f"Ω of layer {n!r} at {b} bits is not finite ({v})")
+                    raise ConfigError(f"Ω of layer {n!r} at {b} bits is not finite ({v})")
                 layer_omega[index[n], j] = v
     gi_of = {n: gi for gi, g in enumerate(groups) for n in g}
     for n in names if not lenient else ():
         for j, b in enumerate(cols):
             if allowed[gi_of[n], j] and np.isnan(layer_omega[index[n], j]):
-                raise ValueError(f"omega has no value for layer {n!r} at {b} bits")
+                raise ConfigError(f"omega has no value for layer {n!r} at {b} bits")
 
     # Costs.
     bias_layers = facts.bn_followed if facts is not None else graph_facts(model).bn_followed
@@ -375,7 +376,7 @@ def evaluate_plan(
     check_names("bits", bits, names)
     missing = [n for n in names if n not in bits]
     if missing:
-        raise ValueError(f"bits has no width for layers {missing[:5]}")
+        raise ConfigError(f"bits has no width for layers {missing[:5]}")
     for b in bits.values():
         check_weight_bits(b)
     cols = sorted(set(bits.values()))

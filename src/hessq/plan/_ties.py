@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from hessq._errors import ConfigError
 from hessq.graph import quantizable_layers
 
 # Modules an output passes through unchanged in meaning (per-channel affine or identity).
@@ -121,7 +122,7 @@ def check_names(what: str, given: Iterable[str], known: Mapping[str, object] | S
         for n in unknown[:5]:
             close = difflib.get_close_matches(str(n), known_list, n=2)
             hints.append(f"{n!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
-        raise ValueError(
+        raise ConfigError(
             f"unknown layer name(s) in {what}: {', '.join(hints)}; the model's quantizable layers are "
             f"{known_list[:6]}{' …' if len(known_list) > 6 else ''} ({len(known_list)} in all)"
         )

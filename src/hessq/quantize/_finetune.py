@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from hessq._errors import ConfigError, HessqRuntimeError
 from hessq._io import write_atomic
 
 CHECKPOINT_FORMAT = "hessq.qat-checkpoint"
@@ -29,14 +30,14 @@ def _load_checkpoint(path: Path, qmodel: nn.Module) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ValueError(f"cannot read QAT checkpoint {path} ({exc}); it is truncated or not a checkpoint. Delete it to start over.") from exc
+        raise ConfigError(f"cannot read QAT checkpoint {path} ({exc}); it is truncated or not a checkpoint. Delete it to start over.") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a hessq QAT checkpoint")
+        raise ConfigError(f"{path} is not a hessq QAT checkpoint")
     if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} is QAT checkpoint version {state.get('version')}, this hessq reads {CHECKPOINT_VERSION}")
+        raise ConfigError(f"{path} is QAT checkpoint version {state.get('version')}, this hessq reads {CHECKPOINT_VERSION}")
     ours, theirs = set(qmodel.state_dict()), set(state["model"])
     if ours != theirs:
-        raise ValueError(
+        raise ConfigError(
             f"{path} holds a checkpoint of another quantized model (keys differ: {sorted(ours ^ theirs)[:4]}); "
             "quantize the same model with the same plan, or pass another checkpoint path"
         )
@@ -78,14 +79,14 @@ def finetune(
     Returns the history: per-epoch mean loss and the number of steps done.
     """
     if not epochs > 0:
-        raise ValueError(f"epochs must be > 0, got {epochs}")
+        raise ConfigError(f"epochs must be > 0, got {epochs}")
     if not 0.0 <= distill_weight <= 1.0:
-        raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
+        raise ConfigError(f"distill_weight must be in [0, 1], got {distill_weight}")
     if not hasattr(train_batches, "__len__"):
         train_batches = list(train_batches)
     steps_per_epoch = len(train_batches)  # type: ignore[arg-type]
     if steps_per_epoch == 0:
-        raise ValueError("no training batches")
+        raise ConfigError("no training batches")
     total_steps = max(1, round(epochs * steps_per_epoch))  # a fractional epoch is a shorter schedule
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     device = next(p.device for p in qmodel.parameters())
@@ -145,7 +146,7 @@ def finetune(
                         target = teacher(x)
                     loss = distill_weight * distillation_loss(out, target, temperature) + (1 - distill_weight) * loss
                 if not torch.isfinite(loss):
-                    raise RuntimeError(f"the loss became {loss.item()} at step {step}; lower lr (now {lr})")
+                    raise HessqRuntimeError(f"the loss became {loss.item()} at step {step}; lower lr (now {lr})")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hessq._errors import ConfigError
 from hessq.graph import act_quantizers, quantizable_layers, rewrite, trace
 from hessq.quantizer import check_act_bits, check_weight_bits
 from hessq.quantizer._functional import Granularity
@@ -27,11 +28,11 @@ def _bits_pair(value: Any, default_act: int, where: str) -> tuple[int, int]:
     elif isinstance(value, int) and not isinstance(value, bool):
         w, a = value, default_act
     else:
-        raise ValueError(f"{where}: expected weight bits or a (weight_bits, act_bits) pair, got {value!r}")
+        raise ConfigError(f"{where}: expected weight bits or a (weight_bits, act_bits) pair, got {value!r}")
     try:
         return check_weight_bits(w), check_act_bits(a)
     except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def layer_call_order(model: nn.Module, leaf_modules: Iterable[str] = ()) -> list[str]:
@@ -56,10 +57,10 @@ def resolve_plan(
         default_act = getattr(plan, "act_bits", 8)
         unknown = [n for n in plan if n not in layer_names]
         if unknown:
-            raise ValueError(f"the plan names layers the model does not have: {unknown[:5]}; layers are {layer_names[:5]}...")
+            raise ConfigError(f"the plan names layers the model does not have: {unknown[:5]}; layers are {layer_names[:5]}...")
         missing = [n for n in layer_names if n not in plan]
         if missing:
-            raise ValueError(f"the plan gives no bits for layers {missing[:5]}; a per-layer plan must name every quantizable layer")
+            raise ConfigError(f"the plan gives no bits for layers {missing[:5]}; a per-layer plan must name every quantizable layer")
         return {n: None if plan[n] is None else _bits_pair(plan[n], default_act, f"plan[{n!r}]") for n in layer_names}
     uniform = _bits_pair(plan, 8, "plan")
     bits = {n: uniform for n in layer_names}
@@ -77,7 +78,7 @@ def _inputs(batch: Any) -> torch.Tensor:
 def check_finite(model: nn.Module) -> None:
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"the model has NaN or inf in `{name}`; quantizing it would give garbage. Fix the weights first.")
+            raise ConfigError(f"the model has NaN or inf in `{name}`; quantizing it would give garbage. Fix the weights first.")
 
 
 @torch.no_grad()
@@ -103,7 +104,7 @@ def calibrate(qmodel: nn.Module, batches: Iterable, *, progress: bool = False) -
             q.observing = False
         qmodel.train(was_training)
     if count == 0:
-        raise ValueError("calibration needs at least one batch; got none")
+        raise ConfigError("calibration needs at least one batch; got none")
     for q in quantizers.values():
         q.freeze()
     return count
@@ -149,7 +150,7 @@ def quantize(
     leaf_modules = list(leaf_modules)
     order = layer_call_order(model, leaf_modules)
     if not order:
-        raise ValueError(f"{type(model).__name__} calls no Conv2d or Linear layer; there is nothing to quantize")
+        raise ConfigError(f"{type(model).__name__} calls no Conv2d or Linear layer; there is nothing to quantize")
     layer_bits = resolve_plan(plan, order, first_last_bits)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     gm = rewrite(

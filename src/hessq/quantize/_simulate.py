@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from hessq._errors import HessqRuntimeError
 from hessq.graph import QuantAdd, QuantCat, QuantConv2d, QuantLinear
 from hessq.graph._pooling import average_pool_window
 from hessq.quantizer import ActQuantizer, _kernels, dyadic, expand_scale, requantize
@@ -138,7 +139,7 @@ class _IntegerInterpreter(fx.Interpreter):
                 full = _full_scale(v)
                 scale = full.amax(dims, keepdim=keepdim)
                 if not torch.equal(scale, full.amin(dims, keepdim=keepdim)):
-                    raise RuntimeError("a mean across channels with different scales has no integer form")
+                    raise HessqRuntimeError("a mean across channels with different scales has no integer form")
             return QValue(v.codes.sum(dims, keepdim=keepdim), scale / count)
         # shape-only ops: apply to the codes and to the scale expanded to the same shape
         if isinstance(op, nn.Flatten):
@@ -166,7 +167,7 @@ def _sum_pool(op, v: QValue, rest, kwargs) -> QValue:
     try:
         kernel, stride = average_pool_window(op, rest, kwargs, *v.codes.shape[-2:])
     except ValueError as exc:
-        raise RuntimeError(f"{exc} has no integer form") from None
+        raise HessqRuntimeError(f"{exc} has no integer form") from None
     count = kernel[0] * kernel[1]
     summed = torch.round(F.avg_pool2d(v.codes.double(), kernel, stride) * count).to(torch.int64)
     return QValue(summed, v.scale / count)

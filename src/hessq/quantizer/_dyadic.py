@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from hessq._errors import ConfigError, ConfigTypeError
+
 #: b uses at most 31 bits, so acc·b fits in int64 for any |acc| < 2^32.
 DYADIC_BITS = 31
 _MAX_SHIFT = 62
@@ -21,7 +23,7 @@ def dyadic(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     m = torch.as_tensor(m, dtype=torch.float64)
     if not torch.isfinite(m).all() or (m <= 0).any():
-        raise ValueError("a dyadic multiplier must be positive and finite; a scale is zero, negative or NaN")
+        raise ConfigError("a dyadic multiplier must be positive and finite; a scale is zero, negative or NaN")
     _, exponent = torch.frexp(m)  # m = mantissa · 2^exponent, mantissa in [0.5, 1)
     c = (DYADIC_BITS - exponent.to(torch.int64)).clamp(0, _MAX_SHIFT)
     b = torch.round(torch.ldexp(m, c)).to(torch.int64)
@@ -31,7 +33,7 @@ def dyadic(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = torch.where(over & (c > 0), c - 1, c)
         b = torch.round(torch.ldexp(m, c)).to(torch.int64)
     if (b >= 2**DYADIC_BITS).any():
-        raise ValueError(f"a requantization factor of {float(m.max()):.3g} is too large for a 31-bit dyadic number")
+        raise ConfigError(f"a requantization factor of {float(m.max()):.3g} is too large for a 31-bit dyadic number")
     return b, c
 
 
@@ -46,6 +48,6 @@ def requantize(acc: torch.Tensor, b: torch.Tensor, c: torch.Tensor, qmin: int, q
     ``acc`` is an int64 tensor; ``b`` and ``c`` broadcast against it (per tensor or per channel).
     """
     if acc.dtype != torch.int64:
-        raise TypeError(f"requantize expects int64 accumulators, got {acc.dtype}")
+        raise ConfigTypeError(f"requantize expects int64 accumulators, got {acc.dtype}")
     half = torch.where(c > 0, torch.ones_like(c) << (c - 1).clamp(min=0), torch.zeros_like(c))
     return torch.clamp((acc * b + half) >> c, qmin, qmax)

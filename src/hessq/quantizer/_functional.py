@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from hessq._errors import ConfigError
+
 Granularity = Literal["tensor", "channel", "group"]
 
 WEIGHT_BITS = range(2, 9)
@@ -23,13 +25,13 @@ _MIN_SCALE = 1e-12
 
 def check_weight_bits(bits: int) -> int:
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in WEIGHT_BITS:
-        raise ValueError(f"weight bit width must be an integer from 2 to 8, got {bits!r}")
+        raise ConfigError(f"weight bit width must be an integer from 2 to 8, got {bits!r}")
     return bits
 
 
 def check_act_bits(bits: int) -> int:
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in ACT_BITS:
-        raise ValueError(f"activation bit width must be one of {ACT_BITS}, got {bits!r}")
+        raise ConfigError(f"activation bit width must be one of {ACT_BITS}, got {bits!r}")
     return bits
 
 
@@ -57,7 +59,7 @@ def group_view(x: torch.Tensor, axis: int, num_groups: int) -> torch.Tensor:
     """``x`` reshaped to (num_groups, -1) with ``axis`` split into ``num_groups`` contiguous groups."""
     size = x.shape[axis]
     if num_groups < 1 or size % num_groups:
-        raise ValueError(f"cannot split dimension {axis} of size {size} into {num_groups} equal groups")
+        raise ConfigError(f"cannot split dimension {axis} of size {size} into {num_groups} equal groups")
     moved = x.movedim(axis, 0)
     return moved.reshape(num_groups, -1)
 
@@ -69,7 +71,7 @@ def reduce_absmax(x: torch.Tensor, granularity: Granularity = "tensor", axis: in
     if granularity == "channel":
         num_groups = x.shape[axis]
     elif granularity != "group":
-        raise ValueError(f"granularity must be 'tensor', 'channel' or 'group', got {granularity!r}")
+        raise ConfigError(f"granularity must be 'tensor', 'channel' or 'group', got {granularity!r}")
     return group_view(x.detach().abs(), axis, num_groups).amax(dim=1)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hessq._errors import ConfigError, HessqRuntimeError
 from hessq.quantizer._functional import (
     Granularity,
     check_act_bits,
@@ -30,7 +31,7 @@ class WeightQuantizer(nn.Module):
         super().__init__()
         self.bits = check_weight_bits(bits)
         if granularity not in ("tensor", "channel", "group"):
-            raise ValueError(f"granularity must be 'tensor', 'channel' or 'group', got {granularity!r}")
+            raise ConfigError(f"granularity must be 'tensor', 'channel' or 'group', got {granularity!r}")
         self.granularity = granularity
         self.num_groups = num_groups
 
@@ -62,9 +63,9 @@ def _check_bound(bound: object) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in bound)  # type: ignore[union-attr]
     except (TypeError, ValueError):
-        raise ValueError(f"an activation bound is a (low, high) pair of numbers, got {bound!r}") from None
+        raise ConfigError(f"an activation bound is a (low, high) pair of numbers, got {bound!r}") from None
     if not lo <= 0 <= hi or not lo < hi:
-        raise ValueError(f"an activation bound must contain 0 and be non-empty (low <= 0 <= high, low < high), got {bound!r}")
+        raise ConfigError(f"an activation bound must contain 0 and be non-empty (low <= 0 <= high, low < high), got {bound!r}")
     return lo, hi
 
 
@@ -130,7 +131,7 @@ class ActQuantizer(nn.Module):
     def freeze(self) -> None:
         """Compute the scale from the observed range; from now on the quantizer quantizes."""
         if not self.observer.initialized:
-            raise RuntimeError("an activation quantizer saw no data during calibration; pass calibration batches")
+            raise HessqRuntimeError("an activation quantizer saw no data during calibration; pass calibration batches")
         lo, hi = self.bound if self.bound is not None else (float(self.observer.min_val), float(self.observer.max_val))
         signed = lo < 0
         absmax = max(abs(lo), abs(hi)) if signed else hi
@@ -143,7 +144,7 @@ class ActQuantizer(nn.Module):
         if self.observing:
             return self.observer(x)
         if not bool(self.calibrated):
-            raise RuntimeError(
+            raise HessqRuntimeError(
                 "this quantized model was never calibrated: call hessq.quantize(model, plan, calibration_batches) "
                 "with at least one batch"
             )

@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from hessq._errors import ConfigError
+
 RangeMethod = Literal["minmax", "percentile", "ema"]
 RANGE_METHODS = ("minmax", "percentile", "ema")
 
@@ -25,11 +27,11 @@ class RangeObserver(nn.Module):
     def __init__(self, method: RangeMethod = "minmax", percentile: float = 99.99, momentum: float = 0.9) -> None:
         super().__init__()
         if method not in RANGE_METHODS:
-            raise ValueError(f"range method must be one of {RANGE_METHODS}, got {method!r}")
+            raise ConfigError(f"range method must be one of {RANGE_METHODS}, got {method!r}")
         if not 50.0 < percentile <= 100.0:
-            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+            raise ConfigError(f"percentile must be in (50, 100], got {percentile}")
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+            raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
         self.method = method
         self.percentile = percentile
         self.momentum = momentum
@@ -50,7 +52,7 @@ class RangeObserver(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach()
         if not torch.isfinite(x).all():
-            raise ValueError("NaN or inf in an activation being calibrated; check the model and its inputs")
+            raise ConfigError("NaN or inf in an activation being calibrated; check the model and its inputs")
         if self.method == "percentile":
             flat = x.reshape(-1).float()
             if flat.numel() > _QUANTILE_MAX:

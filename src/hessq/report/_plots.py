@@ -8,6 +8,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from hessq._errors import MissingDependencyError
+
 BIT_COLOURS = {2: "#d73027", 3: "#f46d43", 4: "#fdae61", 5: "#fee08b", 6: "#d9ef8b", 7: "#a6d96a", 8: "#1a9850"}
 
 
@@ -15,7 +17,7 @@ def _figure(width: float, height: float):
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
+        raise MissingDependencyError(
             "the HTML report draws its plots with matplotlib, which is not installed: "
             "pip install matplotlib (or pass report=False)"
         ) from exc

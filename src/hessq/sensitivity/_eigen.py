@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from hessq._errors import ConfigError
+
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -42,7 +44,7 @@ def power_iteration(
     quotient between iterations.
     """
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ConfigError(f"k must be >= 1, got {k}")
     found: list[torch.Tensor] = []
     values: list[float] = []
     used = 0

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from hessq._errors import ConfigError
 from hessq.graph import quantizable_layers
 from hessq.sensitivity import _distributed as D
 from hessq.sensitivity._density import SpectralDensity, slq
@@ -34,14 +35,14 @@ def _local_batches(batches: Any, group) -> tuple[list[tuple[int, Any]], int]:
     for b, batch in enumerate(batches):
         count += 1
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ValueError(f"batch {b} is a {type(batch).__name__}; each batch must be an (inputs, targets) pair")
+            raise ConfigError(f"batch {b} is a {type(batch).__name__}; each batch must be an (inputs, targets) pair")
         if D.owns(b, group):
             mine.append((b, tuple(batch)))
     if count == 0:
-        raise ValueError("no data: `batches` is empty. Pass an (inputs, targets) batch or an iterable of them.")
+        raise ConfigError("no data: `batches` is empty. Pass an (inputs, targets) batch or an iterable of them.")
     _, world = D.rank_and_world(group)
     if count < world:
-        raise ValueError(f"{count} batch(es) for {world} ranks: each rank needs at least one; use smaller batches or fewer ranks")
+        raise ConfigError(f"{count} batch(es) for {world} ranks: each rank needs at least one; use smaller batches or fewer ranks")
     return mine, count
 
 
@@ -50,14 +51,14 @@ def _select_layers(model: nn.Module, layers: Sequence[str] | None) -> dict[str, 
     if layers is not None:
         unknown = [n for n in layers if n not in found]
         if unknown:
-            raise ValueError(f"no quantizable layer named {unknown}; the model has {list(found)}")
+            raise ConfigError(f"no quantizable layer named {unknown}; the model has {list(found)}")
         frozen = [n for n in layers if not found[n].weight.requires_grad]
         if frozen:
-            raise ValueError(f"layers {frozen} have requires_grad=False; enable it (weight.requires_grad_(True)) or leave them out of layers=")
+            raise ConfigError(f"layers {frozen} have requires_grad=False; enable it (weight.requires_grad_(True)) or leave them out of layers=")
         found = {n: found[n] for n in found if n in set(layers)}
     chosen = {n: m for n, m in found.items() if m.weight.requires_grad}
     if not chosen:
-        raise ValueError(
+        raise ConfigError(
             f"no quantizable layer with gradients: all {len(found)} Conv2d/Linear weights have requires_grad=False. "
             "Call model.requires_grad_(True) (or on the layers to analyse) before computing the Hessian."
         )
@@ -214,7 +215,7 @@ def hessian_trace(
         params = [p for p in model.parameters() if p.requires_grad]
     params = list(params)
     if not params:
-        raise ValueError("no parameter with requires_grad=True: nothing to differentiate. Call model.requires_grad_(True).")
+        raise ConfigError("no parameter with requires_grad=True: nothing to differentiate. Call model.requires_grad_(True).")
     with _EvalMode(model):
         mine, _ = _local_batches(batches, group)
         op = HessianOperator(model, mine, loss_fn or F.cross_entropy, params, [f"param{i}" for i in range(len(params))],

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hessq._errors import ConfigError
 from hessq.sensitivity._hvp import HessianOperator, rademacher, sub_generator
 
 
@@ -49,7 +50,7 @@ def hutchinson(
     With ``stop_on_total`` the stopping rule looks at the total's standard error only.
     """
     if max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        raise ConfigError(f"max_samples must be >= 1, got {max_samples}")
     gen = torch.Generator().manual_seed(seed)
     rows: list[np.ndarray] = []
     act_rows: list[dict[str, float]] = []

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hessq._errors import ConfigError
 from hessq.sensitivity import _distributed as D
 from hessq.sensitivity._errors import check_double_backward, double_backward_error
 
@@ -39,7 +40,7 @@ def batch_size(inputs: Any) -> int:
     for item in items:
         if isinstance(item, torch.Tensor) and item.dim():
             return int(item.shape[0])
-    raise ValueError("cannot tell the batch size: the batch's inputs hold no tensor with a batch dimension")
+    raise ConfigError("cannot tell the batch size: the batch's inputs hold no tensor with a batch dimension")
 
 
 def run_model(model: nn.Module, inputs: Any) -> Any:
@@ -83,7 +84,7 @@ class HessianOperator:
         local = torch.tensor([float(sum(batch_size(b[0]) for _, b in self.batches))], dtype=torch.float64, device=self.device)
         self.num_data = float(D.all_reduce_sum(local, group).item())
         if self.num_data == 0:
-            raise ValueError("no data: `batches` is empty. Pass at least one (inputs, targets) batch.")
+            raise ConfigError("no data: `batches` is empty. Pass at least one (inputs, targets) batch.")
         self._checked = False
 
     # -- one batch ------------------------------------------------------------------
@@ -110,7 +111,7 @@ class HessianOperator:
         unused = [self.names[i] for i, g in zip(pidx, grads) if g is None]
         if unused:
             used = [n for n in self.names if n not in unused]
-            raise ValueError(
+            raise ConfigError(
                 f"the loss does not depend on the weights of {unused}: they are not used by the forward pass. "
                 + (f"Analyse the others with layers={used}." if used else "Check that loss_fn computes the loss from the model's output.")
             )
@@ -140,19 +141,19 @@ class HessianOperator:
 
     def _check_loss(self, loss: Any, index: int) -> None:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"loss_fn must return a scalar tensor (the batch's mean loss); got {type(loss).__name__}"
                 + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
                 + ". Reduce it with .mean()."
             )
         if not torch.isfinite(loss).all():
-            raise ValueError(
+            raise ConfigError(
                 f"the loss is {loss.item()} on batch {index}: the Hessian of a non-finite loss is meaningless. "
                 "Check that batch's inputs and targets for NaN/inf and that the model's weights are finite "
                 "(e.g. evaluate the model on it, or drop that batch)."
             )
         if not loss.requires_grad:
-            raise ValueError(
+            raise ConfigError(
                 "the loss does not depend on the model's parameters (it has no grad_fn): compute it from "
                 "model(inputs) outside torch.no_grad(), without .detach()/.item(), and make sure the analysed "
                 "layers' weights have requires_grad=True."
@@ -198,7 +199,7 @@ class HessianOperator:
         D.all_reduce_sum(acc, self.group)
         acc /= self.num_data
         if not torch.isfinite(acc).all():
-            raise ValueError(
+            raise ConfigError(
                 "the Hessian-vector product is not finite although the loss is: the gradients overflow or "
                 "the inputs hold NaN/inf that the model saturates (e.g. tanh(inf)). Check the batches and "
                 "the weights for NaN/inf."

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from hessq._errors import ConfigError
 from hessq.graph import fold_batchnorm, quantizable_layers, trace
 from hessq.quantizer import WeightQuantizer, check_weight_bits
 from hessq.quantizer._functional import Granularity
@@ -62,12 +63,12 @@ def kl_sensitivity(
     """
     bits = sorted({check_weight_bits(int(b)) for b in weight_bits})
     if not bits:
-        raise ValueError("weight_bits is empty; give at least one bit width")
+        raise ConfigError("weight_bits is empty; give at least one bit width")
     layers = quantizable_layers(model)
     names = list(layers)
     inputs = [_inputs(b) for b in batches]
     if not inputs:
-        raise ValueError("kl_sensitivity needs at least one batch of inputs (e.g. hessq.distill_data(model, 32, input_shape))")
+        raise ConfigError("kl_sensitivity needs at least one batch of inputs (e.g. hessq.distill_data(model, 32, input_shape))")
     start = time.perf_counter()
     gm = trace(model, leaf_modules)
     gm.eval()
@@ -79,7 +80,7 @@ def kl_sensitivity(
     for x in inputs:
         out = gm(x)
         if not isinstance(out, torch.Tensor):
-            raise ValueError(f"kl_sensitivity needs a model that returns one tensor of logits; {type(model).__name__} returns {type(out).__name__}")
+            raise ConfigError(f"kl_sensitivity needs a model that returns one tensor of logits; {type(model).__name__} returns {type(out).__name__}")
         refs.append(F.log_softmax(out.float().flatten(1) if out.dim() > 2 else out.float(), dim=-1))
     modules = dict(gm.named_modules())
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
@@ -127,7 +128,7 @@ def kl_omega(sens: Mapping[str, LayerSensitivity]) -> dict[str, dict[int, float]
     for name, rec in sens.items():
         table = rec.extra.get("kl") if isinstance(rec.extra, Mapping) else None
         if not table:
-            raise ValueError(
+            raise ConfigError(
                 f"layer {name!r} has no KL sensitivity (extra['kl']); compute it with hessq.kl_sensitivity(model, batches)"
             )
         out[name] = {int(b): float(v) for b, v in table.items()}

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from hessq._errors import ConfigError
 from hessq._io import write_text_atomic
 from hessq.graph import quantizable_layers
 
@@ -79,7 +80,7 @@ class Sensitivity(Mapping[str, LayerSensitivity]):
             missing = sorted(set(self.signature) - set(actual))
             extra = sorted(set(actual) - set(self.signature))
             differ = sorted(n for n in set(actual) & set(self.signature) if actual[n] != self.signature[n])
-            raise ValueError(
+            raise ConfigError(
                 "this sensitivity was computed for another model: "
                 f"layers only in the sensitivity {missing[:5]}, only in the model {extra[:5]}, "
                 f"shapes differ for {differ[:5]}. Recompute it with hessq.hessian_sensitivity(model, ...)."
@@ -97,9 +98,9 @@ class Sensitivity(Mapping[str, LayerSensitivity]):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Sensitivity":
         if data.get("format") != FORMAT:
-            raise ValueError(f"not a hessq sensitivity file (format {data.get('format')!r}, expected {FORMAT!r})")
+            raise ConfigError(f"not a hessq sensitivity file (format {data.get('format')!r}, expected {FORMAT!r})")
         if data.get("version") != VERSION:
-            raise ValueError(
+            raise ConfigError(
                 f"sensitivity file version {data.get('version')!r} is not supported by this hessq "
                 f"(expected {VERSION}); recompute it with `hessq analyze`"
             )
@@ -123,5 +124,5 @@ class Sensitivity(Mapping[str, LayerSensitivity]):
             text = Path(path).read_text()
             return cls.from_json(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}); the file is truncated or not a sensitivity file") from exc
+            raise ConfigError(f"{path} is not valid JSON ({exc}); the file is truncated or not a sensitivity file") from exc
 
