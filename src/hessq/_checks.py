@@ -1,0 +1,99 @@
+"""Checks every stage runs on what a user hands in, so a mistake is one clear error, not a deep torch one.
+
+Each raises a :class:`hessq.HessqError` subclass naming what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessq._errors import ConfigTypeError, InputDataError, ModelError
+
+
+def check_model(model: Any, what: str = "model", *, finite: bool = True) -> nn.Module:
+    """``model`` when it is a usable ``nn.Module``: not on the meta device, with finite weights."""
+    if not isinstance(model, nn.Module):
+        raise ConfigTypeError(f"{what} must be a torch.nn.Module, got {type(model).__name__}")
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise ModelError(f"{what} has tensors on the meta device ({name!r}): they hold no values; load real "
+                             "weights first (model.to_empty(device='cpu') then load_state_dict, or build it on the CPU)")
+        if finite and t.is_floating_point() and not torch.isfinite(t).all():
+            raise ModelError(f"{what} has NaN or infinite values in {name!r}: quantization needs finite weights; "
+                             "check the checkpoint or the training run that produced it")
+    return model
+
+
+def model_float_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def check_inputs(x: Any, model: nn.Module | None = None, *, where: str = "inputs") -> Any:
+    """Tensors in ``x`` (a tensor, or a tuple/list/dict of them) that a float model can take.
+
+    Integer images (uint8 pixels) and float dtypes other than the model's are refused with the
+    conversion to make; NaN or infinite floats are refused. Non-float tensors inside a tuple or
+    dict (token ids, masks) pass as they are.
+    """
+    dtype = model_float_dtype(model) if model is not None else torch.float32
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.uint8:
+            raise InputDataError(f"{where} are raw uint8 pixels; convert them as the model was trained, e.g. "
+                                 "x.float() / 255 and its normalisation")
+        if x.is_floating_point():
+            if x.dtype != dtype:
+                raise InputDataError(f"{where} are {x.dtype}, the model computes in {dtype}; convert them with x.to({dtype})")
+            if not torch.isfinite(x).all():
+                raise InputDataError(f"{where} hold NaN or infinite values ({int((~torch.isfinite(x)).sum())} of "
+                                     f"{x.numel()}); clean the data first")
+        elif x.dtype == torch.bool or x.is_complex():
+            raise InputDataError(f"{where} are {x.dtype}; the model takes {dtype} tensors")
+        return x
+    if isinstance(x, (tuple, list)):
+        for i, item in enumerate(x):
+            if isinstance(item, torch.Tensor) and item.is_floating_point():
+                check_inputs(item, model, where=f"{where}[{i}]")
+        return x
+    if isinstance(x, dict):
+        for k, item in x.items():
+            if isinstance(item, torch.Tensor) and item.is_floating_point():
+                check_inputs(item, model, where=f"{where}[{k!r}]")
+        return x
+    raise InputDataError(f"{where} must be a tensor (or a tuple/dict of tensors), got {type(x).__name__}")
+
+
+def check_class_targets(y: Any, num_classes: int, *, where: str = "targets") -> None:
+    """Class-index targets for a ``(batch, num_classes)`` output: integers in ``[0, num_classes)``."""
+    if not isinstance(y, torch.Tensor):
+        raise InputDataError(f"{where} must be a tensor of class indices, got {type(y).__name__}")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        return  # soft targets or a custom loss: not class indices
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise InputDataError(f"{where} hold class {int(y.min()) if int(y.min()) < 0 else int(y.max())}, but the model "
+                             f"has {num_classes} outputs (classes 0..{num_classes - 1})")
+
+
+def split_batch(batch: Any, *, where: str = "batch") -> tuple[Any, Any]:
+    """``(inputs, targets)`` from a batch that is such a pair (a list or tuple of two)."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise InputDataError(f"each {where} must be an (inputs, targets) pair, got "
+                         f"{type(batch).__name__}{f' of {len(batch)}' if isinstance(batch, (tuple, list)) else ''}")
+
+
+def reiterable(data: Iterable, *, what: str = "data") -> Iterable:
+    """``data`` when it can be iterated more than once; a one-shot iterator is refused.
+
+    Stages read their batches more than once (calibration, several passes, several stages),
+    so an iterator would silently give each pass different batches.
+    """
+    if isinstance(data, Iterator) or (hasattr(data, "__next__") and iter(data) is data):
+        raise InputDataError(f"{what} is a one-shot iterator ({type(data).__name__}): each stage would see different "
+                             "batches. Pass a list of batches (list(it)) or a DataLoader, which can be iterated again")
+    if not isinstance(data, Iterable):
+        raise InputDataError(f"{what} must be an iterable of batches, got {type(data).__name__}")
+    return data
