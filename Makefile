@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hessq-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
-PYTEST_ARGS ?=
+# The slowest tests and the suite's wall time go into CI's log.
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: demo test test-fast bench fashion-mnist clean
 
