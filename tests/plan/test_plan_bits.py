@@ -149,7 +149,7 @@ def test_relative_limits_lie_between_all_lowest_and_all_highest(tiny, tiny_sens)
     for bad in (0, 1.5, -0.2):
         with pytest.raises(ValueError, match=r"fraction in \(0, 1\]"):
             Relative(bad)
-    with pytest.raises(ValueError, match=r"fraction in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"percentage in \(0%, 100%\]"):
         plan_bits(tiny, tiny_sens, size_limit="150%", input_shape=SHAPE)
     with pytest.raises(ValueError, match="percentage"):
         plan_bits(tiny, tiny_sens, size_limit="half", input_shape=SHAPE)

@@ -1,25 +1,37 @@
-"""The result of bit allocation: layer name -> weight bits, with totals; saved as JSON."""
+"""The result of bit allocation: layer name -> weight bits, with totals; saved as sealed JSON (plan.json)."""
 
 from __future__ import annotations
 
-import json
-import os
+import numbers
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
-from hessq._errors import ConfigError
-from hessq._io import write_text_atomic
+from hessq._errors import ConfigError, ConfigTypeError, ModelError
+from hessq.plan._files import SealedJSONFile, mapping_or_empty, real_number, required
 from hessq.quantizer._functional import check_act_bits, check_weight_bits
 
 FORMAT = "hessq.bitplan"
-VERSION = 1
+#: 2: sealed (sha256). Version-1 files had no checksum and are refused.
+VERSION = 2
 
 _DETAIL_KEYS = ("num_params", "size_bytes", "bops", "latency", "omega")
 
 
-class BitPlan(Mapping[str, int]):
-    """Weight bits per quantizable layer (layer name -> bits, in network order).
+def _weight_bits(value: Any, name: str) -> int | None:
+    """Bits of one layer: an integer from 2 to 8, or None (keep the layer in floating point)."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # numpy integers
+    try:
+        return check_weight_bits(value)
+    except ConfigError:
+        raise ConfigError(f"bit plan layer {name!r}: weight bits must be an integer from 2 to 8 (or None to keep "
+                          f"it in floating point), got {value!r}") from None
+
+
+class BitPlan(SealedJSONFile, Mapping[str, int]):
+    """Weight bits per quantizable layer (layer name -> bits, in network order; None keeps a layer in float).
 
     ``act_bits`` is the activation bit width of every layer. ``layers`` holds per-layer figures
     (``num_params``, ``size_bytes``, ``bops``, ``latency``, ``omega``) when the plan came from the
@@ -27,12 +39,19 @@ class BitPlan(Mapping[str, int]):
     and are None where unknown. ``limits`` records the absolute limits it was solved under,
     ``signature`` the model it is for (layer -> weight shape) and ``meta`` how it was made.
 
-    Being a plain mapping, a BitPlan can be given to :func:`hessq.quantize` as is.
+    Being a plain mapping, a BitPlan can be given to :func:`hessq.quantize` as is; quantize refuses
+    it for a model whose layers or weight shapes differ from its ``signature``. Bits that are not
+    integers from 2 to 8 (4.5, True, "4", NaN) are refused, never rounded.
     """
+
+    FORMAT = FORMAT
+    VERSION = VERSION
+    WHAT = "bit plan"
+    REMEDY = "make a new one with hessq.plan_bits or `hessq plan`"
 
     def __init__(
         self,
-        bits: Mapping[str, int],
+        bits: Mapping[str, int | None],
         act_bits: int = 8,
         *,
         layers: Mapping[str, Mapping[str, Any]] | None = None,
@@ -40,15 +59,32 @@ class BitPlan(Mapping[str, int]):
         signature: Mapping[str, list[int]] | None = None,
         meta: Mapping[str, Any] | None = None,
     ) -> None:
-        self._bits = {str(n): check_weight_bits(int(b) if not isinstance(b, bool) else b) for n, b in bits.items()}
-        self.act_bits = check_act_bits(act_bits)
-        self.layers: dict[str, dict[str, Any]] = {n: dict(d) for n, d in (layers or {}).items()}
+        if not isinstance(bits, Mapping):
+            raise ConfigTypeError(f"a bit plan's bits must map layer names to weight bits, got {type(bits).__name__}")
+        self._bits = {str(n): _weight_bits(b, str(n)) for n, b in bits.items()}
+        try:
+            self.act_bits = check_act_bits(act_bits)
+        except ConfigError as exc:
+            raise ConfigError(f"bit plan act_bits: {exc}") from None
+        self.layers: dict[str, dict[str, Any]] = {}
+        for n, d in mapping_or_empty(layers, "a bit plan's per-layer figures").items():
+            row = dict(mapping_or_empty(d, f"the figures of layer {n!r}"))
+            for key in _DETAIL_KEYS:
+                if key in row:
+                    real_number(row[key], f"layer {n!r} {key}", allow_none=True)
+            self.layers[str(n)] = row
         unknown = set(self.layers) - set(self._bits)
         if unknown:
             raise ConfigError(f"per-layer figures given for layers without bits: {sorted(unknown)[:5]}")
-        self.limits = {k: v for k, v in (limits or {}).items() if v is not None}
-        self.signature = dict(signature) if signature is not None else {}
-        self.meta = dict(meta) if meta is not None else {}
+        self.limits = {str(k): real_number(v, f"limit {k!r}") for k, v in
+                       mapping_or_empty(limits, "a bit plan's limits").items() if v is not None}
+        self.signature: dict[str, list[int]] = {}
+        for n, shape in mapping_or_empty(signature, "a bit plan's signature (layer -> weight shape)").items():
+            if not isinstance(shape, (list, tuple)) or not all(
+                    isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+                raise ConfigError(f"the signature of layer {n!r} must be a weight shape (a list of sizes), got {shape!r}")
+            self.signature[str(n)] = list(shape)
+        self.meta = dict(mapping_or_empty(meta, "a bit plan's meta"))
 
     # Mapping
     def __getitem__(self, name: str) -> int:
@@ -114,7 +150,7 @@ class BitPlan(Mapping[str, int]):
     def average_bits(self) -> float | None:
         """Weight bits averaged over all weights (Σ n_i b_i / Σ n_i)."""
         n = self.num_params
-        if not n:
+        if not n or any(b is None for b in self._bits.values()):
             return None
         return sum(self._bits[k] * d["num_params"] for k, d in self.layers.items()) / n
 
@@ -127,7 +163,7 @@ class BitPlan(Mapping[str, int]):
             "average_bits": self.average_bits,
         }
 
-    # Files
+    # Files (save/load/to_json/from_json: sealed JSON, from SealedJSONFile)
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -143,12 +179,10 @@ class BitPlan(Mapping[str, int]):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "BitPlan":
-        if data.get("format") != FORMAT:
-            raise ConfigError(f"not a hessq bit plan (format {data.get('format')!r}, expected {FORMAT!r})")
-        if data.get("version") != VERSION:
-            raise ConfigError(f"bit plan version {data.get('version')!r} is not supported (expected {VERSION})")
+        """A BitPlan from :meth:`to_dict`'s form; wrong kind, version or structure is a ConfigError."""
+        data = cls.check_kind(data)
         return cls(
-            data["bits"],
+            required(data, "bits", "the bit plan"),
             data.get("act_bits", 8),
             layers=data.get("layers"),
             limits=data.get("limits"),
@@ -156,37 +190,31 @@ class BitPlan(Mapping[str, int]):
             meta=data.get("meta"),
         )
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "BitPlan":
-        return cls.from_dict(json.loads(text))
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write JSON to a temporary file beside ``path`` and rename it onto ``path``."""
-        write_text_atomic(Path(path), self.to_json())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "BitPlan":
-        try:
-            return cls.from_json(Path(path).read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc}); the file is truncated or not a bit plan") from exc
-
     def check_model(self, model) -> None:
-        """Raise if this plan was made for a model with other quantizable layers or shapes."""
+        """Raise :class:`ModelError` if this plan was made for a model with other quantizable layers or shapes.
+
+        The message names the layers only in the plan, only in the model, and those whose weight
+        shapes differ. A plan without a signature (built by hand) is checked on layer names only.
+        """
         from hessq.sensitivity import model_signature
 
         actual = model_signature(model)
-        expected = self.signature or {n: actual.get(n) for n in self._bits}
-        if set(self._bits) != set(actual) or (self.signature and actual != expected):
-            missing = sorted(set(self._bits) - set(actual))
-            extra = sorted(set(actual) - set(self._bits))
-            raise ConfigError(
-                f"this bit plan was made for another model: layers only in the plan {missing[:5]}, "
-                f"only in the model {extra[:5]}"
-            )
+        planned = self.signature or {n: actual.get(n) for n in self._bits}
+        only_plan = [n for n in self._bits if n not in actual]
+        only_model = [n for n in actual if n not in self._bits]
+        reshaped = [n for n in self._bits if n in actual and planned.get(n) is not None and planned[n] != actual[n]]
+        if not (only_plan or only_model or reshaped):
+            return
+        parts = []
+        if only_plan:
+            parts.append(f"{len(only_plan)} layer(s) the model does not have {_few(only_plan)}")
+        if only_model:
+            parts.append(f"{len(only_model)} model layer(s) the plan lacks {_few(only_model)}")
+        if reshaped:
+            parts.append(f"{len(reshaped)} layer(s) with other weight shapes (" + ", ".join(
+                f"{n}: plan {planned[n]}, model {actual[n]}" for n in reshaped[:3]) + (" …" if len(reshaped) > 3 else "") + ")")
+        raise ModelError(f"this bit plan was made for another model: {'; '.join(parts)}. Re-plan for this model "
+                         "(hessq.plan_bits on its sensitivity, or `hessq plan`)")
 
     def table(self, markdown: bool = True) -> str:
         """A per-layer table (bits, weights, size, BOPs, latency, Ω) with a total row."""
@@ -206,7 +234,7 @@ class BitPlan(Mapping[str, int]):
 
         for name, b in self._bits.items():
             d = self.layers.get(name, {})
-            rows.append([name, str(b), f(d.get("num_params"), "int"), f(d.get("size_bytes"), "int"),
+            rows.append([name, "float" if b is None else str(b), f(d.get("num_params"), "int"), f(d.get("size_bytes"), "int"),
                          f(d.get("bops"), "mbops"), f(d.get("latency"), "us"), f(d.get("omega"), "g")])
         avg = self.average_bits
         rows.append(["**total**" if markdown else "total", f"{avg:.3f} avg" if avg is not None else "–",
@@ -219,3 +247,7 @@ class BitPlan(Mapping[str, int]):
         widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
         fmt_row = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         return "\n".join([fmt_row(header)] + [fmt_row(r) for r in rows]) + "\n"
+
+
+def _few(names: list[str]) -> str:
+    return str(names[:5])[:-1] + (", …]" if len(names) > 5 else "]")

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from hessq._errors import ConfigError, ConfigTypeError
+from hessq._checks import check_model
+from hessq._errors import ConfigError, ConfigTypeError, ModelError
 from hessq.graph import quantizable_layers
+from hessq.plan._files import SealedJSONFile, mapping_or_empty, real_number, required
 from hessq.quantizer._functional import check_act_bits, check_weight_bits, quantization_error
 from hessq.sensitivity import Sensitivity
 
@@ -25,6 +26,8 @@ SCALE_BYTES = 4
 BIAS_BYTES = 4
 
 LATENCY_FORMAT = "hessq.latency"
+#: 1: sealed (sha256). Earlier files had no version and no checksum and are refused.
+LATENCY_VERSION = 1
 
 #: Non-positive sensitivities are replaced by this fraction of the largest |sensitivity|.
 NEGATIVE_FLOOR = 1e-9
@@ -59,31 +62,47 @@ class LayerCost:
         return self.macs * bits * act_bits
 
 
-class LatencyTable(Mapping[str, Mapping[int, float]]):
+def _latency_bits(bits: Any, name: str) -> int:
+    """A bit width key: an int, or its decimal string (JSON keys are strings); 4.5 or "four" are refused."""
+    if isinstance(bits, str) and bits.strip().isdigit():
+        return int(bits)
+    if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
+        return int(bits)
+    raise ConfigError(f"latency table entry {name!r}: bit width {bits!r} is not a whole number of bits")
+
+
+class LatencyTable(SealedJSONFile, Mapping[str, Mapping[int, float]]):
     """Measured latency in seconds: layer name -> weight bits -> seconds.
 
-    JSON form: ``{"format": "hessq.latency", "layers": {"conv1": {"4": 1.2e-5, "8": 2.0e-5}, ...}}``
-    or just the inner ``{"conv1": {"4": ..., ...}, ...}`` mapping.
+    Built from a plain mapping (``LatencyTable({"conv1": {4: 1.2e-5, 8: 2.0e-5}, ...})``); a plain
+    mapping may also be passed wherever a table is taken (``latency_table=``). Its file
+    (latency.json, from :meth:`save` or ``hessq export --latency-table``) is sealed JSON:
+    ``{"format": "hessq.latency", "version": 1, "layers": {"conv1": {"4": 1.2e-5, ...}}, "meta": {...},
+    "sha256": ...}``; a file that is damaged, unsealed or of another kind or version is refused.
     """
 
+    FORMAT = LATENCY_FORMAT
+    VERSION = LATENCY_VERSION
+    WHAT = "latency table"
+    REMEDY = "measure it again with hessq.integer.measure_latency_table or `hessq export --latency-table`"
+
     def __init__(self, layers: Mapping[str, Mapping[Any, float]], meta: Mapping[str, Any] | None = None) -> None:
+        if not isinstance(layers, Mapping):
+            raise ConfigTypeError(f"a latency table maps layer names to {{bits: seconds}}, got {type(layers).__name__}")
         table: dict[str, dict[int, float]] = {}
         for name, row in layers.items():
             if not isinstance(row, Mapping):
                 raise ConfigError(f"latency table entry for {name!r} must map bit widths to seconds, got {row!r}")
             parsed: dict[int, float] = {}
             for bits, seconds in row.items():
-                try:
-                    b = int(bits)
-                except (TypeError, ValueError):
-                    raise ConfigError(f"latency table entry {name!r}: bit width {bits!r} is not an integer") from None
-                s = float(seconds)
-                if not math.isfinite(s) or s < 0:
+                b = _latency_bits(bits, name)
+                s = real_number(seconds, f"latency table entry {name!r} at {b} bits")
+                if s < 0:
                     raise ConfigError(f"latency table entry {name!r} at {b} bits: {seconds!r} is not a time in seconds")
                 parsed[b] = s
             table[str(name)] = parsed
         self._layers = table
-        self.meta = dict(meta) if meta is not None else {}
+        self.meta = dict(mapping_or_empty(meta, "a latency table's meta"))
 
     def __getitem__(self, name: str) -> Mapping[int, float]:
         return self._layers[name]
@@ -93,6 +112,13 @@ class LatencyTable(Mapping[str, Mapping[int, float]]):
 
     def __len__(self) -> int:
         return len(self._layers)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LatencyTable):
+            return self._layers == other._layers and self.meta == other.meta
+        return super().__eq__(other)
+
+    __hash__ = None  # compare by value
 
     def seconds(self, name: str, bits: int) -> float:
         if name not in self._layers:
@@ -108,38 +134,28 @@ class LatencyTable(Mapping[str, Mapping[int, float]]):
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": LATENCY_FORMAT,
+            "version": LATENCY_VERSION,
             "meta": self.meta,
             "layers": {n: {str(b): s for b, s in row.items()} for n, row in self._layers.items()},
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LatencyTable":
-        if "format" in data:
-            if data["format"] != LATENCY_FORMAT:
-                raise ConfigError(f"not a hessq latency table (format {data['format']!r}, expected {LATENCY_FORMAT!r})")
-            return cls(data["layers"], data.get("meta"))
-        return cls(data)
-
-    def save(self, path: str | os.PathLike) -> None:
-        from hessq._io import write_text_atomic
-
-        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "LatencyTable":
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc}); expected a latency table") from exc
+        """A table from :meth:`to_dict`'s form (with its format and version); for a bare
+        ``{layer: {bits: seconds}}`` mapping use ``LatencyTable(mapping)``."""
+        data = cls.check_kind(data)
+        return cls(required(data, "layers", "the latency table"), data.get("meta"))
 
 
 def as_latency_table(table: "LatencyTable | Mapping | str | os.PathLike | None") -> LatencyTable | None:
+    """A LatencyTable from a table, a plain ``{layer: {bits: seconds}}`` mapping (or :meth:`LatencyTable.to_dict`'s
+    form), or the path of a sealed latency.json."""
     if table is None or isinstance(table, LatencyTable):
         return table
     if isinstance(table, (str, os.PathLike)):
         return LatencyTable.load(table)
     if isinstance(table, Mapping):
-        return LatencyTable.from_dict(table)
+        return LatencyTable.from_dict(table) if "format" in table else LatencyTable(table)
     raise ConfigTypeError(f"latency_table must be a LatencyTable, a mapping or a JSON path, got {type(table).__name__}")
 
 
@@ -222,18 +238,24 @@ def layer_costs(
 
 
 def check_bits_list(weight_bits: Iterable[int] | int) -> tuple[int, ...]:
-    """Sorted, de-duplicated weight bit widths, each checked to be an integer from 2 to 8."""
+    """Sorted weight bit widths, each an integer from 2 to 8, none twice."""
     if isinstance(weight_bits, int) and not isinstance(weight_bits, bool):
         weight_bits = (weight_bits,)
+    if isinstance(weight_bits, (str, bytes)):
+        raise ConfigTypeError(f"weight_bits must be bit widths like (4, 8), got the string {weight_bits!r}")
     try:
         bits = list(weight_bits)
     except TypeError:
-        raise ConfigError(f"weight_bits must be a bit width or a list of them, got {weight_bits!r}") from None
+        raise ConfigTypeError(f"weight_bits must be a bit width or a list of them, got {weight_bits!r}") from None
     if not bits:
         raise ConfigError("weight_bits is empty: give at least one candidate bit width from 2 to 8")
     for b in bits:
         check_weight_bits(b)
-    return tuple(sorted(set(bits)))
+    twice = sorted({b for b in bits if bits.count(b) > 1})
+    if twice:
+        raise ConfigError(f"weight_bits lists {', '.join(map(str, twice))} more than once ({bits}); give each "
+                          "candidate bit width once")
+    return tuple(sorted(bits))
 
 
 def perturbations(
@@ -248,6 +270,7 @@ def perturbations(
     ``variant="trace"`` (HAWQ-V2/V3): Ω_i(b) = (Tr(H_i)/n_i)·‖Q_b(W_i) − W_i‖².
     ``variant="eigenvalue"`` (HAWQ): Ω_i(b) = (λ_i/n_i)·‖Q_b(W_i) − W_i‖², λ_i the top eigenvalue.
     """
+    check_model(model)
     bits = check_bits_list(weight_bits)
     layers = quantizable_layers(model)
     check_sensitivity(model, sens, layers)
@@ -314,15 +337,15 @@ def check_sensitivity(model: nn.Module, sens: Sensitivity, layers: Mapping[str, 
     layers = layers if layers is not None else quantizable_layers(model)
     missing = [n for n in layers if n not in sens]
     if missing:
-        raise ConfigError(
+        raise ModelError(
             f"the sensitivity has no record for {len(missing)} quantizable layer(s) of this model, e.g. {missing[:5]}; "
-            "it was computed for another model"
+            "it was computed for another model: compute it for this one"
         )
     for name, m in layers.items():
         if sens[name].num_params != m.weight.numel():
-            raise ConfigError(
+            raise ModelError(
                 f"the sensitivity says layer {name!r} has {sens[name].num_params} weights but the model's has "
-                f"{m.weight.numel()}: it was computed for another model"
+                f"{m.weight.numel()}: it was computed for another model: compute it for this one"
             )
 
 

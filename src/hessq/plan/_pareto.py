@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, overload
 
 import torch
 from torch import nn
 
 from hessq._errors import ConfigError
-from hessq._io import write_text_atomic
 from hessq.plan._bitplan import BitPlan
+from hessq.plan._files import SealedJSONFile, mapping_or_empty, real_number, required
 from hessq.plan._cost import LatencyTable, Variant
 from hessq.plan._ilp import InfeasibleLimitsError
 from hessq.plan._plan import Limit, build_problem
 from hessq.sensitivity import Sensitivity
 
 FORMAT = "hessq.pareto"
-VERSION = 1
+#: 2: sealed (sha256). Version-1 files had no checksum and are refused.
+VERSION = 2
 
 
 @dataclass
@@ -39,12 +38,24 @@ class ParetoPoint:
                 "plan": self.plan.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ParetoPoint":
-        return cls(d["size_limit"], d["size_bytes"], d["omega"], BitPlan.from_dict(d["plan"]))
+    def from_dict(cls, d: Mapping[str, Any], where: str = "a Pareto point") -> "ParetoPoint":
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {type(d).__name__}")
+        numbers = [real_number(required(d, k, where), f"{where} {k}") for k in ("size_limit", "size_bytes", "omega")]
+        try:
+            plan = BitPlan.from_dict(required(d, "plan", where))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return cls(*numbers, plan)
 
 
-class ParetoFrontier(Sequence[ParetoPoint]):
-    """Points of strictly falling Ω as size grows, each with its plan, sorted by size."""
+class ParetoFrontier(SealedJSONFile, Sequence[ParetoPoint]):
+    """Points of strictly falling Ω as size grows, each with its plan, sorted by size; saved as sealed JSON."""
+
+    FORMAT = FORMAT
+    VERSION = VERSION
+    WHAT = "Pareto frontier"
+    REMEDY = "compute it again with hessq.pareto_frontier (or `hessq compress`)"
 
     def __init__(self, points: Iterable[ParetoPoint], meta: Mapping[str, Any] | None = None) -> None:
         self.points = list(points)
@@ -71,6 +82,8 @@ class ParetoFrontier(Sequence[ParetoPoint]):
 
     def best_under(self, size_bytes: float) -> ParetoPoint:
         """The point of least Ω with size at most ``size_bytes``."""
+        if not self.points:
+            raise ConfigError("the Pareto frontier has no points")
         fits = [p for p in self.points if p.size_bytes <= size_bytes]
         if not fits:
             raise ConfigError(f"no frontier point is at most {size_bytes:,.0f} bytes (smallest {self.points[0].size_bytes:,.0f})")
@@ -81,23 +94,13 @@ class ParetoFrontier(Sequence[ParetoPoint]):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ParetoFrontier":
-        if data.get("format") != FORMAT:
-            raise ConfigError(f"not a hessq Pareto frontier (format {data.get('format')!r}, expected {FORMAT!r})")
-        return cls([ParetoPoint.from_dict(p) for p in data["points"]], data.get("meta"))
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ParetoFrontier":
-        return cls.from_dict(json.loads(text))
-
-    def save(self, path: str | os.PathLike) -> None:
-        write_text_atomic(Path(path), self.to_json())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "ParetoFrontier":
-        return cls.from_json(Path(path).read_text())
+        """A frontier from :meth:`to_dict`'s form; wrong kind, version or structure is a ConfigError."""
+        data = cls.check_kind(data)
+        points = required(data, "points", "the Pareto frontier")
+        if not isinstance(points, (list, tuple)):
+            raise ConfigError(f"the Pareto frontier's 'points' must be a list, got {type(points).__name__}")
+        return cls([ParetoPoint.from_dict(p, f"Pareto point {i}") for i, p in enumerate(points)],
+                   mapping_or_empty(data.get("meta"), "the Pareto frontier's meta"))
 
 
 def pareto_frontier(
@@ -123,7 +126,7 @@ def pareto_frontier(
 
     The same arguments as :func:`plan_bits`; Ω and the costs are computed once for all points.
     """
-    if not isinstance(num_points, int) or num_points < 2:
+    if not isinstance(num_points, int) or isinstance(num_points, bool) or num_points < 2:
         raise ConfigError(f"num_points must be an integer ≥ 2, got {num_points!r}")
     problem = build_problem(
         model, sens, weight_bits=weight_bits, act_bits=act_bits, latency_table=latency_table, ties=ties,

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from hessq._errors import ConfigError, ConfigTypeError
+from hessq._checks import check_model
+from hessq._errors import ConfigError, ConfigTypeError, ModelError
 from hessq.graph import quantizable_layers
 from hessq.plan._bitplan import BitPlan
 from hessq.plan._cost import (
@@ -72,6 +73,9 @@ def parse_limit(value: Limit, name: str = "limit") -> float | Relative | None:
         except ValueError:
             raise ConfigError(f"{name} must be a number or a percentage like '50%', got {value!r}") from None
         if text.endswith("%"):
+            if not (0.0 < number <= 100.0):
+                raise ConfigError(f"{name} {value!r} must be a percentage in (0%, 100%]: the share of the way from "
+                                  "the all-lowest to the all-highest setting")
             return Relative(number / 100.0)
         value = number
     try:
@@ -80,6 +84,9 @@ def parse_limit(value: Limit, name: str = "limit") -> float | Relative | None:
         raise ConfigError(f"{name} must be a number, a Relative fraction or 'NN%', got {value!r}") from None
     if not np.isfinite(v):
         raise ConfigError(f"{name} must be finite, got {value!r}")
+    if v < 0:
+        raise ConfigError(f"{name} must not be negative, got {value!r}: give bytes, BOPs or seconds, or a "
+                          "percentage like '50%'")
     return v
 
 
@@ -206,8 +213,11 @@ def build_problem(
     omega: Mapping[str, Mapping[int, float]] | None = None,
     lenient: bool = False,
 ) -> Problem:
+    check_model(model)
     layers = quantizable_layers(model)
     names = list(layers)
+    if not names:
+        raise ModelError(f"{type(model).__name__} has no Conv2d or Linear layer; there are no bits to plan")
     wbits = check_bits_list(weight_bits)
     act_bits = check_act(act_bits)
 

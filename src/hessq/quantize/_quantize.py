@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hessq._errors import ConfigError
+from hessq._checks import check_inputs, check_model, reiterable
+from hessq._errors import ConfigError, HessqError, InputDataError, ModelError
 from hessq.graph import act_quantizers, quantizable_layers, rewrite, trace
 from hessq.quantizer import check_act_bits, check_weight_bits
 from hessq.quantizer._functional import Granularity
@@ -57,7 +58,9 @@ def resolve_plan(
         default_act = getattr(plan, "act_bits", 8)
         unknown = [n for n in plan if n not in layer_names]
         if unknown:
-            raise ConfigError(f"the plan names layers the model does not have: {unknown[:5]}; layers are {layer_names[:5]}...")
+            raise ModelError(f"the plan names {len(unknown)} layer(s) the model does not have: {unknown[:5]}; the "
+                             f"model's quantizable layers are {layer_names[:5]}{' …' if len(layer_names) > 5 else ''}. "
+                             "A plan made for another model does not fit: re-plan for this model, or fix the names")
         missing = [n for n in layer_names if n not in plan]
         if missing:
             raise ConfigError(f"the plan gives no bits for layers {missing[:5]}; a per-layer plan must name every quantizable layer")
@@ -76,14 +79,53 @@ def _inputs(batch: Any) -> torch.Tensor:
 
 
 def check_finite(model: nn.Module) -> None:
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ConfigError(f"the model has NaN or inf in `{name}`; quantizing it would give garbage. Fix the weights first.")
+    """Raise :class:`ModelError` for NaN or infinite weights (kept for callers; :func:`hessq._checks.check_model` does it)."""
+    check_model(model)
+
+
+def _expected_input(qmodel: nn.Module) -> str:
+    """What the first layer called takes, e.g. "(batch, 1, H, W)", or "" when unknown."""
+    first = next(iter(getattr(qmodel, "layer_bits", {})), None)
+    try:
+        layer = qmodel.get_submodule(first) if first is not None else None
+    except AttributeError:
+        return ""
+    if getattr(layer, "in_channels", None) is not None:
+        return f"; its first layer {first!r} takes (batch, {layer.in_channels}, H, W)"
+    if getattr(layer, "in_features", None) is not None:
+        return f"; its first layer {first!r} takes (batch, ..., {layer.in_features})"
+    return ""
+
+
+def _shape(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return str(tuple(x.shape))
+    if isinstance(x, (tuple, list)):
+        return "(" + ", ".join(_shape(v) for v in x) + ")"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k!r}: {_shape(v)}" for k, v in x.items()) + "}"
+    return type(x).__name__
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
 
 
 @torch.no_grad()
 def calibrate(qmodel: nn.Module, batches: Iterable, *, progress: bool = False) -> int:
-    """Set every activation range from ``batches`` (inputs or (inputs, targets)); returns the batch count."""
+    """Set every activation range from ``batches`` (inputs or (inputs, targets)); returns the batch count.
+
+    The batches are read once, in order. Each batch's inputs are checked (uint8 pixels, another
+    float dtype than the model's, NaN: :class:`InputDataError` with the conversion to make); inputs
+    the model cannot take (a wrong shape) are an InputDataError naming the shape given and the one
+    the first layer expects. No batch at all is an InputDataError.
+    """
     quantizers = act_quantizers(qmodel)
     for q in quantizers.values():
         q.observer.reset()
@@ -94,17 +136,29 @@ def calibrate(qmodel: nn.Module, batches: Iterable, *, progress: bool = False) -
     count = 0
     try:
         for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
-            x = _inputs(batch)
-            qmodel(x.to(device))
+            x = check_inputs(_inputs(batch), qmodel, where=f"calibration batch {count} inputs")
+            try:
+                qmodel(_to(x, device))
+            except HessqError:
+                raise
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                if count:
+                    raise  # the first batch ran: not a matter of the inputs' shape
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise InputDataError(
+                    f"the model cannot run on calibration batch 0: inputs of shape {_shape(x)}"
+                    f"{_expected_input(qmodel)} ({type(exc).__name__}: {first}). Give batches shaped as the model "
+                    "takes them (inputs, or (inputs, targets) pairs)") from exc
             count += 1
             # the integer model is compiled for this per-sample input shape
-            qmodel.input_shape = tuple(x.shape[1:])
+            if isinstance(x, torch.Tensor):
+                qmodel.input_shape = tuple(x.shape[1:])
     finally:
         for q in quantizers.values():
             q.observing = False
         qmodel.train(was_training)
     if count == 0:
-        raise ConfigError("calibration needs at least one batch; got none")
+        raise InputDataError("calibration needs at least one batch of inputs; got none (an empty list or loader?)")
     for q in quantizers.values():
         q.freeze()
     return count
@@ -142,15 +196,28 @@ def quantize(
     numbers per image, and on EfficientNet-Lite0 that cost distilled calibration 0.4-1 point
     of agreement (bench/results/zeroq_ranges.md).
 
+    ``calibration_batches`` must be re-iterable (a list of batches or a DataLoader): a one-shot
+    iterator or generator is refused with an :class:`InputDataError`, so that the same data
+    can go on to later stages (fine-tuning, evaluation) instead of arriving there exhausted;
+    pass ``list(it)``. Calibration reads the batches once; each is checked as :func:`calibrate`
+    says (dtype, NaN, shape).
+
+    ``model`` must be an ``nn.Module`` with real, finite weights (:class:`ModelError` otherwise).
+    A plan with a model ``signature`` (a :class:`hessq.BitPlan` from the planner) is refused
+    with a :class:`ModelError` for a model whose layers or weight shapes differ, naming them.
+
     The result is a :class:`QuantizedModel` whose Conv2d/Linear layers are quantized
     twins at the same module paths; ``result.layer_bits`` records the plan applied. Its
     eval mode computes exactly what the integer model computes.
     """
-    check_finite(model)
+    check_model(model, "model")
+    reiterable(calibration_batches, what="calibration_batches")
+    if isinstance(plan, Mapping) and getattr(plan, "signature", None) and callable(getattr(plan, "check_model", None)):
+        plan.check_model(model)  # a BitPlan for another model: names the layers that differ
     leaf_modules = list(leaf_modules)
     order = layer_call_order(model, leaf_modules)
     if not order:
-        raise ConfigError(f"{type(model).__name__} calls no Conv2d or Linear layer; there is nothing to quantize")
+        raise ModelError(f"{type(model).__name__} calls no Conv2d or Linear layer; there is nothing to quantize")
     layer_bits = resolve_plan(plan, order, first_last_bits)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     gm = rewrite(
