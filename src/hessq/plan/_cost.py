@@ -143,6 +143,9 @@ class LatencyTable(SealedJSONFile, Mapping[str, Mapping[int, float]]):
     def from_dict(cls, data: Mapping[str, Any]) -> "LatencyTable":
         """A table from :meth:`to_dict`'s form (with its format and version); for a bare
         ``{layer: {bits: seconds}}`` mapping use ``LatencyTable(mapping)``."""
+        if isinstance(data, Mapping) and "format" not in data:
+            raise ConfigError("not a hessq latency table (no 'format'): for a bare {layer: {bits: seconds}} mapping "
+                              "use LatencyTable(mapping)")
         data = cls.check_kind(data)
         return cls(required(data, "layers", "the latency table"), data.get("meta"))
 
