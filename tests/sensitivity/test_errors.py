@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from hessq import InputDataError
 from hessq.sensitivity import hessian_sensitivity
 
 from ._models import batches, mlp
@@ -75,10 +76,15 @@ def test_unused_layer_is_named():
 
 
 def test_nan_loss():
+    with pytest.raises(ValueError, match=r"the loss is nan on batch 0.*NaN/inf"):
+        hessian_sensitivity(mlp(), batches((10,)), lambda out, y: nn.functional.cross_entropy(out, y) * float("nan"))
+
+
+def test_nan_input_is_refused_before_any_product():
     (x, y), = batches((10,))
     x = x.clone()
     x[3, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"the loss is nan on batch 0.*NaN/inf"):
+    with pytest.raises(InputDataError, match=r"batch 0's inputs hold NaN or infinite values \(1 of 640\)"):
         hessian_sensitivity(mlp(), (x, y))
 
 
@@ -91,12 +97,13 @@ def test_inf_loss():
         hessian_sensitivity(mlp(), batches((10, 7)), loss_fn)
 
 
-def test_inf_input_gives_non_finite_products():
-    (x, y), = batches((10,))
-    x = x.clone()
-    x[3, 0, 0, 0] = float("inf")  # tanh saturates: the loss stays finite, its derivatives do not
-    with pytest.raises(ValueError, match=r"Hessian-vector product is not finite.*NaN/inf"):
-        hessian_sensitivity(mlp(), (x, y))
+def test_inf_input_is_refused_before_any_product():
+    # tanh(inf) would keep the loss finite and make the products inf: refused up front instead
+    data = batches((10, 10))
+    x = data[1][0].clone()
+    x[3, 0, 0, 0] = float("inf")
+    with pytest.raises(InputDataError, match=r"batch 1's inputs hold NaN or infinite"):
+        hessian_sensitivity(mlp(), [data[0], (x, data[1][1])])
 
 
 def test_non_scalar_loss():

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hessq._errors import ConfigError
+from hessq._checks import check_inputs, check_model
+from hessq._errors import ArtifactError, ConfigError, InputDataError, ModelError
 from hessq._io import write_atomic
 from hessq.quantizer import _kernels
 from hessq.integer._program import Op, compile_program
@@ -69,11 +70,20 @@ class IntegerModel:
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, *, kernel: str = "auto", keep: bool = False) -> dict[str, torch.Tensor] | torch.Tensor:
-        """Execute the program; with ``keep`` return every named value (codes) instead of the output."""
+        """Execute the program; with ``keep`` return every named value (codes) instead of the output.
+
+        ``x`` is a float32 batch of shape (N, *input_shape), as the float model took it: raw uint8
+        images, other float dtypes and NaN or infinite values are refused (nothing would say the
+        result is wrong: NaN quantizes to a code like any other).
+        """
         if kernel not in _kernels.KERNELS:
             raise ConfigError(f"kernel must be one of {_kernels.KERNELS}, got {kernel!r}")
+        expected = f"(N, {', '.join(map(str, self.input_shape))})"
+        if not isinstance(x, torch.Tensor):
+            raise InputDataError(f"the integer model takes a float32 tensor of shape {expected}, got {type(x).__name__}")
         if tuple(x.shape[1:]) != self.input_shape:
-            raise ConfigError(f"input shape {tuple(x.shape)} does not match the model's (N, {', '.join(map(str, self.input_shape))})")
+            raise InputDataError(f"input shape {tuple(x.shape)} does not match the model's {expected}")
+        check_inputs(x, None, where="the integer model's inputs")
         env: dict[str, torch.Tensor] = {self.input_name: x}
         for op in self.ops:
             env[op.output] = _execute(op, [env[name] for name in op.inputs], kernel)
@@ -127,7 +137,15 @@ class IntegerModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "IntegerModel":
+        """Read a file :meth:`save` wrote, with ``weights_only=True`` (no pickled code runs).
+
+        A directory, an empty, truncated, damaged (checksum), foreign or other-version file, or a
+        pickle that asks for code, is refused with an :class:`hessq.ArtifactError` naming the file.
+        """
         path = Path(path)
+        remedy = "re-export it with this hessq (hessq.to_integer(qmodel).save(path))"
+        if path.is_dir():
+            raise ArtifactError(f"{path} is a directory, not a hessq integer model file; name the .hq file inside it")
         if not path.exists():
             raise FileNotFoundError(f"no integer model file at {path}")
         try:
@@ -135,26 +153,35 @@ class IntegerModel:
             header = json.loads(blob["header"])
             tensors = blob["tensors"]
             digest = blob["sha256"]
-        except Exception as exc:
-            raise ConfigError(f"{path} is not a readable hessq integer model (truncated or corrupt: {type(exc).__name__}: {exc})") from exc
+            if not isinstance(header, dict) or not isinstance(tensors, dict):
+                raise TypeError("header or tensors of the wrong type")
+        except Exception as exc:  # truncated zip, a pickle that asks for code, another layout: many types
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise ArtifactError(f"{path} is not a readable hessq integer model (truncated or corrupt, or a pickle "
+                                f"that would run code, which hessq never loads: {type(exc).__name__}: {first}); {remedy}") from None
         if header.get("format") != FORMAT:
-            raise ConfigError(f"{path} is not a hessq integer model (format {header.get('format')!r})")
+            raise ArtifactError(f"{path} is not a hessq integer model (format {header.get('format')!r}); {remedy}")
         if header.get("version") != VERSION:
-            raise ConfigError(
-                f"{path} is integer-model file version {header.get('version')}, this hessq reads version {VERSION}; "
-                "re-export it with this hessq (hessq.to_integer(...).save(path))"
+            raise ArtifactError(
+                f"{path} is integer-model file version {header.get('version')}, this hessq reads version {VERSION}; {remedy}"
             )
-        if cls._digest(header, tensors) != digest:
-            raise ConfigError(f"{path} is corrupt: its checksum does not match its contents")
-        ops = []
-        for entry in header["program"]:
-            op_tensors = {}
-            for key, ref in entry["tensors"].items():
-                t = tensors[ref["name"]]
-                op_tensors[key] = _unpack_nibbles(t, ref["packed4"]) if "packed4" in ref else t
-            scale = tensors[entry["scale"]] if "scale" in entry else None
-            ops.append(Op(entry["kind"], entry["inputs"], entry["output"], entry["attrs"], op_tensors, scale))
-        return cls(ops, header["input_name"], header["output_name"], tuple(header["input_shape"]), header["meta"])
+        try:
+            if cls._digest(header, tensors) != digest:
+                raise ArtifactError(f"{path} is corrupt: its checksum does not match its contents; {remedy}")
+            ops = []
+            for entry in header["program"]:
+                op_tensors = {}
+                for key, ref in entry["tensors"].items():
+                    t = tensors[ref["name"]]
+                    op_tensors[key] = _unpack_nibbles(t, ref["packed4"]) if "packed4" in ref else t
+                scale = tensors[entry["scale"]] if "scale" in entry else None
+                ops.append(Op(entry["kind"], entry["inputs"], entry["output"], entry["attrs"], op_tensors, scale))
+            return cls(ops, header["input_name"], header["output_name"], tuple(header["input_shape"]), header["meta"])
+        except ArtifactError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+            raise ArtifactError(f"{path} holds an integer program of the wrong structure ({type(exc).__name__}: "
+                                f"{exc}); {remedy}") from None
 
     def size_bytes(self) -> int:
         """Bytes of the stored weights (packed), biases and requantization constants."""
@@ -221,6 +248,13 @@ def to_integer(qmodel: Any) -> IntegerModel:
     Raises :class:`IntegerConversionError` naming any op with no integer form (e.g.
     sigmoid, softmax, layer norm) and for a model that was never calibrated.
     """
+    if isinstance(qmodel, torch.nn.Module):
+        # Weights only: an uncalibrated quantizer's observer holds ±inf, and compile_program names that case.
+        check_model(qmodel, "the quantized model", finite=False)
+        for name, p in qmodel.named_parameters():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                raise ModelError(f"the quantized model has NaN or infinite values in {name!r}: an integer model needs "
+                                 "finite weights; check the float model it was quantized from")
     ops, input_name, output_name, input_shape = compile_program(qmodel)
     meta = {"layer_bits": {k: list(v) for k, v in qmodel.layer_bits.items()}}
     return IntegerModel(ops, input_name, output_name, input_shape, meta)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hessq._errors import ConfigError, ConfigTypeError, MissingDependencyError
-from hessq._io import write_atomic
+from hessq._io import check_writable, write_atomic
 from hessq.integer._model import IntegerModel
 from hessq.integer._program import Op
 
@@ -414,12 +414,16 @@ def export_onnx(model: IntegerModel, path: str | os.PathLike, *, mode: str = "ex
     ``mode="exact"`` matches the integer model bit for bit (ConvInteger + dyadic
     requantization in float64); ``mode="fast"`` uses ONNX Runtime's fused QLinearConv,
     within one quantization step of it. ``batch_size=None`` leaves the batch dimension
-    dynamic. The file is written to a temporary name and renamed.
+    dynamic. The file is written to a temporary name and renamed; a ``path`` that is a directory
+    or lies under a file is refused before any work.
     """
     if not isinstance(model, IntegerModel):
         raise ConfigTypeError(f"export_onnx takes an IntegerModel (hessq.to_integer(qmodel)), got {type(model).__name__}")
     if mode not in ("exact", "fast"):
         raise ConfigError(f"mode must be 'exact' or 'fast', got {mode!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch_size must be a positive integer, or None for a dynamic batch dimension; got {batch_size!r}")
+    check_writable(path, "ONNX file")  # a directory or a path under a file: refused before the export's work
     exporter = _Exporter(model, mode)
     onnx, TP, helper = exporter.onnx, exporter.TP, exporter.helper
     for op in model.ops:

@@ -1,7 +1,13 @@
-"""The public entry points: per-layer Hessian sensitivity, whole-model trace, eigenvalues, density."""
+"""The public entry points: per-layer Hessian sensitivity, whole-model trace, eigenvalues, density.
+
+Every entry point checks its arguments, the model and the batches before the first Hessian-vector
+product (one cheap forward of the first batch included), so a mistake is one clear
+:class:`hessq.HessqError`, not a torch error deep inside an HVP or a silently odd result.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -11,42 +17,147 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hessq._errors import ConfigError
+from hessq._checks import check_class_targets, check_inputs, check_model, split_batch
+from hessq._errors import ConfigError, ConfigTypeError, HessqError, InputDataError
 from hessq.graph import quantizable_layers
 from hessq.sensitivity import _distributed as D
 from hessq.sensitivity._density import SpectralDensity, slq
 from hessq.sensitivity._eigen import power_iteration
 from hessq.sensitivity._hutchinson import TraceEstimate, hutchinson
-from hessq.sensitivity._hvp import HessianOperator, sub_generator
+from hessq.sensitivity._hvp import HessianOperator, batch_size, move, run_model, sub_generator
 from hessq.sensitivity._result import LayerSensitivity, Sensitivity, model_signature
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+
+#: min_samples when not given: 10, or max_samples when that is smaller.
+DEFAULT_MIN_SAMPLES = 10
+
+
+# --- argument checks ------------------------------------------------------------------------
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int when it is an integer >= ``minimum``; a ConfigError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigTypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def check_tolerance(name: str, value: Any) -> float:
+    """``value`` as a float when it is a finite number >= 0 (0 means: never stop early)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ConfigTypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number >= 0 (0: run to the iteration limit), got {value}")
+    return float(value)
+
+
+def _sample_counts(rtol: Any, max_samples: Any, min_samples: Any) -> tuple[float, int, int]:
+    rtol = check_tolerance("rtol", rtol)
+    max_samples = check_count("max_samples", max_samples)
+    if min_samples is None:
+        return rtol, max_samples, min(DEFAULT_MIN_SAMPLES, max_samples)
+    min_samples = check_count("min_samples", min_samples)
+    if min_samples > max_samples:
+        raise ConfigError(f"min_samples ({min_samples}) is more than max_samples ({max_samples}); "
+                          "lower min_samples or raise max_samples")
+    return rtol, max_samples, min_samples
+
+
+def _check_names(layers: Any) -> list[str] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, str) or not isinstance(layers, Iterable):
+        raise ConfigTypeError(f"layers must be a list of layer names, got {layers!r}"
+                              + (f"; for one layer write layers=[{layers!r}]" if isinstance(layers, str) else ""))
+    layers = list(layers)
+    if not layers:
+        raise ConfigError("layers is empty: name at least one layer, or pass layers=None for all of them")
+    bad = [n for n in layers if not isinstance(n, str)]
+    if bad:
+        raise ConfigTypeError(f"layers must hold layer names (strings), got {bad[:3]}")
+    return layers
 
 
 def _is_batch(obj: Any) -> bool:
     return isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], (torch.Tensor, dict))
 
 
-def _local_batches(batches: Any, group) -> tuple[list[tuple[int, Any]], int]:
-    """This rank's (global index, batch) pairs (round robin), and the number of batches in all."""
+def _local_batches(batches: Any, group, model: nn.Module) -> tuple[list[tuple[int, Any]], int]:
+    """This rank's (global index, batch) pairs (round robin), and the number of batches in all.
+
+    ``batches`` is read once, here, and kept: a generator or a one-shot iterator is fine, since
+    every product afterwards reads the list. Every batch (every rank's, so that all ranks refuse
+    the same data instead of some waiting forever) must be an (inputs, targets) pair whose inputs
+    the model can take: its float dtype, no NaN or inf.
+    """
     if _is_batch(batches):
         batches = [batches]
+    if isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
+        raise InputDataError(f"batches must be one (inputs, targets) batch or an iterable of them (a list, a "
+                             f"DataLoader), got {type(batches).__name__}")
     mine, count = [], 0
     for b, batch in enumerate(batches):
         count += 1
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ConfigError(f"batch {b} is a {type(batch).__name__}; each batch must be an (inputs, targets) pair")
+        try:
+            inputs, targets = split_batch(batch)
+        except InputDataError as exc:
+            raise InputDataError(f"batch {b}: {exc}") from None
+        check_inputs(inputs, model, where=f"batch {b}'s inputs")
         if D.owns(b, group):
-            mine.append((b, tuple(batch)))
+            mine.append((b, (inputs, targets)))
     if count == 0:
-        raise ConfigError("no data: `batches` is empty. Pass an (inputs, targets) batch or an iterable of them.")
+        raise InputDataError("no data: `batches` is empty. Pass an (inputs, targets) batch or an iterable of them.")
     _, world = D.rank_and_world(group)
     if count < world:
-        raise ConfigError(f"{count} batch(es) for {world} ranks: each rank needs at least one; use smaller batches or fewer ranks")
+        raise InputDataError(f"{count} batch(es) for {world} ranks: each rank needs at least one; use smaller batches or fewer ranks")
     return mine, count
 
 
+def _shape(inputs: Any) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return tuple(inputs.shape)
+    if isinstance(inputs, dict):
+        return {k: _shape(v) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return [_shape(v) for v in inputs]
+    return type(inputs).__name__
+
+
+def first_forward(model: nn.Module, inputs: Any, where: str = "the first batch") -> Any:
+    """The model's output on ``inputs`` (no gradients); its failure becomes an InputDataError naming the shape."""
+    try:
+        with torch.no_grad():
+            return run_model(model, inputs)
+    except HessqError:
+        raise
+    except Exception as exc:  # the model's own error: usually a shape or dtype mismatch
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputDataError(f"the model cannot run on {where}: inputs of shape {_shape(inputs)} give "
+                             f"{type(exc).__name__}: {first}. Pass inputs shaped as the model expects") from exc
+
+
+def _check_data(model: nn.Module, mine: list[tuple[int, Any]], loss_fn: LossFn | None) -> None:
+    """One forward of the first batch; with the default loss, targets must be class indices the output has."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    index, (inputs, _) = mine[0]
+    out = first_forward(model, move(inputs, device), f"batch {index}")
+    if loss_fn is not None:
+        return  # a custom loss decides what its targets are
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        raise InputDataError(f"the default loss (cross-entropy) needs (batch, classes) logits; the model returns "
+                             f"{type(out).__name__}{f' of shape {tuple(out.shape)}' if isinstance(out, torch.Tensor) else ''}. "
+                             "Pass loss_fn=")
+    for b, (inputs, targets) in mine:
+        check_class_targets(targets, int(out.shape[1]), where=f"batch {b}'s targets")
+        if targets.dim() and int(targets.shape[0]) != batch_size(inputs):
+            raise InputDataError(f"batch {b} has {batch_size(inputs)} inputs but {int(targets.shape[0])} targets")
+
+
 def _select_layers(model: nn.Module, layers: Sequence[str] | None) -> dict[str, nn.Module]:
+    layers = _check_names(layers)
     found = quantizable_layers(model)
     if layers is not None:
         unknown = [n for n in layers if n not in found]
@@ -80,7 +191,8 @@ class _EvalMode:
 
 def _operator(model, batches, loss_fn, layers, group, cache, activations=False):
     chosen = _select_layers(model, layers)
-    mine, count = _local_batches(batches, group)
+    mine, count = _local_batches(batches, group, model)
+    _check_data(model, mine, loss_fn)
     op = HessianOperator(
         model, mine, loss_fn or F.cross_entropy, [m.weight for m in chosen.values()], list(chosen),
         act_layers=chosen if activations else None, group=group, cache=len(mine) == 1 if cache is None else cache,
@@ -96,7 +208,7 @@ def hessian_sensitivity(
     layers: Sequence[str] | None = None,
     rtol: float = 0.05,
     max_samples: int = 200,
-    min_samples: int = 10,
+    min_samples: int | None = None,
     seed: int = 0,
     eigenvalues: bool = True,
     top_k: int = 1,
@@ -120,8 +232,18 @@ def hessian_sensitivity(
     ``activations`` adds HAWQ-V2's trace with respect to each layer's input activation. Under
     torch.distributed the batches are split over the ranks (round robin) and the products
     summed; the result equals a single-process run on the same batches and seed.
-    ``layers`` restricts the analysis to those layer names.
+    ``layers`` restricts the analysis to those layer names. ``min_samples`` defaults to 10, or
+    ``max_samples`` when that is smaller.
+
+    ``batches`` is read once, at the start, and kept in memory for every product: a generator
+    or one-shot iterator is accepted (what it yields is what is analysed). Arguments, the model
+    and every batch (an (inputs, targets) pair, inputs in the model's float dtype without NaN,
+    targets class indices the model's output has) are checked before the first product.
     """
+    check_model(model)
+    rtol, max_samples, min_samples = _sample_counts(rtol, max_samples, min_samples)
+    top_k, eig_max_iter = check_count("top_k", top_k), check_count("eig_max_iter", eig_max_iter)
+    eig_tol, seed = check_tolerance("eig_tol", eig_tol), check_count("seed", seed, 0)
     rank, world = D.rank_and_world(group)
     show = progress and rank == 0
     with _EvalMode(model):
@@ -201,7 +323,7 @@ def hessian_trace(
     params: Sequence[torch.Tensor] | None = None,
     rtol: float = 0.01,
     max_samples: int = 200,
-    min_samples: int = 10,
+    min_samples: int | None = None,
     seed: int = 0,
     cache: bool | None = None,
     progress: bool = False,
@@ -209,15 +331,24 @@ def hessian_trace(
 ) -> TraceEstimate:
     """Hutchinson estimate of Tr(H) over ``params`` (default: every parameter with requires_grad).
 
-    The whole-model trace PyHessian's ``trace()`` computes, with its standard error.
+    The whole-model trace PyHessian's ``trace()`` computes, with its standard error. Arguments and
+    ``batches`` are checked, and ``batches`` read once, as in :func:`hessian_sensitivity`.
     """
+    check_model(model)
+    rtol, max_samples, min_samples = _sample_counts(rtol, max_samples, min_samples)
+    seed = check_count("seed", seed, 0)
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(params, torch.Tensor) or not isinstance(params, Iterable):
+        raise ConfigTypeError(f"params must be a list of parameter tensors, got {type(params).__name__}")
     params = list(params)
     if not params:
         raise ConfigError("no parameter with requires_grad=True: nothing to differentiate. Call model.requires_grad_(True).")
+    if not all(isinstance(p, torch.Tensor) and p.requires_grad for p in params):
+        raise ConfigError("params must be tensors with requires_grad=True (e.g. [m.weight for m in layers])")
     with _EvalMode(model):
-        mine, _ = _local_batches(batches, group)
+        mine, _ = _local_batches(batches, group, model)
+        _check_data(model, mine, loss_fn)
         op = HessianOperator(model, mine, loss_fn or F.cross_entropy, params, [f"param{i}" for i in range(len(params))],
                              group=group, cache=len(mine) == 1 if cache is None else cache)
         _, total, _, _ = hutchinson(op, rtol=rtol, max_samples=max_samples, min_samples=min_samples, seed=seed,
@@ -239,7 +370,13 @@ def top_eigenvalues(
     progress: bool = False,
     group=None,
 ) -> dict[str, list[float]]:
-    """Each quantizable layer's top ``k`` Hessian-block eigenvalues by power iteration (HAWQ)."""
+    """Each quantizable layer's top ``k`` Hessian-block eigenvalues by power iteration (HAWQ).
+
+    Arguments and ``batches`` are checked, and ``batches`` read once, as in :func:`hessian_sensitivity`.
+    """
+    check_model(model)
+    k, max_iter = check_count("k", k), check_count("max_iter", max_iter)
+    tol, seed = check_tolerance("tol", tol), check_count("seed", seed, 0)
     with _EvalMode(model):
         op, chosen, _ = _operator(model, batches, loss_fn, layers, group, cache)
         eig = _block_eigenvalues(op, range(len(chosen)), k, max_iter, tol, seed, progress and D.rank_and_world(group)[0] == 0)
@@ -259,7 +396,12 @@ def spectral_density(
     group=None,
 ) -> SpectralDensity:
     """SLQ eigenvalue density (PyHessian's ``density``) of the Hessian over all quantizable
-    layers' weights, or of one layer's block with ``layer=``."""
+    layers' weights, or of one layer's block with ``layer=``. Arguments and ``batches`` are
+    checked, and ``batches`` read once, as in :func:`hessian_sensitivity`."""
+    check_model(model)
+    iters, n_v, seed = check_count("iters", iters), check_count("n_v", n_v), check_count("seed", seed, 0)
+    if layer is not None and not isinstance(layer, str):
+        raise ConfigTypeError(f"layer must be one layer's name (a string) or None, got {layer!r}")
     gen = torch.Generator().manual_seed(seed)
     with _EvalMode(model):
         op, chosen, _ = _operator(model, batches, loss_fn, [layer] if layer is not None else None, group, cache)

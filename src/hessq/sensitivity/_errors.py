@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from hessq._errors import ModelError
+
 
 def _walk(roots) -> list:
     """Every autograd node reachable from ``roots`` (grad_fn objects), each once."""
@@ -91,14 +93,14 @@ def _blocked_layers(nodes, params: Sequence[torch.Tensor], names: Sequence[str])
     return [n for n in names if n in hit]
 
 
-def _message(op: str, modules: list[str], blocked: list[str], names: Sequence[str], cause: str) -> ValueError:
+def _message(op: str, modules: list[str], blocked: list[str], names: Sequence[str], cause: str) -> ModelError:
     where = f" in module {', '.join(repr(m or '<model>') for m in modules)}" if modules else ""
     keep = [n for n in names if n not in blocked]
     fix = (
         f"Exclude the layers behind it with layers={keep}" if keep
         else "No analysed layer can be reached without it; replace it by an op with a double backward"
     )
-    return ValueError(
+    return ModelError(
         f"{op}{where} has no double backward ({cause}), so the Hessian of the layers {blocked or list(names)} "
         f"cannot be computed by double back-propagation. {fix}, or rewrite that op with differentiable "
         "PyTorch operations (a custom autograd.Function needs a backward that is itself differentiable, "

@@ -14,15 +14,18 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hessq._errors import ConfigError
+from hessq._checks import check_inputs, check_model
+from hessq._errors import ConfigError, ConfigTypeError, InputDataError
 from hessq.graph import fold_batchnorm, quantizable_layers, trace
 from hessq.quantizer import WeightQuantizer, check_weight_bits
 from hessq.quantizer._functional import Granularity
+from hessq.sensitivity._engine import first_forward
 from hessq.sensitivity._result import LayerSensitivity, Sensitivity, model_signature
 
 METHOD = "zeroq-kl"
@@ -60,15 +63,29 @@ def kl_sensitivity(
     (nats per input); ``trace`` and ``trace_stderr`` are NaN (no Hessian was computed) and
     ``meta["method"] == "zeroq-kl"``. :func:`kl_omega` turns it into the planner's Ω table
     (``hessq.plan_bits(model, sens)`` uses it automatically).
+
+    ``batches`` is read once and kept in memory (a generator or one-shot iterator is fine). The
+    bit widths, the model and every batch's inputs (a tensor in the model's float dtype, no NaN)
+    are checked before any work.
     """
-    bits = sorted({check_weight_bits(int(b)) for b in weight_bits})
+    if isinstance(weight_bits, (str, bytes)) or not isinstance(weight_bits, Iterable):
+        raise ConfigTypeError(f"weight_bits must be a list of bit widths such as (2, 4, 6, 8), got {weight_bits!r}")
+    bits = sorted({check_weight_bits(int(b) if isinstance(b, np.integer) else b) for b in weight_bits})
     if not bits:
         raise ConfigError("weight_bits is empty; give at least one bit width")
-    layers = quantizable_layers(model)
-    names = list(layers)
+    check_model(model)
+    if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
+        raise InputDataError(f"batches must be an iterable of input batches (a list, a DataLoader, "
+                             f"hessq.distill_data(...)), got {type(batches).__name__}")
     inputs = [_inputs(b) for b in batches]
     if not inputs:
-        raise ConfigError("kl_sensitivity needs at least one batch of inputs (e.g. hessq.distill_data(model, 32, input_shape))")
+        raise InputDataError("kl_sensitivity needs at least one batch of inputs (e.g. hessq.distill_data(model, 32, input_shape))")
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor):
+            raise InputDataError(f"batch {i}'s inputs must be a tensor, got {type(x).__name__}")
+        check_inputs(x, model, where=f"batch {i}'s inputs")
+    layers = quantizable_layers(model)
+    names = list(layers)
     start = time.perf_counter()
     gm = trace(model, leaf_modules)
     gm.eval()
@@ -77,8 +94,8 @@ def kl_sensitivity(
     inputs = [x.to(device) for x in inputs]
     num_samples = sum(len(x) for x in inputs)
     refs = []
-    for x in inputs:
-        out = gm(x)
+    for i, x in enumerate(inputs):
+        out = first_forward(gm, x, f"batch {i}")
         if not isinstance(out, torch.Tensor):
             raise ConfigError(f"kl_sensitivity needs a model that returns one tensor of logits; {type(model).__name__} returns {type(out).__name__}")
         refs.append(F.log_softmax(out.float().flatten(1) if out.dim() > 2 else out.float(), dim=-1))
