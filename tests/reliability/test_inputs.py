@@ -235,3 +235,29 @@ def test_export_onnx_refuses_unwritable_paths_before_work(integer_model, tmp_pat
 def test_export_onnx_refuses_bad_batch_sizes(integer_model, tmp_path, size):
     with pytest.raises(ConfigError, match="batch_size"):
         hessq.export_onnx(integer_model, tmp_path / "m.onnx", batch_size=size)
+
+
+# --- the bundled datasets ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: hessq.data.TensorBatches([[0.0]] * 4, torch.zeros(4)), InputDataError, "must be tensors"),
+    (lambda: hessq.data.TensorBatches(torch.zeros(4, 2), torch.zeros(4), batch_size=2.5), ConfigError, "batch_size"),
+    (lambda: hessq.data.digits("test").take(0), ConfigError, "num_batches must be an integer >= 1"),
+    (lambda: hessq.data.digits("test").take(-2), ConfigError, "num_batches must be an integer >= 1"),
+    (lambda: hessq.data.digits("test", batch_size=100).take(50, exact=True), InputDataError, "ask for at most 4"),
+    (lambda: hessq.data.digits(test_fraction=1.5), ConfigError, "test_fraction"),
+    (lambda: hessq.data.digits("test", test_fraction=0), ConfigError, "test_fraction"),
+], ids=["inputs-a-list", "batch_size=2.5", "take(0)", "take(-2)", "take-more-than-there-are", "test_fraction=1.5",
+        "test_fraction=0"])
+def test_dataset_helpers_refuse_bad_values(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_fashion_mnist_refuses_damaged_files_and_a_bad_limit(tmp_path):
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / name).write_bytes(b"not gzip at all")
+    with pytest.raises(InputDataError, match="not a readable gzip IDX file"):
+        hessq.data.fashion_mnist("test", root=tmp_path)
+    with pytest.raises(ConfigError, match="limit"):
+        hessq.data.fashion_mnist("test", root=tmp_path, limit=0)

@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from hessq._errors import ConfigError
+from hessq._errors import ConfigError, InputDataError
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MEAN = 0.2860
@@ -39,10 +39,12 @@ class TensorBatches:
         seed: int = 0,
         augment=None,
     ) -> None:
+        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+            raise InputDataError(f"inputs and targets must be tensors, got {type(inputs).__name__} and {type(targets).__name__}")
         if len(inputs) != len(targets):
-            raise ConfigError(f"inputs ({len(inputs)}) and targets ({len(targets)}) differ in length")
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputDataError(f"inputs ({len(inputs)}) and targets ({len(targets)}) differ in length")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.inputs = inputs
         self.targets = targets
         self.batch_size = batch_size
@@ -73,8 +75,16 @@ class TensorBatches:
                 x = self.augment(x, gen)
             yield x, y
 
-    def take(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first ``num_batches`` batches as a list (e.g. for calibration)."""
+    def take(self, num_batches: int, *, exact: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``num_batches`` batches as a list (e.g. for calibration).
+
+        When there are fewer, all of them; with ``exact`` that is an :class:`InputDataError` instead.
+        """
+        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+            raise ConfigError(f"num_batches must be an integer >= 1, got {num_batches!r}")
+        if exact and num_batches > len(self):
+            raise InputDataError(f"{num_batches} batches asked for, but the data holds {len(self)} of "
+                                 f"{self.batch_size} ({len(self.inputs)} samples); ask for at most {len(self)}")
         out = []
         for i, batch in enumerate(self):
             if i >= num_batches:
@@ -84,16 +94,20 @@ class TensorBatches:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, IsADirectoryError) as exc:
+        raise InputDataError(f"{path} is not a readable gzip IDX file ({type(exc).__name__}: {exc}); "
+                             "reinstall the dataset (dataset-fashion-mnist)") from None
     if len(data) < 8 or data[0] != 0 or data[1] != 0:
-        raise ConfigError(f"{path} is not an IDX file (bad magic number)")
+        raise InputDataError(f"{path} is not an IDX file (bad magic number)")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims))
     if len(data) - offset != expected:
-        raise ConfigError(f"{path} is truncated: expected {expected} values, found {len(data) - offset}")
+        raise InputDataError(f"{path} is truncated: expected {expected} values, found {len(data) - offset}")
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
 
 
@@ -147,6 +161,8 @@ def fashion_mnist(
     """
     if split not in _FILES:
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit must be an integer >= 1 (or None for all images), got {limit!r}")
     d = _fashion_dir(root)
     img_name, lbl_name = _FILES[split]
     missing = [n for n in (img_name, lbl_name) if not (d / n).exists()]
@@ -176,6 +192,8 @@ def digits(
     """scikit-learn's bundled 8×8 digits (1,797 images) as 1×8×8 tensors, split deterministically."""
     if split not in ("train", "test"):
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise ConfigError(f"test_fraction must be a number strictly between 0 and 1, got {test_fraction!r}")
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
