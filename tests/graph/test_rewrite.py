@@ -194,7 +194,7 @@ def test_nan_in_model_is_refused():
     model = MLP()
     with torch.no_grad():
         model.fc2.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN or inf in `fc2.weight`"):
+    with pytest.raises(hessq.ModelError, match="NaN or infinite values in 'fc2.weight'"):
         hessq.quantize(model, 8, _batches((64,)))
 
 
