@@ -28,7 +28,7 @@ def test_quantize_then_export_with_latency_table(tmp_path, capsys):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "absent.hq")]) == 1
-    assert "no integer model file" in capsys.readouterr().err
+    assert "absent.hq: no such file" in capsys.readouterr().err
     assert main(["quantize", "--bits", "9", "-o", str(tmp_path / "x.hq")]) == 1
     assert "from 2 to 8" in capsys.readouterr().err
     assert main(["quantize", "--model", "nosuch.module:f", "-o", str(tmp_path / "x.hq")]) == 1

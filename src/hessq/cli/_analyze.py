@@ -12,7 +12,17 @@ import time
 import torch
 
 from hessq._errors import ConfigError
-from hessq.cli._common import BUNDLED_INPUT_SHAPES, add_data_argument, add_model_arguments, load_distilled, load_model
+from hessq._io import check_writable
+from hessq.cli._common import (
+    BUNDLED_INPUT_SHAPES,
+    add_data_argument,
+    add_model_arguments,
+    check_count,
+    check_data_options,
+    check_number,
+    load_distilled,
+    load_model,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -64,6 +74,7 @@ def _batches(args: argparse.Namespace, model: torch.nn.Module) -> tuple[list, di
 
         num = args.batches or 1
         data = fashion_mnist(args.split, batch_size=args.batch_size, shuffle=False, limit=num * args.batch_size)
+        _check_batches(num, len(data), f"fashion-mnist/{args.split}", args.batch_size)
         return data.take(num), {"dataset": f"fashion-mnist/{args.split}", "data_free": False, "targets": "labels",
                                 "batch_size": args.batch_size}
     # No labels: the FP32 model's own top-1 predictions are the targets, so the loss (and its Hessian)
@@ -71,10 +82,35 @@ def _batches(args: argparse.Namespace, model: torch.nn.Module) -> tuple[list, di
     size = min(args.batch_size, distilled.num_samples)
     batches = distilled.labelled(model, batch_size=size)
     if args.batches is not None:
+        _check_batches(args.batches, len(batches), f"the distilled data ({distilled.num_samples} inputs)", size)
         batches = batches[: args.batches]
     summary = {k: v for k, v in distilled.summary().items() if k != "batch_losses"}
     return batches, {"dataset": "distilled", "data_free": True, "targets": "fp32-argmax", "batch_size": size,
                      "distilled": summary}
+
+
+def _check_batches(asked: int, available: int, source: str, batch_size: int) -> None:
+    """``--batches`` beyond what the data holds is refused, never silently cut."""
+    if asked > available:
+        raise ConfigError(f"--batches {asked}: {source} has only {available} batches of {batch_size}; "
+                          f"give --batches {available} or fewer (or a smaller --batch-size)")
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Every option and path, before any model is loaded or analysed."""
+    check_count(args.batches, "--batches")
+    check_count(args.batch_size, "--batch-size")
+    check_number(args.rtol, "--rtol")
+    check_count(args.max_samples, "--max-samples")
+    check_count(args.min_samples, "--min-samples")
+    if args.min_samples > args.max_samples:
+        raise ConfigError(f"--min-samples {args.min_samples} is more than --max-samples {args.max_samples}; "
+                          "give at most as many as --max-samples")
+    check_count(args.top_k, "--top-k")
+    check_count(args.eig_max_iter, "--eig-max-iter")
+    check_number(args.eig_tol, "--eig-tol", strict=True)
+    check_data_options(args)
+    check_writable(args.output, "-o/--output")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,8 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from hessq.sensitivity import hessian_sensitivity
     from hessq.sensitivity import _distributed as D
 
-    if (args.batches is not None and args.batches < 1) or args.batch_size < 1:
-        raise ConfigError("--batches and --batch-size must be at least 1")
+    _check_options(args)
     device = torch.device(args.device) if args.device else (
         torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}") if "LOCAL_RANK" in os.environ and torch.cuda.is_available() else torch.device("cpu")
     )

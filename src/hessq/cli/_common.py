@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from hessq._errors import ConfigError
+from hessq._errors import ConfigError, ModelError
 
 BUNDLED = ("resnet20", "efficientnet_lite0")
 
@@ -18,6 +21,30 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet20",
                    help="a bundled model (resnet20, efficientnet_lite0) or 'package.module:factory' called with no arguments")
     p.add_argument("--checkpoint", help="a state_dict (.pt) to load into --model")
+
+
+def check_readable(path: str | os.PathLike, option: str) -> Path:
+    """``path`` when it is a readable file; a :class:`ConfigError` naming ``option`` otherwise (checked before any work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a directory; give the file inside it")
+    if not path.is_file():
+        raise ConfigError(f"{option} {path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{option} {path} is not readable (permissions); fix them or give another file")
+    return path
+
+
+def check_count(value: int | None, option: str, *, low: int = 1) -> None:
+    """An integer option that must be at least ``low`` (None: not given)."""
+    if value is not None and value < low:
+        raise ConfigError(f"{option} must be at least {low}, got {value}")
+
+
+def check_number(value: float | None, option: str, *, low: float = 0.0, strict: bool = False) -> None:
+    """A float option that must be finite and above ``low`` (``strict``) or at least ``low``."""
+    if value is not None and (not math.isfinite(value) or (value <= low if strict else value < low)):
+        raise ConfigError(f"{option} must be a finite number {'>' if strict else '>='} {low:g}, got {value}")
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -46,11 +73,19 @@ def load_model(spec: str, checkpoint: str | None = None, *, pretrained: bool = T
         if not isinstance(model, nn.Module):
             raise ConfigError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     if checkpoint is not None:
+        check_readable(checkpoint, "--checkpoint")
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ConfigError(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
-        model.load_state_dict(state)
+        except Exception as exc:  # truncated zip, a pickle that asks for code, ...: many exception types
+            raise ConfigError(f"cannot read the checkpoint {checkpoint} (a state_dict saved with torch.save): "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        if not isinstance(state, dict):
+            raise ConfigError(f"--checkpoint {checkpoint} holds a {type(state).__name__}, not a state_dict; save "
+                              "model.state_dict() with torch.save")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:  # missing / unexpected keys, shape mismatches
+            raise ModelError(f"--checkpoint {checkpoint} does not fit --model {spec}: {exc}") from None
     return model.eval()
 
 
@@ -83,6 +118,17 @@ def parse_input_shape(text: str | None, spec: str) -> tuple[int, ...]:
     return shape
 
 
+def check_data_options(args: argparse.Namespace) -> None:
+    """The options :func:`add_data_argument` adds, checked before any model is loaded."""
+    if args.data not in ("fashion-mnist", "none"):
+        check_readable(args.data, "--data")
+    if args.input_shape is not None:
+        parse_input_shape(args.input_shape, args.model)
+    check_count(args.distilled_samples, "--distilled-samples")
+    check_count(args.distill_steps, "--distill-steps", low=0)
+    check_number(args.distill_label_weight, "--distill-label-weight")
+
+
 def add_data_argument(p: argparse.ArgumentParser, *, purpose: str) -> None:
     """``--data fashion-mnist|none|FILE.pt`` plus the knobs of the distillation ``none`` runs."""
     p.add_argument("--data", default="fashion-mnist", metavar="fashion-mnist|none|FILE.pt",
@@ -102,8 +148,6 @@ def load_distilled(args: argparse.Namespace, model: nn.Module, *, progress: bool
 
     Returns a :class:`hessq.distill.DistilledData` whose ``meta["source"]`` says where it came from.
     """
-    from pathlib import Path
-
     from hessq.distill import DistilledData, distill_data
 
     if args.data == "fashion-mnist":
@@ -119,7 +163,7 @@ def load_distilled(args: argparse.Namespace, model: nn.Module, *, progress: bool
         return data
     path = Path(args.data)
     if not path.is_file():
-        raise FileNotFoundError(f"--data {args.data}: no such file; give fashion-mnist, none, or a file written by `hessq distill`")
+        raise ConfigError(f"--data {args.data}: no such file; give fashion-mnist, none, or a file written by `hessq distill`")
     try:
         data = DistilledData.load(path)
     except ValueError:

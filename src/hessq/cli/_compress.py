@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from hessq._errors import ConfigError
-from hessq.cli._common import BUNDLED_INPUT_RANGES, add_model_arguments, load_model, parse_input_shape, parse_ints
+from hessq._errors import CheckpointMismatchError, ConfigError
+from hessq.cli._common import (
+    BUNDLED_INPUT_RANGES,
+    add_model_arguments,
+    check_count,
+    check_number,
+    check_readable,
+    load_model,
+    parse_input_shape,
+    parse_ints,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-epochs", type=float, default=0,
                    help="epochs of quantization-aware training, fractions allowed (default 0: none)")
     p.add_argument("--finetune-steps", type=int, default=None, help="stop QAT after this many steps")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start QAT over even when the output folder holds a checkpoint of an earlier run")
     p.add_argument("--lr", type=float, default=0.01, help="QAT learning rate (default 0.01)")
     p.add_argument("--calibration-batches", type=int, default=8, help="batches used to set the ranges (default 8)")
     p.add_argument("--baselines", default="8,4", help="uniform weight widths evaluated for comparison (default 8,4; 'none')")
@@ -87,36 +98,91 @@ def load_data(spec: str, *, seed: int = 0) -> tuple[Iterable | None, Iterable | 
     return train, evaluation
 
 
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """compress's keyword options from the command line, every one checked (nothing is loaded yet)."""
+    import hessq
+    from hessq.compress import check_options
+
+    check_number(args.finetune_epochs, "--finetune-epochs")
+    check_count(args.finetune_steps, "--finetune-steps")
+    check_number(args.lr, "--lr", strict=True)
+    if args.finetune_steps is not None and not args.finetune_epochs > 0:
+        raise ConfigError("--finetune-steps needs --finetune-epochs (QAT runs only with a positive number of epochs)")
+    if args.checkpoint is not None:
+        check_readable(args.checkpoint, "--checkpoint")
+    if args.sensitivity not in ("hessian", "kl"):
+        check_readable(args.sensitivity, "--sensitivity (a sensitivity.json; or 'hessian' or 'kl')")
+    if args.data not in ("fashion-mnist", "none") and ":" not in args.data:
+        raise ConfigError(f"--data must be 'fashion-mnist', 'none' or 'package.module:function', got {args.data!r}")
+    shape = parse_input_shape(args.input_shape, args.model) if args.input_shape or args.data == "none" else None
+    finetune = None
+    if args.finetune_epochs > 0:
+        finetune = hessq.FinetuneConfig(epochs=args.finetune_epochs, lr=args.lr, max_steps=args.finetune_steps,
+                                        resume=not args.no_resume)
+    options = dict(
+        size_limit=args.size_limit, bops_limit=args.bops_limit, latency_limit=args.latency_limit,
+        weight_bits=parse_ints(args.weight_bits, "--weight-bits"), act_bits=args.act_bits,
+        finetune=finetune or False, calibration_batches=args.calibration_batches,
+        baselines=[] if args.baselines == "none" else parse_ints(args.baselines, "--baselines"),
+        pareto_points=args.pareto_points, measure_latency=not args.no_latency, onnx_mode=args.onnx_mode,
+        input_shape=shape, num_distilled=args.distilled_samples, distill_steps=args.distill_steps,
+        distill_input_range=BUNDLED_INPUT_RANGES.get(args.model), distill_label_weight=args.distill_label_weight,
+        out_dir=args.out, model_name=args.model, seed=args.seed, progress=not args.no_progress,
+    )
+    try:
+        check_options(**options)
+    except ConfigError as exc:  # name the option as typed on the command line
+        raise ConfigError(_cli_names(str(exc))) from None
+    return options
+
+
+_OPTION_FLAGS = {"size_limit": "--size-limit", "bops_limit": "--bops-limit", "latency_limit": "--latency-limit",
+                 "weight_bits": "--weight-bits", "act_bits": "--act-bits",
+                 "pareto_points": "--pareto-points", "calibration_batches": "--calibration-batches",
+                 "num_distilled": "--distilled-samples", "distill_steps": "--distill-steps",
+                 "distill_label_weight": "--distill-label-weight", "baseline ": "--baselines ", "seed": "--seed"}
+
+
+def _cli_names(message: str) -> str:
+    for name, flag in _OPTION_FLAGS.items():
+        if message.startswith(name):
+            return flag + message[len(name):]
+    return message
+
+
+def _interrupt_note(out: Path) -> Callable[[], str]:
+    def note() -> str:
+        from hessq.compress import qat_checkpoint_path
+
+        text = f"{out} is as it was before this run"
+        if qat_checkpoint_path(out).exists():
+            text += f"; QAT progress is kept in {qat_checkpoint_path(out)}: rerun the same command to resume"
+        return text
+    return note
+
+
 def run(args: argparse.Namespace) -> int:
     import hessq
     from hessq.report import results_table
     from hessq.sensitivity import Sensitivity
 
+    options = _options(args)  # every option checked before anything is loaded or analysed
+    args.interrupt_note = _interrupt_note(args.out)
     model = load_model(args.model, args.checkpoint)
     train, evaluation = load_data(args.data, seed=args.seed)
     sensitivity: Any = args.sensitivity
     if sensitivity not in ("hessian", "kl"):
-        if not Path(sensitivity).exists():
-            raise ConfigError(f"--sensitivity must be 'hessian', 'kl' or an existing sensitivity.json, got {sensitivity!r}")
         sensitivity = Sensitivity.load(sensitivity)
         sensitivity.check_model(model)
-    shape = None
-    if args.input_shape or train is None:
-        shape = parse_input_shape(args.input_shape, args.model)
-    baselines = [] if args.baselines == "none" else parse_ints(args.baselines, "--baselines")
-    finetune = None
-    if args.finetune_epochs > 0:
-        finetune = hessq.FinetuneConfig(epochs=args.finetune_epochs, lr=args.lr, max_steps=args.finetune_steps)
-    result = hessq.compress(
-        model, train, eval_data=evaluation, size_limit=args.size_limit, bops_limit=args.bops_limit,
-        latency_limit=args.latency_limit, weight_bits=parse_ints(args.weight_bits, "--weight-bits"), act_bits=args.act_bits,
-        sensitivity=sensitivity, finetune=finetune or False, calibration_batches=args.calibration_batches,
-        baselines=baselines, pareto_points=args.pareto_points, measure_latency=not args.no_latency,
-        onnx_mode=args.onnx_mode, input_shape=shape, num_distilled=args.distilled_samples,
-        distill_steps=args.distill_steps, distill_input_range=BUNDLED_INPUT_RANGES.get(args.model),
-        distill_label_weight=args.distill_label_weight, out_dir=args.out,
-        model_name=args.model, seed=args.seed, progress=not args.no_progress,
-    )
+    if options["input_shape"] is None and train is None:
+        options["input_shape"] = parse_input_shape(args.input_shape, args.model)
+    try:
+        result = hessq.compress(model, train, eval_data=evaluation, sensitivity=sensitivity, **options)
+    except CheckpointMismatchError as exc:
+        raise CheckpointMismatchError(str(exc).replace("FinetuneConfig(resume=False) (--no-resume)", "--no-resume")) from None
+    resumed = result.meta.get("finetune_resumed")
+    if resumed:
+        print(f"resumed QAT from step {resumed['from_step']} of {result.meta['finetune_steps']}, {resumed['checkpoint']}")
     print()
     print(results_table(result.rows))
     print(f"\nwrote {', '.join(Path(p).name for p in result.files.values())} to {args.out}/")

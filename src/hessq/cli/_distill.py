@@ -6,7 +6,16 @@ import argparse
 from pathlib import Path
 
 from hessq._errors import ConfigError
-from hessq.cli._common import BUNDLED_INPUT_RANGES, add_model_arguments, load_model, parse_input_shape
+from hessq._io import check_writable
+from hessq.cli._common import (
+    BUNDLED_INPUT_RANGES,
+    add_model_arguments,
+    check_count,
+    check_number,
+    load_model,
+    parse_input_shape,
+    parse_ints,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -42,16 +51,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from hessq.distill import distill_data
 
-    model = load_model(args.model, args.checkpoint)  # first, so a mistyped --model is reported as such
-    shape = parse_input_shape(args.input_shape, args.model)
+    from hessq.quantizer import check_weight_bits
+
+    # Every option and path first: a mistake is reported before any distillation runs.
+    check_count(args.num_samples, "-n/--num-samples")
+    check_count(args.steps, "--steps")
+    check_count(args.batch_size, "--batch-size")
+    check_number(args.lr, "--lr", strict=True)
+    check_number(args.label_weight, "--label-weight")
+    check_writable(args.output, "-o/--output")
+    bits = parse_ints(args.weight_bits, "--weight-bits")
+    if args.sensitivity:
+        check_writable(args.sensitivity, "--sensitivity")
+        if not bits:
+            raise ConfigError("--weight-bits is empty: give the widths of the KL sensitivity, e.g. 2,4,6,8")
+        try:
+            for b in bits:
+                check_weight_bits(b)
+        except ConfigError as exc:
+            raise ConfigError(f"--weight-bits: {exc}") from None
     if args.input_range:
         try:
             lo, hi = (float(v) for v in args.input_range.split(","))
         except ValueError:
             raise ConfigError(f"--input-range must be LOW,HIGH, got {args.input_range!r}") from None
+        if not lo < hi:  # also refuses NaN
+            raise ConfigError(f"--input-range must be LOW,HIGH with LOW < HIGH, got {args.input_range!r}")
         input_range = (lo, hi)
     else:
         input_range = BUNDLED_INPUT_RANGES.get(args.model)
+    model = load_model(args.model, args.checkpoint)  # before the shape, so a mistyped --model is reported as such
+    shape = parse_input_shape(args.input_shape, args.model)
     data = distill_data(
         model, args.num_samples, shape, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         seed=args.seed, progress=not args.no_progress, input_range=input_range, label_weight=args.label_weight,
@@ -66,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
     if args.sensitivity:
         from hessq.sensitivity import kl_sensitivity
 
-        bits = [int(b) for b in args.weight_bits.split(",") if b.strip()]
         sens = kl_sensitivity(model, data, weight_bits=bits, progress=not args.no_progress)
         sens.meta["data"] = {"distilled": str(args.output), **{k: v for k, v in data.summary().items() if k != "batch_losses"}}
         sens.meta["data_free"] = True  # as `hessq analyze --data none` records it

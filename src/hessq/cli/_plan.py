@@ -46,6 +46,15 @@ def run(args: argparse.Namespace) -> int:
     from hessq.plan import plan_bits
     from hessq.sensitivity import Sensitivity, is_kl_sensitivity
 
+    from hessq._io import check_writable
+    from hessq.cli._common import check_readable
+
+    check_readable(args.sensitivity, "the sensitivity file")
+    if args.latency_table:
+        check_readable(args.latency_table, "--latency-table")
+    check_writable(args.output, "-o/--output")
+    if args.table:
+        check_writable(args.table, "--table")
     sens = Sensitivity.load(args.sensitivity)
     if is_kl_sensitivity(sens) and args.variant is not None:
         # A KL sensitivity has no traces or eigenvalues: its Ω is the KL itself, so a variant would be ignored.

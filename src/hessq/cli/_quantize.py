@@ -6,7 +6,17 @@ import argparse
 from pathlib import Path
 
 from hessq._errors import ConfigError
-from hessq.cli._common import add_data_argument, add_model_arguments, load_distilled, load_model
+from hessq._io import check_writable
+from hessq.cli._common import (
+    add_data_argument,
+    add_model_arguments,
+    check_count,
+    check_data_options,
+    check_readable,
+    load_distilled,
+    load_model,
+    parse_ints,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--plan", help="plan.json from `hessq plan`")
-    which.add_argument("--bits", default="8", help="uniform W or W,A bits (default 8: W8A8; first/last stay 8-bit)")
+    which.add_argument("--bits", default=None, help="uniform W or W,A bits (default 8: W8A8; first/last stay 8-bit)")
     add_data_argument(p, purpose="calibration data")
     p.add_argument("--calibration-batches", type=int, default=8,
                    help="Fashion-MNIST batches of 128 used to calibrate (default 8); distilled data is used whole")
@@ -30,16 +40,30 @@ def run(args: argparse.Namespace) -> int:
 
     import hessq
 
-    model = load_model(args.model, args.checkpoint)
+    from hessq.quantizer import check_act_bits, check_weight_bits
+
+    # Every option and path first: a mistake is reported before any model is loaded or calibrated.
     if args.plan:
         from hessq.plan import BitPlan
 
-        plan = BitPlan.load(args.plan)
+        plan = BitPlan.load(check_readable(args.plan, "--plan"))
     else:
-        parts = [int(b) for b in args.bits.split(",")]
+        parts = parse_ints(args.bits or "8", "--bits")
         if len(parts) not in (1, 2):
             raise ConfigError(f"--bits takes W or W,A, got {args.bits!r}")
+        try:
+            check_weight_bits(parts[0])
+            if len(parts) == 2:
+                check_act_bits(parts[1])
+        except ConfigError as exc:
+            raise ConfigError(f"--bits {args.bits}: {exc}") from None
         plan = parts[0] if len(parts) == 1 else (parts[0], parts[1])
+    check_count(args.calibration_batches, "--calibration-batches")
+    check_data_options(args)
+    check_writable(args.output, "-o/--output")
+    if args.onnx:
+        check_writable(args.onnx, "--onnx")
+    model = load_model(args.model, args.checkpoint)
     distilled = load_distilled(args, model)
     if distilled is not None:
         calibration = distilled.batches()  # inputs only: calibration needs no labels

@@ -1,5 +1,16 @@
 """The whole pipeline in one call: sensitivity → plan → quantize → (QAT) → integer → verify → export → report."""
 
-from hessq.compress._compress import CompressResult, FinetuneConfig, compress, evaluate_setting
+from hessq.compress._compress import (
+    CompressResult,
+    FinetuneConfig,
+    check_options,
+    check_out_dir,
+    compress,
+    evaluate_setting,
+    publish,
+    qat_checkpoint_path,
+    recover_out_dir,
+)
 
-__all__ = ["CompressResult", "FinetuneConfig", "compress", "evaluate_setting"]
+__all__ = ["CompressResult", "FinetuneConfig", "check_options", "check_out_dir", "compress", "evaluate_setting",
+           "publish", "qat_checkpoint_path", "recover_out_dir"]

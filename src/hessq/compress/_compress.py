@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import glob
+import inspect
 import json
+import math
 import os
 import platform
+import shutil
+import signal
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,17 +21,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessq._errors import ConfigError, ConfigTypeError, HessqRuntimeError
-from hessq._io import write_text_atomic
+from hessq._checks import check_model, reiterable
+from hessq._errors import CheckpointMismatchError, ConfigError, ConfigTypeError, HessqRuntimeError, InputDataError
+from hessq._io import _pid_alive, check_writable, write_text_atomic
 from hessq.data import accuracy
 from hessq.distill import DistilledData, distill_data
 from hessq.integer import IntegerModel, export_onnx, measure_latency_table, measure_onnx_latency, to_integer
 
 from hessq.plan import BitPlan, LatencyTable, ParetoFrontier, pareto_frontier, plan_bits
-from hessq.plan._plan import evaluate_plan
+from hessq.plan._plan import evaluate_plan, parse_limit
 from hessq.quantize import finetune as run_finetune
 from hessq.quantize import quantize
-from hessq.quantize._quantize import _inputs, check_finite
+from hessq.quantize._quantize import _inputs
+from hessq.quantizer import check_act_bits, check_weight_bits
 from hessq.report import render_report, results_table
 from hessq.sensitivity import Sensitivity, hessian_sensitivity, kl_sensitivity
 from hessq.sensitivity._kl import kl_omega
@@ -38,7 +47,8 @@ class FinetuneConfig:
     lr: float = 0.01
     max_steps: int | None = None
     distill: bool = True  # learn from the FP32 model's outputs (the teacher)
-    checkpoint: bool = True  # resumable checkpoint in the output folder
+    checkpoint: bool = True  # resumable checkpoint: beside the output folder while training, qat.ckpt in it after
+    resume: bool = True  # continue from that checkpoint when one is there (it must match model, plan and settings)
 
 
 @dataclass
@@ -76,35 +86,48 @@ class CompressResult:
             "files": self.files,
         }
 
-    def save(self, out_dir: str | os.PathLike, *, onnx_mode: str = "exact", report: bool = True) -> dict[str, str]:
-        """Write sensitivity.json, plan.json, pareto.json, model.hq, model.onnx, results.json and report.html."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        files = {
-            "sensitivity": out / "sensitivity.json",
-            "plan": out / "plan.json",
-            "integer_model": out / "model.hq",
-            "onnx": out / "model.onnx",
-            "results": out / "results.json",
-            "results_table": out / "results.md",
-        }
-        self.sensitivity.save(files["sensitivity"])
-        self.plan.save(files["plan"])
+    def save(self, out_dir: str | os.PathLike, *, onnx_mode: str = "exact", report: bool = True,
+             qat_checkpoint: str | os.PathLike | None = None) -> dict[str, str]:
+        """Write sensitivity.json, plan.json, pareto.json, model.hq, model.onnx, results.json and report.html.
+
+        Every file is written into a staging folder beside ``out_dir`` (``<out>.hessq-staging-<pid>``),
+        which then replaces ``out_dir`` whole: an interrupted save leaves the old folder as it was,
+        never half old, half new. Entries of the old folder that compress does not write (your own
+        files) are kept. ``qat_checkpoint`` is copied in as ``qat.ckpt``.
+        """
+        out = check_out_dir(out_dir)
+        files = {name: out / file for name, file in (
+            ("sensitivity", "sensitivity.json"), ("plan", "plan.json"), ("integer_model", "model.hq"),
+            ("onnx", "model.onnx"), ("results", "results.json"), ("results_table", "results.md"))}
         if self.frontier is not None:
             files["pareto"] = out / "pareto.json"
-            self.frontier.save(files["pareto"])
         if self.latency_table is not None:
             files["latency_table"] = out / "latency.json"
-            self.latency_table.save(files["latency_table"])
-        self.imodel.save(files["integer_model"])
-        export_onnx(self.imodel, files["onnx"], mode=onnx_mode)
         if report:
             files["report"] = out / "report.html"
-        self.files = {k: str(v) for k, v in files.items()}
-        write_text_atomic(files["results"], json.dumps(self.results(), indent=2))
-        write_text_atomic(out / "results.md", f"# {self.meta.get('model', 'model')}: hessq compress\n\n{results_table(self.rows)}\n")
-        if report:
-            write_text_atomic(files["report"], self.report())
+        if qat_checkpoint is not None:
+            files["qat_checkpoint"] = out / "qat.ckpt"
+
+        def write(folder: Path) -> None:
+            at = {k: folder / v.name for k, v in files.items()}
+            self.sensitivity.save(at["sensitivity"])
+            self.plan.save(at["plan"])
+            if self.frontier is not None:
+                self.frontier.save(at["pareto"])
+            if self.latency_table is not None:
+                self.latency_table.save(at["latency_table"])
+            self.imodel.save(at["integer_model"])
+            export_onnx(self.imodel, at["onnx"], mode=onnx_mode)
+            if qat_checkpoint is not None:
+                _link_or_copy(Path(qat_checkpoint), at["qat_checkpoint"])
+            self.files = {k: str(v) for k, v in files.items()}
+            write_text_atomic(at["results"], json.dumps(self.results(), indent=2))
+            write_text_atomic(at["results_table"],
+                              f"# {self.meta.get('model', 'model')}: hessq compress\n\n{results_table(self.rows)}\n")
+            if report:
+                write_text_atomic(at["report"], self.report())
+
+        publish(out, write)
         return self.files
 
     def report(self) -> str:
@@ -121,6 +144,246 @@ class CompressResult:
             rows=self.rows, sensitivity=self.sensitivity, frontier=self.frontier, plan=self.plan,
             chosen="mixed", meta=self.meta, notes=notes,
         )
+
+
+# --- checks of every option, before the first stage ----------------------------------------
+
+#: Files a compress run writes; any other entry of an old output folder is the user's and is kept.
+ARTEFACT_NAMES = ("sensitivity.json", "plan.json", "pareto.json", "latency.json", "model.hq", "model.onnx",
+                  "results.json", "results.md", "report.html", "qat.ckpt", "manifest.json")
+_STAGING, _OLD = ".hessq-staging-", ".hessq-old-"
+
+
+def _check_int(value: Any, name: str, *, low: int, none: bool = False) -> int | None:
+    if value is None and none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}{' or None' if none else ''}, got {value!r}")
+    return value
+
+
+def _check_float(value: Any, name: str, *, low: float, strict: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= low if strict else value < low):
+        raise ConfigError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
+    return float(value)
+
+
+def _check_limit(value: Any, name: str) -> Any:
+    try:
+        parsed = parse_limit(value, name)  # refuses malformed strings, NaN and relative fractions outside (0, 1]
+    except ConfigError as exc:
+        if str(exc).startswith(name):
+            raise
+        raise ConfigError(f"{name} {value!r}: {exc}") from None
+    if isinstance(parsed, float) and parsed <= 0:
+        raise ConfigError(f"{name} must be positive (bytes, BOPs or seconds) or a percentage like '50%', got {value!r}")
+    return value
+
+
+def _check_finetune(finetune: Any) -> FinetuneConfig | None:
+    ft = FinetuneConfig() if finetune is True else (finetune or None)
+    if ft is None:
+        return None
+    if not isinstance(ft, FinetuneConfig):
+        raise ConfigTypeError(f"finetune must be a bool or a FinetuneConfig, got {type(finetune).__name__}")
+    _check_float(ft.epochs, "finetune epochs", low=0, strict=True)
+    _check_float(ft.lr, "finetune lr", low=0, strict=True)
+    _check_int(ft.max_steps, "finetune max_steps", low=1, none=True)
+    for flag in ("distill", "checkpoint", "resume"):
+        if not isinstance(getattr(ft, flag), bool):
+            raise ConfigTypeError(f"FinetuneConfig.{flag} must be True or False, got {getattr(ft, flag)!r}")
+    return ft
+
+
+def _check_baselines(baselines: Any, act_bits: int) -> list[tuple[int, int]]:
+    try:
+        items = list(baselines)
+    except TypeError:
+        raise ConfigError(f"baselines must be a list of weight bit widths or (weight, act) pairs, got {baselines!r}") from None
+    out = []
+    for b in items:
+        if isinstance(b, (tuple, list)):
+            if len(b) != 2:
+                raise ConfigError(f"each baseline is a weight bit width or a (weight, act) pair, got {b!r}")
+            wb, ab = b
+        else:
+            wb, ab = b, act_bits
+        try:
+            out.append((check_weight_bits(wb), check_act_bits(ab)))
+        except ConfigError as exc:
+            raise ConfigError(f"baseline {b!r}: {exc}") from None
+    return out
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` as an absolute Path, or a :class:`ConfigError` when compress could not write it.
+
+    The files are written into a staging folder beside it, so its parent must be writable too.
+    """
+    out = Path(out_dir).absolute()
+    if not out.exists():
+        check_writable(out, "the output folder")  # not under a file, in a writable folder
+    elif not out.is_dir():
+        raise ConfigError(f"the output folder {out_dir} is a file; give a folder (it is created when missing)")
+    elif not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"the output folder {out_dir} cannot be replaced: its parent {out.parent} is not writable "
+                          "(compress writes a staging folder beside it and swaps it in at the end)")
+    return out
+
+
+def check_options(**options: Any) -> dict[str, Any]:
+    """Every keyword option of :func:`compress`, checked; a :class:`ConfigError` naming the first bad one.
+
+    Returns the options with ``weight_bits`` as a tuple, ``baselines`` as (weight, act) pairs,
+    ``finetune`` as a FinetuneConfig or None and ``out_dir`` as an absolute Path. The command line
+    calls this before loading anything, and :func:`compress` before its first stage.
+    """
+    unknown = set(options) - set(_OPTION_DEFAULTS)
+    if unknown:
+        raise ConfigTypeError(f"compress got unknown options {sorted(unknown)}")
+    o = {**_OPTION_DEFAULTS, **options}
+    for name in ("size_limit", "bops_limit", "latency_limit"):
+        _check_limit(o[name], name)
+    try:
+        bits = list(o["weight_bits"]) if not isinstance(o["weight_bits"], int) else [o["weight_bits"]]
+    except TypeError:
+        raise ConfigError(f"weight_bits must be a list of bit widths from 2 to 8, got {o['weight_bits']!r}") from None
+    if not bits:
+        raise ConfigError("weight_bits is empty: give at least one candidate bit width from 2 to 8")
+    try:
+        o["weight_bits"] = tuple(check_weight_bits(b) for b in bits)
+        check_act_bits(o["act_bits"])
+    except ConfigError as exc:
+        raise ConfigError(f"{'weight_bits' if 'weight' in str(exc) else 'act_bits'}: {exc}") from None
+    o["finetune"] = _check_finetune(o["finetune"])
+    sens = o["sensitivity"]
+    if isinstance(sens, str) and sens not in ("hessian", "kl"):
+        raise ConfigError(f"sensitivity must be 'hessian', 'kl' or a Sensitivity, got {sens!r}")
+    if not isinstance(sens, (str, Sensitivity)):
+        raise ConfigTypeError(f"sensitivity must be 'hessian', 'kl' or a Sensitivity, got {type(sens).__name__}")
+    _check_int(o["sensitivity_batches"], "sensitivity_batches", low=1)
+    _check_int(o["calibration_batches"], "calibration_batches", low=1)
+    _check_int(o["max_samples"], "max_samples", low=1)
+    _check_float(o["rtol"], "rtol", low=0)
+    if o["pin_first_last"] is not None:
+        check_weight_bits(o["pin_first_last"])
+    o["baselines"] = _check_baselines(o["baselines"], o["act_bits"])
+    _check_int(o["pareto_points"], "pareto_points", low=0)
+    _check_int(o["latency_repeats"], "latency_repeats", low=1 if o["measure_latency"] else 0)
+    _check_int(o["num_distilled"], "num_distilled", low=1)
+    _check_int(o["distill_steps"], "distill_steps", low=0)
+    _check_float(o["distill_label_weight"], "distill_label_weight", low=0)
+    rng = o["distill_input_range"]
+    if rng is not None and not (isinstance(rng, (tuple, list)) and len(rng) == 2 and float(rng[0]) < float(rng[1])):
+        raise ConfigError(f"distill_input_range must be a (low, high) pair with low < high, got {rng!r}")
+    shape = o["input_shape"]
+    if shape is not None and (isinstance(shape, (str, bytes)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
+        raise ConfigError(f"input_shape must be positive sizes without the batch dimension, e.g. (3, 32, 32), got {shape!r}")
+    if o["onnx_mode"] not in ("exact", "fast"):
+        raise ConfigError(f"onnx_mode must be 'exact' or 'fast', got {o['onnx_mode']!r}")
+    _check_int(o["seed"], "seed", low=0)
+    if o["out_dir"] is not None:
+        o["out_dir"] = check_out_dir(o["out_dir"])
+    return o
+
+
+# --- the output folder: staged, then swapped in whole --------------------------------------
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` with ``src``'s bytes: a hard link when the file system allows (a checkpoint may be large)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _writer_pid(path: Path, marker: str) -> int | None:
+    tail = path.name.rsplit(marker, 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _keep_user_entries(old: Path, new: Path) -> None:
+    """Move the entries of ``old`` that compress does not write (the user's own) into ``new``."""
+    for entry in old.iterdir():
+        if entry.name not in ARTEFACT_NAMES and not (new / entry.name).exists():
+            os.rename(entry, new / entry.name)
+
+
+def recover_out_dir(out: str | os.PathLike) -> list[Path]:
+    """Tidy what runs killed outright (SIGKILL, power loss) left beside ``out``; returns the paths removed.
+
+    A staging folder of a process that no longer runs is removed. An old output folder that was
+    moved aside for the swap is put back when ``out`` is missing (the kill came between the two
+    renames), else its user entries are kept and the rest removed.
+    """
+    out = Path(out).absolute()
+    removed: list[Path] = []
+    if not out.parent.is_dir():
+        return removed
+    pattern = glob.escape(str(out.parent / out.name))
+    for marker in (_OLD, _STAGING):
+        for path in sorted(Path(p) for p in glob.glob(f"{pattern}{marker}*")):
+            pid = _writer_pid(path, marker)
+            if pid is None or pid == os.getpid() or _pid_alive(pid):
+                continue  # another run is writing it (or it is no folder of ours)
+            if marker == _OLD and not out.exists():
+                os.rename(path, out)
+                continue
+            if marker == _OLD and out.is_dir():
+                _keep_user_entries(path, out)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends, so the renames of the swap are never split."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in pending:
+            signal.raise_signal(s)
+
+
+def publish(out: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(folder)`` on a fresh staging folder beside ``out``, then make it ``out`` in one swap.
+
+    On any error or interrupt the staging folder is removed and ``out`` is left as it was.
+    """
+    out = Path(out).absolute()
+    recover_out_dir(out)
+    staging = out.parent / f"{out.name}{_STAGING}{os.getpid()}"
+    old = out.parent / f"{out.name}{_OLD}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        write(staging)
+        with _signals_deferred():
+            if out.exists():
+                os.rename(out, old)
+            try:
+                os.rename(staging, out)
+            except BaseException:
+                if old.exists() and not out.exists():
+                    os.rename(old, out)
+                raise
+            if old.exists():
+                _keep_user_entries(old, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class _Stages:
@@ -240,6 +503,12 @@ def compress(
     inputs stand in for all three (``num_distilled`` of them, ``distill_steps`` Adam steps, pixels kept
     in ``distill_input_range`` when given, ``distill_label_weight`` of cross-entropy to random classes).
     ``eval_data`` (labelled batches) gives every row's top-1; without it accuracy is left empty.
+    Every stage reads the same batches: ``data`` or ``eval_data`` given as a one-shot iterator (a
+    generator, ``iter(list)``) is read ONCE into a list that every stage reuses (so it must fit in
+    memory); a re-iterable source such as a list or a ``DataLoader`` is used as it is, never listed.
+
+    Every option is checked before the first stage (:func:`check_options`): a bad value is a
+    :class:`hessq.ConfigError` at once, not after the sensitivity has run.
 
     Stages: sensitivity (``"hessian"``: Hutchinson traces; ``"kl"``: ZeroQ's KL; or a
     :class:`Sensitivity` you computed) → latency table (measured on ONNX Runtime when a latency
@@ -248,21 +517,26 @@ def compress(
     (``finetune=True`` or a :class:`FinetuneConfig`) → :func:`hessq.to_integer` → verification
     that the integer model equals the fake-quant model bit for bit → evaluation of FP32, the
     ``baselines`` (uniform weight bits, or (weight, act) pairs, post-training) and the plan →
-    with ``out_dir``, every file (see :meth:`CompressResult.save`).
+    with ``out_dir``, every file (see :meth:`CompressResult.save`), written into a staging folder
+    that replaces ``out_dir`` whole at the end: an interrupted or failed run leaves the old folder as it was.
+
+    QAT with ``out_dir`` keeps its progress in ``<out_dir>.hessq-qat.ckpt`` beside the folder while it
+    trains (moved into the folder as ``qat.ckpt`` at the end); a rerun with the same ``out_dir``
+    resumes from it (or from the folder's ``qat.ckpt``), unless ``FinetuneConfig(resume=False)``.
+    A checkpoint of other settings is refused with a :class:`hessq.CheckpointMismatchError`.
+    ``meta["finetune_resumed"]`` says when a run resumed.
     """
-    ft = FinetuneConfig() if finetune is True else (finetune or None)
-    if ft is not None and not isinstance(ft, FinetuneConfig):
-        raise ConfigTypeError(f"finetune must be a bool or a FinetuneConfig, got {type(finetune).__name__}")
-    if isinstance(sensitivity, str) and sensitivity not in ("hessian", "kl"):
-        raise ConfigError(f"sensitivity must be 'hessian', 'kl' or a Sensitivity, got {sensitivity!r}")
-    if onnx_mode not in ("exact", "fast"):
-        raise ConfigError(f"onnx_mode must be 'exact' or 'fast', got {onnx_mode!r}")
+    options = check_options(**{k: v for k, v in locals().items() if k not in ("model", "data", "eval_data")})
+    weight_bits, baselines, ft, out = options["weight_bits"], options["baselines"], options["finetune"], options["out_dir"]
     if size_limit is None and bops_limit is None and latency_limit is None:
         size_limit = "50%"
-    model = model.eval()
-    check_finite(model)
+    model = check_model(model, "model").eval()
+    data = _reusable(data, "data")
+    eval_data = _reusable(eval_data, "eval_data")
+    if out is not None:
+        recover_out_dir(out)
     torch.manual_seed(seed)
-    stages = _Stages(total=6 + (data is None) + (ft is not None) + (out_dir is not None), progress=progress)
+    stages = _Stages(total=6 + (data is None) + (ft is not None) + (out is not None), progress=progress)
     shape = _input_shape(model, data, input_shape)
     meta: dict[str, Any] = {
         "model": model_name or type(model).__name__,
@@ -324,12 +598,23 @@ def compress(
     stages("quantize and calibrate")
     qmodel = quantize(model, plan, calib, first_last_bits=pin_first_last)
 
+    ckpt = None
     if ft is not None:
         stages("quantization-aware training")
-        ckpt = Path(out_dir) / "qat.ckpt" if (out_dir is not None and ft.checkpoint) else None
-        history = run_finetune(qmodel, train, teacher=model if ft.distill else None, epochs=ft.epochs, lr=ft.lr,
-                               max_steps=ft.max_steps, checkpoint=ckpt, seed=seed, progress=progress)
+        ckpt = qat_checkpoint_path(out) if (out is not None and ft.checkpoint) else None
+        resumed_from = _resume_source(ckpt, out) if (ckpt is not None and ft.resume) else None
+        try:
+            history = run_finetune(qmodel, train, teacher=model if ft.distill else None, epochs=ft.epochs, lr=ft.lr,
+                                   max_steps=ft.max_steps, checkpoint=ckpt, resume=ft.resume, seed=seed,
+                                   progress=progress)
+        except CheckpointMismatchError as exc:
+            raise CheckpointMismatchError(
+                f"{exc} (it holds the QAT progress of an earlier run with other settings): use another output folder "
+                f"(--out), delete {ckpt}{' and ' + str(out / 'qat.ckpt') if (out / 'qat.ckpt').exists() else ''}, "
+                "or start over with FinetuneConfig(resume=False) (--no-resume)") from None
         meta["finetune_steps"] = history["steps"]
+        if resumed_from is not None and history.get("resumed_from_step") is not None:
+            meta["finetune_resumed"] = {"from_step": history["resumed_from_step"], "checkpoint": str(resumed_from)}
 
     stages("integer model and verification")
     imodel = to_integer(qmodel)
@@ -367,8 +652,7 @@ def compress(
             ms = _float_onnx_latency(model, shape, 1, latency_repeats, Path(tmp))
         fp32_row["latency_ms"] = None if ms is None else 1000 * ms
     rows.append(fp32_row)
-    for b in baselines:
-        wb, ab = (b, act_bits) if isinstance(b, int) else b
+    for wb, ab in baselines:
         name = f"W{wb}A{ab}"
         q = quantize(model, (wb, ab), calib, first_last_bits=pin_first_last)
         costs = evaluate_plan(model, _uniform(plan, wb, pin_first_last), None if omega is not None else sens, act_bits=ab,
@@ -381,10 +665,52 @@ def compress(
     result = CompressResult(sensitivity=sens, plan=plan, frontier=frontier, qmodel=qmodel, imodel=imodel, rows=rows,
                             latency_table=table, distilled=distilled, verification=verification, timings=stages.timings,
                             meta=meta)
-    if out_dir is not None:
+    if out is not None:
         stages("write files and report")
-        result.save(out_dir, onnx_mode=onnx_mode, report=report)
+        result.save(out, onnx_mode=onnx_mode, report=report, qat_checkpoint=ckpt if ckpt is not None and ckpt.exists() else None)
+        if ckpt is not None:
+            ckpt.unlink(missing_ok=True)  # it now lives in the output folder as qat.ckpt
     return result
+
+
+_OPTION_DEFAULTS = {name: p.default for name, p in inspect.signature(compress).parameters.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _reusable(data: Iterable | None, what: str) -> Iterable | None:
+    """``data`` when it can be read again; a one-shot iterator is read ONCE into a list every stage reuses."""
+    if data is None:
+        return None
+    try:
+        return reiterable(data, what=what)
+    except InputDataError:
+        if not isinstance(data, Iterable):
+            raise
+    batches = list(data)
+    if not batches:
+        raise InputDataError(f"{what} is an iterator that yields no batches (already exhausted?); pass a list of batches")
+    return batches
+
+
+def qat_checkpoint_path(out_dir: str | os.PathLike) -> Path:
+    """Where QAT of a compress run into ``out_dir`` keeps its progress while it trains: beside the folder.
+
+    Beside, not inside, so an interrupted run leaves the old output folder untouched and the next
+    run with the same folder resumes from it. Once the run finishes it moves into the folder as qat.ckpt.
+    """
+    out = Path(out_dir).absolute()
+    return out.parent / f"{out.name}.hessq-qat.ckpt"
+
+
+def _resume_source(ckpt: Path, out: Path) -> Path | None:
+    """The checkpoint QAT will resume from: an interrupted run's (beside ``out``) or a finished run's (in it)."""
+    if ckpt.exists():
+        return ckpt
+    finished = out / "qat.ckpt"
+    if finished.is_file():
+        _link_or_copy(finished, ckpt)  # a link: finetune replaces the file by rename, never writes into it
+        return finished
+    return None
 
 
 def evaluate_setting(
