@@ -299,8 +299,9 @@ def finetune(
     random augmentation included: the checkpoint holds the torch (CPU and CUDA), Python and NumPy RNG
     states, and those of the DataLoader's or sampler's own ``generator``, both at the start of the
     epoch (to rebuild its order and skip the batches already trained on) and at the checkpoint.
-    A DataLoader with ``persistent_workers=True`` is refused with a checkpoint: its workers' random
-    state outlives an epoch and no checkpoint can hold it. The checkpoint records the model
+    Worker processes (``num_workers > 0``) resume exactly too, as they are seeded from those states
+    each epoch; but a DataLoader with ``persistent_workers=True`` is refused with a checkpoint: its
+    workers' random state outlives an epoch and no checkpoint can hold it. The checkpoint records the model
     (tensor names, shapes, dtypes, quantizer bits), the bit plan and the training configuration;
     resuming it for anything else raises :class:`hessq.CheckpointMismatchError` saying what differs
     (``max_steps``, ``checkpoint_every`` and ``progress`` may change). A damaged file is refused with
