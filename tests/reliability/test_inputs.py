@@ -261,3 +261,16 @@ def test_fashion_mnist_refuses_damaged_files_and_a_bad_limit(tmp_path):
         hessq.data.fashion_mnist("test", root=tmp_path)
     with pytest.raises(ConfigError, match="limit"):
         hessq.data.fashion_mnist("test", root=tmp_path, limit=0)
+
+
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", 3])
+def test_a_loss_that_is_not_a_function_is_refused_before_work(loss_fn):
+    for call, kw in [(hessian_sensitivity, FAST), (hessian_trace, dict(max_samples=2))]:
+        with pytest.raises(ConfigTypeError, match="loss_fn must be a function"):
+            call(mlp(), _data(), loss_fn, **kw)
+
+
+def test_a_batch_of_no_samples_is_refused():
+    x, y = _data()[0]
+    with pytest.raises(InputDataError, match="hold no samples"):
+        hessian_sensitivity(mlp(), [(x[:0], y[:0])], **FAST)

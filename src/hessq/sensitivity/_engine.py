@@ -81,6 +81,12 @@ def _check_names(layers: Any) -> list[str] | None:
     return layers
 
 
+def _check_loss_fn(loss_fn: Any) -> None:
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigTypeError(f"loss_fn must be a function (outputs, targets) -> mean loss, or None for "
+                              f"cross-entropy; got {type(loss_fn).__name__}")
+
+
 def _is_batch(obj: Any) -> bool:
     return isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], (torch.Tensor, dict))
 
@@ -190,6 +196,7 @@ class _EvalMode:
 
 
 def _operator(model, batches, loss_fn, layers, group, cache, activations=False):
+    _check_loss_fn(loss_fn)
     chosen = _select_layers(model, layers)
     mine, count = _local_batches(batches, group, model)
     _check_data(model, mine, loss_fn)
@@ -346,6 +353,7 @@ def hessian_trace(
         raise ConfigError("no parameter with requires_grad=True: nothing to differentiate. Call model.requires_grad_(True).")
     if not all(isinstance(p, torch.Tensor) and p.requires_grad for p in params):
         raise ConfigError("params must be tensors with requires_grad=True (e.g. [m.weight for m in layers])")
+    _check_loss_fn(loss_fn)
     with _EvalMode(model):
         mine, _ = _local_batches(batches, group, model)
         _check_data(model, mine, loss_fn)

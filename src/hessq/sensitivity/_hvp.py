@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessq._errors import ConfigError
+from hessq._errors import ConfigError, InputDataError
 from hessq.sensitivity import _distributed as D
 from hessq.sensitivity._errors import check_double_backward, double_backward_error
 
@@ -40,7 +40,7 @@ def batch_size(inputs: Any) -> int:
     for item in items:
         if isinstance(item, torch.Tensor) and item.dim():
             return int(item.shape[0])
-    raise ConfigError("cannot tell the batch size: the batch's inputs hold no tensor with a batch dimension")
+    raise InputDataError("cannot tell the batch size: the batch's inputs hold no tensor with a batch dimension")
 
 
 def run_model(model: nn.Module, inputs: Any) -> Any:
@@ -84,7 +84,7 @@ class HessianOperator:
         local = torch.tensor([float(sum(batch_size(b[0]) for _, b in self.batches))], dtype=torch.float64, device=self.device)
         self.num_data = float(D.all_reduce_sum(local, group).item())
         if self.num_data == 0:
-            raise ConfigError("no data: `batches` is empty. Pass at least one (inputs, targets) batch.")
+            raise InputDataError("no data: the batches hold no samples. Pass at least one (inputs, targets) batch.")
         self._checked = False
 
     # -- one batch ------------------------------------------------------------------
