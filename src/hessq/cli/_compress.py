@@ -140,7 +140,7 @@ _OPTION_FLAGS = {"size_limit": "--size-limit", "bops_limit": "--bops-limit", "la
                  "weight_bits": "--weight-bits", "act_bits": "--act-bits",
                  "pareto_points": "--pareto-points", "calibration_batches": "--calibration-batches",
                  "num_distilled": "--distilled-samples", "distill_steps": "--distill-steps",
-                 "distill_label_weight": "--distill-label-weight", "baseline ": "--baselines ", "seed": "--seed"}
+                 "distill_label_weight": "--distill-label-weight", "baselines": "--baselines", "seed": "--seed"}
 
 
 def _cli_names(message: str) -> str:

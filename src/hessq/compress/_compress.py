@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessq._checks import check_model, reiterable
-from hessq._errors import CheckpointMismatchError, ConfigError, ConfigTypeError, HessqRuntimeError, InputDataError
+from hessq._checks import check_inputs, check_model, reiterable
+from hessq._errors import ArtifactError, CheckpointMismatchError, ConfigError, ConfigTypeError, HessqRuntimeError, InputDataError
 from hessq._io import _pid_alive, check_writable, write_text_atomic
 from hessq.data import accuracy
 from hessq.distill import DistilledData, distill_data
@@ -192,7 +192,7 @@ def _check_finetune(finetune: Any) -> FinetuneConfig | None:
     _check_int(ft.max_steps, "finetune max_steps", low=1, none=True)
     for flag in ("distill", "checkpoint", "resume"):
         if not isinstance(getattr(ft, flag), bool):
-            raise ConfigTypeError(f"FinetuneConfig.{flag} must be True or False, got {getattr(ft, flag)!r}")
+            raise ConfigTypeError(f"finetune: FinetuneConfig.{flag} must be True or False, got {getattr(ft, flag)!r}")
     return ft
 
 
@@ -205,14 +205,14 @@ def _check_baselines(baselines: Any, act_bits: int) -> list[tuple[int, int]]:
     for b in items:
         if isinstance(b, (tuple, list)):
             if len(b) != 2:
-                raise ConfigError(f"each baseline is a weight bit width or a (weight, act) pair, got {b!r}")
+                raise ConfigError(f"baselines: each is a weight bit width or a (weight, act) pair, got {b!r}")
             wb, ab = b
         else:
             wb, ab = b, act_bits
         try:
             out.append((check_weight_bits(wb), check_act_bits(ab)))
         except ConfigError as exc:
-            raise ConfigError(f"baseline {b!r}: {exc}") from None
+            raise ConfigError(f"baselines {b!r}: {exc}") from None
     return out
 
 
@@ -267,7 +267,10 @@ def check_options(**options: Any) -> dict[str, Any]:
     _check_int(o["max_samples"], "max_samples", low=1)
     _check_float(o["rtol"], "rtol", low=0)
     if o["pin_first_last"] is not None:
-        check_weight_bits(o["pin_first_last"])
+        try:
+            check_weight_bits(o["pin_first_last"])
+        except ConfigError as exc:
+            raise ConfigError(f"pin_first_last (None, or the bits of the first and last layer): {exc}") from None
     o["baselines"] = _check_baselines(o["baselines"], o["act_bits"])
     _check_int(o["pareto_points"], "pareto_points", low=0)
     _check_int(o["latency_repeats"], "latency_repeats", low=1 if o["measure_latency"] else 0)
@@ -537,6 +540,10 @@ def compress(
         recover_out_dir(out)
     torch.manual_seed(seed)
     stages = _Stages(total=6 + (data is None) + (ft is not None) + (out is not None), progress=progress)
+    for source, what in ((data, "data"), (eval_data, "eval_data")):
+        first = next(iter(source), None) if source is not None else None
+        if first is not None:  # a wrong dtype or NaN is one clear error now, not one deep in a later stage
+            check_inputs(_inputs(first), model, where=f"the inputs of {what}'s first batch")
     shape = _input_shape(model, data, input_shape)
     meta: dict[str, Any] = {
         "model": model_name or type(model).__name__,
@@ -607,11 +614,13 @@ def compress(
             history = run_finetune(qmodel, train, teacher=model if ft.distill else None, epochs=ft.epochs, lr=ft.lr,
                                    max_steps=ft.max_steps, checkpoint=ckpt, resume=ft.resume, seed=seed,
                                    progress=progress)
-        except CheckpointMismatchError as exc:
-            raise CheckpointMismatchError(
-                f"{exc} (it holds the QAT progress of an earlier run with other settings): use another output folder "
-                f"(--out), delete {ckpt}{' and ' + str(out / 'qat.ckpt') if (out / 'qat.ckpt').exists() else ''}, "
-                "or start over with FinetuneConfig(resume=False) (--no-resume)") from None
+        except ArtifactError as exc:  # a damaged checkpoint, or one of other settings (CheckpointMismatchError)
+            if resumed_from is not None and resumed_from != ckpt:
+                ckpt.unlink(missing_ok=True)  # only a link to the folder's qat.ckpt: leave nothing behind
+            raise type(exc)(
+                f"{exc} (QAT resumes from {resumed_from} in a rerun with the same output folder): use another output "
+                f"folder (--out), delete {resumed_from}, or start over with FinetuneConfig(resume=False) (--no-resume)"
+            ) from None
         meta["finetune_steps"] = history["steps"]
         if resumed_from is not None and history.get("resumed_from_step") is not None:
             meta["finetune_resumed"] = {"from_step": history["resumed_from_step"], "checkpoint": str(resumed_from)}
