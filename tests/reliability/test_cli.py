@@ -20,6 +20,8 @@ import torch
 import hessq
 from hessq.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, main
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*non-positive trace")
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--model", "tests.compress._tiny:tiny_net"]
 
@@ -238,3 +240,27 @@ def test_interrupted_compress_leaves_the_old_folder_as_it_was(signum, code, tmp_
     assert f"{out} is as it was" in errors[0]
     assert _snapshot(out) == before  # no file changed, none added
     assert sorted(p.name for p in tmp_path.iterdir() if "staging" in p.name or "old" in p.name) == []
+
+
+def test_compress_says_when_it_resumes_and_how_to_get_past_a_foreign_checkpoint(tmp_path, capsys):
+    from tests.compress._tiny import digits_data, tiny_net
+
+    sens = hessq.hessian_sensitivity(tiny_net().eval(), [next(iter(digits_data()[0]))], max_samples=2, min_samples=2,
+                                     eigenvalues=False, progress=False)
+    sens.save(tmp_path / "sens.json")
+    out = tmp_path / "out"
+    argv = ["compress", *TINY, "--data", "tests.compress._tiny:digits_data", "--sensitivity", str(tmp_path / "sens.json"),
+            "--no-latency", "--pareto-points", "0", "--baselines", "none", "--calibration-batches", "1",
+            "--finetune-epochs", "1", "--finetune-steps", "2", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    assert "resumed QAT" not in capsys.readouterr().out
+    assert main(argv) == 0  # the same run again: it resumes the finished checkpoint and says so
+    assert f"resumed QAT from step 2 of 2, {out / 'qat.ckpt'}" in capsys.readouterr().out
+    before = _snapshot(out)
+    assert main([*argv, "--size-limit", "10%"]) == 1  # another plan: the checkpoint is refused, with the ways out
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hessq compress: error:") and len(err.splitlines()) == 1
+    assert "another output folder (--out)" in err and f"delete {out / 'qat.ckpt'}" in err and "--no-resume" in err
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "sens.json"]
+    assert main([*argv, "--size-limit", "10%", "--no-resume"]) == 0
+    assert "resumed QAT" not in capsys.readouterr().out

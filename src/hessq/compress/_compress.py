@@ -617,10 +617,13 @@ def compress(
         except ArtifactError as exc:  # a damaged checkpoint, or one of other settings (CheckpointMismatchError)
             if resumed_from is not None and resumed_from != ckpt:
                 ckpt.unlink(missing_ok=True)  # only a link to the folder's qat.ckpt: leave nothing behind
+            source = resumed_from if resumed_from is not None else ckpt
+            text = str(exc).replace(str(ckpt), str(source))
+            cut = text.find(" Pass another checkpoint path")  # finetune's own remedy: compress has other ways out
+            text = (text[:cut] if cut > 0 else text).rstrip(" .;")
             raise type(exc)(
-                f"{exc} (QAT resumes from {resumed_from} in a rerun with the same output folder): use another output "
-                f"folder (--out), delete {resumed_from}, or start over with FinetuneConfig(resume=False) (--no-resume)"
-            ) from None
+                f"{text}. A rerun with the same output folder resumes QAT from {source}: use another output folder "
+                f"(--out), delete {source}, or start over with FinetuneConfig(resume=False) (--no-resume)") from None
         meta["finetune_steps"] = history["steps"]
         if resumed_from is not None and history.get("resumed_from_step") is not None:
             meta["finetune_resumed"] = {"from_step": history["resumed_from_step"], "checkpoint": str(resumed_from)}
