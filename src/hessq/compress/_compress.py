@@ -571,8 +571,10 @@ def compress(
             ft = FinetuneConfig(**{**vars(ft), "distill": True})  # no labels: learn from the FP32 outputs only
     else:
         train = data
-    analysis = _labelled(model, _take(train, sensitivity_batches))
-    calib = _take(train, calibration_batches)
+    # One read serves both, so a shuffled DataLoader gives the sensitivity and the calibration the same first batches.
+    first = _take(train, max(sensitivity_batches, calibration_batches))
+    analysis = _labelled(model, first[:sensitivity_batches])
+    calib = first[:calibration_batches]
 
     stages("sensitivity")
     omega = None
