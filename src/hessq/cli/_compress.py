@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from hessq._errors import CheckpointMismatchError, ConfigError
+from hessq._errors import ArtifactError, ConfigError
 from hessq.cli._common import (
     BUNDLED_INPUT_RANGES,
     add_model_arguments,
@@ -151,9 +151,17 @@ def _cli_names(message: str) -> str:
 
 
 def _interrupt_note(out: Path) -> Callable[[], str]:
+    """What the one line printed on Ctrl-C / SIGTERM says about the output folder."""
+    import time
+
+    started = time.time()
+
     def note() -> str:
         from hessq.compress import qat_checkpoint_path
 
+        results = out / "results.json"
+        if results.exists() and results.stat().st_mtime >= started:  # the signal came during the final swap
+            return f"{out} holds this run's complete output"
         text = f"{out} is as it was before this run"
         if qat_checkpoint_path(out).exists():
             text += f"; QAT progress is kept in {qat_checkpoint_path(out)}: rerun the same command to resume"
@@ -174,12 +182,10 @@ def run(args: argparse.Namespace) -> int:
     if sensitivity not in ("hessian", "kl"):
         sensitivity = Sensitivity.load(sensitivity)
         sensitivity.check_model(model)
-    if options["input_shape"] is None and train is None:
-        options["input_shape"] = parse_input_shape(args.input_shape, args.model)
     try:
         result = hessq.compress(model, train, eval_data=evaluation, sensitivity=sensitivity, **options)
-    except CheckpointMismatchError as exc:
-        raise CheckpointMismatchError(str(exc).replace("FinetuneConfig(resume=False) (--no-resume)", "--no-resume")) from None
+    except ArtifactError as exc:  # a QAT checkpoint that cannot be resumed: name the command-line way out
+        raise type(exc)(str(exc).replace("FinetuneConfig(resume=False) (--no-resume)", "--no-resume")) from None
     resumed = result.meta.get("finetune_resumed")
     if resumed:
         print(f"resumed QAT from step {resumed['from_step']} of {result.meta['finetune_steps']}, {resumed['checkpoint']}")
