@@ -36,12 +36,16 @@ def no_model_runs(monkeypatch):
 
 @pytest.fixture
 def paths(tmp_path):
-    """{file}: a regular file; {dir}: a folder; {missing}: no such path; {garbage}: a file of random bytes."""
+    """{file}: a regular file; {dir}: a folder; {missing}: no such path; {garbage}: a file of random bytes;
+    {foreign}: another model's state_dict; {list}: a torch file that is no state_dict."""
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "a-dir").mkdir()
     (tmp_path / "garbage.pt").write_bytes(os.urandom(64))
+    torch.save({"other.weight": torch.zeros(2)}, tmp_path / "foreign.pt")
+    torch.save([torch.zeros(2)], tmp_path / "a-list.pt")
     return {"file": str(tmp_path / "a-file"), "dir": str(tmp_path / "a-dir"), "missing": str(tmp_path / "missing.pt"),
-            "garbage": str(tmp_path / "garbage.pt"), "out": str(tmp_path / "out")}
+            "garbage": str(tmp_path / "garbage.pt"), "foreign": str(tmp_path / "foreign.pt"),
+            "list": str(tmp_path / "a-list.pt"), "out": str(tmp_path / "out")}
 
 
 # (argv, words the one-line message must hold). {file}, {dir}, {missing}, {garbage}, {out}: see `paths`.
@@ -82,6 +86,8 @@ BAD = [
     (["quantize", "--calibration-batches", "0"], "--calibration-batches"),
     (["quantize", "--checkpoint", "{missing}"], "--checkpoint"),
     (["quantize", "--checkpoint", "{garbage}"], "cannot read the checkpoint"),
+    (["quantize", *TINY, "--checkpoint", "{foreign}"], "does not fit --model tests.compress._tiny:tiny_net"),
+    (["quantize", *TINY, "--checkpoint", "{list}"], "holds a list, not a state_dict"),
     # analyze
     (["analyze", "--rtol", "-1"], "--rtol"),
     (["analyze", "--rtol", "nan"], "--rtol"),

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from hessq._errors import ConfigError, ModelError
+from hessq._errors import ArtifactError, ConfigError, ModelError
 
 BUNDLED = ("resnet20", "efficientnet_lite0")
 
@@ -77,10 +77,10 @@ def load_model(spec: str, checkpoint: str | None = None, *, pretrained: bool = T
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except Exception as exc:  # truncated zip, a pickle that asks for code, ...: many exception types
-            raise ConfigError(f"cannot read the checkpoint {checkpoint} (a state_dict saved with torch.save): "
+            raise ArtifactError(f"cannot read the checkpoint {checkpoint} (a state_dict saved with torch.save): "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
         if not isinstance(state, dict):
-            raise ConfigError(f"--checkpoint {checkpoint} holds a {type(state).__name__}, not a state_dict; save "
+            raise ArtifactError(f"--checkpoint {checkpoint} holds a {type(state).__name__}, not a state_dict; save "
                               "model.state_dict() with torch.save")
         try:
             model.load_state_dict(state)
