@@ -368,6 +368,11 @@ def publish(out: str | os.PathLike, write: Callable[[Path], None]) -> None:
     recover_out_dir(out)
     staging = out.parent / f"{out.name}{_STAGING}{os.getpid()}"
     old = out.parent / f"{out.name}{_OLD}{os.getpid()}"
+    if old.exists():  # left by an earlier save of this same process that could not finish tidying
+        if out.exists():
+            shutil.rmtree(old)
+        else:
+            os.rename(old, out)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
