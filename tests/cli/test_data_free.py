@@ -129,3 +129,19 @@ def test_analyze_random_init_still_works(tmp_path):
         traces.append([r.trace for r in Sensitivity.load(out).values()])
     assert traces[0] == traces[1]  # seeded: the same random weights every run (and on every rank)
     assert traces[0] != traces[2]  # and not the trained weights
+
+
+def test_a_damaged_distilled_file_is_refused_in_one_line(tmp_path, capsys):
+    dist = tmp_path / "d.pt"
+    assert main(["distill", "-n", "4", "--steps", "1", "--no-progress", "-o", str(dist)]) == 0
+    raw = bytearray(dist.read_bytes())
+    pixels = DistilledData.load(dist).inputs.numpy().tobytes()
+    start = bytes(raw).find(pixels)
+    assert start > 0
+    raw[start + len(pixels) // 2] ^= 0x10  # one pixel changed: the file still unpickles, only its checksum tells
+    dist.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(["quantize", "--bits", "8", "--data", str(dist), "-o", str(tmp_path / "m.hq")]) == 1
+    err = capsys.readouterr().err
+    assert f"{dist} is damaged or was edited" in err and "Traceback" not in err, err
+    assert not (tmp_path / "m.hq").exists()
