@@ -5,13 +5,15 @@ Each raises a :class:`hessq.HessqError` subclass naming what is wrong and how to
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from hessq._errors import ConfigTypeError, InputDataError, ModelError
+from hessq._errors import ConfigError, ConfigTypeError, InputDataError, ModelError
 
 
 def check_model(model: Any, what: str = "model", *, finite: bool = True) -> nn.Module:
@@ -77,6 +79,11 @@ def check_class_targets(y: Any, num_classes: int, *, where: str = "targets") -> 
                              f"has {num_classes} outputs (classes 0..{num_classes - 1})")
 
 
+def batch_inputs(batch: Any) -> Any:
+    """The inputs of a batch: the first item of an ``(inputs, targets)`` pair, or the batch itself."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 def split_batch(batch: Any, *, where: str = "batch") -> tuple[Any, Any]:
     """``(inputs, targets)`` from a batch that is such a pair (a list or tuple of two)."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
@@ -97,3 +104,30 @@ def reiterable(data: Iterable, *, what: str = "data") -> Iterable:
     if not isinstance(data, Iterable):
         raise InputDataError(f"{what} must be an iterable of batches, got {type(data).__name__}")
     return data
+
+
+def check_int(value: Any, name: str, *, low: int | None = None, allow_none: bool = False) -> int | None:
+    """``value`` as an int (at least ``low``); a float, string or bool is refused rather than silently truncated."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        bound = f" >= {low}" if low is not None else ""
+        raise ConfigTypeError(f"{name} must be an integer{bound}{' or None' if allow_none else ''}, "
+                              f"got {type(value).__name__} {value!r}")
+    if low is not None and value < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def check_number(value: Any, name: str, *, low: float | None = None, strict: bool = False,
+                 allow_none: bool = False) -> float | None:
+    """``value`` as a finite float, at least ``low`` (above it when ``strict``)."""
+    if value is None and allow_none:
+        return None
+    bound = f" {'>' if strict else '>='} {low:g}" if low is not None else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigTypeError(f"{name} must be a finite number{bound}, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or (low is not None and (v < low or (strict and v == low))):
+        raise ConfigError(f"{name} must be a finite number{bound}, got {value}")
+    return v

@@ -25,7 +25,7 @@ from hessq._errors import ArtifactError, ConfigError
 _TMP_SUFFIX = ".tmp"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -48,7 +48,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     for tmp in path.parent.glob(f".{path.name}.*{_TMP_SUFFIX}"):
         parts = tmp.name[len(path.name) + 2:].split(".")
         pid = int(parts[0]) if parts and parts[0].isdigit() else None
-        if pid is None or (pid != os.getpid() and not _pid_alive(pid)):
+        if pid is None or (pid != os.getpid() and not pid_alive(pid)):
             try:
                 tmp.unlink()
                 removed.append(tmp)

@@ -11,15 +11,14 @@ import time
 
 import torch
 
+from hessq._checks import check_int, check_number
 from hessq._errors import ConfigError
 from hessq._io import check_writable
 from hessq.cli._common import (
     BUNDLED_INPUT_SHAPES,
     add_data_argument,
     add_model_arguments,
-    check_count,
     check_data_options,
-    check_number,
     load_distilled,
     load_model,
 )
@@ -46,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split (default train)")
     p.add_argument("--rtol", type=float, default=0.05, help="stop when every layer's trace stderr <= rtol*|trace| (default 0.05)")
     p.add_argument("--max-samples", type=int, default=200, help="at most this many Hutchinson samples (default 200)")
-    p.add_argument("--min-samples", type=int, default=10, help="at least this many samples (default 10)")
+    p.add_argument("--min-samples", type=int, default=None,
+                   help="at least this many samples (default 10, or --max-samples when smaller)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random vectors (default 0)")
     p.add_argument("--eigenvalues", action=argparse.BooleanOptionalAction, default=True,
                    help="also each layer's top eigenvalue by power iteration (default on)")
@@ -98,17 +98,17 @@ def _check_batches(asked: int, available: int, source: str, batch_size: int) -> 
 
 def _check_options(args: argparse.Namespace) -> None:
     """Every option and path, before any model is loaded or analysed."""
-    check_count(args.batches, "--batches")
-    check_count(args.batch_size, "--batch-size")
-    check_number(args.rtol, "--rtol")
-    check_count(args.max_samples, "--max-samples")
-    check_count(args.min_samples, "--min-samples")
-    if args.min_samples > args.max_samples:
+    check_int(args.batches, "--batches", low=1, allow_none=True)
+    check_int(args.batch_size, "--batch-size", low=1, allow_none=True)
+    check_number(args.rtol, "--rtol", low=0, allow_none=True)
+    check_int(args.max_samples, "--max-samples", low=1, allow_none=True)
+    check_int(args.min_samples, "--min-samples", low=1, allow_none=True)
+    if args.min_samples is not None and args.min_samples > args.max_samples:
         raise ConfigError(f"--min-samples {args.min_samples} is more than --max-samples {args.max_samples}; "
                           "give at most as many as --max-samples")
-    check_count(args.top_k, "--top-k")
-    check_count(args.eig_max_iter, "--eig-max-iter")
-    check_number(args.eig_tol, "--eig-tol", strict=True)
+    check_int(args.top_k, "--top-k", low=1, allow_none=True)
+    check_int(args.eig_max_iter, "--eig-max-iter", low=1, allow_none=True)
+    check_number(args.eig_tol, "--eig-tol", low=0, strict=True, allow_none=True)
     check_data_options(args)
     check_writable(args.output, "-o/--output")
 

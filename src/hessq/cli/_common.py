@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from hessq._checks import check_int, check_number
 from hessq._errors import ArtifactError, ConfigError, ModelError
 
 BUNDLED = ("resnet20", "efficientnet_lite0")
@@ -33,18 +33,6 @@ def check_readable(path: str | os.PathLike, option: str) -> Path:
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{option} {path} is not readable (permissions); fix them or give another file")
     return path
-
-
-def check_count(value: int | None, option: str, *, low: int = 1) -> None:
-    """An integer option that must be at least ``low`` (None: not given)."""
-    if value is not None and value < low:
-        raise ConfigError(f"{option} must be at least {low}, got {value}")
-
-
-def check_number(value: float | None, option: str, *, low: float = 0.0, strict: bool = False) -> None:
-    """A float option that must be finite and above ``low`` (``strict``) or at least ``low``."""
-    if value is not None and (not math.isfinite(value) or (value <= low if strict else value < low)):
-        raise ConfigError(f"{option} must be a finite number {'>' if strict else '>='} {low:g}, got {value}")
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -124,9 +112,9 @@ def check_data_options(args: argparse.Namespace) -> None:
         check_readable(args.data, "--data")
     if args.input_shape is not None:
         parse_input_shape(args.input_shape, args.model)
-    check_count(args.distilled_samples, "--distilled-samples")
-    check_count(args.distill_steps, "--distill-steps", low=0)
-    check_number(args.distill_label_weight, "--distill-label-weight")
+    check_int(args.distilled_samples, "--distilled-samples", low=1, allow_none=True)
+    check_int(args.distill_steps, "--distill-steps", low=0, allow_none=True)
+    check_number(args.distill_label_weight, "--distill-label-weight", low=0, allow_none=True)
 
 
 def add_data_argument(p: argparse.ArgumentParser, *, purpose: str) -> None:
@@ -164,12 +152,7 @@ def load_distilled(args: argparse.Namespace, model: nn.Module, *, progress: bool
     path = Path(args.data)
     if not path.is_file():
         raise ConfigError(f"--data {args.data}: no such file; give fashion-mnist, none, or a file written by `hessq distill`")
-    try:
-        data = DistilledData.load(path)
-    except ValueError:
-        raise
-    except Exception as exc:  # not a torch file at all: unpickling errors of many kinds
-        raise ConfigError(f"cannot read {path} as distilled data (a file written by `hessq distill`): {exc}") from exc
+    data = DistilledData.load(path)  # an unreadable or damaged file is an ArtifactError naming it
     # A file distilled for another input shape would fail deep in the forward pass: say so here.
     expected = parse_input_shape(args.input_shape, args.model) if args.input_shape or args.model in BUNDLED_INPUT_SHAPES else None
     got = tuple(data.inputs.shape[1:])

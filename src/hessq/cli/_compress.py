@@ -8,12 +8,11 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hessq._checks import check_int, check_number
 from hessq._errors import ArtifactError, ConfigError
 from hessq.cli._common import (
     BUNDLED_INPUT_RANGES,
     add_model_arguments,
-    check_count,
-    check_number,
     check_readable,
     load_model,
     parse_input_shape,
@@ -103,9 +102,9 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     import hessq
     from hessq.compress import check_options
 
-    check_number(args.finetune_epochs, "--finetune-epochs")
-    check_count(args.finetune_steps, "--finetune-steps")
-    check_number(args.lr, "--lr", strict=True)
+    check_number(args.finetune_epochs, "--finetune-epochs", low=0, allow_none=True)
+    check_int(args.finetune_steps, "--finetune-steps", low=1, allow_none=True)
+    check_number(args.lr, "--lr", low=0, strict=True, allow_none=True)
     if args.finetune_steps is not None and not args.finetune_epochs > 0:
         raise ConfigError("--finetune-steps needs --finetune-epochs (QAT runs only with a positive number of epochs)")
     if args.checkpoint is not None:

@@ -34,13 +34,13 @@ def run(args: argparse.Namespace) -> int:
     from hessq.plan import evaluate_plan
     from hessq.report import results_table
 
-    from hessq.cli._common import check_count, check_number
+    from hessq._checks import check_int, check_number
     from hessq.compress import check_options
 
     check_options(size_limit=args.size_limit, out_dir=args.out)
-    check_number(args.qat_epochs, "--qat-epochs", strict=True)
-    check_number(args.qat_lr, "--qat-lr", strict=True)
-    check_count(args.test_limit, "--test-limit")
+    check_number(args.qat_epochs, "--qat-epochs", low=0, strict=True, allow_none=True)
+    check_number(args.qat_lr, "--qat-lr", low=0, strict=True, allow_none=True)
+    check_int(args.test_limit, "--test-limit", low=1, allow_none=True)
     progress = not args.no_progress
     if args.quick:
         args.test_limit = args.test_limit or 500

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hessq._checks import check_int, check_number
 from hessq._errors import ConfigError
 from hessq._io import check_writable
 from hessq.cli._common import (
     BUNDLED_INPUT_RANGES,
     add_model_arguments,
-    check_count,
-    check_number,
     load_model,
     parse_input_shape,
     parse_ints,
@@ -54,11 +53,11 @@ def run(args: argparse.Namespace) -> int:
     from hessq.quantizer import check_weight_bits
 
     # Every option and path first: a mistake is reported before any distillation runs.
-    check_count(args.num_samples, "-n/--num-samples")
-    check_count(args.steps, "--steps")
-    check_count(args.batch_size, "--batch-size")
-    check_number(args.lr, "--lr", strict=True)
-    check_number(args.label_weight, "--label-weight")
+    check_int(args.num_samples, "-n/--num-samples", low=1, allow_none=True)
+    check_int(args.steps, "--steps", low=1, allow_none=True)
+    check_int(args.batch_size, "--batch-size", low=1, allow_none=True)
+    check_number(args.lr, "--lr", low=0, strict=True, allow_none=True)
+    check_number(args.label_weight, "--label-weight", low=0, allow_none=True)
     check_writable(args.output, "-o/--output")
     bits = parse_ints(args.weight_bits, "--weight-bits")
     if args.sensitivity:

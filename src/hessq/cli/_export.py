@@ -19,15 +19,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hessq._io import check_writable
-    from hessq.cli._common import check_count, check_readable
+    from hessq._checks import check_int
+    from hessq.cli._common import check_readable
     from hessq.integer import export_onnx, load_integer, measure_latency_table
 
     check_readable(args.model, "the integer model file")
     check_writable(args.output, "-o/--output")
     if args.latency_table:
         check_writable(args.latency_table, "--latency-table")
-    check_count(args.batch_size, "--batch-size")
-    check_count(args.repeats, "--repeats")
+    check_int(args.batch_size, "--batch-size", low=1, allow_none=True)
+    check_int(args.repeats, "--repeats", low=1, allow_none=True)
     imodel = load_integer(args.model)
     export_onnx(imodel, args.output, mode=args.mode)
     print(f"wrote {args.output} ({args.mode})")

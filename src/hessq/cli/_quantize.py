@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from hessq._checks import check_int
 from hessq._errors import ConfigError
 from hessq._io import check_writable
 from hessq.cli._common import (
     add_data_argument,
     add_model_arguments,
-    check_count,
     check_data_options,
     check_readable,
     load_distilled,
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             raise ConfigError(f"--bits {args.bits}: {exc}") from None
         plan = parts[0] if len(parts) == 1 else (parts[0], parts[1])
-    check_count(args.calibration_batches, "--calibration-batches")
+    check_int(args.calibration_batches, "--calibration-batches", low=1, allow_none=True)
     check_data_options(args)
     check_writable(args.output, "-o/--output")
     if args.onnx:

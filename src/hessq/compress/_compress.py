@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import inspect
 import json
-import math
 import os
 import platform
 import shutil
@@ -21,22 +20,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessq._checks import check_inputs, check_model, reiterable
-from hessq._errors import ArtifactError, CheckpointMismatchError, ConfigError, ConfigTypeError, HessqRuntimeError, InputDataError
-from hessq._io import _pid_alive, check_writable, write_text_atomic
+from hessq._checks import batch_inputs, check_inputs, check_int, check_model, check_number, reiterable
+from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, HessqRuntimeError, InputDataError
+from hessq._io import pid_alive, check_writable, write_text_atomic
 from hessq.data import accuracy
 from hessq.distill import DistilledData, distill_data
 from hessq.integer import IntegerModel, export_onnx, measure_latency_table, measure_onnx_latency, to_integer
 
-from hessq.plan import BitPlan, LatencyTable, ParetoFrontier, pareto_frontier, plan_bits
-from hessq.plan._plan import evaluate_plan, parse_limit
+from hessq.plan import (
+    BitPlan,
+    LatencyTable,
+    ParetoFrontier,
+    as_latency_table,
+    check_bits_list,
+    evaluate_plan,
+    pareto_frontier,
+    parse_limit,
+    plan_bits,
+)
 from hessq.quantize import finetune as run_finetune
 from hessq.quantize import quantize
-from hessq.quantize._quantize import _inputs
 from hessq.quantizer import check_act_bits, check_weight_bits
 from hessq.report import render_report, results_table
-from hessq.sensitivity import Sensitivity, hessian_sensitivity, kl_sensitivity
-from hessq.sensitivity._kl import kl_omega
+from hessq.sensitivity import Sensitivity, hessian_sensitivity, kl_omega, kl_sensitivity
 
 
 @dataclass
@@ -154,21 +160,6 @@ ARTEFACT_NAMES = ("sensitivity.json", "plan.json", "pareto.json", "latency.json"
 _STAGING, _OLD = ".hessq-staging-", ".hessq-old-"
 
 
-def _check_int(value: Any, name: str, *, low: int, none: bool = False) -> int | None:
-    if value is None and none:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}{' or None' if none else ''}, got {value!r}")
-    return value
-
-
-def _check_float(value: Any, name: str, *, low: float, strict: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (value <= low if strict else value < low):
-        raise ConfigError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
-    return float(value)
-
-
 def _check_limit(value: Any, name: str) -> Any:
     try:
         parsed = parse_limit(value, name)  # refuses malformed strings, NaN and relative fractions outside (0, 1]
@@ -187,9 +178,9 @@ def _check_finetune(finetune: Any) -> FinetuneConfig | None:
         return None
     if not isinstance(ft, FinetuneConfig):
         raise ConfigTypeError(f"finetune must be a bool or a FinetuneConfig, got {type(finetune).__name__}")
-    _check_float(ft.epochs, "finetune epochs", low=0, strict=True)
-    _check_float(ft.lr, "finetune lr", low=0, strict=True)
-    _check_int(ft.max_steps, "finetune max_steps", low=1, none=True)
+    check_number(ft.epochs, "finetune epochs", low=0, strict=True)
+    check_number(ft.lr, "finetune lr", low=0, strict=True)
+    check_int(ft.max_steps, "finetune max_steps", low=1, allow_none=True)
     for flag in ("distill", "checkpoint", "resume"):
         if not isinstance(getattr(ft, flag), bool):
             raise ConfigTypeError(f"finetune: FinetuneConfig.{flag} must be True or False, got {getattr(ft, flag)!r}")
@@ -246,37 +237,37 @@ def check_options(**options: Any) -> dict[str, Any]:
     for name in ("size_limit", "bops_limit", "latency_limit"):
         _check_limit(o[name], name)
     try:
-        bits = list(o["weight_bits"]) if not isinstance(o["weight_bits"], int) else [o["weight_bits"]]
-    except TypeError:
-        raise ConfigError(f"weight_bits must be a list of bit widths from 2 to 8, got {o['weight_bits']!r}") from None
-    if not bits:
-        raise ConfigError("weight_bits is empty: give at least one candidate bit width from 2 to 8")
+        o["weight_bits"] = check_bits_list(o["weight_bits"])
+    except ConfigError as exc:
+        if "weight_bits" in str(exc):
+            raise
+        raise type(exc)(f"weight_bits: {exc}") from None
     try:
-        o["weight_bits"] = tuple(check_weight_bits(b) for b in bits)
         check_act_bits(o["act_bits"])
     except ConfigError as exc:
-        raise ConfigError(f"{'weight_bits' if 'weight' in str(exc) else 'act_bits'}: {exc}") from None
+        raise ConfigError(f"act_bits: {exc}") from None
+    o["latency_table"] = as_latency_table(o["latency_table"])  # a bad file is refused now, not at the plan stage
     o["finetune"] = _check_finetune(o["finetune"])
     sens = o["sensitivity"]
     if isinstance(sens, str) and sens not in ("hessian", "kl"):
         raise ConfigError(f"sensitivity must be 'hessian', 'kl' or a Sensitivity, got {sens!r}")
     if not isinstance(sens, (str, Sensitivity)):
         raise ConfigTypeError(f"sensitivity must be 'hessian', 'kl' or a Sensitivity, got {type(sens).__name__}")
-    _check_int(o["sensitivity_batches"], "sensitivity_batches", low=1)
-    _check_int(o["calibration_batches"], "calibration_batches", low=1)
-    _check_int(o["max_samples"], "max_samples", low=1)
-    _check_float(o["rtol"], "rtol", low=0)
+    check_int(o["sensitivity_batches"], "sensitivity_batches", low=1)
+    check_int(o["calibration_batches"], "calibration_batches", low=1)
+    check_int(o["max_samples"], "max_samples", low=1)
+    check_number(o["rtol"], "rtol", low=0)
     if o["pin_first_last"] is not None:
         try:
             check_weight_bits(o["pin_first_last"])
         except ConfigError as exc:
             raise ConfigError(f"pin_first_last (None, or the bits of the first and last layer): {exc}") from None
     o["baselines"] = _check_baselines(o["baselines"], o["act_bits"])
-    _check_int(o["pareto_points"], "pareto_points", low=0)
-    _check_int(o["latency_repeats"], "latency_repeats", low=1 if o["measure_latency"] else 0)
-    _check_int(o["num_distilled"], "num_distilled", low=1)
-    _check_int(o["distill_steps"], "distill_steps", low=0)
-    _check_float(o["distill_label_weight"], "distill_label_weight", low=0)
+    check_int(o["pareto_points"], "pareto_points", low=0)
+    check_int(o["latency_repeats"], "latency_repeats", low=1 if o["measure_latency"] else 0)
+    check_int(o["num_distilled"], "num_distilled", low=1)
+    check_int(o["distill_steps"], "distill_steps", low=0)
+    check_number(o["distill_label_weight"], "distill_label_weight", low=0)
     rng = o["distill_input_range"]
     if rng is not None and not (isinstance(rng, (tuple, list)) and len(rng) == 2 and float(rng[0]) < float(rng[1])):
         raise ConfigError(f"distill_input_range must be a (low, high) pair with low < high, got {rng!r}")
@@ -286,7 +277,7 @@ def check_options(**options: Any) -> dict[str, Any]:
         raise ConfigError(f"input_shape must be positive sizes without the batch dimension, e.g. (3, 32, 32), got {shape!r}")
     if o["onnx_mode"] not in ("exact", "fast"):
         raise ConfigError(f"onnx_mode must be 'exact' or 'fast', got {o['onnx_mode']!r}")
-    _check_int(o["seed"], "seed", low=0)
+    check_int(o["seed"], "seed", low=0)
     if o["out_dir"] is not None:
         o["out_dir"] = check_out_dir(o["out_dir"])
     return o
@@ -330,7 +321,7 @@ def recover_out_dir(out: str | os.PathLike) -> list[Path]:
     for marker in (_OLD, _STAGING):
         for path in sorted(Path(p) for p in glob.glob(f"{pattern}{marker}*")):
             pid = _writer_pid(path, marker)
-            if pid is None or pid == os.getpid() or _pid_alive(pid):
+            if pid is None or pid == os.getpid() or pid_alive(pid):
                 continue  # another run is writing it (or it is no folder of ours)
             if marker == _OLD and not out.exists():
                 os.rename(path, out)
@@ -433,7 +424,7 @@ def _labelled(model: nn.Module, batches: Sequence) -> list[tuple[torch.Tensor, t
         if isinstance(b, (tuple, list)) and len(b) >= 2:
             out.append((b[0], b[1]))
         else:
-            x = _inputs(b)
+            x = batch_inputs(b)
             out.append((x, model(x).argmax(1)))
     return out
 
@@ -444,7 +435,7 @@ def _input_shape(model: nn.Module, data: Any, input_shape: Sequence[int] | None)
     if data is not None:
         first = next(iter(data), None)
         if first is not None:
-            return tuple(_inputs(first).shape[1:])
+            return tuple(batch_inputs(first).shape[1:])
     known = getattr(model, "input_shape", None)
     if known is not None:
         return tuple(known)
@@ -548,7 +539,7 @@ def compress(
     for source, what in ((data, "data"), (eval_data, "eval_data")):
         first = next(iter(source), None) if source is not None else None
         if first is not None:  # a wrong dtype or NaN is one clear error now, not one deep in a later stage
-            check_inputs(_inputs(first), model, where=f"the inputs of {what}'s first batch")
+            check_inputs(batch_inputs(first), model, where=f"the inputs of {what}'s first batch")
     shape = _input_shape(model, data, input_shape)
     meta: dict[str, Any] = {
         "model": model_name or type(model).__name__,
@@ -586,7 +577,7 @@ def compress(
     if isinstance(sensitivity, Sensitivity):
         sens = sensitivity
     elif sensitivity == "kl":
-        sens = kl_sensitivity(model, [_inputs(b) for b in calib], weight_bits=tuple(sorted(set(weight_bits) | {8})),
+        sens = kl_sensitivity(model, [batch_inputs(b) for b in calib], weight_bits=tuple(sorted(set(weight_bits) | {8})),
                               progress=progress)
         omega = kl_omega(sens)
     else:
@@ -594,7 +585,7 @@ def compress(
                                    progress=progress)
 
     stages("latency table (ONNX Runtime, per layer)")
-    table = latency_table
+    table = options["latency_table"]
     if table is None and (latency_limit is not None or measure_latency):
         w8 = quantize(model, (8, act_bits), calib, first_last_bits=pin_first_last)
         table = measure_latency_table(to_integer(w8), repeats=latency_repeats)
@@ -641,9 +632,9 @@ def compress(
     mismatched = 0
     with torch.no_grad():
         for b in check:
-            x = _inputs(b)
+            x = batch_inputs(b)
             mismatched += int((imodel(x) != qmodel.eval()(x)).sum())
-    verification = {"bit_exact": mismatched == 0, "checked_inputs": sum(len(_inputs(b)) for b in check)}
+    verification = {"bit_exact": mismatched == 0, "checked_inputs": sum(len(batch_inputs(b)) for b in check)}
     if mismatched:
         raise HessqRuntimeError(
             f"the integer model differs from the fake-quant model in {mismatched} output elements; this is a bug in "

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hessq._checks import check_inputs, check_model, model_float_dtype
+from hessq._checks import check_inputs, check_int, check_model, check_number, model_float_dtype
 from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, HessqRuntimeError, InputDataError, ModelError
 from hessq._io import digest, load_sealed_torch, save_sealed_torch
 
@@ -60,26 +60,6 @@ def _no_batchnorm_error(model: nn.Module) -> ModelError:
         "Gaussian noise (hessq.quantize(model, plan, [torch.randn(32, *input_shape)]); ranges from noise are "
         "usually poor)."
     )
-
-
-def _count(value: Any, name: str, *, low: int) -> int:
-    """``value`` as an int >= ``low``; a float, string or bool is refused rather than silently truncated."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ConfigTypeError(f"{name} must be an integer >= {low}, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ConfigError(f"{name} must be >= {low}, got {value}")
-    return int(value)
-
-
-def _number(value: Any, name: str, *, low: float, inclusive: bool) -> float:
-    """``value`` as a finite float above ``low`` (or equal to it when ``inclusive``)."""
-    bound = f"{'>=' if inclusive else '>'} {low:g}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigTypeError(f"{name} must be a number {bound}, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < low or (value == low and not inclusive):
-        raise ConfigError(f"{name} must be a finite number {bound}, got {value}")
-    return value
 
 
 def _seed(value: Any, name: str) -> int:
@@ -171,17 +151,17 @@ class DistilledData:
             raise InputDataError(f"DistilledData inputs hold NaN or infinite values "
                                  f"({int((~torch.isfinite(self.inputs)).sum())} of {self.inputs.numel()}); distil again "
                                  "with a smaller lr")
-        self.batch_size = _count(self.batch_size, "DistilledData batch_size", low=1)
-        self.steps = _count(self.steps, "DistilledData steps", low=0)
+        self.batch_size = check_int(self.batch_size, "DistilledData batch_size", low=1)
+        self.steps = check_int(self.steps, "DistilledData steps", low=0)
         self.seed = _seed(self.seed, "DistilledData seed")
-        self.num_bn_layers = _count(self.num_bn_layers, "DistilledData num_bn_layers", low=0)
-        self.lr = _number(self.lr, "DistilledData lr", low=0.0, inclusive=False)
+        self.num_bn_layers = check_int(self.num_bn_layers, "DistilledData num_bn_layers", low=0)
+        self.lr = check_number(self.lr, "DistilledData lr", low=0.0, strict=True)
         for name in ("loss", "initial_loss", "seconds"):
-            setattr(self, name, _number(getattr(self, name), f"DistilledData {name}", low=0.0, inclusive=True))
+            setattr(self, name, check_number(getattr(self, name), f"DistilledData {name}", low=0.0))
         if not isinstance(self.batch_losses, (list, tuple)):
             raise ConfigTypeError(f"DistilledData batch_losses must be a list of numbers, got "
                                   f"{type(self.batch_losses).__name__}")
-        self.batch_losses = [_number(v, "DistilledData batch_losses[]", low=0.0, inclusive=True)
+        self.batch_losses = [check_number(v, "DistilledData batch_losses[]", low=0.0)
                              for v in self.batch_losses]
         if not isinstance(self.meta, Mapping):
             raise ConfigTypeError(f"DistilledData meta must be a dict, got {type(self.meta).__name__}")
@@ -200,7 +180,7 @@ class DistilledData:
 
     def batches(self, batch_size: int | None = None) -> list[torch.Tensor]:
         """The inputs in batches of ``batch_size`` (default: the batch size they were distilled in)."""
-        bs = self.batch_size if batch_size is None else _count(batch_size, "batch_size", low=1)
+        bs = self.batch_size if batch_size is None else check_int(batch_size, "batch_size", low=1)
         return list(torch.split(self.inputs, bs))
 
     @torch.no_grad()
@@ -360,11 +340,11 @@ def distill_data(
     """
     # Every argument is checked before the first forward pass.
     check_model(model)
-    num_samples = _count(num_samples, "num_samples", low=1)
-    batch_size = _count(batch_size, "batch_size", low=1)
-    steps = _count(steps, "steps", low=0)
-    lr = _number(lr, "lr", low=0.0, inclusive=False)
-    label_weight = _number(label_weight, "label_weight", low=0.0, inclusive=True)
+    num_samples = check_int(num_samples, "num_samples", low=1)
+    batch_size = check_int(batch_size, "batch_size", low=1)
+    steps = check_int(steps, "steps", low=0)
+    lr = check_number(lr, "lr", low=0.0, strict=True)
+    label_weight = check_number(label_weight, "label_weight", low=0.0)
     seed = _seed(seed, "seed")
     shape = _input_shape(input_shape)
     bounds = _input_range(input_range)

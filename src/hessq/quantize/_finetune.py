@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hessq._checks import check_class_targets, check_inputs, check_model, split_batch
+from hessq._checks import check_class_targets, check_inputs, check_int, check_model, check_number, split_batch
 from hessq._errors import (
     ArtifactError,
     CheckpointMismatchError,
@@ -44,25 +44,6 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 
 
 # --- argument checks --------------------------------------------------------------------
-
-
-def _number(value: Any, name: str, *, low: float, low_open: bool) -> float:
-    """``value`` as a finite float above ``low`` (strictly when ``low_open``), else a clear error."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    bound = f"> {low:g}" if low_open else f">= {low:g}"
-    if not math.isfinite(value) or value < low or (low_open and value == low):
-        raise ConfigError(f"{name} must be a finite number {bound}, got {value}")
-    return value
-
-
-def _integer(value: Any, name: str, low: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ConfigTypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if low is not None and value < low:
-        raise ConfigError(f"{name} must be >= {low}, got {value}")
-    return int(value)
 
 
 def _check_quantized(qmodel: nn.Module) -> None:
@@ -316,19 +297,19 @@ def finetune(
     _check_quantized(qmodel)
     if teacher is not None:
         check_model(teacher, "teacher")
-    epochs = _number(epochs, "epochs", low=0, low_open=True)
-    lr = _number(lr, "lr", low=0, low_open=True)
-    momentum = _number(momentum, "momentum", low=0, low_open=False)
-    weight_decay = _number(weight_decay, "weight_decay", low=0, low_open=False)
-    temperature = _number(temperature, "temperature", low=0, low_open=True)
-    distill_weight = _number(distill_weight, "distill_weight", low=0, low_open=False)
+    epochs = check_number(epochs, "epochs", low=0, strict=True)
+    lr = check_number(lr, "lr", low=0, strict=True)
+    momentum = check_number(momentum, "momentum", low=0)
+    weight_decay = check_number(weight_decay, "weight_decay", low=0)
+    temperature = check_number(temperature, "temperature", low=0, strict=True)
+    distill_weight = check_number(distill_weight, "distill_weight", low=0)
     if distill_weight > 1:
         raise ConfigError(f"distill_weight must be in [0, 1], got {distill_weight}")
     if max_steps is not None:
-        max_steps = _integer(max_steps, "max_steps", 0)
+        max_steps = check_int(max_steps, "max_steps", low=0)
     if checkpoint_every is not None:
-        checkpoint_every = _integer(checkpoint_every, "checkpoint_every", 1)
-    seed = _integer(seed, "seed")
+        checkpoint_every = check_int(checkpoint_every, "checkpoint_every", low=1)
+    seed = check_int(seed, "seed")
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigTypeError(f"loss_fn must be callable (outputs, targets) -> loss, got {type(loss_fn).__name__}")
     ckpt_path = Path(checkpoint) if checkpoint is not None else None

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hessq._checks import check_inputs, check_model, reiterable
+from hessq._checks import batch_inputs, check_inputs, check_model, reiterable
 from hessq._errors import ConfigError, HessqError, InputDataError, ModelError
 from hessq.graph import act_quantizers, quantizable_layers, rewrite, trace
 from hessq.quantizer import check_act_bits, check_weight_bits
@@ -74,15 +74,6 @@ def resolve_plan(
     return bits
 
 
-def _inputs(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def check_finite(model: nn.Module) -> None:
-    """Raise :class:`ModelError` for NaN or infinite weights (kept for callers; :func:`hessq._checks.check_model` does it)."""
-    check_model(model)
-
-
 def _expected_input(qmodel: nn.Module) -> str:
     """What the first layer called takes, e.g. "(batch, 1, H, W)", or "" when unknown."""
     first = next(iter(getattr(qmodel, "layer_bits", {})), None)
@@ -136,7 +127,7 @@ def calibrate(qmodel: nn.Module, batches: Iterable, *, progress: bool = False) -
     count = 0
     try:
         for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
-            x = check_inputs(_inputs(batch), qmodel, where=f"calibration batch {count} inputs")
+            x = check_inputs(batch_inputs(batch), qmodel, where=f"calibration batch {count} inputs")
             try:
                 qmodel(_to(x, device))
             except HessqError:

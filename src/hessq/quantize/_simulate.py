@@ -8,7 +8,6 @@ accumulators). Integer tensors are int64; convolutions use the exact kernels of
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 

@@ -7,17 +7,15 @@ product (one cheap forward of the first batch included), so a mistake is one cle
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hessq._checks import check_class_targets, check_inputs, check_model, split_batch
+from hessq._checks import check_class_targets, check_inputs, check_int, check_model, check_number, split_batch
 from hessq._errors import ConfigError, ConfigTypeError, HessqError, InputDataError
 from hessq.graph import quantizable_layers
 from hessq.sensitivity import _distributed as D
@@ -36,30 +34,12 @@ DEFAULT_MIN_SAMPLES = 10
 # --- argument checks ------------------------------------------------------------------------
 
 
-def check_count(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an int when it is an integer >= ``minimum``; a ConfigError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ConfigTypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    return int(value)
-
-
-def check_tolerance(name: str, value: Any) -> float:
-    """``value`` as a float when it is a finite number >= 0 (0 means: never stop early)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ConfigTypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name} must be a finite number >= 0 (0: run to the iteration limit), got {value}")
-    return float(value)
-
-
 def _sample_counts(rtol: Any, max_samples: Any, min_samples: Any) -> tuple[float, int, int]:
-    rtol = check_tolerance("rtol", rtol)
-    max_samples = check_count("max_samples", max_samples)
+    rtol = check_number(rtol, "rtol", low=0)
+    max_samples = check_int(max_samples, "max_samples", low=1)
     if min_samples is None:
         return rtol, max_samples, min(DEFAULT_MIN_SAMPLES, max_samples)
-    min_samples = check_count("min_samples", min_samples)
+    min_samples = check_int(min_samples, "min_samples", low=1)
     if min_samples > max_samples:
         raise ConfigError(f"min_samples ({min_samples}) is more than max_samples ({max_samples}); "
                           "lower min_samples or raise max_samples")
@@ -249,8 +229,8 @@ def hessian_sensitivity(
     """
     check_model(model)
     rtol, max_samples, min_samples = _sample_counts(rtol, max_samples, min_samples)
-    top_k, eig_max_iter = check_count("top_k", top_k), check_count("eig_max_iter", eig_max_iter)
-    eig_tol, seed = check_tolerance("eig_tol", eig_tol), check_count("seed", seed, 0)
+    top_k, eig_max_iter = check_int(top_k, "top_k", low=1), check_int(eig_max_iter, "eig_max_iter", low=1)
+    eig_tol, seed = check_number(eig_tol, "eig_tol", low=0), check_int(seed, "seed", low=0)
     rank, world = D.rank_and_world(group)
     show = progress and rank == 0
     with _EvalMode(model):
@@ -343,7 +323,7 @@ def hessian_trace(
     """
     check_model(model)
     rtol, max_samples, min_samples = _sample_counts(rtol, max_samples, min_samples)
-    seed = check_count("seed", seed, 0)
+    seed = check_int(seed, "seed", low=0)
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
     if isinstance(params, torch.Tensor) or not isinstance(params, Iterable):
@@ -383,8 +363,8 @@ def top_eigenvalues(
     Arguments and ``batches`` are checked, and ``batches`` read once, as in :func:`hessian_sensitivity`.
     """
     check_model(model)
-    k, max_iter = check_count("k", k), check_count("max_iter", max_iter)
-    tol, seed = check_tolerance("tol", tol), check_count("seed", seed, 0)
+    k, max_iter = check_int(k, "k", low=1), check_int(max_iter, "max_iter", low=1)
+    tol, seed = check_number(tol, "tol", low=0), check_int(seed, "seed", low=0)
     with _EvalMode(model):
         op, chosen, _ = _operator(model, batches, loss_fn, layers, group, cache)
         eig = _block_eigenvalues(op, range(len(chosen)), k, max_iter, tol, seed, progress and D.rank_and_world(group)[0] == 0)
@@ -407,7 +387,7 @@ def spectral_density(
     layers' weights, or of one layer's block with ``layer=``. Arguments and ``batches`` are
     checked, and ``batches`` read once, as in :func:`hessian_sensitivity`."""
     check_model(model)
-    iters, n_v, seed = check_count("iters", iters), check_count("n_v", n_v), check_count("seed", seed, 0)
+    iters, n_v, seed = check_int(iters, "iters", low=1), check_int(n_v, "n_v", low=1), check_int(seed, "seed", low=0)
     if layer is not None and not isinstance(layer, str):
         raise ConfigTypeError(f"layer must be one layer's name (a string) or None, got {layer!r}")
     gen = torch.Generator().manual_seed(seed)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hessq._checks import check_inputs, check_model
+from hessq._checks import batch_inputs, check_inputs, check_model
 from hessq._errors import ConfigError, ConfigTypeError, InputDataError
 from hessq.graph import fold_batchnorm, quantizable_layers, trace
 from hessq.quantizer import WeightQuantizer, check_weight_bits
@@ -29,10 +29,6 @@ from hessq.sensitivity._engine import first_forward
 from hessq.sensitivity._result import LayerSensitivity, Sensitivity, model_signature
 
 METHOD = "zeroq-kl"
-
-
-def _inputs(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -77,7 +73,7 @@ def kl_sensitivity(
     if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
         raise InputDataError(f"batches must be an iterable of input batches (a list, a DataLoader, "
                              f"hessq.distill_data(...)), got {type(batches).__name__}")
-    inputs = [_inputs(b) for b in batches]
+    inputs = [batch_inputs(b) for b in batches]
     if not inputs:
         raise InputDataError("kl_sensitivity needs at least one batch of inputs (e.g. hessq.distill_data(model, 32, input_shape))")
     for i, x in enumerate(inputs):
