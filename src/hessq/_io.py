@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
@@ -214,14 +215,31 @@ def save_sealed_torch(path: str | os.PathLike, content: Mapping[str, Any]) -> No
     write_atomic(path, lambda tmp: torch.save(sealed, tmp))
 
 
-def load_sealed_torch(path: str | os.PathLike, *, kind: str, versions: Collection[int], what: str, remedy: str) -> dict[str, Any]:
-    """Read with ``weights_only=True`` (no pickled code runs), then :func:`check_sealed`."""
+def load_torch_safely(path: str | os.PathLike, *, what: str, remedy: str) -> Any:
+    """``torch.load(path, weights_only=True)``: an :class:`ArtifactError` naming the file for anything unreadable.
+
+    A pickle that asks for code (any object beyond tensors and plain values) is refused, never run.
+    """
     path = Path(path)
     _read_bytes(path, what)  # the same clear errors for a missing file or a directory
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, a pickle that asks for code, ...: many exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ArtifactError(f"{path} is not a readable hessq {what} (truncated, damaged, or a pickle that would run "
-                            f"code, which hessq never loads: {first}); {remedy}") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            raise ArtifactError(f"{path} is not a readable hessq {what}: it holds more than tensors and plain values, and "
+                                f"such a pickle would run code when loaded, which hessq never does; {remedy}") from None
+        why = f"UnpicklingError: {_first_line(exc)}"
+    except Exception as exc:  # truncated zip, not a torch file, ...: many exception types
+        why = f"{type(exc).__name__}: {_first_line(exc)}"
+    raise ArtifactError(f"{path} is not a readable hessq {what} (truncated or corrupt, or another kind of file; {why}); {remedy}")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else "no detail"
+
+
+def load_sealed_torch(path: str | os.PathLike, *, kind: str, versions: Collection[int], what: str, remedy: str) -> dict[str, Any]:
+    """Read with ``weights_only=True`` (no pickled code runs), then :func:`check_sealed`."""
+    data = load_torch_safely(path, what=what, remedy=remedy)
     return check_sealed(data, kind=kind, versions=versions, source=str(path), what=what, remedy=remedy)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import hessq
 from hessq import ArtifactError
 
 from tests.compress._tiny import tiny_net
+from tests._hostile import RunsCode
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +22,11 @@ def saved(tmp_path_factory):
     return path
 
 
-class _RunsCode:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
 
 def test_a_pickle_that_asks_for_code_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.hq"
-    torch.save({"header": "{}", "tensors": {}, "sha256": "", "payload": _RunsCode(str(marker))}, path)
+    torch.save({"header": "{}", "tensors": {}, "sha256": "", "payload": RunsCode(str(marker))}, path)
     with pytest.raises(ArtifactError, match=r"evil\.hq.*would run code"):
         hessq.load_integer(path)
     assert not marker.exists()

@@ -4,7 +4,6 @@ A tiny conv net on 8×8 inputs, four batches an epoch: every case here takes wel
 """
 
 import copy
-import os
 import random
 
 import numpy as np
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 import hessq
 from hessq import ArtifactError, CheckpointMismatchError, ConfigError
 from tests.compress._tiny import tiny_net
+from tests._hostile import RunsCode
 
 SAMPLES, BATCH = 32, 8  # 4 steps an epoch
 
@@ -105,18 +105,11 @@ def test_resume_of_a_shuffling_augmenting_dataloader_is_the_uninterrupted_run(qu
     assert not differing, f"{len(differing)} of {len(a)} tensors differ: {differing[:5]}"
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
 
 def test_a_checkpoint_whose_pickle_runs_code_is_refused_without_running_it(quantized, tmp_path):
     marker = tmp_path / "marker"
     ckpt = tmp_path / "qat.ckpt"
-    torch.save({"format": "hessq.qat-checkpoint", "version": 2, "payload": _RunsCode(marker)}, ckpt)
+    torch.save({"format": "hessq.qat-checkpoint", "version": 2, "payload": RunsCode(marker)}, ckpt)
     q = _fresh(quantized)
     before = _state(q)
     with pytest.raises(ArtifactError, match="qat.ckpt") as err:
@@ -126,7 +119,7 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused_without_running_it(quant
     assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
     # The payload is real: an unsafe load does run it.
     armed = tmp_path / "armed.ckpt"
-    torch.save(_RunsCode(tmp_path / "ran"), armed)
+    torch.save(RunsCode(tmp_path / "ran"), armed)
     torch.load(armed, weights_only=False)
     assert (tmp_path / "ran").exists()
 

@@ -85,7 +85,7 @@ BAD = [
     (["quantize", "--onnx", "{dir}"], "--onnx"),
     (["quantize", "--calibration-batches", "0"], "--calibration-batches"),
     (["quantize", "--checkpoint", "{missing}"], "--checkpoint"),
-    (["quantize", "--checkpoint", "{garbage}"], "cannot read the checkpoint"),
+    (["quantize", "--checkpoint", "{garbage}"], "is not a readable hessq model checkpoint"),
     (["quantize", *TINY, "--checkpoint", "{foreign}"], "does not fit --model tests.compress._tiny:tiny_net"),
     (["quantize", *TINY, "--checkpoint", "{list}"], "holds a list, not a state_dict"),
     # analyze

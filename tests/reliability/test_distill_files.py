@@ -20,6 +20,7 @@ from hessq import ArtifactError, ConfigError, ConfigTypeError, InputDataError, M
 from hessq.distill import DistilledData, distill_data, statistics_loss
 from hessq._io import seal
 from tests.distill._tiny import TinyBN
+from tests._hostile import RunsCode
 
 SHAPE = (2, 6, 6)
 
@@ -102,7 +103,7 @@ def test_foreign_files_are_refused(tmp_path, distilled):
         "dict.pt": lambda p: torch.save({"inputs": torch.randn(4, *SHAPE)}, p),
         "plan.json": lambda p: p.write_text(json.dumps(seal({"format": "hessq.bitplan", "version": 1,
                                                                 "bits": {"conv1": 4}}))),
-        "garbage.pt": lambda p: p.write_bytes(os.urandom(300)),
+        "garbage.pt": lambda p: p.write_bytes(random.Random(0).randbytes(300)),
         # What DistilledData.save wrote before files were sealed: no version, no checksum.
         "unversioned.pt": lambda p: torch.save({"format": "hessq.distilled", "inputs": distilled.inputs,
                                                  "loss": 0.0}, p),
@@ -144,25 +145,16 @@ def test_version_checksum_and_structure_are_checked(tmp_path, distilled):
         assert expected in msg, (name, msg)
 
 
-class _RunsCode:
-    """A pickle that runs a shell command when loaded with weights_only=False."""
-
-    def __init__(self, marker) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
 
 def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, distilled):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pt"
     # Even a checksum over everything else cannot make it load: the pickle is never executed.
-    torch.save({**_content(distilled), "meta": {"x": _RunsCode(marker)}, "sha256": "0" * 64}, path)
+    torch.save({**_content(distilled), "meta": {"x": RunsCode(marker)}, "sha256": "0" * 64}, path)
     msg = _refused(path)
     assert "would run code" in msg
     assert not marker.exists()
-    torch.save(_RunsCode(marker), tmp_path / "bare.pt")
+    torch.save(RunsCode(marker), tmp_path / "bare.pt")
     _refused(tmp_path / "bare.pt")
     assert not marker.exists()
 

@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
 from hessq._checks import check_int, check_number
 from hessq._errors import ArtifactError, ConfigError, ModelError
+from hessq._io import load_torch_safely
 
 BUNDLED = ("resnet20", "efficientnet_lite0")
 
@@ -62,11 +62,8 @@ def load_model(spec: str, checkpoint: str | None = None, *, pretrained: bool = T
             raise ConfigError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     if checkpoint is not None:
         check_readable(checkpoint, "--checkpoint")
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated zip, a pickle that asks for code, ...: many exception types
-            raise ArtifactError(f"cannot read the checkpoint {checkpoint} (a state_dict saved with torch.save): "
-                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        state = load_torch_safely(checkpoint, what="model checkpoint",
+                                  remedy="give --checkpoint a state_dict saved with torch.save(model.state_dict(), path)")
         if not isinstance(state, dict):
             raise ArtifactError(f"--checkpoint {checkpoint} holds a {type(state).__name__}, not a state_dict; save "
                               "model.state_dict() with torch.save")

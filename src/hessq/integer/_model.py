@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from hessq._checks import check_inputs, check_model
 from hessq._errors import ArtifactError, ConfigError, InputDataError, ModelError
-from hessq._io import write_atomic
+from hessq._io import load_torch_safely, write_atomic
 from hessq.quantizer import _kernels
 from hessq.integer._program import Op, compile_program
 from hessq.quantizer import requantize
@@ -147,17 +147,15 @@ class IntegerModel:
             raise ArtifactError(f"{path} is a directory, not a hessq integer model file; name the .hq file inside it")
         if not path.exists():
             raise FileNotFoundError(f"no integer model file at {path}")
+        blob = load_torch_safely(path, what="integer model", remedy=remedy)
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
             header = json.loads(blob["header"])
             tensors = blob["tensors"]
             digest = blob["sha256"]
             if not isinstance(header, dict) or not isinstance(tensors, dict):
                 raise TypeError("header or tensors of the wrong type")
-        except Exception as exc:  # truncated zip, a pickle that asks for code, another layout: many types
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise ArtifactError(f"{path} is not a readable hessq integer model (truncated or corrupt, or a pickle "
-                                f"that would run code, which hessq never loads: {type(exc).__name__}: {first}); {remedy}") from None
+        except Exception as exc:  # another layout: a missing key, a header that is not JSON, ...
+            raise ArtifactError(f"{path} is not a hessq integer model ({type(exc).__name__}: {exc}); {remedy}") from None
         if header.get("format") != FORMAT:
             raise ArtifactError(f"{path} is not a hessq integer model (format {header.get('format')!r}); {remedy}")
         if header.get("version") != VERSION:
