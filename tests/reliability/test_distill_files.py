@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 
 import pytest
@@ -20,7 +19,7 @@ from hessq import ArtifactError, ConfigError, ConfigTypeError, InputDataError, M
 from hessq.distill import DistilledData, distill_data, statistics_loss
 from hessq._io import seal
 from tests.distill._tiny import TinyBN
-from tests._hostile import RunsCode
+from tests._hostile import RunsCode, check_bit_flips
 
 SHAPE = (2, 6, 6)
 
@@ -67,24 +66,8 @@ def test_saved_file_is_sealed_and_round_trips(saved, tmp_path):
 
 def test_one_flipped_bit_anywhere_is_refused_or_harmless(saved, tmp_path):
     raw, original = saved
-    rng = random.Random(12)
-    positions = sorted({int(i * len(raw) / 200) + rng.randrange(max(1, len(raw) // 200)) for i in range(200)})
-    positions = [p for p in positions if p < len(raw)]
-    assert len(positions) >= 190
-    path = tmp_path / "flipped.pt"
-    refused = 0
-    for pos in positions:
-        damaged = bytearray(raw)
-        damaged[pos] ^= 1 << rng.randrange(8)
-        path.write_bytes(bytes(damaged))
-        try:
-            loaded = DistilledData.load(path)
-        except ArtifactError as exc:
-            assert str(path) in str(exc)
-            refused += 1
-        else:
-            assert _same(loaded, original), f"bit flip at byte {pos} of {len(raw)} loaded changed content"
-    assert refused >= len(positions) // 4  # the tensor bytes and the pickle are covered, not only padding
+    refused = check_bit_flips(raw, tmp_path / "flipped.pt", DistilledData.load, lambda loaded: _same(loaded, original))
+    assert refused >= 50  # the tensor bytes and the pickle are covered, not only padding
 
 
 @pytest.mark.parametrize("cut", ["empty", "one byte", "a quarter", "a half", "all but the last byte"])
