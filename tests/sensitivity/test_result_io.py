@@ -27,7 +27,6 @@ def test_json_round_trip(tmp_path):
 # --- the file is sealed: format, version, checksum; a wrong structure is an ArtifactError ------------
 
 import json  # noqa: E402
-import random  # noqa: E402
 
 import pytest  # noqa: E402
 
