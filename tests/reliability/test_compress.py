@@ -189,3 +189,20 @@ def test_a_foreign_qat_checkpoint_names_the_ways_out(tmp_path):
     assert str(out / "qat.ckpt") in message and "--no-resume" in message and "another output folder" in message
     assert not C.qat_checkpoint_path(out).exists()  # nothing left beside the folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("out", [".", "..", "../..", "home", "a folder of the user's"])
+def test_a_folder_compress_must_not_replace_is_refused_before_any_stage(tmp_path, monkeypatch, out):
+    # The folder is swapped in whole at the end: the working folder, one above it, home or a folder
+    # of other files would be renamed away (found by hand: `--out ..` once ran up to the swap).
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    (work / "mine.txt").write_text("kept")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(tmp_path / "a"))
+    target = {"home": str(tmp_path / "a"), "a folder of the user's": str(work)}.get(out, out)
+    if out == "a folder of the user's":
+        monkeypatch.chdir(tmp_path)
+    with pytest.raises(hessq.ConfigError, match="compress replaces its output folder whole"):
+        C.check_out_dir(target)
+    assert (work / "mine.txt").read_text() == "kept" and sorted(p.name for p in tmp_path.iterdir()) == ["a"]

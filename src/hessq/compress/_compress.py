@@ -212,11 +212,21 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
 
     The files are written into a staging folder beside it, so its parent must be writable too.
     """
-    out = Path(out_dir).absolute()
+    # abspath, not Path.absolute(): it folds '..', so '..' is recognised as the folder above.
+    out = Path(os.path.abspath(out_dir))
+    cwd, home = Path(os.path.abspath(Path.cwd())), Path(os.path.abspath(Path.home()))
+    if out == cwd or out in cwd.parents or out == home or out == Path(out.anchor):
+        # The folder is replaced whole at the end; renaming the working directory or home away is never wanted.
+        what = "your home folder" if out == home else "the current folder or one above it"
+        raise ConfigError(f"the output folder {out_dir} is {what}: compress replaces its output folder whole, "
+                          f"so give it a folder of its own, e.g. {out / 'hessq-out'}")
     if not out.exists():
         check_writable(out, "the output folder")  # not under a file, in a writable folder
     elif not out.is_dir():
         raise ConfigError(f"the output folder {out_dir} is a file; give a folder (it is created when missing)")
+    elif any(out.iterdir()) and not any((out / name).exists() for name in ARTEFACT_NAMES):
+        raise ConfigError(f"the output folder {out_dir} holds files but no hessq output: compress replaces its output "
+                          f"folder whole, so give a new or empty folder, e.g. {out / 'hessq-out'}")
     elif not os.access(out.parent, os.W_OK | os.X_OK):
         raise ConfigError(f"the output folder {out_dir} cannot be replaced: its parent {out.parent} is not writable "
                           "(compress writes a staging folder beside it and swaps it in at the end)")
@@ -313,7 +323,7 @@ def recover_out_dir(out: str | os.PathLike) -> list[Path]:
     moved aside for the swap is put back when ``out`` is missing (the kill came between the two
     renames), else its user entries are kept and the rest removed.
     """
-    out = Path(out).absolute()
+    out = Path(os.path.abspath(out))
     removed: list[Path] = []
     if not out.parent.is_dir():
         return removed
@@ -355,7 +365,7 @@ def publish(out: str | os.PathLike, write: Callable[[Path], None]) -> None:
 
     On any error or interrupt the staging folder is removed and ``out`` is left as it was.
     """
-    out = Path(out).absolute()
+    out = Path(os.path.abspath(out))
     recover_out_dir(out)
     staging = out.parent / f"{out.name}{_STAGING}{os.getpid()}"
     old = out.parent / f"{out.name}{_OLD}{os.getpid()}"
@@ -708,7 +718,7 @@ def qat_checkpoint_path(out_dir: str | os.PathLike) -> Path:
     Beside, not inside, so an interrupted run leaves the old output folder untouched and the next
     run with the same folder resumes from it. Once the run finishes it moves into the folder as qat.ckpt.
     """
-    out = Path(out_dir).absolute()
+    out = Path(os.path.abspath(out_dir))
     return out.parent / f"{out.name}.hessq-qat.ckpt"
 
 
