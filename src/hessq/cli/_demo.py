@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from hessq.report import results_table
 
     from hessq._checks import check_int, check_number
-    from hessq.compress import check_options
+    from hessq.compress import DEMO_CHECKPOINT, check_options
 
     check_options(size_limit=args.size_limit, out_dir=args.out)
     check_number(args.qat_epochs, "--qat-epochs", low=0, strict=True, allow_none=True)
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         calib = train.take(8)
         w4a4 = hessq.quantize(model, (4, 4), calib)
         hessq.finetune(w4a4, train, teacher=model, epochs=args.qat_epochs, lr=args.qat_lr, seed=args.seed,
-                       checkpoint=args.out / "qat-w4a4.ckpt", resume=False, progress=progress)
+                       checkpoint=args.out / DEMO_CHECKPOINT, resume=False, progress=progress)
         names = list(result.plan)
         bits = {n: 8 if n in (names[0], names[-1]) else 4 for n in names}  # first and last stay 8-bit
         costs = evaluate_plan(model, bits, result.sensitivity, act_bits=4, input_shape=(1, 28, 28))

@@ -1,6 +1,7 @@
 """The whole pipeline in one call: sensitivity → plan → quantize → (QAT) → integer → verify → export → report."""
 
 from hessq.compress._compress import (
+    DEMO_CHECKPOINT,
     CompressResult,
     FinetuneConfig,
     check_options,
@@ -12,5 +13,5 @@ from hessq.compress._compress import (
     recover_out_dir,
 )
 
-__all__ = ["CompressResult", "FinetuneConfig", "check_options", "check_out_dir", "compress", "evaluate_setting",
+__all__ = ["DEMO_CHECKPOINT", "CompressResult", "FinetuneConfig", "check_options", "check_out_dir", "compress", "evaluate_setting",
            "publish", "qat_checkpoint_path", "recover_out_dir"]

@@ -158,6 +158,8 @@ class CompressResult:
 ARTEFACT_NAMES = ("sensitivity.json", "plan.json", "pareto.json", "latency.json", "model.hq", "model.onnx",
                   "results.json", "results.md", "report.html", "qat.ckpt", "manifest.json")
 _STAGING, _OLD = ".hessq-staging-", ".hessq-old-"
+#: The W4A4 QAT checkpoint `hessq demo` keeps in its folder (the user's to keep, so not an artefact above).
+DEMO_CHECKPOINT = "qat-w4a4.ckpt"
 
 
 def _check_limit(value: Any, name: str) -> Any:
@@ -224,7 +226,7 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
         check_writable(out, "the output folder")  # not under a file, in a writable folder
     elif not out.is_dir():
         raise ConfigError(f"the output folder {out_dir} is a file; give a folder (it is created when missing)")
-    elif any(out.iterdir()) and not any((out / name).exists() for name in ARTEFACT_NAMES):
+    elif any(out.iterdir()) and not any((out / name).exists() for name in (*ARTEFACT_NAMES, DEMO_CHECKPOINT)):
         raise ConfigError(f"the output folder {out_dir} holds files but no hessq output: compress replaces its output "
                           f"folder whole, so give a new or empty folder, e.g. {out / 'hessq-out'}")
     elif not os.access(out.parent, os.W_OK | os.X_OK):
