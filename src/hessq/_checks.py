@@ -84,6 +84,28 @@ def batch_inputs(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def move_to(obj: Any, device: torch.device) -> Any:
+    """Every tensor in ``obj`` (a tensor, or tuples, lists and dicts of them) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: move_to(o, device) for k, o in obj.items()}
+    return obj
+
+
+def shape_of(x: Any) -> str:
+    """The shapes in ``x`` for a message: ``(4, 1, 28, 28)``, or nested for tuples and dicts of tensors."""
+    if isinstance(x, torch.Tensor):
+        return str(tuple(x.shape))
+    if isinstance(x, (tuple, list)):
+        return "(" + ", ".join(shape_of(v) for v in x) + ")"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k!r}: {shape_of(v)}" for k, v in x.items()) + "}"
+    return type(x).__name__
+
+
 def split_batch(batch: Any, *, where: str = "batch") -> tuple[Any, Any]:
     """``(inputs, targets)`` from a batch that is such a pair (a list or tuple of two)."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hessq._checks import batch_inputs, check_inputs, check_model, reiterable
+from hessq._checks import batch_inputs, check_inputs, check_model, move_to, reiterable, shape_of
 from hessq._errors import ConfigError, HessqError, InputDataError, ModelError
 from hessq.graph import act_quantizers, quantizable_layers, rewrite, trace
 from hessq.quantizer import check_act_bits, check_weight_bits
@@ -88,26 +88,6 @@ def _expected_input(qmodel: nn.Module) -> str:
     return ""
 
 
-def _shape(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return str(tuple(x.shape))
-    if isinstance(x, (tuple, list)):
-        return "(" + ", ".join(_shape(v) for v in x) + ")"
-    if isinstance(x, dict):
-        return "{" + ", ".join(f"{k!r}: {_shape(v)}" for k, v in x.items()) + "}"
-    return type(x).__name__
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
-
-
 @torch.no_grad()
 def calibrate(qmodel: nn.Module, batches: Iterable, *, progress: bool = False) -> int:
     """Set every activation range from ``batches`` (inputs or (inputs, targets)); returns the batch count.
@@ -129,7 +109,7 @@ def calibrate(qmodel: nn.Module, batches: Iterable, *, progress: bool = False) -
         for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
             x = check_inputs(batch_inputs(batch), qmodel, where=f"calibration batch {count} inputs")
             try:
-                qmodel(_to(x, device))
+                qmodel(move_to(x, device))
             except HessqError:
                 raise
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
@@ -137,7 +117,7 @@ def calibrate(qmodel: nn.Module, batches: Iterable, *, progress: bool = False) -
                     raise  # the first batch ran: not a matter of the inputs' shape
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise InputDataError(
-                    f"the model cannot run on calibration batch 0: inputs of shape {_shape(x)}"
+                    f"the model cannot run on calibration batch 0: inputs of shape {shape_of(x)}"
                     f"{_expected_input(qmodel)} ({type(exc).__name__}: {first}). Give batches shaped as the model "
                     "takes them (inputs, or (inputs, targets) pairs)") from exc
             count += 1

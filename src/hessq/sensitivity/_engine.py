@@ -15,14 +15,23 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hessq._checks import check_class_targets, check_inputs, check_int, check_model, check_number, split_batch
+from hessq._checks import (
+    check_class_targets,
+    check_inputs,
+    check_int,
+    check_model,
+    check_number,
+    move_to,
+    shape_of,
+    split_batch,
+)
 from hessq._errors import ConfigError, ConfigTypeError, HessqError, InputDataError
 from hessq.graph import quantizable_layers
 from hessq.sensitivity import _distributed as D
 from hessq.sensitivity._density import SpectralDensity, slq
 from hessq.sensitivity._eigen import power_iteration
 from hessq.sensitivity._hutchinson import TraceEstimate, hutchinson
-from hessq.sensitivity._hvp import HessianOperator, batch_size, move, run_model, sub_generator
+from hessq.sensitivity._hvp import HessianOperator, batch_size, run_model, sub_generator
 from hessq.sensitivity._result import LayerSensitivity, Sensitivity, model_signature
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -102,16 +111,6 @@ def _local_batches(batches: Any, group, model: nn.Module) -> tuple[list[tuple[in
     return mine, count
 
 
-def _shape(inputs: Any) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return tuple(inputs.shape)
-    if isinstance(inputs, dict):
-        return {k: _shape(v) for k, v in inputs.items()}
-    if isinstance(inputs, (list, tuple)):
-        return [_shape(v) for v in inputs]
-    return type(inputs).__name__
-
-
 def first_forward(model: nn.Module, inputs: Any, where: str = "the first batch") -> Any:
     """The model's output on ``inputs`` (no gradients); its failure becomes an InputDataError naming the shape."""
     try:
@@ -121,7 +120,7 @@ def first_forward(model: nn.Module, inputs: Any, where: str = "the first batch")
         raise
     except Exception as exc:  # the model's own error: usually a shape or dtype mismatch
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputDataError(f"the model cannot run on {where}: inputs of shape {_shape(inputs)} give "
+        raise InputDataError(f"the model cannot run on {where}: inputs of shape {shape_of(inputs)} give "
                              f"{type(exc).__name__}: {first}. Pass inputs shaped as the model expects") from exc
 
 
@@ -129,7 +128,7 @@ def _check_data(model: nn.Module, mine: list[tuple[int, Any]], loss_fn: LossFn |
     """One forward of the first batch; with the default loss, targets must be class indices the output has."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     index, (inputs, _) = mine[0]
-    out = first_forward(model, move(inputs, device), f"batch {index}")
+    out = first_forward(model, move_to(inputs, device), f"batch {index}")
     if loss_fn is not None:
         return  # a custom loss decides what its targets are
     if not isinstance(out, torch.Tensor) or out.dim() < 2:

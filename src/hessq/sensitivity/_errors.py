@@ -39,7 +39,8 @@ def _once_differentiable(node) -> bool:
 
 def _node_modules(model: nn.Module, batch, loss_fn, device) -> tuple[torch.Tensor, dict]:
     """Run one forward and map each autograd node to the innermost module that created it."""
-    from hessq.sensitivity._hvp import move, run_model
+    from hessq._checks import move_to
+    from hessq.sensitivity._hvp import run_model
 
     owner: dict = {}
     boundary: dict[str, list] = {}
@@ -75,7 +76,7 @@ def _node_modules(model: nn.Module, batch, loss_fn, device) -> tuple[torch.Tenso
         handles += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post(name))]
     try:
         with torch.enable_grad():
-            loss = loss_fn(run_model(model, move(batch[0], device)), move(batch[1], device))
+            loss = loss_fn(run_model(model, move_to(batch[0], device)), move_to(batch[1], device))
     finally:
         for h in handles:
             h.remove()

@@ -16,21 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from hessq._checks import move_to
 from hessq._errors import ConfigError, InputDataError
 from hessq.sensitivity import _distributed as D
 from hessq.sensitivity._errors import check_double_backward, double_backward_error
 
 Batch = tuple[Any, Any]
-
-
-def move(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(move(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: move(o, device) for k, o in obj.items()}
-    return obj
 
 
 def batch_size(inputs: Any) -> int:
@@ -94,7 +85,7 @@ class HessianOperator:
         if self.cache and index in self._cached:
             grads, acts, act_grads = self._cached[index]
             return ([grads[i] for i in which] if which is not None else grads), acts, act_grads
-        inputs, targets = move(batch[0], self.device), move(batch[1], self.device)
+        inputs, targets = move_to(batch[0], self.device), move_to(batch[1], self.device)
         acts: dict[str, torch.Tensor] = {}
         want_acts = which is None or self.cache
         hooks = [m.register_forward_pre_hook(self._capture(name, acts)) for name, m in self.act_layers.items()] if want_acts else []
