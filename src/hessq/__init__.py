@@ -14,13 +14,13 @@ from hessq._errors import (
     ModelError,
 )
 from hessq import data, models
-from hessq.compress import CompressResult, FinetuneConfig, compress
+from hessq.pipeline import CompressResult, FinetuneConfig, compress
 from hessq.data import accuracy
 from hessq.distill import DistilledData, distill_data
 from hessq.graph import quantizable_layers
 from hessq.integer import IntegerModel, export_onnx, load_integer, to_integer
 from hessq.plan import BitPlan, InfeasibleLimitsError, LatencyTable, ParetoFrontier, Relative, pareto_frontier, plan_bits
-from hessq.quantize import calibrate, finetune, quantize
+from hessq.fakequant import calibrate, finetune, quantize
 from hessq.sensitivity import (
     LayerSensitivity,
     Sensitivity,

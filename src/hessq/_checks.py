@@ -79,22 +79,6 @@ def check_class_targets(y: Any, num_classes: int, *, where: str = "targets") -> 
                              f"has {num_classes} outputs (classes 0..{num_classes - 1})")
 
 
-def batch_inputs(batch: Any) -> Any:
-    """The inputs of a batch: the first item of an ``(inputs, targets)`` pair, or the batch itself."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def move_to(obj: Any, device: torch.device) -> Any:
-    """Every tensor in ``obj`` (a tensor, or tuples, lists and dicts of them) on ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(move_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: move_to(o, device) for k, o in obj.items()}
-    return obj
-
-
 def shape_of(x: Any) -> str:
     """The shapes in ``x`` for a message: ``(4, 1, 28, 28)``, or nested for tuples and dicts of tensors."""
     if isinstance(x, torch.Tensor):

@@ -5,7 +5,7 @@ from torch import nn
 
 import hessq
 from hessq.integer import IntegerConversionError
-from hessq.quantize import QuantizedModel
+from hessq.fakequant import QuantizedModel
 
 
 class ConcatNet(nn.Module):

@@ -212,7 +212,7 @@ def test_plan_is_deterministic_and_a_mapping_for_quantize(tiny, tiny_sens):
     b = plan_bits(tiny, tiny_sens, weight_bits=range(2, 9), size_limit="30%", bops_limit="60%", input_shape=SHAPE)
     assert a == b and a.to_json() != "" and list(a) == NAMES
     assert isinstance(a, BitPlan) and a.act_bits == 8
-    from hessq.quantize import quantize
+    from hessq.fakequant import quantize
 
     q = quantize(tiny, a, [torch.randn(4, *SHAPE)])
     assert torch.isfinite(q(torch.randn(2, *SHAPE))).all()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hessq
-from hessq.compress import _compress as C
+from hessq.pipeline import _compress as C
 from tests.compress._tiny import digits_data, tiny_net
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*non-positive trace")

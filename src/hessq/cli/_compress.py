@@ -100,7 +100,7 @@ def load_data(spec: str, *, seed: int = 0) -> tuple[Iterable | None, Iterable | 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """compress's keyword options from the command line, every one checked (nothing is loaded yet)."""
     import hessq
-    from hessq.compress import check_options
+    from hessq.pipeline import check_options
 
     check_number(args.finetune_epochs, "--finetune-epochs", low=0, allow_none=True)
     check_int(args.finetune_steps, "--finetune-steps", low=1, allow_none=True)
@@ -156,7 +156,7 @@ def _interrupt_note(out: Path) -> Callable[[], str]:
     started = time.time()
 
     def note() -> str:
-        from hessq.compress import qat_checkpoint_path
+        from hessq.pipeline import qat_checkpoint_path
 
         results = out / "results.json"
         if results.exists() and results.stat().st_mtime >= started:  # the signal came during the final swap

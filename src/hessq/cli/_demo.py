@@ -28,14 +28,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import hessq
-    from hessq.compress import evaluate_setting
+    from hessq.pipeline import evaluate_setting
     from hessq.data import fashion_mnist
     from hessq.models import resnet20
     from hessq.plan import evaluate_plan
     from hessq.report import results_table
 
     from hessq._checks import check_int, check_number
-    from hessq.compress import DEMO_CHECKPOINT, check_options
+    from hessq.pipeline import DEMO_CHECKPOINT, check_options
 
     check_options(size_limit=args.size_limit, out_dir=args.out)
     check_number(args.qat_epochs, "--qat-epochs", low=0, strict=True, allow_none=True)

@@ -39,7 +39,7 @@ def _once_differentiable(node) -> bool:
 
 def _node_modules(model: nn.Module, batch, loss_fn, device) -> tuple[torch.Tensor, dict]:
     """Run one forward and map each autograd node to the innermost module that created it."""
-    from hessq._checks import move_to
+    from hessq._utils import move_to
     from hessq.sensitivity._hvp import run_model
 
     owner: dict = {}

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessq._checks import move_to
+from hessq._utils import move_to
 from hessq._errors import ConfigError, InputDataError
 from hessq.sensitivity import _distributed as D
 from hessq.sensitivity._errors import check_double_backward, double_backward_error

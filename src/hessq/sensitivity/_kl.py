@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hessq._checks import batch_inputs, check_inputs, check_model
+from hessq._checks import check_inputs, check_model
+from hessq._utils import batch_inputs
 from hessq._errors import ConfigError, ConfigTypeError, InputDataError
 from hessq.graph import fold_batchnorm, quantizable_layers, trace
 from hessq.quantizer import WeightQuantizer, check_weight_bits

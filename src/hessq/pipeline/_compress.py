@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessq._checks import batch_inputs, check_inputs, check_int, check_model, check_number, reiterable
+from hessq._checks import check_inputs, check_int, check_model, check_number, reiterable
+from hessq._utils import batch_inputs
 from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, HessqRuntimeError, InputDataError
 from hessq._io import pid_alive, check_writable, write_text_atomic
 from hessq.data import accuracy
@@ -38,8 +39,8 @@ from hessq.plan import (
     parse_limit,
     plan_bits,
 )
-from hessq.quantize import finetune as run_finetune
-from hessq.quantize import quantize
+from hessq.fakequant import finetune as run_finetune
+from hessq.fakequant import quantize
 from hessq.quantizer import check_act_bits, check_weight_bits
 from hessq.report import render_report, results_table
 from hessq.sensitivity import Sensitivity, hessian_sensitivity, kl_omega, kl_sensitivity

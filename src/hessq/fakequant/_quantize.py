@@ -1,4 +1,4 @@
-"""hessq.quantize: a bit plan applied to any traceable model, calibrated on a few batches."""
+"""hessq.quantize(): a bit plan applied to any traceable model, calibrated on a few batches."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hessq._checks import batch_inputs, check_inputs, check_model, move_to, reiterable, shape_of
+from hessq._checks import check_inputs, check_model, reiterable, shape_of
+from hessq._utils import batch_inputs, move_to
 from hessq._errors import ConfigError, HessqError, InputDataError, ModelError
 from hessq.graph import act_quantizers, quantizable_layers, rewrite, trace
 from hessq.quantizer import check_act_bits, check_weight_bits
 from hessq.quantizer._functional import Granularity
 from hessq.quantizer._observer import RangeMethod
-from hessq.quantize._model import QuantizedModel
+from hessq.fakequant._model import QuantizedModel
 
 #: An int b (weights b bits, activations 8), a (weight_bits, act_bits) pair, or a mapping
 #: layer name -> either, or None to keep that layer in floating point (a BitPlan is such

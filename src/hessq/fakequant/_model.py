@@ -49,7 +49,7 @@ class QuantizedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or not self.integer_eval or self._calibrating():
             return self.graph_module(x)
-        from hessq.quantize._simulate import simulate_integer
+        from hessq.fakequant._simulate import simulate_integer
 
         return simulate_integer(self, x)
 

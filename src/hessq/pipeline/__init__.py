@@ -1,6 +1,6 @@
 """The whole pipeline in one call: sensitivity → plan → quantize → (QAT) → integer → verify → export → report."""
 
-from hessq.compress._compress import (
+from hessq.pipeline._compress import (
     DEMO_CHECKPOINT,
     CompressResult,
     FinetuneConfig,
