@@ -151,7 +151,7 @@ def test_resnet20_data_free_w8a8_within_half_a_point(pretrained_resnet20, fashio
 
     # The claim: W8A8 calibrated on distilled inputs alone is within half a point of FP32.
     qmodel = hessq.quantize(model, (8, 8), d)
-    # Float fake quantization: the integer model equals it bit for bit (tests/quantize) and runs ~4x slower.
+    # Float fake quantization: the integer model equals it bit for bit (tests/fakequant) and runs ~4x slower.
     qmodel.integer_eval = False
     fp32, distilled = hessq.accuracy(model, fashion_test), hessq.accuracy(qmodel, fashion_test)
     assert distilled >= fp32 - 0.005, (fp32, distilled)

@@ -9,7 +9,7 @@ import torch
 import hessq
 from hessq import ArtifactError
 
-from tests.compress._tiny import tiny_net
+from tests.pipeline._tiny import tiny_net
 from tests._hostile import RunsCode
 
 

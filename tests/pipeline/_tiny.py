@@ -30,7 +30,7 @@ class TinyNet(nn.Module):
 
 
 def tiny_net() -> nn.Module:
-    """The untrained architecture (the CLI's ``--model tests.compress._tiny:tiny_net``)."""
+    """The untrained architecture (the CLI's ``--model tests.pipeline._tiny:tiny_net``)."""
     torch.manual_seed(0)
     return TinyNet()
 
@@ -52,7 +52,7 @@ def trained_tiny_net(epochs: int = 15) -> nn.Module:
 
 
 def digits_data() -> tuple[TensorBatches, TensorBatches]:
-    """(train, eval) batches: the CLI's ``--data tests.compress._tiny:digits_data``."""
+    """(train, eval) batches: the CLI's ``--data tests.pipeline._tiny:digits_data``."""
     return digits("train", batch_size=64), digits("test", batch_size=128)
 
 

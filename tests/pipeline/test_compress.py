@@ -12,7 +12,7 @@ import torch
 
 import hessq
 from hessq.cli import main
-from tests.compress._tiny import digits_data, trained_tiny_net
+from tests.pipeline._tiny import digits_data, trained_tiny_net
 
 PLOTS = ("accuracy-size", "sensitivity", "pareto", "bits")
 FILES = ("sensitivity.json", "plan.json", "model.hq", "model.onnx", "results.json", "results.md", "report.html")
@@ -79,8 +79,8 @@ def test_command_line_writes_every_file(tiny, tmp_path, capsys):
     weights = tmp_path / "tiny.pt"
     torch.save(tiny.state_dict(), weights)
     out = tmp_path / "out"
-    code = main(["compress", "--model", "tests.compress._tiny:tiny_net", "--checkpoint", str(weights),
-                 "--data", "tests.compress._tiny:digits_data", "--size-limit", "50%", "--finetune-epochs", "1",
+    code = main(["compress", "--model", "tests.pipeline._tiny:tiny_net", "--checkpoint", str(weights),
+                 "--data", "tests.pipeline._tiny:digits_data", "--size-limit", "50%", "--finetune-epochs", "1",
                  "--pareto-points", "10", "--out", str(out), "--no-progress"])
     assert code == 0
     for f in FILES:
@@ -103,7 +103,7 @@ def test_command_line_data_free(tiny, tmp_path):
     weights = tmp_path / "tiny.pt"
     torch.save(tiny.state_dict(), weights)
     out = tmp_path / "out"
-    code = main(["compress", "--model", "tests.compress._tiny:tiny_net", "--checkpoint", str(weights), "--data", "none",
+    code = main(["compress", "--model", "tests.pipeline._tiny:tiny_net", "--checkpoint", str(weights), "--data", "none",
                  "--input-shape", "1,8,8", "--distilled-samples", "32", "--distill-steps", "30", "--no-latency",
                  "--out", str(out), "--no-progress"])
     assert code == 0
@@ -119,10 +119,10 @@ def test_command_line_data_free(tiny, tmp_path):
     "args, message",
     [
         (["--model", "no_such_package.models:net"], "cannot load model factory 'no_such_package.models:net'"),
-        (["--model", "tests.compress._tiny:not_a_model"], "returned a str, not a torch.nn.Module"),
-        (["--model", "tests.compress._tiny:tiny_net", "--data", "no_such_package:data"], "cannot import the data module"),
-        (["--model", "tests.compress._tiny:tiny_net", "--data", "tests.compress._tiny:not_a_model"], "returned a str"),
-        (["--model", "tests.compress._tiny:tiny_net", "--data", "none"], "--input-shape"),
+        (["--model", "tests.pipeline._tiny:not_a_model"], "returned a str, not a torch.nn.Module"),
+        (["--model", "tests.pipeline._tiny:tiny_net", "--data", "no_such_package:data"], "cannot import the data module"),
+        (["--model", "tests.pipeline._tiny:tiny_net", "--data", "tests.pipeline._tiny:not_a_model"], "returned a str"),
+        (["--model", "tests.pipeline._tiny:tiny_net", "--data", "none"], "--input-shape"),
     ],
 )
 def test_bad_model_or_data_paths_say_what_is_wrong(args, message, tmp_path, capsys):

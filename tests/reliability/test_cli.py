@@ -23,7 +23,7 @@ from hessq.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, main
 pytestmark = pytest.mark.filterwarnings("ignore:.*non-positive trace")
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["--model", "tests.compress._tiny:tiny_net"]
+TINY = ["--model", "tests.pipeline._tiny:tiny_net"]
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ BAD = [
     (["quantize", "--calibration-batches", "0"], "--calibration-batches"),
     (["quantize", "--checkpoint", "{missing}"], "--checkpoint"),
     (["quantize", "--checkpoint", "{garbage}"], "is not a readable hessq model checkpoint"),
-    (["quantize", *TINY, "--checkpoint", "{foreign}"], "does not fit --model tests.compress._tiny:tiny_net"),
+    (["quantize", *TINY, "--checkpoint", "{foreign}"], "does not fit --model tests.pipeline._tiny:tiny_net"),
     (["quantize", *TINY, "--checkpoint", "{list}"], "holds a list, not a state_dict"),
     # analyze
     (["analyze", "--rtol", "-1"], "--rtol"),
@@ -209,7 +209,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_compress_leaves_the_old_folder_as_it_was(signum, code, tmp_path):
-    from tests.compress._tiny import digits_data, tiny_net
+    from tests.pipeline._tiny import digits_data, tiny_net
 
     # A precomputed sensitivity, so the subprocess reaches QAT quickly.
     model = tiny_net().eval()
@@ -223,7 +223,7 @@ def test_interrupted_compress_leaves_the_old_folder_as_it_was(signum, code, tmp_
         (out / name).write_text(text)
     before = _snapshot(out)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hessq.cli", "compress", *TINY, "--data", "tests.compress._tiny:digits_data",
+        [sys.executable, "-m", "hessq.cli", "compress", *TINY, "--data", "tests.pipeline._tiny:digits_data",
          "--sensitivity", str(tmp_path / "sens.json"), "--no-latency", "--pareto-points", "0", "--baselines", "none",
          "--calibration-batches", "1", "--finetune-epochs", "1000", "--out", str(out)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -249,13 +249,13 @@ def test_interrupted_compress_leaves_the_old_folder_as_it_was(signum, code, tmp_
 
 
 def test_compress_says_when_it_resumes_and_how_to_get_past_a_foreign_checkpoint(tmp_path, capsys):
-    from tests.compress._tiny import digits_data, tiny_net
+    from tests.pipeline._tiny import digits_data, tiny_net
 
     sens = hessq.hessian_sensitivity(tiny_net().eval(), [next(iter(digits_data()[0]))], max_samples=2, min_samples=2,
                                      eigenvalues=False, progress=False)
     sens.save(tmp_path / "sens.json")
     out = tmp_path / "out"
-    argv = ["compress", *TINY, "--data", "tests.compress._tiny:digits_data", "--sensitivity", str(tmp_path / "sens.json"),
+    argv = ["compress", *TINY, "--data", "tests.pipeline._tiny:digits_data", "--sensitivity", str(tmp_path / "sens.json"),
             "--no-latency", "--pareto-points", "0", "--baselines", "none", "--calibration-batches", "1",
             "--finetune-epochs", "1", "--finetune-steps", "2", "--no-progress", "--out", str(out)]
     assert main(argv) == 0

@@ -14,7 +14,7 @@ import torch
 
 import hessq
 from hessq.pipeline import _compress as C
-from tests.compress._tiny import digits_data, tiny_net
+from tests.pipeline._tiny import digits_data, tiny_net
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*non-positive trace")
 

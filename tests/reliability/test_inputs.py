@@ -16,7 +16,7 @@ import hessq
 from hessq import ConfigError, ConfigTypeError, InputDataError, ModelError
 from hessq.sensitivity import hessian_sensitivity, hessian_trace, kl_sensitivity, spectral_density, top_eigenvalues
 
-from tests.compress._tiny import tiny_net
+from tests.pipeline._tiny import tiny_net
 from tests.sensitivity._models import batches, mlp
 
 FAST = dict(max_samples=2, min_samples=2, eigenvalues=False)

@@ -21,11 +21,11 @@ from hessq._checks import (
     check_int,
     check_model,
     check_number,
-    move_to,
     shape_of,
     split_batch,
 )
 from hessq._errors import ConfigError, ConfigTypeError, HessqError, InputDataError
+from hessq._utils import move_to
 from hessq.graph import quantizable_layers
 from hessq.sensitivity import _distributed as D
 from hessq.sensitivity._density import SpectralDensity, slq
