@@ -1,17 +1,17 @@
-"""Finding and rewriting layers: torch.fx tracing, BatchNorm folding, quantized twins."""
+"""Finding and rewriting layers: torch.fx tracing, one normalising pass, BatchNorm folding, quantized twins."""
 
-from hessq.graph._fold import fold_batchnorm, fold_conv_bn
-from hessq.graph._layers import QUANTIZABLE_TYPES, quantizable_layers
-from hessq.graph._qmodules import QUANT_LAYER_TYPES, QuantAdd, QuantCat, QuantConv2d, QuantLinear
-from hessq.graph._rewrite import act_quantizers, check_supported, quantized_layers, rewrite
-from hessq.graph._trace import UnsupportedOpError, UntraceableModelError, node_location, trace
+from hessq.graph._fold import fold_batchnorm
+from hessq.graph._layers import quantizable_layers
+from hessq.graph._normalize import normalize
+from hessq.graph._rewrite import act_quantizers, check_supported, pooled_bound, quantized_layers, rewrite, traced
+from hessq.graph._trace import UnsupportedOpError, UntraceableModelError, trace
+from hessq.ops import QuantAdd, QuantCat, QuantConv2d, QuantLayer, QuantLinear, fold_conv_bn, node_location
 
 __all__ = [
-    "QUANTIZABLE_TYPES",
-    "QUANT_LAYER_TYPES",
     "QuantAdd",
     "QuantCat",
     "QuantConv2d",
+    "QuantLayer",
     "QuantLinear",
     "UnsupportedOpError",
     "UntraceableModelError",
@@ -20,8 +20,11 @@ __all__ = [
     "fold_batchnorm",
     "fold_conv_bn",
     "node_location",
+    "normalize",
+    "pooled_bound",
     "quantizable_layers",
     "quantized_layers",
     "rewrite",
     "trace",
+    "traced",
 ]

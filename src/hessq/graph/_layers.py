@@ -1,25 +1,25 @@
-"""Finding the layers hessq quantizes, by module path."""
+"""Finding the layers hessq quantizes, by module path: every module a weighted op family matches."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from hessq._errors import ConfigError
-
-#: Module types that get quantized twins (weights quantized, input activations quantized).
-QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+from hessq.ops import weighted_module_types
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Conv2d (any groups) and Linear in ``model``, keyed by module path, in definition order.
+    """Every quantizable layer in ``model`` (Conv2d of any groups, Linear, and any registered weighted
+    family's modules), keyed by module path, in definition order.
 
     The names are the ones used everywhere in hessq (``layer1.0.conv1``), and match
     the names of the quantized twins after :func:`hessq.quantize`.
     """
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)}
+    types = weighted_module_types()
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, types)}
     if not layers:
         raise ConfigError(
-            f"{type(model).__name__} has no quantizable layer (hessq quantizes nn.Conv2d and nn.Linear); "
+            f"{type(model).__name__} has no quantizable layer (hessq quantizes {', '.join(t.__name__ for t in types)}); "
             "nothing to analyse or quantize"
         )
     return layers

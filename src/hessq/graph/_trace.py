@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
 import traceback
 from collections.abc import Iterable
 
@@ -77,19 +76,3 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
             "unquantized by naming it in leaf_modules=[...] together with unsupported='float'."
         ) from exc
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
-
-
-def node_location(node: fx.Node) -> str:
-    """``module path (Type) at file:line`` for an fx node, as far as it is known."""
-    parts = []
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path, kind = list(stack.values())[-1]
-        parts.append(f"in module `{path}` ({getattr(kind, '__name__', kind)})")
-    if node.stack_trace:
-        frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', node.stack_trace)
-        user = [f for f in frames if "/torch/" not in f[0].replace("\\", "/")]
-        if user:
-            file, line, code = user[-1]
-            parts.append(f"at {file}:{line} ({code.strip()})")
-    return " ".join(parts) if parts else f"at graph node `{node.name}`"

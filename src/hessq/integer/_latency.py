@@ -1,8 +1,8 @@
 """Per-layer latency measured on ONNX Runtime, in the table format the bit planner reads.
 
-Each conv / linear layer of an IntegerModel is exported alone (uint8 activations, int8
-per-channel weights: QLinearConv / MatMulInteger, as in the fast export) and timed at its
-real input shape. ONNX Runtime executes every weight width from 2 to 8 bits with its int8
+Each weighted layer of an IntegerModel is exported alone, as its op family's latency probe says
+(uint8 activations, int8 per-channel weights: QLinearConv for a conv, MatMulInteger for a linear,
+as in the fast export), and timed at its real input shape. ONNX Runtime executes every weight width from 2 to 8 bits with its int8
 kernels (narrower codes are stored packed but computed as int8), so those widths share one
 measured time; ``32`` holds the float32 time of the same layer for reference.
 """
@@ -18,7 +18,8 @@ import torch
 
 from hessq._errors import ConfigError
 from hessq.integer._model import IntegerModel
-from hessq.integer._onnx import _require_onnx
+from hessq.integer._onnx import require_onnx
+from hessq.ops import family_for_kind
 from hessq.plan import LatencyTable
 
 
@@ -42,34 +43,18 @@ def _median_seconds(session, feed, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _layer_models(op, in_shape: list[int]):
-    onnx, TP, helper, nh = _require_onnx()
-    w = op.tensors["weight"].numpy().astype(np.int8)
-    inits = [nh.from_array(w, "w")]
-    f32 = [nh.from_array(w.astype(np.float32), "wf")]
-    if op.kind == "conv2d":
-        a = op.attrs
-        attrs = dict(strides=a["stride"], pads=a["padding"] * 2, dilations=a["dilation"], group=a["groups"])
-        inits += [
-            nh.from_array(np.float32(0.02), "xs"), nh.from_array(np.uint8(0), "xz"),
-            nh.from_array(np.full(w.shape[0], 0.01, np.float32), "ws"), nh.from_array(np.zeros(w.shape[0], np.int8), "wz"),
-            nh.from_array(np.float32(0.05), "ys"), nh.from_array(np.uint8(0), "yz"),
-        ]
-        int_node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], **attrs)
-        flt_node = helper.make_node("Conv", ["x", "wf"], ["y"], **attrs)
-        out_type = TP.UINT8
-    else:
-        inits = [nh.from_array(w.T.copy(), "w"), nh.from_array(np.uint8(0), "xz")]
-        f32 = [nh.from_array(w.T.astype(np.float32).copy(), "wf")]
-        int_node = helper.make_node("MatMulInteger", ["x", "w", "xz"], ["y"])
-        flt_node = helper.make_node("MatMul", ["x", "wf"], ["y"])
-        out_type = TP.INT32
-    opset = [helper.make_opsetid("", 17)]
-    int_graph = helper.make_graph([int_node], "layer", [helper.make_tensor_value_info("x", TP.UINT8, in_shape)],
-                                  [helper.make_tensor_value_info("y", out_type, None)], inits)
-    flt_graph = helper.make_graph([flt_node], "layer", [helper.make_tensor_value_info("x", TP.FLOAT, in_shape)],
-                                  [helper.make_tensor_value_info("y", TP.FLOAT, None)], f32)
-    return helper.make_model(int_graph, opset_imports=opset), helper.make_model(flt_graph, opset_imports=opset)
+def _one_node_model(spec: tuple, input_shape: list[int], input_dtype: str):
+    """A one-node ONNX model from a family's latency spec (op type, inputs, attributes, initializers, output dtype)."""
+    onnx, TP, helper, nh = require_onnx()
+    op_type, inputs, attrs, inits, out_dtype = spec
+    types = {"uint8": TP.UINT8, "int32": TP.INT32, "float32": TP.FLOAT}
+    graph = helper.make_graph(
+        [helper.make_node(op_type, inputs, ["y"], **attrs)], "layer",
+        [helper.make_tensor_value_info("x", types[input_dtype], input_shape)],
+        [helper.make_tensor_value_info("y", types[out_dtype], None)],
+        [nh.from_array(np.asarray(v), k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def measure_latency_table(
@@ -95,7 +80,8 @@ def measure_latency_table(
     rows = {}
     for op in model.layers():
         in_shape = list(env[op.inputs[0]].shape)
-        int_model, flt_model = _layer_models(op, in_shape)
+        int_spec, flt_spec = family_for_kind(op.kind).latency_models(op, in_shape)
+        int_model, flt_model = _one_node_model(int_spec, in_shape, "uint8"), _one_node_model(flt_spec, in_shape, "float32")
         rng = np.random.default_rng(0)
         x_u8 = rng.integers(0, 256, in_shape, dtype=np.uint8)
         t_int = _median_seconds(_session(int_model, threads), {"x": x_u8}, repeats)

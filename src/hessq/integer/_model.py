@@ -10,14 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from hessq._checks import check_inputs, check_model
-from hessq._errors import ArtifactError, ConfigError, InputDataError, ModelError
+from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, InputDataError, ModelError
 from hessq._io import load_torch_safely, write_atomic
+from hessq.ops import Op, family_for_kind, run_program
 from hessq.quantizer import _kernels
-from hessq.integer._program import Op, compile_program
-from hessq.quantizer import requantize
 
 FORMAT = "hessq.integer-model"
 VERSION = 1
@@ -65,7 +63,8 @@ class IntegerModel:
         return f"IntegerModel(input {self.input_shape}, {len(self.ops)} ops: {kinds})"
 
     def layers(self) -> Iterator[Op]:
-        return (op for op in self.ops if op.kind in ("conv2d", "linear"))
+        """The ops of weighted layers (conv, linear, ...), in program order."""
+        return (op for op in self.ops if family_for_kind(op.kind).weighted)
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, *, kernel: str = "auto", keep: bool = False) -> dict[str, torch.Tensor] | torch.Tensor:
@@ -83,10 +82,7 @@ class IntegerModel:
         if tuple(x.shape[1:]) != self.input_shape:
             raise InputDataError(f"input shape {tuple(x.shape)} does not match the model's {expected}")
         check_inputs(x, None, where="the integer model's inputs")
-        env: dict[str, torch.Tensor] = {self.input_name: x}
-        for op in self.ops:
-            env[op.output] = _execute(op, [env[name] for name in op.inputs], kernel)
-        return env if keep else env[self.output_name]
+        return run_program(self.ops, self.input_name, self.output_name, x, kernel=kernel, keep=keep)
 
     def __call__(self, x: torch.Tensor, *, kernel: str = "auto") -> torch.Tensor:
         return self.run(x, kernel=kernel)
@@ -186,59 +182,6 @@ class IntegerModel:
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    return t if t.dim() == 0 else t.reshape([1, -1] + [1] * (ndim - 2))
-
-
-def _execute(op: Op, inputs: list[torch.Tensor], kernel: str) -> torch.Tensor:
-    k, a, t = op.kind, op.attrs, op.tensors
-    x = inputs[0]
-    if k == "quantize":
-        return torch.clamp(torch.round(x.double() / t["scale"]), a["qmin"], a["qmax"]).to(torch.int64)
-    if k == "requantize":
-        return requantize(x, t["b"], t["c"], a["qmin"], a["qmax"])
-    if k in ("conv2d", "linear"):
-        w = t["weight"].to(torch.int64)
-        chosen = "int64" if kernel == "int64" else a["kernel"]
-        if k == "conv2d":
-            acc = _kernels.conv2d(x, w, a["stride"], a["padding"], a["dilation"], a["groups"], chosen)
-        else:
-            acc = _kernels.linear(x, w, chosen)
-        if "bias" in t:
-            acc = acc + _channel(t["bias"].to(torch.int64), acc.dim())
-        return acc
-    if k == "add":
-        wide = 2**62
-        y = requantize(x, t["b0"], t["c0"], -wide, wide) + requantize(inputs[1], t["b1"], t["c1"], -wide, wide)
-        return torch.clamp(y, a["qmin"], a["qmax"])
-    if k == "cat":
-        parts = [requantize(v, t[f"b{i}"], t[f"c{i}"], a["qmin"], a["qmax"]) for i, v in enumerate(inputs)]
-        return torch.cat(parts, a["dim"])
-    if k == "relu":
-        return x.clamp(min=0)
-    if k == "clamp":
-        return torch.minimum(x.clamp(min=0), t["max"])
-    if k == "max_pool2d":
-        return F.max_pool2d(x, **a)
-    if k == "sum_pool2d":
-        # an integer window sum: pad-free windows, summed by unfolding
-        kh, kw = a["kernel"]
-        sh, sw = a["stride"]
-        windows = x.unfold(2, kh, sh).unfold(3, kw, sw)
-        return windows.sum((-1, -2))
-    if k == "sum":
-        return x.sum(a["dims"], keepdim=a["keepdim"])
-    if k == "pad":
-        return F.pad(x, a["pads"])
-    if k == "flatten":
-        return torch.flatten(x, a["start_dim"], a["end_dim"])
-    if k == "reshape":
-        return x.reshape(a["shape"])
-    if k == "dequantize":
-        return (x.double() * t["scale"]).float()
-    raise ConfigError(f"unknown integer op {k!r} (a file from a newer hessq?)")
-
-
 def to_integer(qmodel: Any) -> IntegerModel:
     """The integer-only model of a calibrated :func:`hessq.quantize` result.
 
@@ -252,7 +195,9 @@ def to_integer(qmodel: Any) -> IntegerModel:
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise ModelError(f"the quantized model has NaN or infinite values in {name!r}: an integer model needs "
                                  "finite weights; check the float model it was quantized from")
-    ops, input_name, output_name, input_shape = compile_program(qmodel)
+    if not callable(getattr(qmodel, "program", None)):
+        raise ConfigTypeError(f"to_integer needs a model from hessq.quantize, got {type(qmodel).__name__}")
+    ops, input_name, output_name, input_shape = qmodel.program()
     meta = {"layer_bits": {k: list(v) for k, v in qmodel.layer_bits.items()}}
     return IntegerModel(ops, input_name, output_name, input_shape, meta)
 

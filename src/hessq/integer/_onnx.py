@@ -28,12 +28,12 @@ import torch
 from hessq._errors import ConfigError, ConfigTypeError, MissingDependencyError
 from hessq._io import check_writable, write_atomic
 from hessq.integer._model import IntegerModel
-from hessq.integer._program import Op
+from hessq.ops import Op, family_for_kind
 
 OPSET = 17
 
 
-def _require_onnx():
+def require_onnx():
     try:
         import onnx
         from onnx import TensorProto, helper, numpy_helper
@@ -56,7 +56,7 @@ class _Tensor:
 
 class _Exporter:
     def __init__(self, model: IntegerModel, mode: str = "exact") -> None:
-        self.onnx, self.TP, self.helper, self.nh = _require_onnx()
+        self.onnx, self.TP, self.helper, self.nh = require_onnx()
         self.model = model
         self.exact = mode == "exact"
         self.nodes, self.inits = [], []
@@ -142,115 +142,12 @@ class _Exporter:
         clipped = self.node("Clip", [shifted, lo, hi], "clip")
         return _Tensor(self.node("Cast", [clipped], "codes", to=self.TP.UINT8), "codes", scale, zp)
 
-    # -- ops ----------------------------------------------------------------------------------------
-    def run(self, input_name: str) -> None:
-        self.values[self.model.input_name] = _Tensor(input_name, "real")
-        for op in self.model.ops:
-            if op.output in self.fused:
-                continue
-            self.values[op.output] = getattr(self, f"op_{op.kind}")(op, [self.values[n] for n in op.inputs])
+    def tensor(self, name: str, kind: str, scale: float = 0.0, zero_point: int = 0) -> _Tensor:
+        """An exported value: ``kind`` "codes" (uint8 on a grid), "acc" (float64 integers) or "real" (float32)."""
+        return _Tensor(name, kind, scale, zero_point)
 
-    def op_quantize(self, op: Op, ins: list[_Tensor]) -> _Tensor:
-        if not self.exact:
-            return self.codes(ins[0].name, float(op.tensors["scale"]), op.attrs["qmin"] < 0, "quantize")
-        x = self.node("Cast", [ins[0].name], "x_f64", to=self.TP.DOUBLE)
-        q = self.node("Div", [x, self.const("scale", np.float64(op.tensors["scale"]))], "x_over_s")
-        return self.to_codes(self.node("Round", [q], "round"), op.attrs["qmin"], op.attrs["qmax"], float(op.scale))
-
-    def op_requantize(self, op: Op, ins: list[_Tensor]) -> _Tensor:
-        if not self.exact:
-            t, zp = ins[0], 128 if op.attrs["qmin"] < 0 else 0
-            if t.kind == "codes" and t.scale == float(op.scale) and t.zero_point == zp:
-                return t  # a fused kernel already wrote these codes on this grid
-            return self.codes(self.real(t), float(op.scale), op.attrs["qmin"] < 0, "requantize")
-        t = ins[0]
-        rounded = self.round_half_up(self.acc(t), op.tensors["b"], op.tensors["c"])
-        return self.to_codes(rounded, op.attrs["qmin"], op.attrs["qmax"], float(op.scale))
-
-    def _fast_output_grid(self, op: Op) -> tuple[list[Op], Op, _Tensor, Op | None] | None:
-        """Where a conv/linear's fused int8 kernel should write its codes, in fast mode.
-
-        Follows conv → [relu | clamp] (each used once) and returns (chain, last op, the output grid, the
-        requantize folded in or None). The grid is that of the single requantize that follows (exact
-        placement), else of a requantize, add or cat among the consumers (the add then runs on int8 codes
-        as ONNX Runtime's QLinearAdd, as its own quantizer does); None when no consumer has a grid.
-        """
-        chain, cur = [], op
-        users = self.users.get(cur.output, [])
-        # conv → [relu | clamp] → [zero pad] (TF "same" padding before a strided conv) → requantize
-        allowed: tuple[str, ...] = ("relu", "clamp", "pad")
-        while len(users) == 1 and users[0].kind in allowed:
-            cur = users[0]
-            chain.append(cur)
-            users = self.users.get(cur.output, [])
-            allowed = ("pad",) if cur.kind != "pad" else ()
-        if len(users) == 1 and users[0].kind == "requantize":
-            req = users[0]
-            return chain, cur, _Tensor("", "codes", float(req.scale), 128 if req.attrs["qmin"] < 0 else 0), req
-        for kind in ("requantize", "add", "cat"):
-            for u in users:
-                if u.kind == kind:
-                    return chain, cur, _Tensor("", "codes", float(u.scale), 128 if u.attrs["qmin"] < 0 else 0), None
-        if len(users) == 1 and users[0].kind == "sum_pool2d":
-            # an average pool then a requantize: the average stays within the inputs' range, so the codes go on the
-            # grid after the pool (QLinearGlobalAveragePool then keeps it)
-            after = self.users.get(users[0].output, [])
-            while len(after) == 1 and after[0].kind in ("flatten", "reshape"):
-                after = self.users.get(after[0].output, [])
-            if len(after) == 1 and after[0].kind == "requantize":
-                req = after[0]
-                return chain, cur, _Tensor("", "codes", float(req.scale), 128 if req.attrs["qmin"] < 0 else 0), None
-        return None
-
-    def _weights(self, op: Op, x: _Tensor) -> tuple[str, str, str, np.ndarray]:
-        w = op.tensors["weight"].numpy().astype(np.int8)
-        w_scale = (op.scale.reshape(-1).double() / x.scale).numpy().astype(np.float32)
-        if w_scale.size == 1:
-            w_scale = np.full(w.shape[0], w_scale.item(), np.float32)
-        return self.const("w", w), self.const("w_scale", w_scale), self.const("w_zp", np.zeros(w.shape[0], np.int8)), w_scale
-
-    def op_conv2d(self, op: Op, ins: list[_Tensor]) -> _Tensor:
-        x = self.as_codes_input(ins[0])
-        a = op.attrs
-        conv_attrs = dict(strides=a["stride"], pads=a["padding"] * 2, dilations=a["dilation"], group=a["groups"])
-        if x.padded_from is not None and not self.exact:
-            # a separate Pad (TF "same" padding) folds into the conv's own zero-point padding
-            top, left, bottom, right = x.pads
-            p_h, p_w = a["padding"]
-            conv_attrs["pads"] = [p_h + top, p_w + left, p_h + bottom, p_w + right]
-            x = x.padded_from
-        plan = None if self.exact else self._fast_output_grid(op)
-        if plan is not None:
-            chain, last, y, req = plan
-            w, ws, wzp, _ = self._weights(op, x)
-            xs, xzp = self.scale_zp(x)
-            ys, yzp = self.scale_zp(y)
-            inputs = [x.name, xs, xzp, w, ws, wzp, ys, yzp]
-            if "bias" in op.tensors:
-                inputs.append(self.const("bias", op.tensors["bias"].numpy().astype(np.int32)))
-            y.name = self.node("QLinearConv", inputs, "qconv", **conv_attrs)
-            for extra in chain:
-                if extra.kind == "relu" and y.zero_point:
-                    y.name = self.node("Max", [y.name, self.const("zero", np.uint8(y.zero_point))], "relu")
-                elif extra.kind == "clamp":
-                    six = float((extra.tensors["max"].double().reshape(-1)[0] * op.scale.reshape(-1)[0]).item())
-                    hi = min(255, y.zero_point + int(round(six / y.scale)))
-                    if y.zero_point or hi < 255:  # on an unsigned grid that ends below 6 the kernel already clips
-                        y.name = self.node("Clip", [y.name, self.const("lo", np.uint8(y.zero_point)),
-                                                    self.const("hi", np.uint8(hi))], "relu6")
-                elif extra.kind == "pad":
-                    y = self.op_pad(extra, [y])  # zero on the accumulator is the zero-point in codes
-                self.fused.add(extra.output)
-            if req is not None:
-                self.fused.add(req.output)
-                self.values[req.output] = y
-            self.values[last.output] = y
-            return y
-        w = self.const("w", op.tensors["weight"].numpy().astype(np.int8))
-        acc = self.node("ConvInteger", [x.name, w, self.const("x_zp", np.uint8(x.zero_point))], "convint", **conv_attrs)
-        return self._accumulator(op, acc)
-
-    def _accumulator(self, op: Op, acc: str) -> _Tensor:
+    def accumulator(self, op: Op, acc: str) -> _Tensor:
+        """A weighted op's int32 products plus its bias: exact integers (exact mode) or real values (fast)."""
         # ONNX Runtime accumulates the products in int32, which holds them (checked below); the bias is added
         # after widening, because a large bias against a small input scale can carry the sum past 2^31.
         products = op.attrs["bound"] - (int(op.tensors["bias"].abs().max()) if "bias" in op.tensors else 0)
@@ -259,7 +156,7 @@ class _Exporter:
                 f"layer `{op.output}` can accumulate up to {products:,} before its bias, beyond ONNX Runtime's int32 "
                 "accumulators; quantize that layer to fewer weight or activation bits, or keep the integer model"
             )
-        shape = [1, -1] + [1] * (2 if op.kind == "conv2d" else 0)
+        shape = [1, -1] + [1] * (len(self.model_shapes[op.output]) - 2)
         dtype = (self.TP.DOUBLE, np.float64) if self.exact else (self.TP.FLOAT, np.float32)
         acc = self.node("Cast", [acc], "acc_f64" if self.exact else "acc_f", to=dtype[0])
         if "bias" in op.tensors:
@@ -269,143 +166,84 @@ class _Exporter:
         scale = op.scale.numpy().astype(np.float32)
         return _Tensor(self.node("Mul", [acc, self.const("acc_scale", scale)], "acc_real"), "real")
 
-    def op_linear(self, op: Op, ins: list[_Tensor]) -> _Tensor:
-        x = self.as_codes_input(ins[0])
-        wt = self.const("wT", op.tensors["weight"].numpy().astype(np.int8).T.copy())
-        acc = self.node("MatMulInteger", [x.name, wt, self.const("x_zp", np.uint8(x.zero_point))], "matmulint")
-        return self._accumulator(op, acc)
+    def int8_weights(self, op: Op, x: _Tensor) -> tuple[str, str, str]:
+        """(weight, weight scale, weight zero-point) constants of a QLinear kernel reading ``x``."""
+        w = op.tensors["weight"].numpy().astype(np.int8)
+        w_scale = (op.scale.reshape(-1).double() / x.scale).numpy().astype(np.float32)
+        if w_scale.size == 1:
+            w_scale = np.full(w.shape[0], w_scale.item(), np.float32)
+        return self.const("w", w), self.const("w_scale", w_scale), self.const("w_zp", np.zeros(w.shape[0], np.int8))
 
-    def op_add(self, op: Op, ins: list[_Tensor]) -> _Tensor:
-        if self.exact:
-            a, b = (self.round_half_up(self.acc(t), op.tensors[f"b{i}"], op.tensors[f"c{i}"]) for i, t in enumerate(ins))
-            return self.to_codes(self.node("Add", [a, b], "add"), op.attrs["qmin"], op.attrs["qmax"], float(op.scale))
-        if all(t.kind == "codes" for t in ins):
-            # ONNX Runtime's int8 residual add (com.microsoft QLinearAdd), each input on its own grid. A ReLU
-            # that alone follows is folded in, as ONNX Runtime's own quantizer does: the sum goes on the
-            # unsigned grid of the same scale, which clips at 0 (and at 255 steps instead of 127).
-            users = self.users.get(op.output, [])
-            relu = users[0] if len(users) == 1 and users[0].kind == "relu" else None
-            y = _Tensor("", "codes", float(op.scale), 128 if op.attrs["qmin"] < 0 and relu is None else 0)
-            inputs = [part for t in ins for part in (t.name, *self.scale_zp(t))] + list(self.scale_zp(y))
-            y.name = self.node("QLinearAdd", inputs, "qadd", domain="com.microsoft")
-            self.uses_ms_domain = True
-            if relu is not None:
-                self.fused.add(relu.output)
-                self.values[relu.output] = y
-            return y
-        total = self.node("Add", [self.real(ins[0]), self.real(ins[1])], "add")
-        return self.codes(total, float(op.scale), op.attrs["qmin"] < 0, "add_q")
+    def fast_output_grid(self, op: Op) -> tuple[list[Op], Op, _Tensor, Op | None] | None:
+        """Where a weighted op's fused int8 kernel should write its codes, in fast mode.
 
-    def op_cat(self, op: Op, ins: list[_Tensor]) -> _Tensor:
-        signed = op.attrs["qmin"] < 0
-        if self.exact:
-            parts = [
-                self.to_codes(self.round_half_up(self.acc(t), op.tensors[f"b{i}"], op.tensors[f"c{i}"]),
-                              op.attrs["qmin"], op.attrs["qmax"], float(op.scale))
-                for i, t in enumerate(ins)
-            ]
-        else:
-            parts = [self.codes(self.real(t), float(op.scale), signed, "cat_q") for t in ins]
-        out = _Tensor(self.node("Concat", [p.name for p in parts], "cat", axis=op.attrs["dim"]), "codes", float(op.scale), parts[0].zero_point)
-        return out
+        Follows op → [relu | clamp] → [zero pad] (each used once) and returns (chain, last op, the output
+        grid, the requantize folded in or None). The grid is that of the single requantize that follows
+        (exact placement), else of a requantize, add or cat among the consumers (the add then runs on int8
+        codes as ONNX Runtime's QLinearAdd, as its own quantizer does); None when no consumer has a grid.
+        """
+        chain, cur = [], op
+        users = self.users.get(cur.output, [])
+        allowed: tuple[str, ...] = ("relu", "clamp", "pad")
+        while len(users) == 1 and users[0].kind in allowed:
+            cur = users[0]
+            chain.append(cur)
+            users = self.users.get(cur.output, [])
+            allowed = ("pad",) if cur.kind != "pad" else ()
 
-    def op_relu(self, op: Op, ins: list[_Tensor]) -> _Tensor:
-        t = ins[0]
-        if t.kind in ("real", "acc"):
-            return _Tensor(self.node("Relu", [t.name], "relu"), t.kind)
-        if t.zero_point == 0:
-            return t
-        return _Tensor(self.node("Max", [t.name, self.const("zero", np.uint8(t.zero_point))], "relu"), "codes", t.scale, t.zero_point)
+        def grid_of(u: Op) -> _Tensor:
+            return _Tensor("", "codes", float(u.scale), 128 if u.attrs["qmin"] < 0 else 0)
 
-    def op_clamp(self, op: Op, ins: list[_Tensor]) -> _Tensor:
-        t = ins[0]
-        if t.kind == "acc":
-            six = op.tensors["max"].double().numpy()
-            return _Tensor(self.node("Min", [self.node("Relu", [t.name], "relu"), self.const("six", six)], "relu6"), "acc")
-        if t.kind == "real":
-            six = (op.tensors["max"].double() * op.scale.double()).numpy().astype(np.float32)
-            clipped = self.node("Min", [self.node("Relu", [t.name], "relu"), self.const("six", six)], "relu6")
-            return _Tensor(clipped, "real")
-        hi = min(255, t.zero_point + int(op.tensors["max"].reshape(-1)[0]))
-        lo, hi_c = self.const("lo", np.uint8(t.zero_point)), self.const("hi", np.uint8(hi))
-        return _Tensor(self.node("Clip", [t.name, lo, hi_c], "relu6"), "codes", t.scale, t.zero_point)
+        if len(users) == 1 and users[0].kind == "requantize":
+            return chain, cur, grid_of(users[0]), users[0]
+        for kind in ("requantize", "add", "cat"):
+            for u in users:
+                if u.kind == kind:
+                    return chain, cur, grid_of(u), None
+        if len(users) == 1 and users[0].kind == "sum_pool2d":
+            # an average pool then a requantize: the average stays within the inputs' range, so the codes go on
+            # the grid after the pool (QLinearGlobalAveragePool then keeps it)
+            req = self.requantize_after(users[0])
+            if req is not None:
+                return chain, cur, grid_of(req), None
+        return None
 
-    def op_max_pool2d(self, op: Op, ins: list[_Tensor]) -> _Tensor:
-        a = op.attrs
+    def requantize_after(self, op: Op) -> Op | None:
+        """The single requantize that reads ``op``'s output, past any flatten or reshape; None if there is none."""
+        follow = self.users.get(op.output, [])
+        while len(follow) == 1 and follow[0].kind in ("flatten", "reshape"):
+            follow = self.users.get(follow[0].output, [])
+        return follow[0] if len(follow) == 1 and follow[0].kind == "requantize" else None
 
-        def pair(v):
-            return list(v) if isinstance(v, (list, tuple)) else [v, v]
+    def fuse_chain(self, op: Op, chain: list[Op], last: Op, y: _Tensor, req: Op | None) -> _Tensor:
+        """Fold the ReLU / ReLU6 / pad after a fused int8 kernel's output ``y`` into the export; the ops of
+        ``chain`` (and the requantize ``req`` when given) are then skipped and read ``y``."""
+        for extra in chain:
+            if extra.kind == "relu" and y.zero_point:
+                y.name = self.node("Max", [y.name, self.const("zero", np.uint8(y.zero_point))], "relu")
+            elif extra.kind == "clamp":
+                six = float((extra.tensors["max"].double().reshape(-1)[0] * op.scale.reshape(-1)[0]).item())
+                hi = min(255, y.zero_point + int(round(six / y.scale)))
+                if y.zero_point or hi < 255:  # on an unsigned grid that ends below 6 the kernel already clips
+                    y.name = self.node("Clip", [y.name, self.const("lo", np.uint8(y.zero_point)),
+                                                self.const("hi", np.uint8(hi))], "relu6")
+            elif extra.kind == "pad":
+                y = family_for_kind("pad").onnx(self, extra, [y])  # zero on the accumulator is the zero-point in codes
+            self.fused.add(extra.output)
+        if req is not None:
+            self.fused.add(req.output)
+            self.values[req.output] = y
+        self.values[last.output] = y
+        return y
 
-        attrs = dict(kernel_shape=pair(a["kernel_size"]), strides=pair(a.get("stride") or a["kernel_size"]),
-                     pads=pair(a.get("padding", 0)) * 2, dilations=pair(a.get("dilation", 1)), ceil_mode=int(bool(a.get("ceil_mode", False))))
-        t = ins[0]
-        return _Tensor(self.node("MaxPool", [t.name], "maxpool", **attrs), t.kind, t.scale, t.zero_point)
-
-    def op_sum_pool2d(self, op: Op, ins: list[_Tensor]) -> _Tensor:
-        if self.exact:
-            # ONNX Runtime has no float64 AveragePool; in float32 a window sum of 8-bit codes
-            # (< 2^24) survives the average and the multiply back exactly after rounding.
-            k = op.attrs["kernel"]
-            if 256 * k[0] * k[1] >= 2**23:
-                raise ConfigError(f"a {k[0]}×{k[1]} pooling window is too large for the exact ONNX export")
-            f32 = self.node("Cast", [self.acc(ins[0])], "pool_in", to=self.TP.FLOAT)
-            avg = self.node("AveragePool", [f32], "avgpool", kernel_shape=k, strides=op.attrs["stride"])
-            summed = self.node("Round", [self.node("Mul", [avg, self.const("count", np.float32(k[0] * k[1]))], "times_n")], "window_sum")
-            return _Tensor(self.node("Cast", [summed], "window_sum_f64", to=self.TP.DOUBLE), "acc")
-        t = ins[0]
-        shape = self.model_shapes.get(op.inputs[0])
-        users = self.users.get(op.output, [])
-        if t.kind == "codes" and shape is not None and list(op.attrs["kernel"]) == list(shape[-2:]):
-            # a global average pool on int8 codes (com.microsoft QLinearGlobalAveragePool), written straight
-            # onto the grid of the requantize that follows when there is one
-            follow = users
-            while len(follow) == 1 and follow[0].kind in ("flatten", "reshape"):
-                follow = self.users.get(follow[0].output, [])
-            req = follow[0] if len(follow) == 1 and follow[0].kind == "requantize" else None
-            y = _Tensor("", "codes", float(req.scale) if req is not None else t.scale,
-                        (128 if req.attrs["qmin"] < 0 else 0) if req is not None else t.zero_point)
-            y.name = self.node("QLinearGlobalAveragePool", [t.name, *self.scale_zp(t), *self.scale_zp(y)], "qgap",
-                               domain="com.microsoft", channels_last=0)
-            self.uses_ms_domain = True
-            return y  # the requantize after it (past any flatten) finds its codes already on its grid
-        # the real value of (window sum · s/N) is the float average of the real inputs
-        avg = self.node("AveragePool", [self.real(t)], "avgpool", kernel_shape=op.attrs["kernel"], strides=op.attrs["stride"])
-        return _Tensor(avg, "real")
-
-    def op_sum(self, op: Op, ins: list[_Tensor]) -> _Tensor:
-        axes = self.const("axes", np.array(op.attrs["dims"], np.int64))
-        if self.exact:
-            out = self.node("ReduceSum", [self.acc(ins[0]), axes], "sum", keepdims=int(op.attrs["keepdim"]))
-            return _Tensor(out, "acc")
-        return _Tensor(self.node("ReduceMean", [self.real(ins[0]), axes], "mean", keepdims=int(op.attrs["keepdim"])), "real")
-
-    def op_pad(self, op: Op, ins: list[_Tensor]) -> _Tensor:
-        left, right, top, bottom = op.attrs["pads"]
-        pads = self.const("pads", np.array([0, 0, top, left, 0, 0, bottom, right], np.int64))
-        t = ins[0]
-        fill = np.uint8(t.zero_point) if t.kind == "codes" else (np.float64(0) if t.kind == "acc" else np.float32(0))
-        out = _Tensor(self.node("Pad", [t.name, pads, self.const("fill", fill)], "pad"), t.kind, t.scale, t.zero_point)
-        if not self.exact and t.kind == "codes" and t.padded_from is None and min(left, right, top, bottom) >= 0:
-            out.padded_from, out.pads = t, (top, left, bottom, right)
-        return out
-
-    def op_flatten(self, op: Op, ins: list[_Tensor]) -> _Tensor:
-        t = ins[0]
-        out = self.node("Flatten", [t.name], "flatten", axis=op.attrs["start_dim"])
-        return _Tensor(out, t.kind, t.scale, t.zero_point)
-
-    def op_reshape(self, op: Op, ins: list[_Tensor]) -> _Tensor:
-        t = ins[0]
-        out = self.node("Reshape", [t.name, self.const("shape", np.array(op.attrs["shape"], np.int64))], "reshape")
-        return _Tensor(out, t.kind, t.scale, t.zero_point)
-
-    def op_dequantize(self, op: Op, ins: list[_Tensor]) -> _Tensor:
-        t = ins[0]
-        if self.exact:
-            scale = op.tensors["scale"].double().numpy()
-            real = self.node("Mul", [self.acc(t), self.const("out_scale", scale)], "dequant")
-            return _Tensor(self.node("Cast", [real], "output_f32", to=self.TP.FLOAT), "real")
-        return _Tensor(self.real(t), "real")
+    def run(self, input_name: str) -> None:
+        self.values[self.model.input_name] = _Tensor(input_name, "real")
+        for op in self.model.ops:
+            if op.output in self.fused:
+                continue
+            family = family_for_kind(op.kind)
+            emit = family.onnx if self.exact else family.onnx_fast
+            self.values[op.output] = emit(self, op, [self.values[n] for n in op.inputs])
 
 
 def export_onnx(model: IntegerModel, path: str | os.PathLike, *, mode: str = "exact", batch_size: int | None = None) -> None:

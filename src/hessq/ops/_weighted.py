@@ -1,0 +1,127 @@
+"""What every weighted op family shares: the quantized-layer base module and the accumulator arithmetic.
+
+A twin quantizes its weight (per output channel by default) and its bias to int32 at scale
+S_w·S_in, where S_in is the scale of the activation quantizer that feeds it: the integer model
+accumulates exactly this sum. A family subclasses :class:`WeightedOp` and says how its
+accumulator is computed (:meth:`WeightedOp.accumulate`) and exported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessq.ops._program import Value, channel
+from hessq.ops._registry import IntegerConversionError, QuantOp
+from hessq.quantizer import ActQuantizer, WeightQuantizer, expand_scale, qrange, round_ste
+from hessq.quantizer._kernels import choose_kernel
+
+INT32_MAX = 2**31 - 1
+
+
+class QuantLayer(nn.Module):
+    """Base of the quantized twins: a weight quantizer, the input's activation quantizer, int32 bias."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _init_quant(self, w_bits: int, a_bits: int, granularity: str, num_groups: int) -> None:
+        self.weight_quantizer = WeightQuantizer(w_bits, granularity, num_groups)
+        self.a_bits = a_bits
+        self._input_quantizer: tuple[ActQuantizer, ...] = ()
+
+    @property
+    def w_bits(self) -> int:
+        return self.weight_quantizer.bits
+
+    @property
+    def act_quantizer(self) -> ActQuantizer | None:
+        """The activation quantizer whose scale the input arrives at (possibly shared)."""
+        return self._input_quantizer[0] if self._input_quantizer else None
+
+    def set_input_quantizer(self, quantizer: ActQuantizer) -> None:
+        # A plain tuple, not a submodule: the quantizer is owned elsewhere and may be shared.
+        self._input_quantizer = (quantizer,)
+
+    def quantized_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w_q = self.weight_quantizer(self.weight)
+        if self.bias is None:
+            return w_q, None
+        q_in = self.act_quantizer
+        if q_in is None or q_in.observing or not bool(q_in.calibrated):
+            return w_q, self.bias
+        bias_scale = expand_scale(self.weight_quantizer.scale(self.weight), self.bias, axis=0) * q_in.scale
+        b_q = torch.clamp(round_ste(self.bias / bias_scale), -INT32_MAX, INT32_MAX) * bias_scale
+        return w_q, b_q
+
+    @torch.no_grad()
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 codes, float64 scale per channel / group / tensor) of the quantized weight."""
+        wq = self.weight_quantizer
+        scale = wq.scale(self.weight).double()
+        lo, hi = qrange(wq.bits, signed=True)
+        codes = torch.clamp(torch.round(self.weight.double() / expand_scale(scale, self.weight, 0)), lo, hi)
+        return codes.to(torch.int64), scale
+
+    @torch.no_grad()
+    def integer_bias(self, input_scale: torch.Tensor) -> torch.Tensor | None:
+        """int32-range codes of the bias at scale S_w·S_in (as int64), or None without bias."""
+        if self.bias is None:
+            return None
+        _, w_scale = self.integer_weight()
+        bias_scale = expand_scale(w_scale, self.bias, 0) * input_scale.double()
+        return torch.clamp(torch.round(self.bias.double() / bias_scale), -INT32_MAX, INT32_MAX).to(torch.int64)
+
+
+class WeightedOp(QuantOp):
+    """A family of quantizable layers: y = bias + Σ w·x, accumulated exactly in integers."""
+
+    weighted = True
+    #: The quantized twin class: ``twin(module, w_bits, a_bits, granularity, num_groups)``.
+    twin: type[QuantLayer]
+
+    def matches(self, node, modules):
+        # the float layer and, after the rewrite, its quantized twin
+        return node.op == "call_module" and isinstance(modules.get(node.target), (*self.modules, self.twin))
+
+    def quantized_module(self, module, w_bits, a_bits, granularity, num_groups):
+        return self.twin(module, w_bits, a_bits, granularity, num_groups)
+
+    def macs(self, module, inputs, output):
+        # each output element is one dot product over a weight row: (in/groups)·kh·kw for a conv
+        return output.numel() * module.weight[0].numel()
+
+    # -- what a family says ----------------------------------------------------------------------------
+    def layer_attrs(self, m: QuantLayer) -> dict[str, Any]:
+        """The program op's attributes besides w_bits, kernel and bound (stride, padding, ...)."""
+        return {}
+
+    def accumulate(self, x: torch.Tensor, w: torch.Tensor, attrs: dict[str, Any], kernel: str) -> torch.Tensor:
+        """int64 accumulators of int64 codes ``x`` and ``w`` (without bias), with the exact ``kernel``."""
+        raise NotImplementedError
+
+    # -- shared arithmetic ----------------------------------------------------------------------------------
+    def compile(self, program, node, m, args, kwargs):
+        v: Value = args[0]
+        q_in = m.act_quantizer
+        if v.scale is None or q_in is None or v.scale.dim() or float(v.scale) != float(q_in.scale.double()):
+            raise IntegerConversionError(f"internal: input of `{node.target}` is not on its quantizer's grid")
+        w, s_w = m.integer_weight()
+        bias = m.integer_bias(v.scale)
+        bound = int(w.abs().flatten(1).sum(1).max()) * v.qmax + (int(bias.abs().max()) if bias is not None else 0)
+        tensors = {"weight": w.to(torch.int8)}
+        if bias is not None:
+            tensors["bias"] = bias.to(torch.int32)
+        attrs = {"w_bits": m.w_bits, "kernel": choose_kernel(bound), "bound": bound, **self.layer_attrs(m)}
+        dummy = self.accumulate(v.dummy.to(torch.int64), w, attrs, "float64")
+        acc_scale = expand_scale(s_w, torch.empty(w.shape[0]), 0) * v.scale
+        return program.emit(node.name, self.kinds[0], [v], dummy, channel(acc_scale, dummy.dim()), bound, attrs, tensors)
+
+    def execute(self, op, inputs, kernel):
+        chosen = "int64" if kernel == "int64" else op.attrs["kernel"]
+        acc = self.accumulate(inputs[0], op.tensors["weight"].to(torch.int64), op.attrs, chosen)
+        if "bias" in op.tensors:
+            acc = acc + channel(op.tensors["bias"].to(torch.int64), acc.dim())
+        return acc
