@@ -25,7 +25,8 @@ class QuantizedModel(nn.Module):
     The program is compiled on the first eval call and kept while nothing it depends on
     changes: it is compiled again when any parameter or buffer (weights, quantizer scales)
     was written since (an optimizer step, ``load_state_dict``, recalibration: every in-place
-    write bumps a tensor's version counter) or when the per-sample input shape differs.
+    write bumps a tensor's version counter; a write through ``.data`` changes its sum) or when
+    the per-sample input shape differs.
     """
 
     def __init__(self, gm: fx.GraphModule, layer_bits: Mapping[str, tuple[int, int] | None], float_ops: list[str]) -> None:
@@ -53,9 +54,13 @@ class QuantizedModel(nn.Module):
     def _calibrating(self) -> bool:
         return any(q.observing or not bool(q.calibrated) for q in act_quantizers(self).values())
 
+    @torch.no_grad()
     def _state_key(self, input_shape: tuple[int, ...]) -> tuple:
-        tensors = list(self.parameters()) + list(self.buffers())
-        return (tuple(input_shape),) + tuple((id(t), t._version) for t in tensors)
+        tensors = [t for t in list(self.parameters()) + list(self.buffers()) if t.numel()]
+        # version counters catch optimizer steps, load_state_dict and recalibration; the sums catch writes
+        # that bypass them (through ``.data``)
+        sums = torch.stack([t.detach().double().sum() for t in tensors]).tolist() if tensors else []
+        return (tuple(input_shape), tuple((t.data_ptr(), t._version) for t in tensors), tuple(sums))
 
     def program(self, input_shape: tuple[int, ...] | None = None) -> tuple[list[Op], str, str, tuple[int, ...]]:
         """(ops, input name, output name, per-sample input shape) of the integer program, compiled for

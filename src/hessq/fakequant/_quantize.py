@@ -10,9 +10,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hessq._checks import check_inputs, check_model, reiterable, shape_of
-from hessq._utils import batch_inputs, move_to
+from hessq._utils import batch_inputs, model_device, move_to, training_mode
 from hessq._errors import ConfigError, HessqError, InputDataError, ModelError
-from hessq.graph import act_quantizers, quantizable_layers, rewrite, trace
+from hessq.graph import act_quantizers, quantizable_layers, rewrite, traced
 from hessq.quantizer import check_act_bits, check_weight_bits
 from hessq.quantizer._functional import Granularity
 from hessq.quantizer._observer import RangeMethod
@@ -39,7 +39,7 @@ def _bits_pair(value: Any, default_act: int, where: str) -> tuple[int, int]:
 
 def layer_call_order(model: nn.Module, leaf_modules: Iterable[str] = ()) -> list[str]:
     """Quantizable layer paths in the order the forward pass calls them."""
-    gm = trace(model, leaf_modules)
+    gm = traced(model, leaf_modules)
     layers = quantizable_layers(model)
     order = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in layers]
     seen: set[str] = set()
@@ -102,33 +102,31 @@ def calibrate(qmodel: nn.Module, batches: Iterable, *, progress: bool = False) -
     for q in quantizers.values():
         q.observer.reset()
         q.observing = True
-    was_training = qmodel.training
-    qmodel.eval()
-    device = next((p.device for p in qmodel.parameters()), torch.device("cpu"))
+    device = model_device(qmodel)
     count = 0
-    try:
-        for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
-            x = check_inputs(batch_inputs(batch), qmodel, where=f"calibration batch {count} inputs")
-            try:
-                qmodel(move_to(x, device))
-            except HessqError:
-                raise
-            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                if count:
-                    raise  # the first batch ran: not a matter of the inputs' shape
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise InputDataError(
-                    f"the model cannot run on calibration batch 0: inputs of shape {shape_of(x)}"
-                    f"{_expected_input(qmodel)} ({type(exc).__name__}: {first}). Give batches shaped as the model "
-                    "takes them (inputs, or (inputs, targets) pairs)") from exc
-            count += 1
-            # the integer model is compiled for this per-sample input shape
-            if isinstance(x, torch.Tensor):
-                qmodel.input_shape = tuple(x.shape[1:])
-    finally:
-        for q in quantizers.values():
-            q.observing = False
-        qmodel.train(was_training)
+    with training_mode(qmodel, False):
+        try:
+            for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
+                x = check_inputs(batch_inputs(batch), qmodel, where=f"calibration batch {count} inputs")
+                try:
+                    qmodel(move_to(x, device))
+                except HessqError:
+                    raise
+                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                    if count:
+                        raise  # the first batch ran: not a matter of the inputs' shape
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise InputDataError(
+                        f"the model cannot run on calibration batch 0: inputs of shape {shape_of(x)}"
+                        f"{_expected_input(qmodel)} ({type(exc).__name__}: {first}). Give batches shaped as the model "
+                        "takes them (inputs, or (inputs, targets) pairs)") from exc
+                count += 1
+                # the integer model is compiled for this per-sample input shape
+                if isinstance(x, torch.Tensor):
+                    qmodel.input_shape = tuple(x.shape[1:])
+        finally:
+            for q in quantizers.values():
+                q.observing = False
     if count == 0:
         raise InputDataError("calibration needs at least one batch of inputs; got none (an empty list or loader?)")
     for q in quantizers.values():
@@ -191,7 +189,7 @@ def quantize(
     if not order:
         raise ModelError(f"{type(model).__name__} calls no Conv2d or Linear layer; there is nothing to quantize")
     layer_bits = resolve_plan(plan, order, first_last_bits)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     gm = rewrite(
         model,
         layer_bits,

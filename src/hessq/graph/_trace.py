@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from hessq._errors import ConfigError, ConfigTypeError, ModelError
+from hessq.ops import weighted_module_types
 
 
 class UntraceableModelError(ModelError, RuntimeError):
@@ -30,7 +31,8 @@ class _LocatingTracer(fx.Tracer):
         self.path: list[tuple[str, str]] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaf_names or super().is_leaf_module(m, qualname)
+        # a quantizable layer is one node, whatever its forward does inside (a registered op family's module)
+        return qualname in self.leaf_names or isinstance(m, weighted_module_types()) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         self.path.append((self.path_of_module(m), type(m).__name__))

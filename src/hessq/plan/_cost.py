@@ -14,9 +14,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from hessq._checks import check_model
+from hessq._checks import check_model, model_float_dtype
+from hessq._utils import model_device, training_mode
 from hessq._errors import ConfigError, ConfigTypeError, ModelError
 from hessq.graph import quantizable_layers
+from hessq.ops import family_of_module
 from hessq.plan._files import SealedJSONFile, mapping_or_empty, real_number, required
 from hessq.quantizer._functional import check_act_bits, check_weight_bits, quantization_error
 from hessq.sensitivity import Sensitivity
@@ -163,9 +165,10 @@ def as_latency_table(table: "LatencyTable | Mapping | str | os.PathLike | None")
 
 
 def default_input_shape(model: nn.Module) -> tuple[int, ...]:
-    """(C, 28, 28) for a model whose first layer is a Conv2d (the bundled ResNet-20 is 1×28×28), else (in_features,)."""
+    """(C, 28, 28) for a model whose first layer takes image channels (the bundled ResNet-20 is 1×28×28),
+    else (in_features,)."""
     first = next(iter(quantizable_layers(model).values()))
-    if isinstance(first, nn.Conv2d):
+    if hasattr(first, "in_channels"):
         return (first.in_channels, 28, 28)
     return (first.in_features,)
 
@@ -176,10 +179,7 @@ def _example_input(model: nn.Module, example_input: torch.Tensor | None, input_s
     if example_input is not None:
         return example_input
     shape = tuple(int(s) for s in (input_shape if input_shape is not None else default_input_shape(model)))
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    return torch.zeros((1, *shape), device=device, dtype=dtype)
+    return torch.zeros((1, *shape), device=model_device(model), dtype=model_float_dtype(model))
 
 
 def layer_costs(
@@ -201,18 +201,17 @@ def layer_costs(
     batch = x.shape[0] if x.dim() > 0 and x.shape[0] > 0 else 1
     macs = {name: 0 for name in layers}
 
+    families = {name: family_of_module(m) for name, m in layers.items()}
+
     def hook_for(name: str):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            per_output = module.weight[0].numel()  # (in/groups)·kh·kw for a conv, in_features for a linear
-            macs[name] += output.numel() // batch * per_output
+            macs[name] += families[name].macs(module, inputs, output) // batch
 
         return hook
 
     handles = [m.register_forward_hook(hook_for(name)) for name, m in layers.items()]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), training_mode(model, False):
             model(x)
     except Exception as exc:
         raise ConfigError(
@@ -222,7 +221,6 @@ def layer_costs(
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     unused = [n for n, v in macs.items() if v == 0]
     if unused:
         warnings.warn(f"layers never ran on the example input (counted as 0 MACs): {unused[:5]}", stacklevel=2)
@@ -231,7 +229,7 @@ def layer_costs(
     for name, m in layers.items():
         costs[name] = LayerCost(
             name=name,
-            kind=type(m).__name__,
+            kind=families[name].name,
             num_params=int(m.weight.numel()),
             out_channels=int(m.weight.shape[0]),
             has_bias=m.bias is not None or name in extra_bias,

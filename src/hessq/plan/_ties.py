@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import operator
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx, nn
 
 from hessq._errors import ConfigError
-from hessq.graph import quantizable_layers
-
-# Modules an output passes through unchanged in meaning (per-channel affine or identity).
-_TRANSPARENT_MODULES = (nn.modules.batchnorm._BatchNorm, nn.Identity, nn.Dropout)
-_ADDS = {operator.add, operator.iadd, torch.add}
+from hessq.graph import quantizable_layers, traced
+from hessq.ops import family_of, is_shape_arithmetic
 
 
 @dataclass
@@ -27,14 +22,8 @@ class GraphFacts:
     traced: bool = False
 
 
-def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in _ADDS:
-        return True
-    return node.op == "call_method" and node.target in ("add", "add_", "__add__", "__iadd__")
-
-
 def graph_facts(model: nn.Module) -> GraphFacts:
-    """Trace ``model`` with torch.fx and find the residual ties.
+    """Find the residual ties on the normalised graph every stage uses (:func:`hessq.graph.traced`).
 
     Two quantizable layers are tied when their outputs reach the same residual add through
     BatchNorm / identity / dropout (and further adds) only — e.g. a ResNet block's last conv
@@ -42,7 +31,7 @@ def graph_facts(model: nn.Module) -> GraphFacts:
     """
     layers = quantizable_layers(model)
     try:
-        graph = fx.symbolic_trace(model).graph
+        gm = traced(model)
     except Exception as exc:  # fx raises many kinds of errors
         warnings.warn(
             f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}); "
@@ -50,11 +39,21 @@ def graph_facts(model: nn.Module) -> GraphFacts:
             stacklevel=3,
         )
         return GraphFacts()
-    modules = dict(model.named_modules())
+    graph = gm.graph
+    modules = dict(gm.named_modules())
     facts = GraphFacts(traced=True)
 
+    def family_name(node: fx.Node) -> str | None:
+        family = family_of(node, modules)
+        return family.name if family is not None else None
+
+    def is_add(node: fx.Node) -> bool:
+        return family_name(node) == "add" and not any(is_shape_arithmetic(a) for a in node.args)
+
     def is_transparent(node: fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(modules.get(node.target), _TRANSPARENT_MODULES)
+        # per-channel affine or identity: the layer's output keeps its meaning
+        is_bn = node.op == "call_module" and isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm)
+        return is_bn or family_name(node) == "identity"
 
     def sources(node: fx.Node, seen: set[fx.Node]) -> list[str]:
         if node in seen:
@@ -62,7 +61,7 @@ def graph_facts(model: nn.Module) -> GraphFacts:
         seen.add(node)
         if node.op == "call_module" and node.target in layers:
             return [node.target]
-        if is_transparent(node) or _is_add(node):
+        if is_transparent(node) or is_add(node):
             found = []
             for arg in node.args:
                 if isinstance(arg, fx.Node):
@@ -76,10 +75,10 @@ def graph_facts(model: nn.Module) -> GraphFacts:
             arg = node.args[0] if node.args else None
             if isinstance(arg, fx.Node) and arg.op == "call_module" and arg.target in layers and len(arg.users) == 1:
                 facts.bn_followed.add(arg.target)
-        if not _is_add(node) or node in done:
+        if not is_add(node) or node in done:
             continue
         # Only the outermost add of a chain forms a group; the inner ones are walked through.
-        if any(_is_add(u) for u in node.users):
+        if any(is_add(u) for u in node.users):
             continue
         names = sources(node, done)
         unique = list(dict.fromkeys(names))

@@ -17,7 +17,7 @@ from hessq.quantizer._functional import (
     reduce_absmax,
     symmetric_scale,
 )
-from hessq.quantizer._observer import RangeMethod, RangeObserver
+from hessq.quantizer._observer import RangeMethod, RangeObserver, percentile_bounds
 
 
 class WeightQuantizer(nn.Module):
@@ -156,16 +156,13 @@ class ActQuantizer(nn.Module):
     def _track(self, x: torch.Tensor) -> None:
         # Follow the activation range while the weights change; the sign stays as calibrated.
         m = self.observer.momentum
-        values = x.detach().abs() if bool(self.signed) else x.detach().clamp(min=0)
         if self.observer.method == "percentile":
-            # The calibrated clipping carries into training: follow the batch's percentile, not its max
-            # (a strided subsample keeps the selection cheap at every step).
-            flat = values.reshape(-1)
-            flat = flat[:: max(1, flat.numel() // _TRACK_SAMPLES)]
-            k = max(1, min(flat.numel(), int(round(flat.numel() * self.observer.percentile / 100))))
-            absmax = flat.float().kthvalue(k).values
+            # The calibrated clipping carries into training: follow the batch's percentiles, not its extremes,
+            # by the same rule as calibration (a strided subsample keeps it cheap at every step).
+            lo, hi = percentile_bounds(x, self.observer.percentile, _TRACK_SAMPLES)
         else:
-            absmax = values.amax()
+            lo, hi = x.detach().amin().float(), x.detach().amax().float()
+        absmax = torch.maximum(lo.abs(), hi.abs()) if bool(self.signed) else hi.clamp(min=0)
         _, qmax = qrange(self.bits, bool(self.signed))
         self.scale.mul_(m).add_((1 - m) * torch.clamp(absmax / qmax, min=1e-12))
 

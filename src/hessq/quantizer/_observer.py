@@ -16,6 +16,16 @@ RANGE_METHODS = ("minmax", "percentile", "ema")
 _QUANTILE_MAX = 1 << 24
 
 
+def percentile_bounds(x: torch.Tensor, percentile: float, max_samples: int = _QUANTILE_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``100 - percentile`` and ``percentile`` quantiles of ``x``, on a strided subsample of at most
+    ``max_samples`` values: the one clipping rule of calibration and of QAT's range tracking."""
+    flat = x.detach().reshape(-1).float()
+    if flat.numel() > max_samples:
+        flat = flat[:: flat.numel() // max_samples + 1]
+    q = torch.quantile(flat, torch.tensor([1 - percentile / 100, percentile / 100], device=flat.device))
+    return q[0], q[1]
+
+
 class RangeObserver(nn.Module):
     """Tracks the (min, max) of the tensors it sees.
 
@@ -54,11 +64,7 @@ class RangeObserver(nn.Module):
         if not torch.isfinite(x).all():
             raise ConfigError("NaN or inf in an activation being calibrated; check the model and its inputs")
         if self.method == "percentile":
-            flat = x.reshape(-1).float()
-            if flat.numel() > _QUANTILE_MAX:
-                flat = flat[:: flat.numel() // _QUANTILE_MAX + 1]
-            q = torch.quantile(flat, torch.tensor([1 - self.percentile / 100, self.percentile / 100], device=flat.device))
-            lo, hi = q[0], q[1]
+            lo, hi = percentile_bounds(x, self.percentile)
         else:
             lo, hi = x.amin().float(), x.amax().float()
         n = int(self.num_batches)
