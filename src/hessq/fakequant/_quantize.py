@@ -13,9 +13,7 @@ from hessq._checks import check_inputs, check_model, reiterable, shape_of
 from hessq._utils import batch_inputs, model_device, move_to, training_mode
 from hessq._errors import ConfigError, HessqError, InputDataError, ModelError
 from hessq.graph import act_quantizers, quantizable_layers, rewrite, traced
-from hessq.quantizer import check_act_bits, check_weight_bits
-from hessq.quantizer._functional import Granularity
-from hessq.quantizer._observer import RangeMethod
+from hessq.quantizer import Granularity, RangeMethod, check_act_bits, check_weight_bits
 from hessq.fakequant._model import QuantizedModel
 
 #: An int b (weights b bits, activations 8), a (weight_bits, act_bits) pair, or a mapping

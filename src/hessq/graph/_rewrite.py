@@ -22,9 +22,7 @@ from hessq.graph._fold import fold_batchnorm
 from hessq.graph._normalize import normalize
 from hessq.graph._trace import UnsupportedOpError, trace
 from hessq.ops import QuantLayer, describe, family_of, family_of_module, node_location
-from hessq.quantizer import ActQuantizer
-from hessq.quantizer._functional import Granularity
-from hessq.quantizer._observer import RangeMethod
+from hessq.quantizer import ActQuantizer, Granularity, RangeMethod
 
 
 def traced(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:

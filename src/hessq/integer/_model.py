@@ -15,7 +15,7 @@ from hessq._checks import check_inputs, check_model
 from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, InputDataError, ModelError
 from hessq._io import load_torch_safely, write_atomic
 from hessq.ops import Op, family_for_kind, run_program
-from hessq.quantizer import _kernels
+from hessq.quantizer import KERNELS
 
 FORMAT = "hessq.integer-model"
 VERSION = 1
@@ -74,8 +74,8 @@ class IntegerModel:
         images, other float dtypes and NaN or infinite values are refused (nothing would say the
         result is wrong: NaN quantizes to a code like any other).
         """
-        if kernel not in _kernels.KERNELS:
-            raise ConfigError(f"kernel must be one of {_kernels.KERNELS}, got {kernel!r}")
+        if kernel not in KERNELS:
+            raise ConfigError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         expected = f"(N, {', '.join(map(str, self.input_shape))})"
         if not isinstance(x, torch.Tensor):
             raise InputDataError(f"the integer model takes a float32 tensor of shape {expected}, got {type(x).__name__}")

@@ -15,8 +15,7 @@ from torch import nn
 
 from hessq.ops._program import Value, channel
 from hessq.ops._registry import IntegerConversionError, QuantOp
-from hessq.quantizer import ActQuantizer, WeightQuantizer, expand_scale, qrange, round_ste
-from hessq.quantizer._kernels import choose_kernel
+from hessq.quantizer import ActQuantizer, WeightQuantizer, choose_kernel, expand_scale, qrange, round_ste
 
 INT32_MAX = 2**31 - 1
 

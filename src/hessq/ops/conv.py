@@ -10,7 +10,7 @@ from torch import nn
 from hessq._errors import ConfigError
 from hessq.ops._registry import register
 from hessq.ops._weighted import QuantLayer, WeightedOp
-from hessq.quantizer import _kernels
+from hessq.quantizer import integer_conv2d
 
 
 class QuantConv2d(QuantLayer):
@@ -75,7 +75,7 @@ class Conv2d(WeightedOp):
         return {"stride": _pair(m.stride), "padding": _pair(m.padding), "dilation": _pair(m.dilation), "groups": m.groups}
 
     def accumulate(self, x, w, attrs, kernel):
-        return _kernels.conv2d(x, w, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"], kernel)
+        return integer_conv2d(x, w, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"], kernel)
 
     @staticmethod
     def _onnx_attrs(a) -> dict:

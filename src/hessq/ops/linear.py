@@ -9,7 +9,7 @@ from torch import nn
 
 from hessq.ops._registry import register
 from hessq.ops._weighted import QuantLayer, WeightedOp
-from hessq.quantizer import _kernels
+from hessq.quantizer import integer_linear
 
 
 class QuantLinear(QuantLayer):
@@ -38,7 +38,7 @@ class Linear(WeightedOp):
     twin = QuantLinear
 
     def accumulate(self, x, w, attrs, kernel):
-        return _kernels.linear(x, w, kernel)
+        return integer_linear(x, w, kernel)
 
     def onnx(self, ex, op, ins):
         x = ex.as_codes_input(ins[0])

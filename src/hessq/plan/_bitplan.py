@@ -8,7 +8,7 @@ from typing import Any
 
 from hessq._errors import ConfigError, ConfigTypeError, ModelError
 from hessq.plan._files import SealedJSONFile, mapping_or_empty, real_number, required
-from hessq.quantizer._functional import check_act_bits, check_weight_bits
+from hessq.quantizer import check_act_bits, check_weight_bits
 
 FORMAT = "hessq.bitplan"
 #: 2: sealed (sha256). Version-1 files had no checksum and are refused.

@@ -20,7 +20,7 @@ from hessq._errors import ConfigError, ConfigTypeError, ModelError
 from hessq.graph import quantizable_layers
 from hessq.ops import family_of_module
 from hessq.plan._files import SealedJSONFile, mapping_or_empty, real_number, required
-from hessq.quantizer._functional import check_act_bits, check_weight_bits, quantization_error
+from hessq.quantizer import check_act_bits, check_weight_bits, quantization_error
 from hessq.sensitivity import Sensitivity
 
 #: Bytes of one per-output-channel scale (float32) and of one int32 bias entry.

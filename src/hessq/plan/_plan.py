@@ -29,7 +29,7 @@ from hessq.plan._cost import (
 )
 from hessq.plan._ilp import LIMIT_NAMES, reachable_range, solve
 from hessq.plan._ties import check_names, graph_facts, merge_ties
-from hessq.quantizer._functional import check_weight_bits
+from hessq.quantizer import check_weight_bits
 from hessq.sensitivity import Sensitivity, model_signature
 from hessq.sensitivity._kl import is_kl_sensitivity, kl_omega
 

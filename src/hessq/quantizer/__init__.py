@@ -1,8 +1,12 @@
 """Uniform quantization of tensors: formulas, range observers and quantizer modules."""
 
 from hessq.quantizer._dyadic import DYADIC_BITS, dyadic, dyadic_value, requantize
+from hessq.quantizer._kernels import KERNELS, choose_kernel
+from hessq.quantizer._kernels import conv2d as integer_conv2d
+from hessq.quantizer._kernels import linear as integer_linear
 from hessq.quantizer._functional import (
     ACT_BITS,
+    Granularity,
     WEIGHT_BITS,
     check_act_bits,
     check_weight_bits,
@@ -16,9 +20,16 @@ from hessq.quantizer._functional import (
     symmetric_scale,
 )
 from hessq.quantizer._modules import ActQuantizer, WeightQuantizer, default_percentile
-from hessq.quantizer._observer import RANGE_METHODS, RangeObserver
+from hessq.quantizer._observer import RANGE_METHODS, RangeMethod, RangeObserver, percentile_bounds
 
 __all__ = [
+    "Granularity",
+    "KERNELS",
+    "RangeMethod",
+    "choose_kernel",
+    "integer_conv2d",
+    "integer_linear",
+    "percentile_bounds",
     "default_percentile",
     "DYADIC_BITS",
     "dyadic",
