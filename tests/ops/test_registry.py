@@ -80,7 +80,7 @@ def test_normalising_maps_every_form_to_one():
 def test_eval_runs_the_integer_program_and_recompiles_when_weights_change():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)).eval()
-    q = hessq.quantize(model, 8, digits("train", batch_size=32).take(2), first_last_bits=None)
+    q = hessq.quantize(model, 8, digits("train", batch_size=32).take(2), pin_first_last=None)
     x = digits("test", batch_size=16).take(1)[0][0]
     first = q(x)
     assert torch.equal(first, hessq.to_integer(q)(x))

@@ -111,7 +111,7 @@ def net():
 
 def test_toy_ops_quantize_run_integer_and_onnx_bit_exact(toy_ops, net, tmp_path):
     calib = digits("train", batch_size=64).take(4)
-    q = hessq.quantize(net, 8, calib, first_last_bits=None)
+    q = hessq.quantize(net, 8, calib, pin_first_last=None)
     assert isinstance(q.mix, QuantPointwiseMix) and q.mix.act_quantizer is not None
     assert set(q.layer_bits) == {"conv", "mix", "fc"}
     x = digits("test", batch_size=128).take(1)[0][0]
@@ -157,4 +157,4 @@ def test_toy_weighted_op_is_costed_and_planned(toy_ops, net):
 
 def test_unregistered_op_is_unknown_again(net):
     with pytest.raises(hessq.graph.UnsupportedOpError, match="einsum|abs"):
-        hessq.quantize(net, 8, digits("train", batch_size=64).take(1), first_last_bits=None)
+        hessq.quantize(net, 8, digits("train", batch_size=64).take(1), pin_first_last=None)

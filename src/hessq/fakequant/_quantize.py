@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
@@ -19,6 +20,8 @@ from hessq.fakequant._model import QuantizedModel
 #: An int b (weights b bits, activations 8), a (weight_bits, act_bits) pair, or a mapping
 #: layer name -> either, or None to keep that layer in floating point (a BitPlan is such
 #: a mapping, with an ``act_bits`` default).
+_UNSET: Any = object()
+
 Plan = Union[int, tuple[int, int], Mapping[str, Union[int, tuple[int, int], None]]]
 
 
@@ -45,11 +48,11 @@ def layer_call_order(model: nn.Module, leaf_modules: Iterable[str] = ()) -> list
 
 
 def resolve_plan(
-    plan: Plan, layer_names: list[str], first_last_bits: int | None = 8
+    plan: Plan, layer_names: list[str], pin_first_last: int | None = 8
 ) -> dict[str, tuple[int, int] | None]:
     """Layer name -> (weight bits, activation bits), or None for float, for every layer in ``layer_names``.
 
-    A uniform plan (int or pair) keeps the first and last layer at ``first_last_bits``
+    A uniform plan (int or pair) keeps the first and last layer at ``pin_first_last`` bits
     for weights and activations (None: no exception). A per-layer mapping is taken as
     given and must name every layer; a layer mapped to None stays in floating point.
     """
@@ -66,8 +69,8 @@ def resolve_plan(
         return {n: None if plan[n] is None else _bits_pair(plan[n], default_act, f"plan[{n!r}]") for n in layer_names}
     uniform = _bits_pair(plan, 8, "plan")
     bits = {n: uniform for n in layer_names}
-    if first_last_bits is not None and layer_names:
-        edge = _bits_pair((first_last_bits, first_last_bits if first_last_bits in (4, 8, 16) else 8), 8, "first_last_bits")
+    if pin_first_last is not None and layer_names:
+        edge = _bits_pair((pin_first_last, pin_first_last if pin_first_last in (4, 8, 16) else 8), 8, "pin_first_last")
         bits[layer_names[0]] = edge
         bits[layer_names[-1]] = edge
     return bits
@@ -137,7 +140,7 @@ def quantize(
     plan: Plan,
     calibration_batches: Iterable,
     *,
-    first_last_bits: int | None = 8,
+    pin_first_last: int | None = 8,
     weight_granularity: Granularity = "channel",
     num_groups: int = 1,
     act_range: RangeMethod = "percentile",
@@ -146,13 +149,15 @@ def quantize(
     leaf_modules: Iterable[str] = (),
     activation_bounds: bool = True,
     progress: bool = False,
+    first_last_bits: Any = _UNSET,
 ) -> QuantizedModel:
     """The fake-quantized copy of ``model`` under ``plan``, calibrated; ``model`` is left untouched.
 
     ``plan``: an int b (weights b bits, activations 8 bits), a (weight_bits, act_bits)
     pair, or a mapping layer name -> either (e.g. a BitPlan) or None (keep that layer
     in floating point, as ZeroQ's one-layer-at-a-time sensitivity needs). Uniform plans keep the
-    first and last layer at ``first_last_bits`` (None to quantize them like the rest).
+    first and last layer at ``pin_first_last`` bits (None to quantize them like the rest; the same name
+    as :func:`hessq.plan_bits`'s; ``first_last_bits=`` is its deprecated spelling, kept for one release).
     Weights are quantized per output channel (``weight_granularity='tensor'`` or
     ``'group'`` with ``num_groups``); activation ranges come from ``act_range``
     ('minmax', 'percentile' or 'ema') over ``calibration_batches``. The default clips each
@@ -178,6 +183,10 @@ def quantize(
     twins at the same module paths; ``result.layer_bits`` records the plan applied. Its
     eval mode computes exactly what the integer model computes.
     """
+    if first_last_bits is not _UNSET:
+        warnings.warn("hessq.quantize(first_last_bits=...) is deprecated: use pin_first_last=..., the name plan_bits "
+                      "and compress use", DeprecationWarning, stacklevel=2)
+        pin_first_last = first_last_bits
     check_model(model, "model")
     reiterable(calibration_batches, what="calibration_batches")
     if isinstance(plan, Mapping) and getattr(plan, "signature", None) and callable(getattr(plan, "check_model", None)):
@@ -186,7 +195,7 @@ def quantize(
     order = layer_call_order(model, leaf_modules)
     if not order:
         raise ModelError(f"{type(model).__name__} calls no Conv2d or Linear layer; there is nothing to quantize")
-    layer_bits = resolve_plan(plan, order, first_last_bits)
+    layer_bits = resolve_plan(plan, order, pin_first_last)
     device = model_device(model)
     gm = rewrite(
         model,
