@@ -155,10 +155,10 @@ def rewrite(
         family = family_of(node, modules)
         if family is None:
             continue
-        q = new_act_quantizer()
-        replacement = family.requantizing_module(node, q)
+        replacement = family.requantizing_module(node, new_act_quantizer)
         if replacement is not None:
             module, args = replacement
+            q = module.output_quantizer
             name = f"quant_{family.name}_{made.get(family.name, 0)}"
             made[family.name] = made.get(family.name, 0) + 1
             gm.add_submodule(name, module)

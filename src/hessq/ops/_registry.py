@@ -76,9 +76,11 @@ class QuantOp:
         """The module computing ``bn(module(x))`` (BatchNorm in eval mode), or None when it does not fold."""
         return None
 
-    def requantizing_module(self, node: fx.Node, quantizer: nn.Module) -> tuple[nn.Module, tuple] | None:
-        """(module, its args) that replaces ``node`` and puts its output on ``quantizer``'s grid (add, cat),
-        or None when the op carries its input's codes through."""
+    def requantizing_module(self, node: fx.Node, new_quantizer: Callable[[], nn.Module]) -> tuple[nn.Module, tuple] | None:
+        """(module, its args) that replaces ``node`` and puts its output on a grid of its own (add, cat), or None
+        when the op carries its input's codes through. ``new_quantizer()`` makes an activation quantizer
+        (with the rewrite's range settings) for the module to own; the module keeps its output quantizer
+        as ``output_quantizer``."""
         return None
 
     # -- integer stage -----------------------------------------------------------------------------------

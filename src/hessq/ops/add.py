@@ -58,11 +58,11 @@ class Add(QuantOp):
             return None  # torch.add(a, b, alpha=...) keeps its form
         return tuple(node.args), {}
 
-    def requantizing_module(self, node, quantizer):
+    def requantizing_module(self, node, new_quantizer):
         args = node.args
         if node.kwargs or len(args) != 2 or not all(isinstance(a, torch.fx.Node) and not is_shape_arithmetic(a) for a in args):
             return None
-        return QuantAdd(quantizer), tuple(args)
+        return QuantAdd(new_quantizer()), tuple(args)
 
     def compile(self, program, node, op, args, kwargs):
         if not isinstance(op, QuantAdd):

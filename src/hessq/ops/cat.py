@@ -46,11 +46,11 @@ class Cat(QuantOp):
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         return (tensors, dim), {}
 
-    def requantizing_module(self, node, quantizer):
+    def requantizing_module(self, node, new_quantizer):
         tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
         if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors) or not isinstance(dim, int):
             return None
-        return QuantCat(quantizer, dim), tuple(tensors)
+        return QuantCat(new_quantizer(), dim), tuple(tensors)
 
     def compile(self, program, node, op, args, kwargs):
         if not isinstance(op, QuantCat):
