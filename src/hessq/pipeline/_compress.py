@@ -669,7 +669,8 @@ def compress(
                             meta=meta, configs=configs)
     if out is not None:
         stages("write files and report")
-        result.save(out, onnx_mode=export_cfg.onnx_mode, report=export_cfg.report, qat_checkpoint=ckpt if ckpt is not None and ckpt.exists() else None)
+        result.save(out, onnx_mode=export_cfg.onnx_mode, report=export_cfg.report,
+                    qat_checkpoint=ckpt if ckpt is not None and ckpt.exists() else None)
         if ckpt is not None:
             ckpt.unlink(missing_ok=True)  # it now lives in the output folder as qat.ckpt
     return result
