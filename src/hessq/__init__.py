@@ -14,7 +14,16 @@ from hessq._errors import (
     ModelError,
 )
 from hessq import data, models
-from hessq.pipeline import CompressResult, FinetuneConfig, compress
+from hessq.pipeline import (
+    CompressResult,
+    DistillConfig,
+    ExportConfig,
+    FinetuneConfig,
+    PlanConfig,
+    QuantizeConfig,
+    SensitivityConfig,
+    compress,
+)
 from hessq.data import accuracy
 from hessq.distill import DistilledData, distill_data
 from hessq.graph import quantizable_layers
@@ -32,3 +41,25 @@ from hessq.sensitivity import (
     spectral_density,
     top_eigenvalues,
 )
+
+# The public API. Sub-packages (hessq.data, hessq.plan, hessq.fakequant, hessq.pipeline, ...) are
+# modules of their own: no name below is also the name of a sub-package.
+__all__ = [
+    "__version__",
+    # errors
+    "ArtifactError", "CheckpointMismatchError", "ConfigError", "ConfigTypeError", "HessqError", "HessqRuntimeError",
+    "InfeasibleLimitsError", "InputDataError", "MissingDependencyError", "ModelError",
+    # the whole pipeline and its configs
+    "compress", "CompressResult", "SensitivityConfig", "PlanConfig", "QuantizeConfig", "DistillConfig",
+    "FinetuneConfig", "ExportConfig",
+    # stages
+    "distill_data", "DistilledData",
+    "hessian_sensitivity", "hessian_trace", "kl_sensitivity", "spectral_density", "top_eigenvalues",
+    "Sensitivity", "LayerSensitivity", "SpectralDensity", "TraceEstimate",
+    "plan_bits", "pareto_frontier", "BitPlan", "LatencyTable", "ParetoFrontier", "Relative",
+    "quantize", "calibrate", "finetune", "quantizable_layers",
+    "to_integer", "load_integer", "export_onnx", "IntegerModel",
+    "accuracy",
+    # data sets and bundled models
+    "data", "models",
+]

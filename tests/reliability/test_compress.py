@@ -18,7 +18,8 @@ from tests.pipeline._tiny import digits_data, tiny_net
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*non-positive trace")
 
-FAST = dict(measure_latency=False, pareto_points=0, baselines=(), max_samples=3, calibration_batches=2, progress=False)
+FAST = dict(plan=hessq.PlanConfig(measure_latency=False, pareto_points=0), quantize=hessq.QuantizeConfig(baselines=(),
+            calibration_batches=2), sensitivity=hessq.SensitivityConfig(max_samples=3), progress=False)
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def no_stage_runs(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a stage ran before the options were checked")
 
-    for stage in ("hessian_sensitivity", "kl_sensitivity", "distill_data", "quantize", "plan_bits", "run_finetune"):
+    for stage in ("hessian_sensitivity", "kl_sensitivity", "distill_data", "fake_quantize", "plan_bits", "run_finetune"):
         monkeypatch.setattr(C, stage, forbidden)
 
 
@@ -35,24 +36,57 @@ def _batches(n: int = 2) -> list:
     return [next(train) for _ in range(n)]
 
 
-# Each: keyword options of compress that must be refused with a ConfigError before any stage.
+# Each: (config class, fields) that must be refused with a ConfigError naming Class.field when the config is made.
+BAD_CONFIGS = [
+    (hessq.PlanConfig, dict(size_limit="abc")), (hessq.PlanConfig, dict(size_limit=-5)), (hessq.PlanConfig, dict(size_limit=0)),
+    (hessq.PlanConfig, dict(size_limit=math.nan)), (hessq.PlanConfig, dict(size_limit="150%")),
+    (hessq.PlanConfig, dict(size_limit="-4%")), (hessq.PlanConfig, dict(bops_limit=math.inf)),
+    (hessq.PlanConfig, dict(latency_limit="nan%")), (hessq.PlanConfig, dict(size_limit=True)),
+    (hessq.PlanConfig, dict(weight_bits=(4, 16))), (hessq.PlanConfig, dict(weight_bits=())),
+    (hessq.PlanConfig, dict(weight_bits=(4.5, 8))), (hessq.PlanConfig, dict(weight_bits="48")),
+    (hessq.PlanConfig, dict(act_bits=5)), (hessq.PlanConfig, dict(pareto_points=-4)), (hessq.PlanConfig, dict(pareto_points=2.5)),
+    (hessq.PlanConfig, dict(pin_first_last=9)), (hessq.PlanConfig, dict(latency_repeats=0)),
+    (hessq.PlanConfig, dict(measure_latency="yes")), (hessq.PlanConfig, dict(latency_table="{file}")),
+    (hessq.QuantizeConfig, dict(baselines=(9,))), (hessq.QuantizeConfig, dict(baselines=((4, 5),))),
+    (hessq.QuantizeConfig, dict(baselines=((4, 8, 8),))), (hessq.QuantizeConfig, dict(baselines=3)),
+    (hessq.QuantizeConfig, dict(calibration_batches=0)),
+    (hessq.SensitivityConfig, dict(method="fisher")), (hessq.SensitivityConfig, dict(batches=0)),
+    (hessq.SensitivityConfig, dict(max_samples=0)), (hessq.SensitivityConfig, dict(rtol=-1.0)),
+    (hessq.SensitivityConfig, dict(rtol=math.nan)), (hessq.SensitivityConfig, dict(min_samples=300)),
+    (hessq.DistillConfig, dict(num_samples=0)), (hessq.DistillConfig, dict(steps=-1)),
+    (hessq.DistillConfig, dict(label_weight=-1.0)), (hessq.DistillConfig, dict(input_range=(1.0, 0.0))),
+    (hessq.DistillConfig, dict(lr=0)),
+    (hessq.FinetuneConfig, dict(epochs=-1)), (hessq.FinetuneConfig, dict(epochs=math.nan)), (hessq.FinetuneConfig, dict(lr=0)),
+    (hessq.FinetuneConfig, dict(max_steps=0)), (hessq.FinetuneConfig, dict(resume="yes")),
+    (hessq.ExportConfig, dict(onnx_mode="turbo")), (hessq.ExportConfig, dict(report=1)),
+]
+
+
+@pytest.mark.parametrize("cls, fields", BAD_CONFIGS, ids=[f"{c.__name__}{f!r}" for c, f in BAD_CONFIGS])
+def test_a_bad_config_value_is_refused_naming_the_field(cls, fields, tmp_path):
+    (tmp_path / "a-file").write_text("not a latency table")
+    fields = {k: v.format(file=tmp_path / "a-file") if isinstance(v, str) and "{" in v else v for k, v in fields.items()}
+    error = hessq.ArtifactError if "latency_table" in fields else hessq.ConfigError  # a file that is no latency table
+    with pytest.raises(error) as err:
+        cls(**fields)
+    assert f"{cls.__name__}.{next(iter(fields))}" in str(err.value)
+
+
+# Each: keyword options of compress that must be refused with a ConfigError before any stage: the stage
+# options themselves, and the old flat keywords (deprecated), which are checked by the same configs.
 BAD_OPTIONS = [
-    dict(size_limit="abc"), dict(size_limit=-5), dict(size_limit=0), dict(size_limit=math.nan), dict(size_limit="150%"),
-    dict(size_limit="-4%"), dict(bops_limit=math.inf), dict(latency_limit="nan%"), dict(size_limit=True),
-    dict(weight_bits=(4, 16)), dict(weight_bits=()), dict(weight_bits=(4.5, 8)), dict(weight_bits="48"),
-    dict(act_bits=5), dict(baselines=(9,)), dict(baselines=((4, 5),)), dict(baselines=((4, 8, 8),)), dict(baselines=3),
-    dict(pareto_points=-4), dict(pareto_points=2.5), dict(sensitivity_batches=0),
-    dict(calibration_batches=0), dict(max_samples=0), dict(rtol=-1.0), dict(rtol=math.nan), dict(pin_first_last=9),
-    dict(latency_repeats=0), dict(num_distilled=0), dict(distill_steps=-1), dict(distill_label_weight=-1.0),
-    dict(distill_input_range=(1.0, 0.0)), dict(input_shape=(0, 8, 8)), dict(input_shape="1,8,8"),
-    dict(seed=-1), dict(finetune=hessq.FinetuneConfig(epochs=-1)),
-    dict(finetune=hessq.FinetuneConfig(epochs=math.nan)), dict(finetune=hessq.FinetuneConfig(lr=0)),
-    dict(finetune=hessq.FinetuneConfig(max_steps=0)), dict(finetune=hessq.FinetuneConfig(resume="yes")),
-    dict(out_dir="{file}"), dict(out_dir="{file}/sub"),
+    dict(seed=-1), dict(input_shape=(0, 8, 8)), dict(input_shape="1,8,8"), dict(out_dir="{file}"), dict(out_dir="{file}/sub"),
+    dict(plan=dict(size_limit="50%")), dict(sensitivity="fisher"), dict(finetune=3), dict(export="fast"),
+    dict(size_limit="abc"), dict(size_limit=math.nan), dict(weight_bits=(4, 16)), dict(act_bits=5), dict(baselines=(9,)),
+    dict(pareto_points=-4), dict(sensitivity_batches=0), dict(calibration_batches=0), dict(max_samples=0), dict(rtol=-1.0),
+    dict(pin_first_last=9), dict(latency_repeats=0), dict(num_distilled=0), dict(distill_steps=-1),
+    dict(distill_label_weight=-1.0), dict(distill_input_range=(1.0, 0.0)), dict(onnx_mode="turbo"),
+    dict(size_limt="50%"),
 ]
 
 
 @pytest.mark.parametrize("options", BAD_OPTIONS, ids=[repr(o) for o in BAD_OPTIONS])
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_bad_option_is_refused_before_the_first_stage(options, no_stage_runs, tmp_path):
     (tmp_path / "a-file").write_text("x")
     options = {k: v.format(file=tmp_path / "a-file") if isinstance(v, str) and "{" in v else v for k, v in options.items()}

@@ -16,12 +16,14 @@ from hessq._errors import ConfigError
 from hessq._io import check_writable
 from hessq.cli._common import (
     BUNDLED_INPUT_SHAPES,
+    add_config_flag,
     add_data_argument,
     add_model_arguments,
     check_data_options,
     load_distilled,
     load_model,
 )
+from hessq.pipeline import SensitivityConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -43,8 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="number of data batches the Hessian averages over (default: 1 of Fashion-MNIST, all of distilled data)")
     p.add_argument("--batch-size", type=int, default=256, help="inputs per batch (default 256; distilled data: at most all of it)")
     p.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split (default train)")
-    p.add_argument("--rtol", type=float, default=0.05, help="stop when every layer's trace stderr <= rtol*|trace| (default 0.05)")
-    p.add_argument("--max-samples", type=int, default=200, help="at most this many Hutchinson samples (default 200)")
+    add_config_flag(p, "--rtol", SensitivityConfig, "rtol", type=float,
+                    help="stop when every layer's trace stderr <= rtol*|trace|")
+    add_config_flag(p, "--max-samples", SensitivityConfig, "max_samples", type=int, help="at most this many Hutchinson samples")
     p.add_argument("--min-samples", type=int, default=None,
                    help="at least this many samples (default 10, or --max-samples when smaller)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random vectors (default 0)")
@@ -116,14 +119,13 @@ def _check_options(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from hessq.sensitivity import hessian_sensitivity
-    from hessq.sensitivity import _distributed as D
+    from hessq.sensitivity import hessian_sensitivity, init_from_env, rank_and_world
 
     _check_options(args)
     device = torch.device(args.device) if args.device else (
         torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}") if "LOCAL_RANK" in os.environ and torch.cuda.is_available() else torch.device("cpu")
     )
-    started = D.init_from_env(device)
+    started = init_from_env(device)
     try:
         torch.manual_seed(args.seed)  # the same random init on every rank and every run (--random-init)
         model = load_model(args.model, args.checkpoint, pretrained=not args.random_init).to(device)
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
             qbert=args.qbert, activations=args.activations, progress=not args.no_progress,
         )
         sens.meta.update(model=args.model, **data_meta, seconds=round(time.perf_counter() - t0, 3))
-        rank, _ = D.rank_and_world()
+        rank, _ = rank_and_world()
         if rank == 0:
             sens.save(args.output)
             print(f"{'layer':<24} {'params':>7} {'trace':>12} {'stderr':>10} {'Tr/n':>10} {'λ_max':>10}")

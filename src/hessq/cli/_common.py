@@ -6,7 +6,7 @@ import argparse
 import importlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -41,6 +41,27 @@ def parse_ints(text: str, what: str) -> list[int]:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def shown(value: Any) -> str:
+    """A default as it is typed on the command line: ``(4, 8)`` as ``4,8``, None as ``none``."""
+    if value is None:
+        return "none"
+    if isinstance(value, (tuple, list)):
+        return ",".join(shown(v) for v in value) or "none"
+    return str(value)
+
+
+def add_config_flag(p: argparse.ArgumentParser, flag: str | tuple[str, ...], config: type, field: str, *, help: str,
+                    **kwargs: Any) -> None:
+    """``flag`` (or several spellings) for ``config``'s ``field`` (a :mod:`hessq.pipeline` config): its default
+    is the config's own, so the command line and the Python API never disagree, and the help shows it."""
+    default = config.defaults()[field]
+    if kwargs.get("action") not in ("store_true", "store_false"):
+        help = f"{help} (default {shown(default).replace('%', '%%')})"
+        if "choices" not in kwargs:
+            kwargs.setdefault("metavar", field.upper())
+    p.add_argument(*((flag,) if isinstance(flag, str) else flag), default=default, help=help, **kwargs)
 
 
 def load_model(spec: str, checkpoint: str | None = None, *, pretrained: bool = True) -> nn.Module:
@@ -121,11 +142,13 @@ def add_data_argument(p: argparse.ArgumentParser, *, purpose: str) -> None:
                         "the model's BatchNorm statistics (no data at all); or a file written by `hessq distill`")
     p.add_argument("--input-shape", help="one sample's shape for --data none, e.g. 3,32,32 (default: the bundled model's; "
                                          "required for a model given as package.module:factory)")
-    p.add_argument("--distilled-samples", type=int, default=32, help="inputs distilled for --data none (default 32)")
-    p.add_argument("--distill-steps", type=int, default=500, help="Adam steps of the distillation for --data none (default 500)")
-    p.add_argument("--distill-label-weight", type=float, default=0.0,
-                   help="for --data none: weight of a cross-entropy term towards random classes (0 = plain ZeroQ, the default; "
-                        "1 gave EfficientNet-Lite0 ~0.6 points more W8A8 agreement on average, bench/results/zeroq_sweep.md)")
+    from hessq.pipeline import DistillConfig
+
+    add_config_flag(p, "--distilled-samples", DistillConfig, "num_samples", type=int, help="inputs distilled for --data none")
+    add_config_flag(p, "--distill-steps", DistillConfig, "steps", type=int, help="Adam steps of the distillation for --data none")
+    add_config_flag(p, "--distill-label-weight", DistillConfig, "label_weight", type=float,
+                    help="for --data none: weight of a cross-entropy term towards random classes (0 = plain ZeroQ; "
+                         "1 gave EfficientNet-Lite0 ~0.6 points more W8A8 agreement on average, bench/results/zeroq_sweep.md)")
 
 
 def load_distilled(args: argparse.Namespace, model: nn.Module, *, progress: bool = True) -> DistilledData | None:
@@ -134,12 +157,14 @@ def load_distilled(args: argparse.Namespace, model: nn.Module, *, progress: bool
     Returns a :class:`hessq.distill.DistilledData` whose ``meta["source"]`` says where it came from.
     """
     from hessq.distill import DistilledData, distill_data
+    from hessq.pipeline import DistillConfig
 
     if args.data == "fashion-mnist":
         return None
     if args.data == "none":
         shape = parse_input_shape(args.input_shape, args.model)
         data = distill_data(model, args.distilled_samples, shape, steps=args.distill_steps, seed=args.seed,
+                            lr=DistillConfig.defaults()["lr"], batch_size=DistillConfig.defaults()["batch_size"],
                             progress=progress, input_range=BUNDLED_INPUT_RANGES.get(args.model),
                             label_weight=args.distill_label_weight)
         data.meta.update(model=args.model, source="distilled now")

@@ -8,16 +8,73 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from hessq._checks import check_int, check_number
+from hessq._checks import check_number
 from hessq._errors import ArtifactError, ConfigError
 from hessq.cli._common import (
     BUNDLED_INPUT_RANGES,
+    add_config_flag,
     add_model_arguments,
     check_readable,
     load_model,
     parse_input_shape,
     parse_ints,
 )
+from hessq.pipeline import CONFIG_ARGUMENTS, SensitivityConfig
+
+
+#: (flag, compress's config keyword, field, argparse options): the flags that set a config field. Their
+#: defaults are the config's own (:func:`add_config_flag`); a flag given as text is parsed by _PARSE.
+CONFIG_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("--size-limit", "plan", "size_limit", dict(help="bytes, or a percentage between all-lowest and all-highest like "
+                                                    "50%%; with no limit given, the size is held to 50%%")),
+    ("--bops-limit", "plan", "bops_limit", dict(help="bit operations, or a percentage")),
+    ("--latency-limit", "plan", "latency_limit",
+     dict(help="seconds, or a percentage (the latency table is measured on ONNX Runtime)")),
+    ("--weight-bits", "plan", "weight_bits", dict(help="candidate weight bit widths")),
+    ("--act-bits", "plan", "act_bits", dict(type=int, help="activation bits")),
+    ("--pin-first-last", "plan", "pin_first_last", dict(help="bits of the first and last layer, or 'none'")),
+    ("--pareto-points", "plan", "pareto_points", dict(type=int, help="size limits on the Pareto frontier (0 = none)")),
+    ("--latency-table", "plan", "latency_table", dict(help="a latency.json (`hessq export --latency-table`) to plan with")),
+    ("--no-latency", "plan", "measure_latency", dict(action="store_false", help="skip the ONNX Runtime latency measurements")),
+    ("--latency-repeats", "plan", "latency_repeats", dict(type=int, help="timed runs per latency measurement")),
+    ("--sensitivity-batches", "sensitivity", "batches", dict(type=int, help="data batches the Hessian reads")),
+    ("--max-samples", "sensitivity", "max_samples", dict(type=int, help="at most this many Hutchinson samples")),
+    ("--rtol", "sensitivity", "rtol", dict(type=float, help="stop when every layer's trace stderr <= rtol*|trace|")),
+    ("--calibration-batches", "quantize", "calibration_batches", dict(type=int, help="batches used to set the ranges")),
+    ("--baselines", "quantize", "baselines", dict(help="uniform weight widths evaluated for comparison ('none': no baselines)")),
+    ("--distilled-samples", "distill", "num_samples", dict(type=int, help="distilled inputs with --data none")),
+    ("--distill-steps", "distill", "steps", dict(type=int, help="Adam steps of distillation")),
+    ("--distill-label-weight", "distill", "label_weight",
+     dict(type=float, help="with --data none: weight of cross-entropy to random classes in the distillation (0 = plain ZeroQ)")),
+    ("--finetune-steps", "finetune", "max_steps", dict(type=int, help="stop QAT after this many steps")),
+    ("--lr", "finetune", "lr", dict(type=float, help="QAT learning rate")),
+    ("--no-resume", "finetune", "resume", dict(action="store_false",
+                                               help="start QAT over even when the output folder holds a checkpoint of an earlier run")),
+    ("--onnx-mode", "export", "onnx_mode", dict(choices=("exact", "fast"),
+                                                help="exact: bit-exact integer graph; fast: fused QLinearConv kernels")),
+    ("--no-report", "export", "report", dict(action="store_false", help="do not write report.html")),
+]
+
+
+def _dest(name: str, field: str) -> str:
+    return f"{name}_{field}"
+
+
+def _bits_or_none(text: str, flag: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    bits = parse_ints(text, flag)
+    if len(bits) != 1:
+        raise ConfigError(f"{flag} takes one bit width or 'none', got {text!r}")
+    return bits[0]
+
+
+#: How a flag given as text becomes the field's value (a flag not given keeps the config's default as it is).
+_PARSE: dict[str, Callable[[str, str], Any]] = {
+    "weight_bits": parse_ints,
+    "pin_first_last": _bits_or_none,
+    "baselines": lambda text, flag: [] if text.strip().lower() == "none" else parse_ints(text, flag),
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,30 +86,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="fashion-mnist",
                    help="'fashion-mnist', 'none' (data-free: ZeroQ distilled inputs) or 'package.module:function' "
                         "returning (inputs, targets) batches, a (train, eval) pair, or a dict with 'train' and 'eval'")
-    p.add_argument("--size-limit", help="bytes, or a percentage between all-lowest and all-highest like 50%%")
-    p.add_argument("--bops-limit", help="bit operations, or a percentage")
-    p.add_argument("--latency-limit", help="seconds, or a percentage (the latency table is measured on ONNX Runtime)")
-    p.add_argument("--weight-bits", default="4,8", help="candidate weight bit widths (default 4,8)")
-    p.add_argument("--act-bits", type=int, default=8, help="activation bits (default 8)")
-    p.add_argument("--sensitivity", default="hessian",
-                   help="'hessian' (Hutchinson traces), 'kl' (ZeroQ) or a sensitivity.json from `hessq analyze`")
+    p.add_argument("--sensitivity", default=SensitivityConfig.defaults()["method"],
+                   help="'hessian' (Hutchinson traces), 'kl' (ZeroQ) or a sensitivity.json from `hessq analyze` "
+                        "(default %(default)s)")
     p.add_argument("--finetune-epochs", type=float, default=0,
                    help="epochs of quantization-aware training, fractions allowed (default 0: none)")
-    p.add_argument("--finetune-steps", type=int, default=None, help="stop QAT after this many steps")
-    p.add_argument("--no-resume", action="store_true",
-                   help="start QAT over even when the output folder holds a checkpoint of an earlier run")
-    p.add_argument("--lr", type=float, default=0.01, help="QAT learning rate (default 0.01)")
-    p.add_argument("--calibration-batches", type=int, default=8, help="batches used to set the ranges (default 8)")
-    p.add_argument("--baselines", default="8,4", help="uniform weight widths evaluated for comparison (default 8,4; 'none')")
-    p.add_argument("--pareto-points", type=int, default=40, help="size limits on the Pareto frontier (default 40; 0 = none)")
-    p.add_argument("--no-latency", action="store_true", help="skip the ONNX Runtime latency measurements")
-    p.add_argument("--onnx-mode", choices=("exact", "fast"), default="exact",
-                   help="exact: bit-exact integer graph; fast: fused QLinearConv kernels (default exact)")
+    for flag, name, field, options in CONFIG_FLAGS:
+        add_config_flag(p, flag, CONFIG_ARGUMENTS[name], field, dest=_dest(name, field), **options)
     p.add_argument("--input-shape", help="one input's shape, e.g. 3,224,224 (needed with --data none for a user model)")
-    p.add_argument("--distilled-samples", type=int, default=64, help="distilled inputs with --data none (default 64)")
-    p.add_argument("--distill-steps", type=int, default=500, help="Adam steps of distillation (default 500)")
-    p.add_argument("--distill-label-weight", type=float, default=0.0,
-                   help="with --data none: weight of cross-entropy to random classes in the distillation (0 = plain ZeroQ)")
     p.add_argument("-o", "--out", type=Path, default=Path("hessq-out"), help="output folder (default hessq-out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -97,56 +138,55 @@ def load_data(spec: str, *, seed: int = 0) -> tuple[Iterable | None, Iterable | 
     return train, evaluation
 
 
+def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """compress's config objects from the command line; an error names the flag as typed."""
+    fields: dict[str, dict[str, Any]] = {name: {} for name in CONFIG_ARGUMENTS}
+    for flag, name, field, _ in CONFIG_FLAGS:
+        value = getattr(args, _dest(name, field))
+        fields[name][field] = _PARSE[field](value, flag) if isinstance(value, str) and field in _PARSE else value
+    if args.sensitivity in ("hessian", "kl"):
+        fields["sensitivity"]["method"] = args.sensitivity
+    fields["distill"]["input_range"] = BUNDLED_INPUT_RANGES.get(args.model)
+    try:
+        configs = {name: CONFIG_ARGUMENTS[name](**values) for name, values in fields.items()}
+    except ConfigError as exc:  # name the option as typed on the command line
+        raise type(exc)(cli_names(str(exc))) from None
+    if not args.finetune_epochs > 0:
+        configs["finetune"] = None
+    else:
+        configs["finetune"] = configs["finetune"].replace(epochs=args.finetune_epochs)
+    return configs
+
+
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """compress's keyword options from the command line, every one checked (nothing is loaded yet)."""
-    import hessq
     from hessq.pipeline import check_options
 
     check_number(args.finetune_epochs, "--finetune-epochs", low=0, allow_none=True)
-    check_int(args.finetune_steps, "--finetune-steps", low=1, allow_none=True)
-    check_number(args.lr, "--lr", low=0, strict=True, allow_none=True)
-    if args.finetune_steps is not None and not args.finetune_epochs > 0:
+    if args.finetune_max_steps is not None and not args.finetune_epochs > 0:
         raise ConfigError("--finetune-steps needs --finetune-epochs (QAT runs only with a positive number of epochs)")
     if args.checkpoint is not None:
         check_readable(args.checkpoint, "--checkpoint")
     if args.sensitivity not in ("hessian", "kl"):
         check_readable(args.sensitivity, "--sensitivity (a sensitivity.json; or 'hessian' or 'kl')")
+    if args.plan_latency_table is not None:
+        check_readable(args.plan_latency_table, "--latency-table")
     if args.data not in ("fashion-mnist", "none") and ":" not in args.data:
         raise ConfigError(f"--data must be 'fashion-mnist', 'none' or 'package.module:function', got {args.data!r}")
     shape = parse_input_shape(args.input_shape, args.model) if args.input_shape or args.data == "none" else None
-    finetune = None
-    if args.finetune_epochs > 0:
-        finetune = hessq.FinetuneConfig(epochs=args.finetune_epochs, lr=args.lr, max_steps=args.finetune_steps,
-                                        resume=not args.no_resume)
-    options = dict(
-        size_limit=args.size_limit, bops_limit=args.bops_limit, latency_limit=args.latency_limit,
-        weight_bits=parse_ints(args.weight_bits, "--weight-bits"), act_bits=args.act_bits,
-        finetune=finetune or False, calibration_batches=args.calibration_batches,
-        baselines=[] if args.baselines == "none" else parse_ints(args.baselines, "--baselines"),
-        pareto_points=args.pareto_points, measure_latency=not args.no_latency, onnx_mode=args.onnx_mode,
-        input_shape=shape, num_distilled=args.distilled_samples, distill_steps=args.distill_steps,
-        distill_input_range=BUNDLED_INPUT_RANGES.get(args.model), distill_label_weight=args.distill_label_weight,
-        out_dir=args.out, model_name=args.model, seed=args.seed, progress=not args.no_progress,
-    )
+    options = dict(configs_from_args(args), input_shape=shape, out_dir=args.out, model_name=args.model, seed=args.seed,
+                   progress=not args.no_progress)
     try:
-        check_options(**options)
-    except ConfigError as exc:  # name the option as typed on the command line
-        raise ConfigError(_cli_names(str(exc))) from None
-    return options
+        return check_options(**options)
+    except ConfigError as exc:
+        raise type(exc)(cli_names(str(exc))) from None
 
 
-_OPTION_FLAGS = {"size_limit": "--size-limit", "bops_limit": "--bops-limit", "latency_limit": "--latency-limit",
-                 "weight_bits": "--weight-bits", "act_bits": "--act-bits",
-                 "pareto_points": "--pareto-points", "calibration_batches": "--calibration-batches",
-                 "num_distilled": "--distilled-samples", "distill_steps": "--distill-steps",
-                 "distill_label_weight": "--distill-label-weight", "baselines": "--baselines", "seed": "--seed"}
-
-
-def _cli_names(message: str) -> str:
-    for name, flag in _OPTION_FLAGS.items():
-        if message.startswith(name):
-            return flag + message[len(name):]
-    return message
+def cli_names(message: str) -> str:
+    """``message`` with each config field (``PlanConfig.size_limit``) named by its flag (``--size-limit``)."""
+    for flag, name, field, _ in CONFIG_FLAGS:
+        message = message.replace(f"{CONFIG_ARGUMENTS[name].__name__}.{field}", flag)
+    return message.replace("seed must", "--seed must")
 
 
 def _interrupt_note(out: Path) -> Callable[[], str]:
@@ -177,12 +217,11 @@ def run(args: argparse.Namespace) -> int:
     args.interrupt_note = _interrupt_note(args.out)
     model = load_model(args.model, args.checkpoint)
     train, evaluation = load_data(args.data, seed=args.seed)
-    sensitivity: Any = args.sensitivity
-    if sensitivity not in ("hessian", "kl"):
-        sensitivity = Sensitivity.load(sensitivity)
-        sensitivity.check_model(model)
+    if args.sensitivity not in ("hessian", "kl"):
+        options["sensitivity"] = Sensitivity.load(args.sensitivity)
+        options["sensitivity"].check_model(model)
     try:
-        result = hessq.compress(model, train, eval_data=evaluation, sensitivity=sensitivity, **options)
+        result = hessq.compress(model, train, eval_data=evaluation, **options)
     except ArtifactError as exc:  # a QAT checkpoint that cannot be resumed: name the command-line way out
         raise type(exc)(str(exc).replace("FinetuneConfig(resume=False) (--no-resume)", "--no-resume")) from None
     resumed = result.meta.get("finetune_resumed")

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+from hessq.cli._common import add_config_flag
+from hessq.pipeline import FinetuneConfig
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="compress the bundled ResNet-20 on Fashion-MNIST end to end; write report.html")
@@ -14,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size-limit", default="50%", help="size limit of the mixed plan (default 50%%: halfway W4–W8)")
     p.add_argument("--qat-epochs", type=float, default=0.5,
                    help="epochs of quantization-aware training for the mixed plan and for W4A4 (default 0.5)")
-    p.add_argument("--qat-lr", type=float, default=0.01, help="QAT learning rate (default 0.01)")
+    add_config_flag(p, "--qat-lr", FinetuneConfig, "lr", type=float, help="QAT learning rate")
     p.add_argument("--data", choices=("fashion-mnist", "none"), default="fashion-mnist",
                    help="none: data-free (ZeroQ distilled inputs; the test set only scores the result)")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images (default: all 10,000)")
@@ -35,9 +38,14 @@ def run(args: argparse.Namespace) -> int:
     from hessq.report import results_table
 
     from hessq._checks import check_int, check_number
-    from hessq.pipeline import DEMO_CHECKPOINT, check_options
+    from hessq.cli._compress import cli_names
+    from hessq.pipeline import DEMO_CHECKPOINT, PlanConfig, QuantizeConfig, SensitivityConfig, check_options
 
-    check_options(size_limit=args.size_limit, out_dir=args.out)
+    try:
+        plan = PlanConfig(size_limit=args.size_limit, weight_bits=(4, 8), measure_latency=not args.quick)
+    except hessq.ConfigError as exc:
+        raise type(exc)(cli_names(str(exc))) from None
+    check_options(out_dir=args.out)
     check_number(args.qat_epochs, "--qat-epochs", low=0, strict=True, allow_none=True)
     check_number(args.qat_lr, "--qat-lr", low=0, strict=True, allow_none=True)
     check_int(args.test_limit, "--test-limit", low=1, allow_none=True)
@@ -54,10 +62,9 @@ def run(args: argparse.Namespace) -> int:
     steps = max(1, round(args.qat_epochs * len(train)))
     qat = None if data_free else hessq.FinetuneConfig(epochs=args.qat_epochs, lr=args.qat_lr)
     result = hessq.compress(
-        model, None if data_free else train, eval_data=test, size_limit=args.size_limit, weight_bits=(4, 8),
-        finetune=qat or False, baselines=[(8, 8), (4, 4)], model_name="resnet20 (bundled, Fashion-MNIST)",
-        input_shape=(1, 28, 28), seed=args.seed, progress=progress,
-        max_samples=20 if args.quick else 100, measure_latency=not args.quick,
+        model, None if data_free else train, eval_data=test, plan=plan, finetune=qat,
+        quantize=QuantizeConfig(baselines=((8, 8), (4, 4))), sensitivity=SensitivityConfig(max_samples=20 if args.quick else 100),
+        model_name="resnet20 (bundled, Fashion-MNIST)", input_shape=(1, 28, 28), seed=args.seed, progress=progress,
     )
     if qat is not None:
         # The uniform W4A4 setting with the same QAT budget: how much the mixed plan's 8-bit layers buy.

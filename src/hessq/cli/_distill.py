@@ -10,11 +10,13 @@ from hessq._errors import ConfigError
 from hessq._io import check_writable
 from hessq.cli._common import (
     BUNDLED_INPUT_RANGES,
+    add_config_flag,
     add_model_arguments,
     load_model,
     parse_input_shape,
     parse_ints,
 )
+from hessq.pipeline import DistillConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,14 +32,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--input-shape", help="one sample's shape, e.g. 3,224,224 (default: the bundled model's; "
                                          "required for a model given as package.module:factory)")
-    p.add_argument("-n", "--num-samples", type=int, default=32, help="inputs to synthesise (default 32)")
-    p.add_argument("--steps", type=int, default=500, help="Adam steps per batch (default 500)")
-    p.add_argument("--lr", type=float, default=0.5, help="Adam learning rate on the pixels (default 0.5)")
-    p.add_argument("--batch-size", type=int, default=32, help="inputs optimised together (default 32)")
+    add_config_flag(p, ("-n", "--num-samples"), DistillConfig, "num_samples", type=int, help="inputs to synthesise")
+    add_config_flag(p, "--steps", DistillConfig, "steps", type=int, help="Adam steps per batch")
+    add_config_flag(p, "--lr", DistillConfig, "lr", type=float, help="Adam learning rate on the pixels")
+    add_config_flag(p, "--batch-size", DistillConfig, "batch_size", type=int, help="inputs optimised together")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label-weight", type=float, default=0.0,
-                   help="weight of a cross-entropy term pulling each input towards a random class (0 = plain ZeroQ, "
-                        "the default; 1 makes the last layers' ranges closer to real data's)")
+    add_config_flag(p, "--label-weight", DistillConfig, "label_weight", type=float,
+                    help="weight of a cross-entropy term pulling each input towards a random class (0 = plain ZeroQ; "
+                         "1 makes the last layers' ranges closer to real data's)")
     p.add_argument("--input-range", help="LOW,HIGH: keep pixels in the range of valid preprocessed inputs "
                                           "(default for efficientnet_lite0: -0.9921875,1; else unbounded)")
     p.add_argument("--sensitivity", type=Path, help="also write ZeroQ's KL sensitivity on the distilled data to this JSON")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from hessq.cli._common import add_config_flag
+from hessq.pipeline import ExportConfig
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export an integer model file to ONNX (and measure per-layer latency)")
     p.add_argument("model", help="integer model file written by `hessq quantize` or IntegerModel.save")
     p.add_argument("-o", "--output", default="model.onnx", help="ONNX file (default model.onnx)")
-    p.add_argument("--mode", choices=("exact", "fast"), default="exact",
-                   help="exact: bit-exact with the integer model; fast: ONNX Runtime's fused QLinearConv (default exact)")
+    add_config_flag(p, "--mode", ExportConfig, "onnx_mode", choices=("exact", "fast"),
+                    help="exact: bit-exact with the integer model; fast: ONNX Runtime's fused QLinearConv")
     p.add_argument("--latency-table", help="also measure each layer on ONNX Runtime and write the table (JSON) here")
     p.add_argument("--batch-size", type=int, default=1, help="batch size for the latency table (default 1)")
     p.add_argument("--repeats", type=int, default=50, help="timed runs per layer (default 50; the median is kept)")

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 
 from hessq._errors import ConfigError
-from hessq.cli._common import parse_ints, BUNDLED_INPUT_SHAPES, add_model_arguments, load_model, parse_input_shape
+from hessq.cli._common import (
+    BUNDLED_INPUT_SHAPES,
+    add_config_flag,
+    add_model_arguments,
+    load_model,
+    parse_input_shape,
+    parse_ints,
+)
+from hessq.pipeline import PlanConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--weight-bits", default=None,
                    help="candidate weight bit widths (default 2,3,4,5,6,7,8; for a KL sensitivity, the widths it was computed at)")
-    p.add_argument("--act-bits", type=int, default=8, help="activation bit width (default 8)")
+    add_config_flag(p, "--act-bits", PlanConfig, "act_bits", type=int, help="activation bit width")
     p.add_argument("--size-limit", help="bytes, or a percentage like 50%%")
     p.add_argument("--bops-limit", help="bit operations, or a percentage")
     p.add_argument("--latency-limit", help="seconds, or a percentage (needs --latency-table)")
@@ -32,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tie", action="append", default=[], metavar="A,B[,...]", help="layers that must share bits (repeatable)")
     p.add_argument("--no-auto-ties", action="store_true", help="do not tie the convs that meet at a residual add")
     p.add_argument("--pin", action="append", default=[], metavar="LAYER=BITS", help="fix a layer's bits (repeatable)")
-    p.add_argument("--pin-first-last", default="8", help="bits for the first and last layer, or 'none' (default 8)")
+    add_config_flag(p, "--pin-first-last", PlanConfig, "pin_first_last", help="bits for the first and last layer, or 'none'")
     p.add_argument("--variant", choices=("trace", "eigenvalue"), default=None,
                    help="Tr(H)/n (HAWQ-V2/V3, the default) or λ/n (HAWQ); not for a KL sensitivity")
     p.add_argument("--input-shape", help="example input shape without batch, for counting MACs, e.g. 3,224,224 "
@@ -71,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--pin takes LAYER=BITS, got {item!r}")
         name, bits = item.rsplit("=", 1)
         pins[name] = parse_ints(bits, "--pin bits")[0]
-    pfl = None if args.pin_first_last.lower() == "none" else parse_ints(args.pin_first_last, "--pin-first-last")[0]
+    pfl = args.pin_first_last
+    if isinstance(pfl, str):
+        pfl = None if pfl.lower() == "none" else parse_ints(pfl, "--pin-first-last")[0]
     plan = plan_bits(
         model,
         sens,

@@ -8,6 +8,7 @@ from hessq._checks import check_int
 from hessq._errors import ConfigError
 from hessq._io import check_writable
 from hessq.cli._common import (
+    add_config_flag,
     add_data_argument,
     add_model_arguments,
     check_data_options,
@@ -16,6 +17,7 @@ from hessq.cli._common import (
     load_model,
     parse_ints,
 )
+from hessq.pipeline import QuantizeConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,8 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--plan", help="plan.json from `hessq plan`")
     which.add_argument("--bits", default=None, help="uniform W or W,A bits (default 8: W8A8; first/last stay 8-bit)")
     add_data_argument(p, purpose="calibration data")
-    p.add_argument("--calibration-batches", type=int, default=8,
-                   help="Fashion-MNIST batches of 128 used to calibrate (default 8); distilled data is used whole")
+    add_config_flag(p, "--calibration-batches", QuantizeConfig, "calibration_batches", type=int,
+                    help="Fashion-MNIST batches of 128 used to calibrate; distilled data is used whole")
     p.add_argument("--evaluate", action="store_true", help="print top-1 on the Fashion-MNIST test set")
     p.add_argument("-o", "--output", default="model.hq", help="integer model file (default model.hq)")
     p.add_argument("--onnx", help="also export ONNX here")

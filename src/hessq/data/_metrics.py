@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from hessq._checks import check_class_targets, check_inputs, check_model, split_batch
 from hessq._errors import ConfigTypeError, HessqError, InputDataError
+from hessq._utils import model_device, training_mode
 
 
 def _scores(model: Callable, x: torch.Tensor, b: int) -> torch.Tensor:
@@ -46,12 +47,9 @@ def accuracy(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], batches:
     if isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
         raise InputDataError(f"batches must be an iterable of (inputs, targets) pairs (a list, a DataLoader), "
                              f"got {type(batches).__name__}")
-    was_training = model.training if is_module else False
-    if is_module:
-        model.eval()
-    device = next((p.device for p in model.parameters()), torch.device("cpu")) if is_module else torch.device("cpu")
+    device = model_device(model)
     correct = total = 0
-    try:
+    with training_mode(model, False):
         for b, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
             try:
                 x, y = split_batch(batch)
@@ -69,9 +67,6 @@ def accuracy(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], batches:
             pred = scores.argmax(1).cpu()
             correct += int((pred == y.cpu()).sum())
             total += len(y)
-    finally:
-        if is_module:
-            model.train(was_training)
     if total == 0:
         raise InputDataError("no batches to evaluate: `batches` is empty (an exhausted iterator?)")
     return correct / total

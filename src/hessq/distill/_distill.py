@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from hessq._checks import check_inputs, check_int, check_model, check_number, model_float_dtype
 from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, HessqRuntimeError, InputDataError, ModelError
 from hessq._io import digest, load_sealed_torch, save_sealed_torch
+from hessq._utils import model_device, training_mode
 
 FORMAT = "hessq.distilled-data"
 VERSION = 1
@@ -194,11 +195,9 @@ class DistilledData:
         check_model(model)
         batches = self.batches(batch_size)
         check_inputs(self.inputs, model, where="distilled inputs")
-        was_training = model.training
-        model.eval()
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = model_device(model)
         out = []
-        try:
+        with training_mode(model, False):
             for x in batches:
                 try:
                     logits = model(x.to(device))
@@ -213,8 +212,6 @@ class DistilledData:
                     raise ModelError(f"labelled needs a classifier returning (batch, classes) logits; "
                                      f"{type(model).__name__} returns {got} for a batch of {len(x)}")
                 out.append((x, logits.argmax(1).cpu()))
-        finally:
-            model.train(was_training)
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -352,17 +349,15 @@ def distill_data(
     bns = batchnorm_layers(model)
     if not bns:
         raise _no_batchnorm_error(model)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     dtype = model_float_dtype(model)
-    was_training = model.training
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
     for p, _ in grad_flags:
         p.requires_grad_(False)
     hooks = _StatsHooks(bns)
     start = time.perf_counter()
     try:
-        with _deterministic_kernels(device):
+        with _deterministic_kernels(device), training_mode(model, False):
             # Does the shape fit? One small forward pass, with the error translated.
             try:
                 with torch.no_grad():
@@ -434,7 +429,6 @@ def distill_data(
         hooks.remove()
         for p, flag in grad_flags:
             p.requires_grad_(flag)
-        model.train(was_training)
     weights = [n / num_samples for n in sizes]
     return DistilledData(
         inputs=torch.cat(outputs).cpu(),
@@ -467,13 +461,10 @@ def statistics_loss(model: nn.Module, inputs: torch.Tensor) -> float:
     bns = batchnorm_layers(model)
     if not bns:
         raise _no_batchnorm_error(model)
-    was_training = model.training
-    model.eval()
     hooks = _StatsHooks(bns)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
-        model(inputs.to(device))
+        with training_mode(model, False):
+            model(inputs.to(model_device(model)))
         return float(hooks.pop_loss())
     finally:
         hooks.remove()
-        model.train(was_training)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import glob
 import inspect
 import json
@@ -11,6 +12,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,42 +22,36 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessq._checks import check_inputs, check_int, check_model, check_number, reiterable
+from hessq._checks import check_inputs, check_int, check_model, reiterable
 from hessq._utils import batch_inputs
 from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, HessqRuntimeError, InputDataError
 from hessq._io import pid_alive, check_writable, write_text_atomic
 from hessq.data import accuracy
 from hessq.distill import DistilledData, distill_data
 from hessq.integer import IntegerModel, export_onnx, measure_latency_table, measure_onnx_latency, to_integer
-
 from hessq.plan import (
     BitPlan,
     LatencyTable,
     ParetoFrontier,
     as_latency_table,
-    check_bits_list,
     evaluate_plan,
     pareto_frontier,
-    parse_limit,
     plan_bits,
 )
 from hessq.fakequant import finetune as run_finetune
-from hessq.fakequant import quantize
-from hessq.quantizer import check_act_bits, check_weight_bits
+from hessq.fakequant import quantize as fake_quantize
 from hessq.report import render_report, results_table
 from hessq.sensitivity import Sensitivity, hessian_sensitivity, kl_omega, kl_sensitivity
-
-
-@dataclass
-class FinetuneConfig:
-    """Quantization-aware training after quantizing (see :func:`hessq.finetune`)."""
-
-    epochs: float = 1  # fractional: a shorter whole cosine schedule
-    lr: float = 0.01
-    max_steps: int | None = None
-    distill: bool = True  # learn from the FP32 model's outputs (the teacher)
-    checkpoint: bool = True  # resumable checkpoint: beside the output folder while training, qat.ckpt in it after
-    resume: bool = True  # continue from that checkpoint when one is there (it must match model, plan and settings)
+from hessq.pipeline._config import (
+    CONFIG_ARGUMENTS,
+    FLAT_OPTIONS,
+    DistillConfig,
+    ExportConfig,
+    FinetuneConfig,
+    PlanConfig,
+    QuantizeConfig,
+    SensitivityConfig,
+)
 
 
 @dataclass
@@ -74,6 +70,7 @@ class CompressResult:
     timings: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    configs: dict[str, Any] = field(default_factory=dict)  # each stage's config, to_dict() (None: not used)
 
     @property
     def accuracy(self) -> float | None:
@@ -86,6 +83,7 @@ class CompressResult:
             "format": "hessq.compress-results",
             "version": 1,
             "meta": self.meta,
+            "configs": self.configs,
             "rows": self.rows,
             "plan": {"bits": dict(self.plan), "act_bits": self.plan.act_bits, **self.plan.totals(), "limits": self.plan.limits},
             "verification": self.verification,
@@ -163,53 +161,6 @@ _STAGING, _OLD = ".hessq-staging-", ".hessq-old-"
 DEMO_CHECKPOINT = "qat-w4a4.ckpt"
 
 
-def _check_limit(value: Any, name: str) -> Any:
-    try:
-        parsed = parse_limit(value, name)  # refuses malformed strings, NaN and relative fractions outside (0, 1]
-    except ConfigError as exc:
-        if str(exc).startswith(name):
-            raise
-        raise ConfigError(f"{name} {value!r}: {exc}") from None
-    if isinstance(parsed, float) and parsed <= 0:
-        raise ConfigError(f"{name} must be positive (bytes, BOPs or seconds) or a percentage like '50%', got {value!r}")
-    return value
-
-
-def _check_finetune(finetune: Any) -> FinetuneConfig | None:
-    ft = FinetuneConfig() if finetune is True else (finetune or None)
-    if ft is None:
-        return None
-    if not isinstance(ft, FinetuneConfig):
-        raise ConfigTypeError(f"finetune must be a bool or a FinetuneConfig, got {type(finetune).__name__}")
-    check_number(ft.epochs, "finetune epochs", low=0, strict=True)
-    check_number(ft.lr, "finetune lr", low=0, strict=True)
-    check_int(ft.max_steps, "finetune max_steps", low=1, allow_none=True)
-    for flag in ("distill", "checkpoint", "resume"):
-        if not isinstance(getattr(ft, flag), bool):
-            raise ConfigTypeError(f"finetune: FinetuneConfig.{flag} must be True or False, got {getattr(ft, flag)!r}")
-    return ft
-
-
-def _check_baselines(baselines: Any, act_bits: int) -> list[tuple[int, int]]:
-    try:
-        items = list(baselines)
-    except TypeError:
-        raise ConfigError(f"baselines must be a list of weight bit widths or (weight, act) pairs, got {baselines!r}") from None
-    out = []
-    for b in items:
-        if isinstance(b, (tuple, list)):
-            if len(b) != 2:
-                raise ConfigError(f"baselines: each is a weight bit width or a (weight, act) pair, got {b!r}")
-            wb, ab = b
-        else:
-            wb, ab = b, act_bits
-        try:
-            out.append((check_weight_bits(wb), check_act_bits(ab)))
-        except ConfigError as exc:
-            raise ConfigError(f"baselines {b!r}: {exc}") from None
-    return out
-
-
 def check_out_dir(out_dir: str | os.PathLike) -> Path:
     """``out_dir`` as an absolute Path, or a :class:`ConfigError` when compress could not write it.
 
@@ -239,61 +190,91 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
 def check_options(**options: Any) -> dict[str, Any]:
     """Every keyword option of :func:`compress`, checked; a :class:`ConfigError` naming the first bad one.
 
-    Returns the options with ``weight_bits`` as a tuple, ``baselines`` as (weight, act) pairs,
-    ``finetune`` as a FinetuneConfig or None and ``out_dir`` as an absolute Path. The command line
-    calls this before loading anything, and :func:`compress` before its first stage.
+    Returns every option resolved: one config object per stage (``sensitivity`` may instead be a
+    precomputed :class:`Sensitivity`, ``finetune`` is a :class:`FinetuneConfig` or None), ``out_dir``
+    as an absolute Path. The old flat keywords (``size_limit=``, ``max_samples=``, ...) are folded into
+    their configs with a :class:`DeprecationWarning` naming the new spelling. The command line calls
+    this before loading anything, and :func:`compress` before its first stage.
     """
-    unknown = set(options) - set(_OPTION_DEFAULTS)
+    unknown = sorted(set(options) - set(_OPTION_DEFAULTS) - set(FLAT_OPTIONS))
     if unknown:
-        raise ConfigTypeError(f"compress got unknown options {sorted(unknown)}")
-    o = {**_OPTION_DEFAULTS, **options}
-    for name in ("size_limit", "bops_limit", "latency_limit"):
-        _check_limit(o[name], name)
-    try:
-        o["weight_bits"] = check_bits_list(o["weight_bits"])
-    except ConfigError as exc:
-        if "weight_bits" in str(exc):
-            raise
-        raise type(exc)(f"weight_bits: {exc}") from None
-    try:
-        check_act_bits(o["act_bits"])
-    except ConfigError as exc:
-        raise ConfigError(f"act_bits: {exc}") from None
-    o["latency_table"] = as_latency_table(o["latency_table"])  # a bad file is refused now, not at the plan stage
-    o["finetune"] = _check_finetune(o["finetune"])
-    sens = o["sensitivity"]
-    if isinstance(sens, str) and sens not in ("hessian", "kl"):
-        raise ConfigError(f"sensitivity must be 'hessian', 'kl' or a Sensitivity, got {sens!r}")
-    if not isinstance(sens, (str, Sensitivity)):
-        raise ConfigTypeError(f"sensitivity must be 'hessian', 'kl' or a Sensitivity, got {type(sens).__name__}")
-    check_int(o["sensitivity_batches"], "sensitivity_batches", low=1)
-    check_int(o["calibration_batches"], "calibration_batches", low=1)
-    check_int(o["max_samples"], "max_samples", low=1)
-    check_number(o["rtol"], "rtol", low=0)
-    if o["pin_first_last"] is not None:
-        try:
-            check_weight_bits(o["pin_first_last"])
-        except ConfigError as exc:
-            raise ConfigError(f"pin_first_last (None, or the bits of the first and last layer): {exc}") from None
-    o["baselines"] = _check_baselines(o["baselines"], o["act_bits"])
-    check_int(o["pareto_points"], "pareto_points", low=0)
-    check_int(o["latency_repeats"], "latency_repeats", low=1 if o["measure_latency"] else 0)
-    check_int(o["num_distilled"], "num_distilled", low=1)
-    check_int(o["distill_steps"], "distill_steps", low=0)
-    check_number(o["distill_label_weight"], "distill_label_weight", low=0)
-    rng = o["distill_input_range"]
-    if rng is not None and not (isinstance(rng, (tuple, list)) and len(rng) == 2 and float(rng[0]) < float(rng[1])):
-        raise ConfigError(f"distill_input_range must be a (low, high) pair with low < high, got {rng!r}")
+        close = difflib.get_close_matches(unknown[0], [*_OPTION_DEFAULTS, *FLAT_OPTIONS], n=1)
+        if close and close[0] in FLAT_OPTIONS:
+            name, field = FLAT_OPTIONS[close[0]]
+            close = [f"{name}={CONFIG_ARGUMENTS[name].__name__}({field}=...)"]
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigTypeError(f"compress got unknown options {unknown}{hint}; its options are "
+                              f"{', '.join(_OPTION_DEFAULTS)} (the stage settings go in the configs: "
+                              f"{', '.join(f'{k}={c.__name__}(...)' for k, c in CONFIG_ARGUMENTS.items())})")
+    o = {**_OPTION_DEFAULTS, **{k: v for k, v in options.items() if k in _OPTION_DEFAULTS}}
+    flat = {k: v for k, v in options.items() if k in FLAT_OPTIONS}
+    old_spellings = [f"{k}=" for k in flat]
+    if isinstance(o["sensitivity"], str):  # the old sensitivity="hessian" | "kl"
+        old_spellings.append(f"sensitivity={o['sensitivity']!r}")
+        flat["sensitivity"] = o["sensitivity"]
+        o["sensitivity"] = SensitivityConfig()
+    if isinstance(o["finetune"], bool):  # the old finetune=True | False
+        old_spellings.append(f"finetune={o['finetune']}")
+        o["finetune"] = FinetuneConfig() if o["finetune"] else None
+    for name, cls in CONFIG_ARGUMENTS.items():
+        value = o[name]
+        if (value is None and name == "finetune") or (name == "sensitivity" and isinstance(value, Sensitivity)):
+            continue
+        if not isinstance(value, cls):
+            what = "a hessq.FinetuneConfig or None" if name == "finetune" else f"a hessq.{cls.__name__}"
+            extra = " or a precomputed Sensitivity" if name == "sensitivity" else ""
+            raise ConfigTypeError(f"{name} must be {what}{extra}, got {type(value).__name__}: build one with "
+                                  f"hessq.{cls.__name__}(...) (or hessq.{cls.__name__}.from_dict(d) from a dict)")
+    if flat:
+        o.update(_fold_flat(o, flat))
+    if old_spellings:
+        warnings.warn(f"compress({', '.join(old_spellings)}) is deprecated and goes in the next release: "
+                      f"write {_new_spelling(options)}", DeprecationWarning, stacklevel=3)
     shape = o["input_shape"]
     if shape is not None and (isinstance(shape, (str, bytes)) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
         raise ConfigError(f"input_shape must be positive sizes without the batch dimension, e.g. (3, 32, 32), got {shape!r}")
-    if o["onnx_mode"] not in ("exact", "fast"):
-        raise ConfigError(f"onnx_mode must be 'exact' or 'fast', got {o['onnx_mode']!r}")
     check_int(o["seed"], "seed", low=0)
     if o["out_dir"] is not None:
         o["out_dir"] = check_out_dir(o["out_dir"])
     return o
+
+
+def _fold_flat(o: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
+    """The configs with the old flat keywords applied on top; an error names the keyword as it was given."""
+    changes: dict[str, dict[str, tuple[str, Any]]] = {}
+    for old, value in flat.items():
+        name, field = ("sensitivity", "method") if old == "sensitivity" else FLAT_OPTIONS[old]
+        changes.setdefault(name, {})[field] = (old, value)
+    out = {}
+    for name, fields in changes.items():
+        base = o[name]
+        if isinstance(base, Sensitivity):
+            raise ConfigError(f"{', '.join(f'{old}=' for old, _ in fields.values())} set how a sensitivity is computed, "
+                              "but a precomputed Sensitivity was given: drop them")
+        for field, (old, value) in fields.items():  # one by one, so an error names the keyword given
+            try:
+                base = base.replace(**{field: value})
+            except ConfigError as exc:
+                text = str(exc)
+                raise type(exc)(text if old in text else f"{old}= ({text})") from None
+        out[name] = base
+    return out
+
+
+def _new_spelling(options: Mapping[str, Any]) -> str:
+    """The config form of the old flat keywords in ``options``, e.g. ``plan=PlanConfig(size_limit=...)``."""
+    groups: dict[str, list[str]] = {}
+    for old in options:
+        if old in FLAT_OPTIONS:
+            name, field = FLAT_OPTIONS[old]
+            groups.setdefault(name, []).append(f"{field}=...")
+    if isinstance(options.get("sensitivity"), str):
+        groups.setdefault("sensitivity", []).insert(0, f"method={options['sensitivity']!r}")
+    parts = [f"{name}={CONFIG_ARGUMENTS[name].__name__}({', '.join(fields)})" for name, fields in groups.items()]
+    if isinstance(options.get("finetune"), bool):
+        parts.append("finetune=FinetuneConfig()" if options["finetune"] else "finetune=None")
+    return ", ".join(parts)
 
 
 # --- the output folder: staged, then swapped in whole --------------------------------------
@@ -477,60 +458,48 @@ def compress(
     model: nn.Module,
     data: Iterable | None,
     *,
-    size_limit: Any = None,
-    bops_limit: Any = None,
-    latency_limit: Any = None,
-    weight_bits: Iterable[int] = (4, 8),
-    act_bits: int = 8,
-    finetune: bool | FinetuneConfig = False,
     eval_data: Iterable | None = None,
-    sensitivity: str | Sensitivity = "hessian",
-    sensitivity_batches: int = 1,
-    calibration_batches: int = 8,
-    max_samples: int = 100,
-    rtol: float = 0.05,
-    pin_first_last: int | None = 8,
-    baselines: Sequence[int | tuple[int, int]] = (8, 4),
-    pareto_points: int = 40,
-    latency_table: LatencyTable | Mapping | str | os.PathLike | None = None,
-    measure_latency: bool = True,
-    latency_repeats: int = 30,
-    num_distilled: int = 64,
-    distill_steps: int = 500,
-    distill_input_range: tuple[float, float] | None = None,
-    distill_label_weight: float = 0.0,
+    sensitivity: SensitivityConfig | Sensitivity = SensitivityConfig(),
+    plan: PlanConfig = PlanConfig(),
+    quantize: QuantizeConfig = QuantizeConfig(),
+    distill: DistillConfig = DistillConfig(),
+    finetune: FinetuneConfig | None = None,
+    export: ExportConfig = ExportConfig(),
     input_shape: Sequence[int] | None = None,
     out_dir: str | os.PathLike | None = None,
-    onnx_mode: str = "exact",
-    report: bool = True,
     model_name: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    **deprecated: Any,
 ) -> CompressResult:
     """Compress ``model`` to mixed precision and an integer-only model, end to end.
 
     ``data``: an iterable of ``(inputs, targets)`` batches (or of input batches, labelled by the
-    model's own predictions) used for the sensitivity (first ``sensitivity_batches``), calibration
-    (first ``calibration_batches``) and QAT (all of it); ``None`` means data-free: ZeroQ distilled
-    inputs stand in for all three (``num_distilled`` of them, ``distill_steps`` Adam steps, pixels kept
-    in ``distill_input_range`` when given, ``distill_label_weight`` of cross-entropy to random classes).
+    model's own predictions) used for the sensitivity (first ``sensitivity.batches``), calibration
+    (first ``quantize.calibration_batches``) and QAT (all of it); ``None`` means data-free: ZeroQ
+    distilled inputs (``distill``, a :class:`DistillConfig`) stand in for all three.
     ``eval_data`` (labelled batches) gives every row's top-1; without it accuracy is left empty.
     Every stage reads the same batches: ``data`` or ``eval_data`` given as a one-shot iterator (a
     generator, ``iter(list)``) is read ONCE into a list that every stage reuses (so it must fit in
     memory); a re-iterable source such as a list or a ``DataLoader`` is used as it is, never listed.
 
-    Every option is checked before the first stage (:func:`check_options`): a bad value is a
-    :class:`hessq.ConfigError` at once, not after the sensitivity has run.
+    Each stage's settings are one config object (defaults: the config's own): ``sensitivity``
+    (:class:`SensitivityConfig`, or a :class:`Sensitivity` you computed), ``plan``
+    (:class:`PlanConfig`: bits, limits, Pareto points, latency), ``quantize`` (:class:`QuantizeConfig`:
+    calibration, baselines), ``distill``, ``finetune`` (a :class:`FinetuneConfig` runs QAT; None: none)
+    and ``export`` (:class:`ExportConfig`). Every option is checked before the first stage
+    (:func:`check_options`): a bad value is a :class:`hessq.ConfigError` at once. The old flat
+    keywords (``size_limit=``, ``max_samples=``, ``num_distilled=``, ...) still work for this release,
+    with a :class:`DeprecationWarning` naming the config field each became.
 
-    Stages: sensitivity (``"hessian"``: Hutchinson traces; ``"kl"``: ZeroQ's KL; or a
-    :class:`Sensitivity` you computed) → latency table (measured on ONNX Runtime when a latency
-    limit needs one) → ILP plan under the limits (default: size at 50% between all-lowest and
-    all-highest) plus a ``pareto_points`` size–Ω frontier → quantize + calibrate → optional QAT
-    (``finetune=True`` or a :class:`FinetuneConfig`) → :func:`hessq.to_integer` → verification
-    that the integer model equals the fake-quant model bit for bit → evaluation of FP32, the
-    ``baselines`` (uniform weight bits, or (weight, act) pairs, post-training) and the plan →
-    with ``out_dir``, every file (see :meth:`CompressResult.save`), written into a staging folder
-    that replaces ``out_dir`` whole at the end: an interrupted or failed run leaves the old folder as it was.
+    Stages: sensitivity → latency table (measured on ONNX Runtime when a latency limit needs one)
+    → ILP plan under the limits (default: size at 50% between all-lowest and all-highest) plus a
+    ``plan.pareto_points`` size–Ω frontier → quantize + calibrate → optional QAT →
+    :func:`hessq.to_integer` → verification that the integer model equals the fake-quant model bit
+    for bit → evaluation of FP32, the ``quantize.baselines`` (post-training) and the plan → with
+    ``out_dir``, every file (see :meth:`CompressResult.save`), written into a staging folder that
+    replaces ``out_dir`` whole at the end: an interrupted or failed run leaves the old folder as it was.
+    ``results.json`` records every config's ``to_dict()`` under ``"configs"``.
 
     QAT with ``out_dir`` keeps its progress in ``<out_dir>.hessq-qat.ckpt`` beside the folder while it
     trains (moved into the folder as ``qat.ckpt`` at the end); a rerun with the same ``out_dir``
@@ -538,10 +507,15 @@ def compress(
     A checkpoint of other settings is refused with a :class:`hessq.CheckpointMismatchError`.
     ``meta["finetune_resumed"]`` says when a run resumed.
     """
-    options = check_options(**{k: v for k, v in locals().items() if k not in ("model", "data", "eval_data")})
-    weight_bits, baselines, ft, out = options["weight_bits"], options["baselines"], options["finetune"], options["out_dir"]
-    if size_limit is None and bops_limit is None and latency_limit is None:
-        size_limit = "50%"
+    options = check_options(sensitivity=sensitivity, plan=plan, quantize=quantize, distill=distill, finetune=finetune,
+                            export=export, input_shape=input_shape, out_dir=out_dir, model_name=model_name, seed=seed,
+                            progress=progress, **deprecated)
+    sensitivity, plan_cfg, quant_cfg, distill_cfg, ft, export_cfg, out = (
+        options[k] for k in ("sensitivity", "plan", "quantize", "distill", "finetune", "export", "out_dir"))
+    sens_cfg = sensitivity if isinstance(sensitivity, SensitivityConfig) else None
+    weight_bits, act_bits, pin_first_last = plan_cfg.weight_bits, plan_cfg.act_bits, plan_cfg.pin_first_last
+    measure_latency, latency_repeats = plan_cfg.measure_latency, plan_cfg.latency_repeats
+    limits = plan_cfg.limits
     model = check_model(model, "model").eval()
     data = _reusable(data, "data")
     eval_data = _reusable(eval_data, "eval_data")
@@ -554,15 +528,18 @@ def compress(
         if first is not None:  # a wrong dtype or NaN is one clear error now, not one deep in a later stage
             check_inputs(batch_inputs(first), model, where=f"the inputs of {what}'s first batch")
     shape = _input_shape(model, data, input_shape)
+    configs = {name: (None if options[name] is None or isinstance(options[name], Sensitivity) else options[name].to_dict())
+               for name in CONFIG_ARGUMENTS}
     meta: dict[str, Any] = {
         "model": model_name or type(model).__name__,
         "input_shape": list(shape),
         "data": "none (ZeroQ distilled)" if data is None else "given",
-        "limits": {k: str(v) for k, v in (("size", size_limit), ("bops", bops_limit), ("latency", latency_limit)) if v is not None},
+        "sensitivity": sens_cfg.method if sens_cfg is not None else "given (precomputed)",
+        "limits": {k.removesuffix("_limit"): str(v) for k, v in limits.items()},
         "weight_bits": list(weight_bits),
         "act_bits": act_bits,
-        "finetune": None if ft is None else vars(ft),
-        "onnx_mode": onnx_mode,
+        "finetune": None if ft is None else configs["finetune"],
+        "onnx_mode": export_cfg.onnx_mode,
         "latency": "ONNX Runtime median at batch 1: integer rows run the fast int8 export, FP32 the float export",
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
@@ -572,49 +549,51 @@ def compress(
     distilled = None
     if data is None:
         stages("distil inputs from the BatchNorm statistics (no data)")
-        distilled = distill_data(model, num_distilled, shape, steps=distill_steps, seed=seed, progress=progress,
-                                 input_range=distill_input_range, label_weight=distill_label_weight)
+        d = distill_cfg
+        distilled = distill_data(model, d.num_samples, shape, steps=d.steps, lr=d.lr, batch_size=d.batch_size, seed=seed,
+                                 progress=progress, input_range=d.input_range, label_weight=d.label_weight)
         meta["distilled_statistics_loss"] = distilled.loss
         train = distilled.labelled(model)
         if ft is not None:
-            ft = FinetuneConfig(**{**vars(ft), "distill": True})  # no labels: learn from the FP32 outputs only
+            ft = ft.replace(distill=True)  # no labels: learn from the FP32 outputs only
     else:
         train = data
     # One read serves both, so a shuffled DataLoader gives the sensitivity and the calibration the same first batches.
+    sensitivity_batches = sens_cfg.batches if sens_cfg is not None else 0
+    calibration_batches = quant_cfg.calibration_batches
     first = _take(train, max(sensitivity_batches, calibration_batches))
     analysis = _labelled(model, first[:sensitivity_batches])
     calib = first[:calibration_batches]
 
     stages("sensitivity")
     omega = None
-    if isinstance(sensitivity, Sensitivity):
+    if sens_cfg is None:
         sens = sensitivity
-    elif sensitivity == "kl":
+    elif sens_cfg.method == "kl":
         sens = kl_sensitivity(model, [batch_inputs(b) for b in calib], weight_bits=tuple(sorted(set(weight_bits) | {8})),
                               progress=progress)
         omega = kl_omega(sens)
     else:
-        sens = hessian_sensitivity(model, analysis, rtol=rtol, max_samples=max_samples, seed=seed, eigenvalues=False,
-                                   progress=progress)
+        sens = hessian_sensitivity(model, analysis, rtol=sens_cfg.rtol, max_samples=sens_cfg.max_samples,
+                                   min_samples=sens_cfg.min_samples, seed=seed, eigenvalues=False, progress=progress)
 
     stages("latency table (ONNX Runtime, per layer)")
-    table = options["latency_table"]
-    if table is None and (latency_limit is not None or measure_latency):
-        w8 = quantize(model, (8, act_bits), calib, first_last_bits=pin_first_last)
+    table = as_latency_table(plan_cfg.latency_table)
+    if table is None and ("latency_limit" in limits or measure_latency):
+        w8 = fake_quantize(model, (8, act_bits), calib, first_last_bits=pin_first_last)
         table = measure_latency_table(to_integer(w8), repeats=latency_repeats)
 
     stages("bit plan (ILP) and Pareto frontier")
     common = dict(weight_bits=weight_bits, act_bits=act_bits, pin_first_last=pin_first_last, input_shape=shape)
-    plan = plan_bits(model, sens, size_limit=size_limit, bops_limit=bops_limit, latency_limit=latency_limit,
-                     latency_table=table, omega=omega, **common)
+    plan = plan_bits(model, sens, latency_table=table, omega=omega, **limits, **common)
     frontier = None
-    if pareto_points > 0 and omega is None:
-        frontier = pareto_frontier(model, sens, num_points=pareto_points, latency_table=table, **common)
+    if plan_cfg.pareto_points > 0 and omega is None:
+        frontier = pareto_frontier(model, sens, num_points=plan_cfg.pareto_points, latency_table=table, **common)
     if progress:
         print(f"      plan: average weight bits {plan.average_bits:.2f}, {plan.size_bytes / 1024:,.1f} KB", flush=True)
 
     stages("quantize and calibrate")
-    qmodel = quantize(model, plan, calib, first_last_bits=pin_first_last)
+    qmodel = fake_quantize(model, plan, calib, first_last_bits=pin_first_last)
 
     ckpt = None
     if ft is not None:
@@ -675,9 +654,9 @@ def compress(
             ms = _float_onnx_latency(model, shape, 1, latency_repeats, Path(tmp))
         fp32_row["latency_ms"] = None if ms is None else 1000 * ms
     rows.append(fp32_row)
-    for wb, ab in baselines:
+    for wb, ab in quant_cfg.pairs(act_bits):
         name = f"W{wb}A{ab}"
-        q = quantize(model, (wb, ab), calib, first_last_bits=pin_first_last)
+        q = fake_quantize(model, (wb, ab), calib, first_last_bits=pin_first_last)
         costs = evaluate_plan(model, _uniform(plan, wb, pin_first_last), None if omega is not None else sens, act_bits=ab,
                               input_shape=shape)
         add_row(name, f"{wb} / {ab} (post-training)", costs, to_integer(q), omega=costs.omega)
@@ -687,17 +666,18 @@ def compress(
 
     result = CompressResult(sensitivity=sens, plan=plan, frontier=frontier, qmodel=qmodel, imodel=imodel, rows=rows,
                             latency_table=table, distilled=distilled, verification=verification, timings=stages.timings,
-                            meta=meta)
+                            meta=meta, configs=configs)
     if out is not None:
         stages("write files and report")
-        result.save(out, onnx_mode=onnx_mode, report=report, qat_checkpoint=ckpt if ckpt is not None and ckpt.exists() else None)
+        result.save(out, onnx_mode=export_cfg.onnx_mode, report=export_cfg.report,
+                    qat_checkpoint=ckpt if ckpt is not None and ckpt.exists() else None)
         if ckpt is not None:
             ckpt.unlink(missing_ok=True)  # it now lives in the output folder as qat.ckpt
     return result
 
 
 _OPTION_DEFAULTS = {name: p.default for name, p in inspect.signature(compress).parameters.items()
-                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "eval_data"}
 
 
 def _reusable(data: Iterable | None, what: str) -> Iterable | None:

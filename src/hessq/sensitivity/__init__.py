@@ -20,3 +20,5 @@ __all__ = [
 from hessq.sensitivity._kl import is_kl_sensitivity, kl_omega, kl_sensitivity  # noqa: E402  (ZeroQ)
 
 __all__ += ["is_kl_sensitivity", "kl_omega", "kl_sensitivity"]
+from hessq.sensitivity._distributed import init_from_env, rank_and_world  # noqa: E402  (torchrun; `hessq analyze`)
+__all__ += ["init_from_env", "rank_and_world"]

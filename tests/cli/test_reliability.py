@@ -75,6 +75,15 @@ BAD = [
     (["compress", *TINY, "--checkpoint", "{missing}"], "--checkpoint"),
     (["compress", *TINY, "--checkpoint", "{dir}"], "is a directory"),
     (["compress", *TINY, "--sensitivity", "{missing}"], "no such file"),
+    (["compress", *TINY, "--pin-first-last", "9"], "--pin-first-last (None, or the bits of the first and last layer)"),
+    (["compress", *TINY, "--pin-first-last", "4,8"], "--pin-first-last takes one bit width or 'none'"),
+    (["compress", *TINY, "--max-samples", "0"], "--max-samples must be >= 1"),
+    (["compress", *TINY, "--sensitivity-batches", "0"], "--sensitivity-batches must be >= 1"),
+    (["compress", *TINY, "--rtol", "nan"], "--rtol"),
+    (["compress", *TINY, "--latency-repeats", "0"], "--latency-repeats must be >= 1"),
+    (["compress", *TINY, "--latency-table", "{missing}"], "--latency-table"),
+    (["compress", *TINY, "--latency-table", "{garbage}"], "--latency-table"),
+    (["compress", *TINY, "--seed", "-1"], "--seed must be >= 0"),
     # quantize
     (["quantize", "--plan", "{missing}"], "--plan"),
     (["quantize", "--plan", "{dir}"], "is a directory"),
@@ -122,7 +131,7 @@ BAD = [
     (["distill", "--sensitivity", "{out}.json", "--weight-bits", "4,16"], "--weight-bits"),
     # demo
     (["demo", "--out", "{file}"], "is a file"),
-    (["demo", "--size-limit", "150%"], "size_limit"),
+    (["demo", "--size-limit", "150%"], "--size-limit"),
     (["demo", "--qat-epochs", "0"], "--qat-epochs"),
     (["demo", "--test-limit", "0"], "--test-limit"),
 ]
