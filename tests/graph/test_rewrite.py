@@ -86,7 +86,7 @@ def test_resnet20_rewrite_names_twins_and_adds():
 
 def test_depthwise_rewrite():
     model = DepthwiseNet().eval()
-    q = hessq.quantize(model, 8, _batches((1, 12, 12)), first_last_bits=None)
+    q = hessq.quantize(model, 8, _batches((1, 12, 12)), pin_first_last=None)
     dw = q.get_submodule("dw")
     assert isinstance(dw, QuantConv2d) and dw.groups == 8
     assert dw.weight_quantizer.scale(dw.weight).shape == (8,)
@@ -107,7 +107,7 @@ def test_mlp_rewrite_and_mixed_plan():
 
 def test_residual_add_is_quantized_on_one_grid():
     model = Residual().eval()
-    q = hessq.quantize(model, 8, _batches((1, 8, 8)), first_last_bits=None)
+    q = hessq.quantize(model, 8, _batches((1, 8, 8)), pin_first_last=None)
     adds = [m for m in q.modules() if isinstance(m, QuantAdd)]
     assert len(adds) == 1
     seen = {}
@@ -126,7 +126,7 @@ def test_uniform_plan_keeps_first_and_last_at_8_bits():
     assert q.layer_bits["conv1"] == (8, 8) and q.layer_bits["fc"] == (8, 8)
     assert q.layer_bits["layer2.1.conv2"] == (4, 4)
     assert q.get_submodule("layer2.1.conv2").act_quantizer.bits == 4
-    q2 = hessq.quantize(model, (4, 4), _batches((1, 28, 28), 1), first_last_bits=None)
+    q2 = hessq.quantize(model, (4, 4), _batches((1, 28, 28), 1), pin_first_last=None)
     assert q2.layer_bits["conv1"] == (4, 4)
 
 
@@ -238,17 +238,17 @@ def test_pooled_relu6_is_quantized_on_its_bound():
     with torch.no_grad():
         model.conv.weight.mul_(0.01)  # the pooled features stay far below 6 on the calibration data
     calib = _batches((1, 8, 8), 2)
-    bounded = act_quantizers(hessq.quantize(model, 8, calib, first_last_bits=None))
+    bounded = act_quantizers(hessq.quantize(model, 8, calib, pin_first_last=None))
     fc_in, conv_in = bounded["fc.input_quantizer"], bounded["conv.input_quantizer"]
     assert fc_in.bound == (0.0, 6.0) and not bool(fc_in.signed)
     assert float(fc_in.scale) == pytest.approx(6 / 255)
     assert conv_in.bound is None
-    calibrated = act_quantizers(hessq.quantize(model, 8, calib, first_last_bits=None, activation_bounds=False))
+    calibrated = act_quantizers(hessq.quantize(model, 8, calib, pin_first_last=None, activation_bounds=False))
     assert calibrated["fc.input_quantizer"].bound is None
     assert float(calibrated["fc.input_quantizer"].scale) < 0.5 * float(fc_in.scale)
     assert float(calibrated["conv.input_quantizer"].scale) == float(conv_in.scale)
     # the bound holds through fine-tuning: the range does not follow the batches
-    q = hessq.quantize(model, 8, calib, first_last_bits=None)
+    q = hessq.quantize(model, 8, calib, pin_first_last=None)
     q.train()
     q(calib[0])
     assert float(act_quantizers(q)["fc.input_quantizer"].scale) == pytest.approx(6 / 255)

@@ -51,7 +51,7 @@ def test_exact_export_holds_a_bias_at_the_int32_limit(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3)).eval()
     with torch.no_grad():
         model[3].bias.copy_(torch.tensor([1e6, -1e6, 0.0]))
-    imodel = hessq.to_integer(hessq.quantize(model, 8, _data((1, 8, 8)), first_last_bits=None))
+    imodel = hessq.to_integer(hessq.quantize(model, 8, _data((1, 8, 8)), pin_first_last=None))
     assert max(abs(int(b)) for b in imodel.ops[-2].tensors["bias"]) == 2**31 - 1
     hessq.export_onnx(imodel, tmp_path / "m.onnx")
     for x in _data((1, 8, 8), n=2, seed=3):

@@ -99,7 +99,7 @@ def test_the_configs_defaults_are_the_stage_functions_defaults():
     plan, p = _defaults(hessq.plan_bits), hessq.PlanConfig()
     assert (tuple(plan["weight_bits"]), plan["act_bits"], plan["pin_first_last"]) == (p.weight_bits, p.act_bits,
                                                                                      p.pin_first_last)
-    assert _defaults(hessq.quantize)["first_last_bits"] == p.pin_first_last  # hessq.quantize's name for pin_first_last
+    assert _defaults(hessq.quantize)["pin_first_last"] == p.pin_first_last
 
 
 def test_the_flat_keywords_map_to_real_config_fields():

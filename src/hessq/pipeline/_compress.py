@@ -580,7 +580,7 @@ def compress(
     stages("latency table (ONNX Runtime, per layer)")
     table = as_latency_table(plan_cfg.latency_table)
     if table is None and ("latency_limit" in limits or measure_latency):
-        w8 = fake_quantize(model, (8, act_bits), calib, first_last_bits=pin_first_last)
+        w8 = fake_quantize(model, (8, act_bits), calib, pin_first_last=pin_first_last)
         table = measure_latency_table(to_integer(w8), repeats=latency_repeats)
 
     stages("bit plan (ILP) and Pareto frontier")
@@ -593,7 +593,7 @@ def compress(
         print(f"      plan: average weight bits {plan.average_bits:.2f}, {plan.size_bytes / 1024:,.1f} KB", flush=True)
 
     stages("quantize and calibrate")
-    qmodel = fake_quantize(model, plan, calib, first_last_bits=pin_first_last)
+    qmodel = fake_quantize(model, plan, calib, pin_first_last=pin_first_last)
 
     ckpt = None
     if ft is not None:
@@ -656,7 +656,7 @@ def compress(
     rows.append(fp32_row)
     for wb, ab in quant_cfg.pairs(act_bits):
         name = f"W{wb}A{ab}"
-        q = fake_quantize(model, (wb, ab), calib, first_last_bits=pin_first_last)
+        q = fake_quantize(model, (wb, ab), calib, pin_first_last=pin_first_last)
         costs = evaluate_plan(model, _uniform(plan, wb, pin_first_last), None if omega is not None else sens, act_bits=ab,
                               input_shape=shape)
         add_row(name, f"{wb} / {ab} (post-training)", costs, to_integer(q), omega=costs.omega)
