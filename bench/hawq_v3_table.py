@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -29,53 +28,31 @@ from torch import nn
 import hessq
 from hessq._io import write_text_atomic
 from hessq.data import fashion_mnist
-from hessq.integer import IntegerModel, measure_latency_table
+from hessq.integer import measure_latency_table
 from hessq.plan import LatencyTable, Relative, evaluate_plan, plan_bits
 from hessq.sensitivity import Sensitivity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from integer import export_fp32, median_ms, session  # noqa: E402  (bench/integer.py's ORT helpers)
-from plan import checkpoint_sha  # noqa: E402
+from _common import (RESULTS, T0, cached_sensitivity, checkpoint_sha, command_line, export_fp32, log,  # noqa: E402
+                     machine, ort_ms, write_results)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (1, 28, 28)
 FRACTIONS = (0.25, 0.5, 0.75)
-T0 = time.time()
 PARTIAL = Path(tempfile.gettempdir()) / "hawq_v3_table.partial.json"  # rows done so far, for --resume
 
 Bits = dict[str, tuple[int, int]]  # layer -> (weight bits, activation bits)
 
 
-def log(msg: str) -> None:
-    print(f"[{time.time() - T0:7.1f} s] {msg}", flush=True)
-
-
-@torch.no_grad()
-def int_accuracy(imodel: IntegerModel, test) -> float:
-    """Top-1 of the integer model: it quantizes the float batch, runs integer ops, dequantizes the logits."""
-    correct = total = 0
-    for x, y in test:
-        correct += int((imodel(x).argmax(1) == y).sum())
-        total += len(y)
-    return correct / total
-
-
-def ort_latency(path: Path, test_x: torch.Tensor, reps: dict[int, int]) -> dict[str, float]:
-    sess = session(path, torch.get_num_threads())
-    out = {}
-    for batch, n in reps.items():
-        feed = {"input": test_x[:batch].numpy()}
-        out[f"ms_b{batch}"] = median_ms(lambda: sess.run(None, feed), n)
-    return out
+def ort_latency(path: Path, reps: dict[int, int]) -> dict[str, float]:
+    return {f"ms_b{batch}": ort_ms(path, SHAPE, batch, n, torch.get_num_threads()) for batch, n in reps.items()}
 
 
 def get_sensitivity(model: nn.Module) -> tuple[Sensitivity, dict[str, Any]]:
     """bench/plan.py's cached traces when they belong to this checkpoint, else one batch of 256 (~1 min)."""
     cache = RESULTS / "plan_sensitivity.json"
-    if cache.exists():
-        sens = Sensitivity.load(cache)
-        if sens.meta.get("checkpoint_sha256") == checkpoint_sha():
-            return sens, {"source": f"cache {cache.name}", **sens.meta}
+    sens = cached_sensitivity(cache, checkpoint_sha())
+    if sens is not None:
+        return sens, {"source": f"cache {cache.name}", **sens.meta}
     batch = fashion_mnist("train", batch_size=256, shuffle=True, seed=2).take(1)
     sens = hessq.hessian_sensitivity(model, batch, None, rtol=0.1, max_samples=40, seed=0, eigenvalues=False)
     return sens, {"source": "computed (1 batch of 256 training images)", **sens.meta}
@@ -133,7 +110,6 @@ def main() -> int:
     test = fashion_mnist("test", batch_size=500, limit=1000 if args.quick else None)
     calib = fashion_mnist("train", batch_size=128, shuffle=True, seed=1).take(8)
     train = fashion_mnist("train", batch_size=128, augment=True, seed=0)
-    test_x = test.inputs[:64]
     work = Path(tempfile.mkdtemp(prefix="hawq_v3_"))
 
     log("FP32: accuracy and ONNX Runtime latency")
@@ -161,9 +137,16 @@ def main() -> int:
 
     config = {"quick": args.quick, "qat_epochs": args.qat_epochs, "qat_steps": qat_steps}
     prev: dict[str, dict[str, Any]] = {}
+    prev_onnx: dict[str, str] = {}  # the interrupted run's exported files, so that resumed rows get their latency
     if args.resume and PARTIAL.exists():
         saved = json.loads(PARTIAL.read_text())
-        prev = {r["setting"]: r for r in saved["rows"]} if saved["config"] == config else {}
+        if saved["config"] == config:
+            prev = {r["setting"]: r for r in saved["rows"]}
+            prev_onnx = saved.get("onnx", {})
+
+    def save_partial() -> None:
+        onnx = {n: str(p) for n, p in onnx_paths.items() if n != "FP32"}
+        write_text_atomic(PARTIAL, json.dumps({"config": config, "rows": rows[1:], "onnx": onnx}))
     done: dict[tuple, dict[str, Any]] = {}  # bits -> the first row that ran them (no retraining)
     for spec in specs:
         name = spec["setting"]
@@ -172,6 +155,8 @@ def main() -> int:
             if not row.get("same_as"):
                 done[tuple(sorted((n, tuple(b)) for n, b in row["bits"].items()))] = row
             rows.append(row)
+            if name in prev_onnx and Path(prev_onnx[name]).exists():
+                onnx_paths[name] = Path(prev_onnx[name])
             log(f"{name}: resumed from {PARTIAL}")
             continue
         q = spec.get("qmodel") or hessq.quantize(model, spec["plan"], calib, progress=False)
@@ -187,11 +172,11 @@ def main() -> int:
             row.update({k: first.get(k) for k in ("top1", "ptq_top1", "packed_bytes", "ms_b1", "ms_b64", "qat")})
             row["same_as"] = first["setting"]
             rows.append(row)
-            write_text_atomic(PARTIAL, json.dumps({"config": config, "rows": rows[1:]}))
+            save_partial()
             continue
         imodel = hessq.to_integer(q)
         t = time.time()
-        row["ptq_top1"] = int_accuracy(imodel, test)
+        row["ptq_top1"] = hessq.accuracy(imodel, test)
         log(f"{name}: PTQ integer top-1 {100 * row['ptq_top1']:.2f}% ({time.time() - t:.0f} s)")
         row["qat"] = None
         if name != "W8A8":  # HAWQ-V3's 8-bit row is post-training only; everything else gets QAT
@@ -202,7 +187,7 @@ def main() -> int:
             log(f"  QAT {hist['steps']} steps in {time.time() - t:.0f} s")
             imodel = hessq.to_integer(q)
             t = time.time()
-            row["top1"] = int_accuracy(imodel, test)
+            row["top1"] = hessq.accuracy(imodel, test)
             log(f"  QAT integer top-1 {100 * row['top1']:.2f}% ({time.time() - t:.0f} s)")
         else:
             row["top1"] = row["ptq_top1"]
@@ -213,21 +198,24 @@ def main() -> int:
         log(f"  avg {row['average_bits']:.2f} b, {row['size_bytes'] / 1024:.1f} KB, {row['bops'] / 1e9:.3f} GBOPs")
         done[key] = row
         rows.append(row)
-        write_text_atomic(PARTIAL, json.dumps({"config": config, "rows": rows[1:]}))
+        save_partial()
 
     log("ONNX Runtime latency of every setting (batch 1 and 64, medians)")
     by_name = {r["setting"]: r for r in rows}
     for name, path in onnx_paths.items():
-        by_name[name].update(ort_latency(path, test_x, reps))
+        by_name[name].update(ort_latency(path, reps))
         log(f"  {name}: ms b1 {by_name[name]['ms_b1']:.3f} b64 {by_name[name]['ms_b64']:.2f}")
     for r in rows:
         if r.get("same_as"):
             r.update({k: by_name[r["same_as"]].get(k) for k in ("ms_b1", "ms_b64")})
+        for k in ("ms_b1", "ms_b64"):  # a resumed row whose exported file is gone: not measured
+            if r.get(k) is None:
+                r[k] = float("nan")
 
     meta = {
-        "command": " ".join([".venv/bin/python", "bench/hawq_v3_table.py", *[a for a in sys.argv[1:] if a != "--resume"]]),
+        "command": command_line().replace(" --resume", ""),
         "resumed_rows": [n for n in prev if n != "W8A8"],
-        "machine": f"{platform.platform()}, {platform.machine()}", "torch": torch.__version__,
+        "machine": machine(), "torch": torch.__version__,
         "onnxruntime": ort.__version__, "threads": torch.get_num_threads(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": args.quick,
         "test_images": len(test.targets), "calibration_images": sum(len(y) for _, y in calib),
@@ -238,10 +226,8 @@ def main() -> int:
                           "seconds": {n: {str(b): s for b, s in r.items()} for n, r in table.items()}},
         "wall_seconds": time.time() - T0,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out / "hawq_v3_table.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = markdown(meta, rows, fp32_acc)
-    write_text_atomic(args.out / "hawq_v3_table.md", md)
+    write_results(args.out / "hawq_v3_table.json", {"meta": meta, "rows": rows}, md)
     print(md, flush=True)
     PARTIAL.unlink(missing_ok=True)
     log(f"wrote {args.out / 'hawq_v3_table.md'} and .json")

@@ -17,9 +17,6 @@ Writes bench/results/integer.json and bench/results/integer.md.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -30,39 +27,10 @@ import onnxruntime as ort
 import torch
 
 import hessq
-from hessq._io import write_text_atomic
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-def ort_predict(sess: ort.InferenceSession, x: torch.Tensor, batch: int = 256) -> np.ndarray:
-    return np.concatenate([sess.run(None, {"input": x[i : i + batch].numpy()})[0] for i in range(0, len(x), batch)])
-
-
-def export_fp32(model: torch.nn.Module, shape: tuple[int, ...], path: Path) -> None:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, torch.zeros(1, *shape), str(path), input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17, dynamo=False)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (RESULTS, export_fp32, log, machine, median_ms, ort_ms, ort_outputs, ort_session,  # noqa: E402
+                     ratio, same_top1, write_results)
 
 
 def ort_int8(fp32_path: Path, calibration: torch.Tensor, path: Path) -> None:
@@ -84,7 +52,7 @@ def ort_int8(fp32_path: Path, calibration: torch.Tensor, path: Path) -> None:
 
 def bench_model(name: str, model, shape, calib: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor | None,
                 threads: int, repeats: dict[int, int], workdir: Path, modes: list[str]) -> dict:
-    print(f"== {name}", flush=True)
+    log(f"== {name}")
     torch.set_num_threads(threads)
     fp32_path, ortq_path = workdir / f"{name}.fp32.onnx", workdir / f"{name}.ort-int8.onnx"
     export_fp32(model, shape, fp32_path)
@@ -92,13 +60,13 @@ def bench_model(name: str, model, shape, calib: torch.Tensor, eval_x: torch.Tens
     start = time.time()
     qmodel = hessq.quantize(model, 8, [calib[i : i + 64] for i in range(0, len(calib), 64)], first_last_bits=None)
     imodel = hessq.to_integer(qmodel)
-    print(f"  hessq quantize + to_integer: {time.time() - start:.1f}s", flush=True)
+    log(f"  hessq quantize + to_integer: {time.time() - start:.1f}s")
     paths = {"ONNX Runtime FP32": fp32_path, "ONNX Runtime int8 (quantize_static)": ortq_path}
     for mode in modes:
         p = workdir / f"{name}.hessq-{mode}.onnx"
         hessq.export_onnx(imodel, p, mode=mode)
         paths[f"hessq W8A8 ONNX ({mode})"] = p
-    sessions = {k: session(p, threads) for k, p in paths.items()}
+    sessions = {k: ort_session(p, threads) for k, p in paths.items()}
 
     # The reference executor holds exact wide accumulators: small batches at 224×224 keep its memory bounded.
     big = int(np.prod(shape)) > 50_000
@@ -107,7 +75,7 @@ def bench_model(name: str, model, shape, calib: torch.Tensor, eval_x: torch.Tens
         ref = torch.cat([model(eval_x[i : i + 256]) for i in range(0, len(eval_x), 256)]).numpy()
         integer_out = torch.cat([imodel(eval_x[i : i + step]) for i in range(0, len(eval_x), step)]).numpy()
     outputs = {"PyTorch FP32": ref, "hessq integer model (reference executor)": integer_out}
-    outputs.update({k: ort_predict(s, eval_x) for k, s in sessions.items()})
+    outputs.update({k: ort_outputs(s, eval_x) for k, s in sessions.items()})
 
     rows = []
     for key in ["PyTorch FP32", *paths, "hessq integer model (reference executor)"]:
@@ -115,10 +83,10 @@ def bench_model(name: str, model, shape, calib: torch.Tensor, eval_x: torch.Tens
         out = outputs[key]
         if eval_y is not None:
             row["top1"] = float((out.argmax(1) == eval_y.numpy()).mean())
-        row["agreement_with_fp32"] = float((out.argmax(1) == ref.argmax(1)).mean())
+        row["agreement_with_fp32"] = same_top1(out, ref)
         if key.startswith("hessq W8A8 ONNX"):
             row["elements_equal_to_integer_model"] = float((out == integer_out).mean())
-            row["top1_equal_to_integer_model"] = float((out.argmax(1) == integer_out.argmax(1)).mean())
+            row["top1_equal_to_integer_model"] = same_top1(out, integer_out)
         for batch, reps in repeats.items():
             x = eval_x[:batch]
             if key == "PyTorch FP32":
@@ -128,17 +96,15 @@ def bench_model(name: str, model, shape, calib: torch.Tensor, eval_x: torch.Tens
                 # the executor is the reference, not the deployment path: at 224×224 only batch 1 is timed
                 row[f"ms_b{batch}"] = median_ms(lambda: imodel(x), 3) if not (big and batch > 1) else float("nan")
             else:
-                feed = {"input": x.numpy()}
-                s = sessions[key]
-                row[f"ms_b{batch}"] = median_ms(lambda: s.run(None, feed), reps)
+                row[f"ms_b{batch}"] = ort_ms(paths[key], shape, batch, reps, threads)
         rows.append(row)
-        print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        log("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     base = {b: next(r for r in rows if r["setting"] == "ONNX Runtime FP32")[f"ms_b{b}"] for b in repeats}
     ortq = {b: next(r for r in rows if r["setting"].startswith("ONNX Runtime int8"))[f"ms_b{b}"] for b in repeats}
     for r in rows:
         for b in repeats:
-            r[f"speedup_vs_ort_fp32_b{b}"] = base[b] / r[f"ms_b{b}"]
-            r[f"speedup_vs_ort_int8_b{b}"] = ortq[b] / r[f"ms_b{b}"]
+            r[f"speedup_vs_ort_fp32_b{b}"] = ratio(base[b], r[f"ms_b{b}"])
+            r[f"speedup_vs_ort_int8_b{b}"] = ratio(ortq[b], r[f"ms_b{b}"])
     return {"model": name, "input_shape": list(shape), "eval_images": len(eval_x), "rows": rows}
 
 
@@ -203,12 +169,10 @@ def main() -> int:
             else:
                 print(f"unknown model {name}", file=sys.stderr)
                 return 2
-    meta = {"machine": platform.machine(), "threads": args.threads, "torch": torch.__version__,
+    meta = {"machine": machine(args.threads), "threads": args.threads, "torch": torch.__version__,
             "onnxruntime": ort.__version__, "statistic": "median milliseconds", "quick": args.quick}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out / "integer.json", json.dumps({"meta": meta, "results": results}, indent=2))
     table = "# Integer inference on ONNX Runtime\n\n" + f"{meta}\n\n" + markdown(results, repeats)
-    write_text_atomic(args.out / "integer.md", table)
+    write_results(args.out / "integer.json", {"meta": meta, "results": results}, table)
     print(table)
     return 0
 

@@ -8,7 +8,9 @@
    uniform setting of nearest size, the reverse-sensitivity plan of the same size (mean traces
    reassigned in inverted rank order) and the median of 10 random plans of the same size (mean
    traces randomly permuted over the layers). All plans come from the same ILP under the same size
-   limit; only the sensitivity given to it differs.
+   limit; only the sensitivity given to it differs. Each plan is quantized by ``hessq.quantize``
+   (calibrated on 512 training images) and scored by ``hessq.accuracy`` in the quantized model's
+   eval mode, which computes what the integer model computes.
 
     .venv/bin/python bench/plan.py            # everything; writes bench/results/plan.{json,md}
     .venv/bin/python bench/plan.py --quick    # parts 1 and 2 only
@@ -20,14 +22,10 @@ SHA-256) so that a rerun does not recompute them.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +33,18 @@ import torch
 from torch import nn
 
 import hessq
-from hessq._io import write_text_atomic
 from hessq.graph import quantizable_layers
 from hessq.plan import LatencyTable, evaluate_plan, pareto_frontier, plan_bits
 from hessq.plan._plan import build_problem
 from hessq.sensitivity import LayerSensitivity, Sensitivity, model_signature
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (RESULTS, cached_sensitivity, checkpoint_sha, command_line, git_commit, log, machine,  # noqa: E402
+                     write_results)
+
 BITS = tuple(range(2, 9))
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+#: How every plan's post-training accuracy is measured (the "ptq" entry of the results).
+PTQ = "hessq.quantize + hessq.accuracy (the quantized model's eval mode: integer arithmetic)"
 
 
 # ----------------------------------------------------------------------------- 1. solve time
@@ -104,50 +102,18 @@ def bench_solve(num_layers: int = 1000, runs: int = 7, seed: int = 0) -> dict:
 
 
 # ----------------------------------------------------------------------------- sensitivity
-def checkpoint_sha() -> str:
-    ref = resources.files("hessq.models").joinpath("resnet20_fashion_mnist.pt")
-    return hashlib.sha256(ref.read_bytes()).hexdigest()
-
-
-def own_hutchinson(model: nn.Module, batches, samples: int, seed: int) -> Sensitivity:
-    """Fallback when hessq.hessian_sensitivity is unavailable: Tr(H_i) for every layer from shared Rademacher vectors."""
-    layers = quantizable_layers(model)
-    params = [m.weight for m in layers.values()]
-    gen = torch.Generator().manual_seed(seed)
-    per = torch.zeros(len(params), samples)
-    total = sum(len(y) for _, y in batches)
-    for x, y in batches:
-        loss = nn.functional.cross_entropy(model(x), y) * (len(y) / total)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        for s in range(samples):
-            vs = [torch.randint(0, 2, p.shape, generator=gen).float() * 2 - 1 for p in params]
-            hv = torch.autograd.grad(grads, params, vs, retain_graph=True)
-            per[:, s] += torch.stack([(h * v).sum() for h, v in zip(hv, vs)]).detach()
-    recs = {}
-    for i, (n, m) in enumerate(layers.items()):
-        recs[n] = LayerSensitivity(float(per[i].mean()), float(per[i].std() / samples**0.5), None, m.weight.numel())
-    return Sensitivity(recs, model_signature(model), {"method": "bench/plan.py own Hutchinson", "samples": samples})
-
-
 def get_sensitivity(model: nn.Module, batches, args) -> tuple[Sensitivity, dict]:
     cache = Path(args.out).with_name("plan_sensitivity.json")
     sha = "untrained" if args.untrained else checkpoint_sha()
-    if cache.exists() and not args.recompute_sensitivity:
-        sens = Sensitivity.load(cache)
-        if sens.meta.get("checkpoint_sha256") == sha:
-            log(f"sensitivity: reusing {cache}")
-            return sens, {"source": "cache", **sens.meta}
+    sens = None if args.recompute_sensitivity else cached_sensitivity(cache, sha)
+    if sens is not None:
+        log(f"sensitivity: reusing {cache}")
+        return sens, {"source": "cache", **sens.meta}
     t = time.perf_counter()
-    fn = getattr(hessq, "hessian_sensitivity", None)
-    if fn is not None:
-        log("sensitivity: hessq.hessian_sensitivity")
-        sens = fn(model, batches, nn.functional.cross_entropy, rtol=args.rtol, max_samples=args.max_samples,
-                  seed=0, eigenvalues=False)
-        method = "hessq.hessian_sensitivity"
-    else:
-        log("sensitivity: hessq.hessian_sensitivity not available; own Hutchinson loop")
-        sens = own_hutchinson(model, batches, args.max_samples, seed=0)
-        method = "own Hutchinson (bench)"
+    log("sensitivity: hessq.hessian_sensitivity")
+    sens = hessq.hessian_sensitivity(model, batches, nn.functional.cross_entropy, rtol=args.rtol,
+                                     max_samples=args.max_samples, seed=0, eigenvalues=False)
+    method = "hessq.hessian_sensitivity"
     seconds = time.perf_counter() - t
     meta = dict(sens.meta)
     meta.update({"checkpoint_sha256": sha, "method": method, "seconds": seconds,
@@ -181,79 +147,11 @@ def random_sensitivity(sens: Sensitivity, seed: int) -> Sensitivity:
 
 
 # ----------------------------------------------------------------------------- 3. accuracy
-class FastPTQ:
-    """Post-training fake quantization by hooks on the FP32 model, for many plans quickly.
-
-    Weights: per-output-channel symmetric b-bit (hessq.quantizer.fake_quantize_weight) on the
-    unfolded weights — exactly the same as quantizing the BN-folded weights per channel, since
-    folding scales each output channel. Activations: every quantizable layer's input at 8 bits,
-    min/max ranges from the calibration batches (unsigned when never negative). This is what
-    hessq.quantize computes for these models, without the fx rewrite, and ~4× faster here.
-    """
-
-    def __init__(self, model: nn.Module, calib, act_bits: int = 8) -> None:
-        from hessq.quantizer import fake_quantize_weight
-
-        self.model, self.calib, self.act_bits = model, calib, act_bits
-        self.layers = quantizable_layers(model)
-        self.original = {n: m.weight.detach().clone() for n, m in self.layers.items()}
-        self.fq = fake_quantize_weight
-        self.wcache: dict[tuple[str, int], torch.Tensor] = {}
-
-    def weight(self, name: str, bits: int) -> torch.Tensor:
-        if (name, bits) not in self.wcache:
-            with torch.no_grad():
-                self.wcache[name, bits] = self.fq(self.original[name], bits).detach()
-        return self.wcache[name, bits]
-
-    @torch.no_grad()
-    def accuracy(self, bits: dict, test) -> float:
-        lo = {n: float("inf") for n in self.layers}
-        hi = {n: float("-inf") for n in self.layers}
-        mode = {"observe": True}
-        scales: dict[str, tuple[float, int, int]] = {}
-
-        def hook_for(name):
-            def pre(module, inputs):
-                x = inputs[0]
-                if mode["observe"]:
-                    lo[name] = min(lo[name], float(x.min()))
-                    hi[name] = max(hi[name], float(x.max()))
-                    return None
-                s, qmin, qmax = scales[name]
-                return (torch.clamp(torch.round(x / s), qmin, qmax) * s,)
-            return pre
-
-        handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in self.layers.items()]
-        try:
-            for n, m in self.layers.items():
-                m.weight.data = self.weight(n, bits[n])
-            for x, _ in self.calib:
-                self.model(x)
-            for n in self.layers:
-                if lo[n] >= 0:
-                    scales[n] = (max(hi[n], 1e-12) / (2**self.act_bits - 1), 0, 2**self.act_bits - 1)
-                else:
-                    q = 2 ** (self.act_bits - 1) - 1
-                    scales[n] = (max(abs(lo[n]), abs(hi[n]), 1e-12) / q, -q, q)
-            mode["observe"] = False
-            correct = total = 0
-            for x, y in test:
-                correct += int((self.model(x).argmax(1) == y).sum())
-                total += len(y)
-            return correct / total
-        finally:
-            for h in handles:
-                h.remove()
-            for n, m in self.layers.items():
-                m.weight.data = self.original[n]
-
-
 class Evaluator:
-    def __init__(self, model, calib, test, engine: str = "fast") -> None:
+    """Post-training accuracy of a plan (weights per channel, activations 8 bits) by hessq itself, cached per plan."""
+
+    def __init__(self, model, calib, test) -> None:
         self.model, self.calib, self.test = model, calib, test
-        self.engine = engine
-        self.fast = FastPTQ(model, calib) if engine == "fast" else None
         self.names = list(quantizable_layers(model))
         self.cache: dict[tuple, float] = {}
         self.count = 0
@@ -265,10 +163,7 @@ class Evaluator:
         key = tuple(plan.items())
         if key not in self.cache:
             t = time.perf_counter()
-            if self.fast is not None:
-                self.cache[key] = self.fast.accuracy(dict(plan), self.test)
-            else:
-                self.cache[key] = hessq.accuracy(hessq.quantize(self.model, dict(plan), self.calib), self.test)
+            self.cache[key] = hessq.accuracy(hessq.quantize(self.model, dict(plan), self.calib), self.test)
             self.seconds += time.perf_counter() - t
             self.count += 1
         return self.cache[key]
@@ -286,7 +181,7 @@ def headline(model, sens, args, partial=None) -> dict:
 
     test = fashion_mnist("test", batch_size=1000, limit=args.test_limit)
     calib = fashion_mnist("train", batch_size=128, shuffle=True, seed=1).take(args.calib_batches)
-    ev = Evaluator(model, calib, test, args.ptq)
+    ev = Evaluator(model, calib, test)
     t = time.perf_counter()
     fp32 = hessq.accuracy(model, test)
     log(f"FP32 accuracy {fp32:.4f} ({time.perf_counter() - t:.1f} s)")
@@ -343,7 +238,7 @@ def headline(model, sens, args, partial=None) -> dict:
             row["hessian_vs_uniform_nearest"] = None if h is None or u is None else h - u
         return {
             "fp32_accuracy": fp32, "test_images": len(test.targets),
-            "calibration_images": sum(len(y) for _, y in calib), "ptq": args.ptq,
+            "calibration_images": sum(len(y) for _, y in calib), "ptq": PTQ,
             "weight_bits": list(BITS), "act_bits": 8, "pinned": edges,
             "uniform": list(uniform.values()), "targets": rows, "evaluations": ev.count,
             "evaluation_seconds": ev.seconds, "stopped_by_budget": stopped,
@@ -449,8 +344,6 @@ def main() -> int:
     ap.add_argument("--rtol", type=float, default=0.1)
     ap.add_argument("--recompute-sensitivity", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "plan.json"))
-    ap.add_argument("--ptq", choices=("fast", "hessq"), default="fast",
-                    help="fast: weight fake-quant + 8-bit input hooks on the FP32 model; hessq: hessq.quantize (fx rewrite)")
     ap.add_argument("--budget-minutes", type=float, default=None,
                     help="stop starting PTQ evaluations after this many minutes (random plans are evaluated last)")
     ap.add_argument("--sens-batch-size", type=int, default=100)
@@ -458,16 +351,10 @@ def main() -> int:
     ap.add_argument("--untrained", action="store_true", help="smoke runs only: random weights, no checkpoint")
     args = ap.parse_args()
     torch.manual_seed(0)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = "?"
     res = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-                   f"python {platform.python_version()}",
-        "command": " ".join([".venv/bin/python", "bench/plan.py", *sys.argv[1:]]),
-        "commit": commit,
+        "machine": f"{machine()}, torch {torch.__version__}, python {platform.python_version()}",
+        "command": command_line(),
+        "commit": git_commit(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
     log("1. ILP solve time")
@@ -496,12 +383,12 @@ def main() -> int:
     if not args.quick:
         log("3. Hessian plan vs uniform / reverse / random (PTQ, 10k test images)")
         def partial(h):
-            write_text_atomic(out.with_suffix(".partial.json"), json.dumps({**res, "headline": h}, indent=2))
-            write_text_atomic(out.with_suffix(".partial.md"), markdown({**res, "headline": h}))
+            write_results(out.with_suffix(".partial.json"), {**res, "headline": h}, markdown({**res, "headline": h}))
 
         res["headline"] = headline(model, sens, args, partial)
-    write_text_atomic(out, json.dumps(res, indent=2))
-    write_text_atomic(out.with_suffix(".md"), markdown(res))
+    write_results(out, res, markdown(res))
+    for partial_file in (out.with_suffix(".partial.json"), out.with_suffix(".partial.md")):
+        partial_file.unlink(missing_ok=True)  # the finished results replace the progress files
     log(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 

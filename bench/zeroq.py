@@ -25,21 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import hessq
-from hessq._io import write_text_atomic
 from hessq.distill import distill_data, statistics_loss
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, agreement, fake_quant, log, machine, predictions, write_results  # noqa: E402
 
 
 def distill_row(name: str, model: torch.nn.Module, shape: tuple[int, ...], real: torch.Tensor, args, steps: int,
@@ -84,21 +80,6 @@ def resnet20_part(args) -> tuple[dict, dict]:
     return row, acc
 
 
-@torch.no_grad()
-def agreement(model: torch.nn.Module, x: torch.Tensor, ref: torch.Tensor, batch: int = 32) -> float:
-    model.eval()
-    device = next(model.parameters()).device
-    preds = torch.cat([model(x[i : i + batch].to(device)).argmax(1).cpu() for i in range(0, len(x), batch)])
-    return float((preds == ref).float().mean())
-
-
-def fake_quant(qmodel: torch.nn.Module) -> torch.nn.Module:
-    """Evaluate in float fake quantization (faster on CPU than the exact integer simulation)."""
-    if hasattr(qmodel, "integer_eval"):
-        qmodel.integer_eval = False
-    return qmodel
-
-
 def efficientnet_part(args) -> tuple[dict, dict]:
     from hessq.data import photo_crops
     from hessq.models import efficientnet_lite0, preprocess_lite
@@ -110,8 +91,7 @@ def efficientnet_part(args) -> tuple[dict, dict]:
     eval_x = preprocess_lite(photo_crops(args.eval_crops, seed=1000 + args.seed))
     photo_x = preprocess_lite(photo_crops(args.num_samples, seed=2000 + args.seed))
     noise_x = torch.randn((args.num_samples, *shape), generator=torch.Generator().manual_seed(args.seed + 3))
-    with torch.no_grad():
-        ref = torch.cat([model(eval_x[i : i + 32].to(args.device)).argmax(1).cpu() for i in range(0, len(eval_x), 32)])
+    ref = predictions(model, eval_x)
     # Pixels kept in the range preprocessing can produce ((px − 127)/128 for px in 0..255), as `hessq distill` does.
     rows, calibrations = [], []
     for weight in args.label_weights:
@@ -233,7 +213,7 @@ def main() -> None:
     res: dict = {
         "hessq_version": hessq.__version__,
         "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "machine": machine(),
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "args": vars(args),
@@ -254,9 +234,8 @@ def main() -> None:
         res["distillation"] += rows
         res["efficientnet"] = eff
     res["total_seconds"] = time.perf_counter() - start
-    write_text_atomic(RESULTS / f"{stem}.json", json.dumps(res, indent=2))
     md = markdown(res)
-    write_text_atomic(RESULTS / f"{stem}.md", md)
+    write_results(RESULTS / f"{stem}.json", res, md)
     print(md)
     log(f"wrote {RESULTS / (stem + '.json')} and .md in {res['total_seconds']:.0f}s")
 

@@ -18,7 +18,6 @@ on the same held-out crops.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -27,12 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hessq  # noqa: E402
-from hessq._io import write_text_atomic  # noqa: E402
 from hessq.distill import DistilledData  # noqa: E402
 from hessq.graph import act_quantizers  # noqa: E402
-from zeroq import fake_quant  # noqa: E402
+from _common import RESULTS, fake_quant, log, predictions, write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 POOLED = "fc.input_quantizer"  # quantizes the pooled features the classifier reads
 RELU6_BOUND = 6.0
 
@@ -94,15 +91,13 @@ def main() -> None:
                          f"{data.loss:.3g}" + (f", {data.meta['source']}" if "source" in data.meta else ""))
     model = efficientnet_lite0(pretrained=True)
     eval_x = preprocess_lite(photo_crops(args.eval_crops, seed=1000))
-    with torch.no_grad():
-        ref = torch.cat([model(eval_x[i : i + 32]).argmax(1) for i in range(0, len(eval_x), 32)])
+    ref = predictions(model, eval_x)
     res: dict = {"eval_crops": len(eval_x), "torch": torch.__version__, "sources": sources, "sets": {}}
     for name, x in sets.items():
         scales, agree = score(model, x, eval_x, ref)
         res["sets"][name] = {"scales": scales, "agreement": agree}
-        print(name, {k: f"{100 * v:.2f}%" for k, v in agree.items()}, flush=True)
-    write_text_atomic(RESULTS / "zeroq_ranges.json", json.dumps(res, indent=1))
-    write_text_atomic(RESULTS / "zeroq_ranges.md", markdown(res))
+        log(f"{name} {({k: f'{100 * v:.2f}%' for k, v in agree.items()})}")
+    write_results(RESULTS / "zeroq_ranges.json", res, markdown(res), indent=1)
     print(markdown(res))
 
 

@@ -16,7 +16,6 @@ calibrated at a percentile, which cost distilled data most of its gap (bench/zer
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,10 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hessq  # noqa: E402
-from hessq._io import write_text_atomic  # noqa: E402
-from zeroq import agreement, fake_quant  # noqa: E402
+from _common import RESULTS, agreement, fake_quant, log, predictions, write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RANGE = (-127 / 128, 1.0)
 #: (steps, seed, lr, label weight, pixels kept in RANGE)
 DISTILLATIONS = [
@@ -51,8 +48,7 @@ def main() -> None:
 
     model = efficientnet_lite0(pretrained=True).to(args.device)
     eval_x = preprocess_lite(photo_crops(args.eval_crops, seed=1000))
-    with torch.no_grad():
-        ref = torch.cat([model(eval_x[i : i + 64].to(args.device)).argmax(1).cpu() for i in range(0, len(eval_x), 64)])
+    ref = predictions(model, eval_x, batch=64)
 
     def w8a8(calib: torch.Tensor) -> float:
         return agreement(fake_quant(hessq.quantize(model, (8, 8), [calib])), eval_x, ref, batch=64)
@@ -68,11 +64,10 @@ def main() -> None:
                          input_range=RANGE if ranged else None, label_weight=weight)
         runs.append({"source": "distilled", "steps": steps, "seed": seed, "lr": lr, "label_weight": weight, "input_range": ranged,
                      "seconds": time.perf_counter() - t, "statistics_loss": d.loss, "agreement": w8a8(d.inputs)})
-        print(runs[-1], flush=True)
+        log(str(runs[-1]))
     res = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "torch": torch.__version__,
            "eval_crops": len(eval_x), "runs": runs}
-    write_text_atomic(RESULTS / "zeroq_sweep.json", json.dumps(res, indent=1))
-    write_text_atomic(RESULTS / "zeroq_sweep.md", markdown(res))
+    write_results(RESULTS / "zeroq_sweep.json", res, markdown(res), indent=1)
     print(markdown(res))
 
 

@@ -6,7 +6,7 @@ from torch import nn
 
 import hessq
 from hessq.distill import DistilledData, distill_data, statistics_loss
-from tests.distill._tiny import TinyBN
+from tests._models import TinyBN, bn_features
 
 
 def _manual_loss(model: TinyBN, x: torch.Tensor) -> float:
@@ -184,7 +184,7 @@ def test_label_weight_pulls_each_input_to_its_own_random_class(pretrained_resnet
 
 
 def test_label_weight_needs_a_classifier_and_a_valid_weight():
-    features = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    features = bn_features()
     with pytest.raises(ValueError, match=r"\(batch, classes\) logits.*label_weight=0"):
         distill_data(features, 4, (2, 6, 6), steps=1, progress=False, label_weight=1.0)
     distill_data(features, 4, (2, 6, 6), steps=1, progress=False)  # fine without the label term

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import hessq
 from hessq.data import digits
-from tests.pipeline._tiny import tiny_net
+from tests._models import tiny_net
 
 
 class SmallNet(nn.Module):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ._tiny import TinyResNet, make_sensitivity
+from tests._models import TinyResNet, make_sensitivity
 
 
 @pytest.fixture

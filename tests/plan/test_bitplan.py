@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ._tiny import SHAPE, make_sensitivity
+from tests._models import SHAPE, make_sensitivity
 from hessq.plan import BitPlan, ParetoFrontier, pareto_frontier, plan_bits
 
 

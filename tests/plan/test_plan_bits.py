@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ._tiny import SHAPE, TinyResNet, make_sensitivity
+from tests._models import SHAPE, TinyResNet, make_sensitivity
 from hessq.graph import quantizable_layers
 from hessq.plan import (
     BitPlan,

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 import hessq
 from hessq import ArtifactError, CheckpointMismatchError, ConfigError
-from tests.pipeline._tiny import tiny_net
+from tests._models import tiny_net
 from tests._hostile import RunsCode
 
 SAMPLES, BATCH = 32, 8  # 4 steps an epoch

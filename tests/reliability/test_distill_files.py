@@ -18,7 +18,7 @@ from torch import nn
 from hessq import ArtifactError, ConfigError, ConfigTypeError, InputDataError, ModelError
 from hessq.distill import DistilledData, distill_data, statistics_loss
 from hessq._io import seal
-from tests.distill._tiny import TinyBN
+from tests._models import TinyBN, bn_features
 from tests._hostile import RunsCode, check_bit_flips
 
 SHAPE = (2, 6, 6)
@@ -223,7 +223,7 @@ def test_unusable_models_are_refused_before_any_step():
     inf_stats = TinyBN()
     inf_stats.bn_late.running_var[0] = math.inf
     with torch.device("meta"):
-        on_meta = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4))
+        on_meta = bn_features()
     no_batchnorm = nn.Sequential(nn.Flatten(), nn.Linear(72, 3))
     cases = [
         ("a string", "resnet20", ConfigTypeError, "must be a torch.nn.Module"),
@@ -293,7 +293,7 @@ def test_labelled_with_a_model_the_inputs_do_not_fit():
     good = DistilledData(**_fields())
     with pytest.raises(InputDataError, match="torch.float64"):
         good.labelled(TinyBN().double())
-    features = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4))
+    features = bn_features()
     with pytest.raises(ModelError, match=r"\(batch, classes\) logits.*\(4, 4, 4, 4\)"):
         good.labelled(features)
     with pytest.raises(ConfigTypeError, match="must be a torch.nn.Module"):

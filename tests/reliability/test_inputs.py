@@ -16,14 +16,13 @@ import hessq
 from hessq import ConfigError, ConfigTypeError, InputDataError, ModelError
 from hessq.sensitivity import hessian_sensitivity, hessian_trace, kl_sensitivity, spectral_density, top_eigenvalues
 
-from tests.pipeline._tiny import tiny_net
-from tests.sensitivity._models import batches, mlp
+from tests._models import conv_relu_linear, digits_batches, mlp, tiny_net
 
 FAST = dict(max_samples=2, min_samples=2, eigenvalues=False)
 
 
 def _data():
-    return batches((10,))
+    return digits_batches((10,))
 
 
 def _nan_weights():
@@ -80,15 +79,10 @@ def test_trace_eigenvalues_and_density_refuse_bad_arguments(call, kwargs, messag
         call(mlp(), _data(), **kwargs)
 
 
-def _bnnet():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
-
-
 @pytest.mark.parametrize("bits", ["48", 4, (4.5,)], ids=str)  # (4, 16), (1,) and () were clear errors already
 def test_kl_sensitivity_refuses_bad_weight_bits(bits):
     with pytest.raises(ConfigError, match="bit width|weight_bits"):
-        kl_sensitivity(_bnnet(), [torch.randn(4, 1, 8, 8)], weight_bits=bits, progress=False)
+        kl_sensitivity(conv_relu_linear(), [torch.randn(4, 1, 8, 8)], weight_bits=bits, progress=False)
 
 
 # --- the sensitivity API, accuracy: models ---------------------------------------------------------------
@@ -183,7 +177,7 @@ def test_accuracy_refuses_bad_batches(case):
 ], ids=["uint8", "float64", "nan", "wrong-shape", "a-list", "none", "empty"])
 def test_kl_sensitivity_refuses_bad_inputs(inputs):
     with pytest.raises(InputDataError):
-        kl_sensitivity(_bnnet(), inputs, progress=False)
+        kl_sensitivity(conv_relu_linear(), inputs, progress=False)
 
 
 # --- the integer model -----------------------------------------------------------------------------------

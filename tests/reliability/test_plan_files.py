@@ -18,7 +18,7 @@ import hessq
 from hessq import ArtifactError, ConfigError, InputDataError, ModelError
 from hessq._io import save_sealed_json
 from hessq.plan import BitPlan, LatencyTable, ParetoFrontier, pareto_frontier, plan_bits
-from tests.plan._tiny import SHAPE, TinyResNet, make_sensitivity
+from tests._models import SHAPE, TinyResNet, make_sensitivity
 from tests._hostile import check_bit_flips
 
 NAMES = ["conv1", "c1", "c2", "shortcut.0", "fc"]
