@@ -58,7 +58,7 @@ def bench_model(name: str, model, shape, calib: torch.Tensor, eval_x: torch.Tens
     export_fp32(model, shape, fp32_path)
     ort_int8(fp32_path, calib, ortq_path)
     start = time.time()
-    qmodel = hessq.quantize(model, 8, [calib[i : i + 64] for i in range(0, len(calib), 64)], first_last_bits=None)
+    qmodel = hessq.quantize(model, 8, [calib[i : i + 64] for i in range(0, len(calib), 64)], pin_first_last=None)
     imodel = hessq.to_integer(qmodel)
     log(f"  hessq quantize + to_integer: {time.time() - start:.1f}s")
     paths = {"ONNX Runtime FP32": fp32_path, "ONNX Runtime int8 (quantize_static)": ortq_path}

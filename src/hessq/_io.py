@@ -97,7 +97,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # --- checksums --------------------------------------------------------------------------

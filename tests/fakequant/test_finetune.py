@@ -36,7 +36,7 @@ def trained():
 
 
 def _fresh_quantized(model):
-    return hessq.quantize(model, (2, 4), digits("train").take(4), first_last_bits=None)
+    return hessq.quantize(model, (2, 4), digits("train").take(4), pin_first_last=None)
 
 
 def _weights(q):
@@ -170,7 +170,7 @@ BAD_INPUTS = {
 
 @pytest.fixture(scope="module")
 def tiny_quantized():
-    return hessq.quantize(tiny_net().eval(), 4, [(GOOD_X, GOOD_Y)], first_last_bits=None)
+    return hessq.quantize(tiny_net().eval(), 4, [(GOOD_X, GOOD_Y)], pin_first_last=None)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -47,7 +47,7 @@ def _one_thread():
 def quantized():
     model = tiny_net().eval()
     calib = [(torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)), None)]
-    return {bits: hessq.quantize(model, bits, calib, first_last_bits=None) for bits in (4, 8)}
+    return {bits: hessq.quantize(model, bits, calib, pin_first_last=None) for bits in (4, 8)}
 
 
 def _fresh(quantized, bits=4):
