@@ -100,6 +100,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 QAT steps, 1,000 test images, few repeats")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--resume", action="store_true", help=f"reuse the rows finished by an interrupted run ({PARTIAL})")
+    ap.add_argument("--settings", default=None,
+                    help="comma-separated rows to run besides FP32, e.g. W8A8,W4A4 (a check after a change; default: all)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -134,8 +136,14 @@ def main() -> int:
              {"setting": "W4A8", "wa": "4/8 (first, last 8/8)", "plan": 4},
              {"setting": "W4A4", "wa": "4/4 (first, last 8/8)", "plan": (4, 4)}]
     specs += [{**m, "wa": "4/8 mixed"} for m in mixed_plans(model, sens, table)]
+    if args.settings:
+        wanted = [name.strip() for name in args.settings.split(",")]
+        unknown = [name for name in wanted if name not in {s["setting"] for s in specs}]
+        if unknown:
+            ap.error(f"--settings: no row named {unknown}; the rows are {[s['setting'] for s in specs]}")
+        specs = [s for s in specs if s["setting"] in wanted]
 
-    config = {"quick": args.quick, "qat_epochs": args.qat_epochs, "qat_steps": qat_steps}
+    config = {"quick": args.quick, "qat_epochs": args.qat_epochs, "qat_steps": qat_steps, "settings": args.settings}
     prev: dict[str, dict[str, Any]] = {}
     prev_onnx: dict[str, str] = {}  # the interrupted run's exported files, so that resumed rows get their latency
     if args.resume and PARTIAL.exists():
