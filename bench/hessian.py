@@ -180,7 +180,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rtol", type=float, default=0.05)
     ap.add_argument("--repeats", type=int, default=3, help="hessq runs per model (median)")
-    ap.add_argument("--pyhessian-cap", type=int, default=30, help="samples per layer run for PyHessian before extrapolating")
+    ap.add_argument("--pyhessian-cap", type=int, default=10, help="samples per layer run for PyHessian before extrapolating")
     ap.add_argument("--whole-samples", type=int, default=50)
     ap.add_argument("--out", default=str(RESULTS / "hessian.json"))
     ap.add_argument("--render-only", action="store_true", help="rewrite the .md from an existing --out JSON")

@@ -86,6 +86,17 @@ def test_restricted_every_layer_within_three_stderr():
     assert len({r.extra["samples"] for r in sens.values()}) > 1
 
 
+def test_in_place_activation_after_a_layer():
+    """conv → ReLU(inplace=True): the layer's own output gradient is used, not the ReLU's."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(108, 10), nn.ReLU(inplace=True),
+                          nn.Linear(10, 10)).double().eval()
+    data = batches((20,))
+    exact = {n: float(torch.trace(h)) for n, h in exact_block_hessians(model, data).items()}
+    sens = hessian_sensitivity(model, data, method="exact", eigenvalues=False)
+    _check(sens, exact, "in-place")
+
+
 def test_exact_refuses_layers_it_does_not_hold_for():
     with pytest.raises(hessq.ConfigError, match=r"method='exact'.*layers \['0', '4'\].*method='auto'"):
         hessian_sensitivity(silu_net(), batches((10,)), method="exact", eigenvalues=False)
@@ -149,3 +160,14 @@ def test_per_sample_gradient_norms_match_torch_func(make):
     xt, ut = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(2, 6, 3, dtype=torch.float64)
     want = torch.stack([torch.einsum("to,ti->oi", ut[n], xt[n]).pow(2).sum() for n in range(2)])
     assert torch.allclose(per_sample_sq_norms(tokens, xt, ut.unsqueeze(0), {})[0], want)
+
+
+def test_spectral_density_reports_its_trace_and_precision():
+    """SLQ's first moment is a Hutchinson sample per run: dim·Σwλ, with its standard error over runs."""
+    from hessq.sensitivity import spectral_density
+
+    model, data = mlp(), batches((30,))
+    truth = float(torch.trace(exact_block_hessians(model, data)["4"]))
+    dens = spectral_density(model, data, layer="4", iters=8, n_v=30, seed=0)
+    trace, stderr = dens.trace()
+    assert dens.dim == 96 and 0 < stderr <= 0.3 * abs(truth) and abs(trace - truth) <= 3 * stderr

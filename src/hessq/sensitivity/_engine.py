@@ -254,9 +254,9 @@ def hessian_sensitivity(
         time_budget = check_number(time_budget, "time_budget", low=0, strict=True)
     rank, world = D.rank_and_world(group)
     show = progress and rank == 0
-    budget = T.Budget(time_budget, group)
     with _EvalMode(model):
         op, chosen, count = _operator(model, batches, loss_fn, layers, group, cache, activations)
+        budget = T.Budget(time_budget, group, op.device)
         names, modules = list(chosen), list(chosen.values())
         traces, stopped, passes, acts, act_numel, reason = _layer_traces(
             op, modules, names, method, rtol=rtol, max_samples=max_samples, min_samples=min_samples, seed=seed,

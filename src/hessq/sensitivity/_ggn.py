@@ -31,6 +31,9 @@ from hessq.sensitivity._hvp import batch_size, rademacher, run_model, sub_genera
 
 #: Outputs per sample up to which the output Hessian is decomposed (K×K eigh per sample).
 MAX_OUTPUTS = 256
+#: Output gradients of several directions are stacked up to this many elements per layer, so that the
+#: per-sample gradients of all of them come from one batched product (a small layer's alone is inefficient).
+STACK_ELEMENTS = 1 << 24
 
 
 class OutputHessian:
@@ -162,6 +165,7 @@ class GGNTraces:
         def hook(i):
             def fn(module, args, output):
                 acts[i], outs[i] = args[0].detach(), output
+                return output.clone()  # what follows may work in place (ReLU(inplace=True)): keep this one intact
             return fn
 
         handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
@@ -194,15 +198,25 @@ class GGNTraces:
         weight = float(batch_size(batch[0]))
         total = torch.zeros(len(self.modules), dtype=torch.float64, device=self.device)
         caches: list[dict] = [{} for _ in self.modules]
+        pending: list[list] = [[] for _ in self.modules]  # (δ, sign) per layer, stacked into one product
         dirs = directions(hout)
+
+        def flush(i: int) -> None:
+            sq = per_sample_sq_norms(self.modules[i], acts[i], torch.stack([dl for dl, _ in pending[i]]), caches[i], len(dirs))
+            total[i] += weight * (sq.double() * torch.stack([s for _, s in pending[i]]).double()).sum()
+            pending[i].clear()
+
         for k, (u, sign) in enumerate(dirs):
             deltas = torch.autograd.grad(f, outs, u.to(f.dtype), retain_graph=self.cache or k < len(dirs) - 1, allow_unused=True)
             self.backward_passes += 1
-            for i, (m, a, dl) in enumerate(zip(self.modules, acts, deltas)):
-                if dl is None:
-                    continue
-                sq = per_sample_sq_norms(m, a, dl.unsqueeze(0), caches[i], len(dirs))[0]
-                total[i] += weight * torch.dot(sq.double(), sign.to(torch.float64))
+            for i, dl in enumerate(deltas):
+                if dl is not None:
+                    pending[i].append((dl, sign))
+                    if len(pending[i]) * dl.numel() >= STACK_ELEMENTS:
+                        flush(i)
+        for i in range(len(self.modules)):
+            if pending[i]:
+                flush(i)
         return total
 
 

@@ -47,14 +47,14 @@ class LayerTrace:
 class Budget:
     """Stops sampling once ``seconds`` have passed; every rank stops at the same draw."""
 
-    def __init__(self, seconds: float | None, group=None) -> None:
+    def __init__(self, seconds: float | None, group=None, device: torch.device | str = "cpu") -> None:
         self.deadline = None if seconds is None else time.monotonic() + seconds
-        self.group = group
+        self.group, self.device = group, device
 
     def expired(self) -> bool:
         if self.deadline is None:
             return False
-        flag = torch.tensor([float(time.monotonic() > self.deadline)], dtype=torch.float64)
+        flag = torch.tensor([float(time.monotonic() > self.deadline)], dtype=torch.float64, device=self.device)
         return bool(D.all_reduce_sum(flag, self.group).item() > 0) if D.is_distributed(self.group) else bool(flag.item())
 
 
