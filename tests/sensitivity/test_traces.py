@@ -26,7 +26,7 @@ def case(request):
     return request.param, model, data, {n: float(torch.trace(h)) for n, h in exact_block_hessians(model, data).items()}
 
 
-def _check(sens, exact, name):
+def _check(sens, exact, name, rtol=0.1):
     """Exact records equal the exact trace within 1e-4; sampled ones lie within 3 of their standard errors."""
     for layer, truth in exact.items():
         rec = sens[layer]
@@ -36,7 +36,7 @@ def _check(sens, exact, name):
             # unbiased: within 3 standard errors (plus float rounding: the sampled Gauss-Newton trace of
             # a last Linear layer is the same on every draw, ‖a_n‖²·Tr(H_n), so its spread is rounding)
             assert abs(rec.trace - truth) <= 3 * rec.trace_stderr + 1e-9 * abs(truth), (name, layer, rec, truth)
-            assert rec.trace_stderr <= 0.1 * abs(rec.trace), (name, layer, rec)  # every test asks for rtol <= 0.1
+            assert rec.trace_stderr <= rtol * abs(rec.trace), (name, layer, rec)  # the precision asked for
 
 
 def test_linearity_is_read_off_the_graph(case):
@@ -70,10 +70,10 @@ def test_auto_every_layer_to_its_precision(case):
 def test_sampled_gauss_newton_within_three_stderr():
     model, data = resnet_tiny(), batches((20, 10))
     exact = {n: float(torch.trace(h)) for n, h in exact_block_hessians(model, data).items()}
-    sens = hessian_sensitivity(model, data, method="ggn", rtol=0.1, max_samples=200, eigenvalues=False, seed=1)
+    sens = hessian_sensitivity(model, data, method="ggn", rtol=0.2, max_samples=200, eigenvalues=False, seed=1)
     assert {r.extra["estimator"] for r in sens.values()} == {"ggn"} and sens.meta["converged"]
     assert sens.meta["trace_hvps_per_rank"] == 0  # plain backward passes only
-    _check(sens, exact, "resnet_tiny")
+    _check(sens, exact, "resnet_tiny", rtol=0.2)
 
 
 def test_restricted_every_layer_within_three_stderr():

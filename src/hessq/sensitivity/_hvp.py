@@ -220,23 +220,29 @@ class HessianOperator:
                               "check the batches and the weights for NaN/inf.")
         return acc.cpu()
 
-    def block_trace(self, i: int, chunk: int = 128) -> float:
-        """Σ_j e_jᵀH_iie_j, the exact trace of parameter i's block: one product per weight, ``chunk`` of
-        them at a time in one batched (vmapped) double backward; float64, over all data and ranks."""
+    def block_trace(self, i: int, small: int = 1 << 16) -> float:
+        """Σ_j e_jᵀH_iie_j, the exact trace of parameter i's block: one product per weight; float64, over
+        all data and ranks. On a small batch (at most ``small`` input elements) 128 products at a time go
+        through one batched (vmapped) double backward, several times faster there; on a large one vmap's
+        overhead and memory (every intermediate gets that batch dimension) make it slower, so one at a time."""
         p, n = self.params[i], self.params[i].numel()
         acc = torch.zeros(1, dtype=torch.float64, device=self.device)
         for index, batch in self.batches:
+            chunk = 128 if _numel(batch[0]) <= small else 1
             (g,), _, _ = self._grads(index, batch, [i])
             for start in range(0, n, chunk):
                 idx = torch.arange(start, min(start + chunk, n), device=p.device)
                 e = torch.zeros(len(idx), n, dtype=p.dtype, device=p.device)
                 e[torch.arange(len(idx)), idx] = 1
-                self.hvp_count += len(idx)
-                try:
-                    (h,) = torch.autograd.grad(g, p, e.reshape(len(idx), *p.shape), retain_graph=True, is_grads_batched=True)
-                except RuntimeError:  # an op without a batching rule: one product at a time
+                h = None
+                if chunk > 1:
+                    try:
+                        (h,) = torch.autograd.grad(g, p, e.reshape(len(idx), *p.shape), retain_graph=True, is_grads_batched=True)
+                        self.hvp_count += len(idx)
+                    except RuntimeError:  # an op without a batching rule
+                        h = None
+                if h is None:
                     h = torch.stack([self._second([g], [p], [v.reshape(p.shape)], retain=True)[0] for v in e])
-                    self.hvp_count -= len(idx)
                 acc += float(batch_size(batch[0])) * h.reshape(len(idx), n)[torch.arange(len(idx)), idx].double().sum()
         D.all_reduce_sum(acc, self.group)
         return float(acc / self.num_data)
@@ -261,6 +267,13 @@ class HessianOperator:
                 a += float(batch_size(batch[0])) * h.reshape(-1).double()
         flat = D.all_reduce_sum(torch.cat(acc), self.group) / self.num_data
         return list(flat.split([p.numel() for p in self.params]))
+
+
+def _numel(inputs: Any) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.numel()
+    items = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (list, tuple)) else []
+    return sum(_numel(x) for x in items)
 
 
 def rademacher(shape: torch.Size, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from hessq._errors import ConfigError
 from hessq._utils import move_to
 from hessq.sensitivity import _distributed as D
 from hessq.sensitivity._ggn import GGNTraces, MAX_OUTPUTS, draw_generator, ggn_supported, separable_output
-from hessq.sensitivity._hvp import HessianOperator, rademacher, run_model, sub_generator
+from hessq.sensitivity._hvp import HessianOperator, rademacher, sub_generator
 from hessq.sensitivity._linearity import linear_in
 
 METHODS = ("auto", "exact", "ggn", "restricted", "hutchinson")
