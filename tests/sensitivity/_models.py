@@ -39,6 +39,44 @@ def convnet() -> nn.Module:
     return m.double().eval()
 
 
+class TinyResNet(nn.Module):
+    """Piecewise linear: conv, BN (eval), ReLU, a residual add, max-pool, a strided conv and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.pool = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6 * 2 * 2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(h + self.bn2(self.conv2(h)))
+        h = torch.nn.functional.relu6(self.conv3(self.pool(h)))
+        return self.fc(h.flatten(1))
+
+
+def resnet_tiny() -> nn.Module:
+    torch.manual_seed(2)
+    m = TinyResNet()
+    with torch.no_grad():
+        for bn in (m.bn1, m.bn2):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+    return m.double().eval()
+
+
+def silu_net() -> nn.Module:
+    """Smooth non-linearities (SiLU, GELU) after the first two layers: only the last is linear in the output."""
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(64, 12), nn.GELU(), nn.Linear(12, 10)
+    ).double().eval()
+
+
 def batches(sizes=(40, 20)) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive digits batches of the given (unequal) sizes, float64."""
     data = digits("train", batch_size=sum(sizes), shuffle=False)

@@ -65,6 +65,9 @@ def test_two_gloo_processes_equal_single_process(tmp_path):
     assert both["sens"]["meta"].pop("world_size") == 2
     assert single["sens"]["meta"].pop("world_size") == 1
     assert single["sens"]["meta"]["num_batches"] == 3
-    # per-rank HVP counts differ by construction (2 batches vs 1); the products do not
-    both["sens"]["meta"].pop("trace_hvps_per_rank"); single["sens"]["meta"].pop("trace_hvps_per_rank")
+    # per-rank HVP and backward-pass counts differ by construction (2 batches vs 1); the products do not
+    for key in ("trace_hvps_per_rank", "backward_passes_per_rank"):
+        both["sens"]["meta"].pop(key); single["sens"]["meta"].pop(key)
+    # both estimators ran: Gauss-Newton (exact) for fc, restricted HVPs for the convs behind tanh
+    assert single["sens"]["meta"]["estimators"] == {"restricted": 2, "ggn-exact": 1}
     _close(single, both)

@@ -71,8 +71,31 @@ def _sensitivity_figure(sens: Sensitivity) -> str:
                                        "per-layer sensitivity (ZeroQ KL, one layer quantized at a time)")
     values = [sens[n].trace / max(sens[n].num_params, 1) for n in names]
     errors = [sens[n].trace_stderr / max(sens[n].num_params, 1) for n in names]
+    exact = [sens[n].trace_stderr == 0 for n in names]
     return _plots.sensitivity_bars(names, values, errors, "Tr(H) / n  (± standard error)",
-                                   "per-layer sensitivity (Hutchinson trace of each layer's Hessian block)")
+                                   "per-layer sensitivity (trace of each layer's Hessian block)", exact=exact)
+
+
+def _sensitivity_precision(sens: Sensitivity) -> str:
+    """Each layer's trace ± its standard error, the estimator and the precision reached, as a table."""
+    if is_kl_sensitivity(sens):
+        return ""
+    m = sens.meta
+    exact = sum(r.trace_stderr == 0 for r in sens.values())
+    head = (f"<p class=note>Error bars: ± 1 standard error of each layer's trace; {exact} of {len(sens)} layers exact. "
+            + (f"Target relative standard error (rtol) {_num(m.get('rtol'), '.3g')}: "
+               + ("every layer reached it." if m.get("converged") else
+                  f"<b>not reached</b> by {_esc(', '.join(m.get('short_layers') or []) or 'some layers')}.")
+               if "rtol" in m else "") + "</p>")
+    out = [head, "<table><tr><th>layer</th><th>estimator</th><th>Tr(H)</th><th>± standard error</th>"
+                 "<th>relative</th><th>samples</th></tr>"]
+    for name, r in sens.items():
+        rel = r.trace_stderr / abs(r.trace) if r.trace else None
+        out.append(f"<tr><td>{_esc(name)}</td><td>{_esc(r.extra.get('estimator', ''))}</td>"
+                   f"<td class=num>{_num(r.trace, '.4g')}</td><td class=num>{_num(r.trace_stderr, '.3g')}</td>"
+                   f"<td class=num>{_num(rel, '.1%')}</td><td class=num>{_num(r.extra.get('samples'), 'd')}</td></tr>")
+    out.append("</table>")
+    return "\n".join(out)
 
 
 def _plan_table(plan: BitPlan) -> str:
@@ -126,7 +149,8 @@ def render_report(
     parts += [f"<p class=note>{_esc(n)}</p>" for n in notes]
     if sensitivity is not None:
         parts += ["<h2>Per-layer sensitivity</h2>",
-                  f"<img id=sensitivity alt='per-layer sensitivity' src='{_sensitivity_figure(sensitivity)}'>"]
+                  f"<img id=sensitivity alt='per-layer sensitivity' src='{_sensitivity_figure(sensitivity)}'>",
+                  _sensitivity_precision(sensitivity)]
     if frontier is not None:
         chosen_point = None
         if plan is not None and plan.size_bytes is not None and plan.omega is not None:

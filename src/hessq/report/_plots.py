@@ -46,19 +46,35 @@ def _layer_axis(ax, names: Sequence[str]) -> None:
     ax.set_xlim(-0.6, len(names) - 0.4)
 
 
+def error_bar_limits(values: Sequence[float], errors: Sequence[float], log: bool) -> list[list[float]]:
+    """[lower, upper] bar lengths for ``values`` ± ``errors``; on a log axis the lower one stops short of zero."""
+    lower = [min(e, 0.95 * v) if log else e for v, e in zip(values, errors)]
+    return [lower, list(errors)]
+
+
 def sensitivity_bars(names: Sequence[str], values: Sequence[float], errors: Sequence[float] | None, ylabel: str,
-                     title: str) -> str:
-    """Per-layer sensitivity as bars in network order (log scale when it spans decades)."""
+                     title: str, exact: Sequence[bool] | None = None) -> str:
+    """Per-layer sensitivity as bars in network order (log scale when it spans decades), each with its
+    ± standard-error bar; layers whose value is exact (``exact``) are marked instead."""
     fig = _figure(max(6.0, 0.32 * len(names) + 2), 3.6)
     ax = fig.subplots()
     positive = [v for v in values if v > 0]
-    ax.bar(range(len(names)), values, yerr=errors, color="#4575b4", ecolor="#222", capsize=2)
-    if positive and max(positive) / min(positive) > 100 and len(positive) == len(values):
+    log = bool(positive) and max(positive) / min(positive) > 100 and len(positive) == len(values)
+    yerr = error_bar_limits(values, errors, log) if errors is not None else None
+    ax.bar(range(len(names)), values, yerr=yerr, color="#4575b4", ecolor="#222", capsize=2,
+           label="± 1 standard error" if errors is not None else None)
+    if exact is not None and any(exact):
+        xs = [i for i, e in enumerate(exact) if e]
+        ax.plot(xs, [values[i] for i in xs], "_", color="#d73027", markersize=9, markeredgewidth=2,
+                label="exact (standard error 0)")
+    if log:
         ax.set_yscale("log")
     _layer_axis(ax, names)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
+    if errors is not None or (exact is not None and any(exact)):
+        ax.legend(fontsize=8)
     return to_data_uri(fig)
 
 

@@ -12,10 +12,20 @@ from scipy.linalg import eigh_tridiagonal
 
 @dataclass
 class SpectralDensity:
-    """Ritz values (``eigenvalues``) and quadrature weights of each SLQ run (one list per run)."""
+    """Ritz values (``eigenvalues``) and quadrature weights of each SLQ run (one list per run), and the
+    operator's size ``dim``."""
 
     eigenvalues: list[list[float]]
     weights: list[list[float]]
+    dim: int | None = None
+
+    def trace(self) -> tuple[float, float]:
+        """Tr(H) from the runs, dim·Σ wλ each (a Hutchinson sample, since v is Rademacher), and its standard error
+        (inf with one run): the precision the density's scale is known to."""
+        if self.dim is None:
+            raise ValueError("this density does not know the operator's size (dim)")
+        x = np.array([self.dim * float(np.dot(w, e)) for e, w in zip(self.eigenvalues, self.weights)])
+        return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("inf")
 
     def density(self, grid: np.ndarray | None = None, sigma: float | None = None, num: int = 1000) -> tuple[np.ndarray, np.ndarray]:
         """The density smoothed by Gaussians of width ``sigma`` on ``grid``; integrates to about 1."""
@@ -33,7 +43,7 @@ class SpectralDensity:
         return grid, dens / len(self.eigenvalues)
 
     def to_dict(self) -> dict:
-        return {"eigenvalues": self.eigenvalues, "weights": self.weights}
+        return {"eigenvalues": self.eigenvalues, "weights": self.weights, "dim": self.dim}
 
 
 def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, iters: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,4 +77,4 @@ def slq(matvec, n: int, *, iters: int, n_v: int, generator: torch.Generator, dev
             vals, vecs = eigh_tridiagonal(a, b[: len(a) - 1])
         eigs.append(vals.tolist())
         weights.append((vecs[0, :] ** 2).tolist())
-    return SpectralDensity(eigs, weights)
+    return SpectralDensity(eigs, weights, n)

@@ -8,8 +8,10 @@ product (one cheap forward of the first batch included), so a mistake is one cle
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+import warnings
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,7 @@ from hessq._errors import ConfigError, ConfigTypeError, HessqError, InputDataErr
 from hessq._utils import move_to
 from hessq.graph import quantizable_layers
 from hessq.sensitivity import _distributed as D
+from hessq.sensitivity import _traces as T
 from hessq.sensitivity._density import SpectralDensity, slq
 from hessq.sensitivity._eigen import power_iteration
 from hessq.sensitivity._hutchinson import TraceEstimate, hutchinson
@@ -192,9 +195,11 @@ def hessian_sensitivity(
     loss_fn: LossFn | None = None,
     *,
     layers: Sequence[str] | None = None,
+    method: str = "auto",
     rtol: float = 0.05,
     max_samples: int = 200,
     min_samples: int | None = None,
+    time_budget: float | None = None,
     seed: int = 0,
     eigenvalues: bool = True,
     top_k: int = 1,
@@ -210,16 +215,29 @@ def hessian_sensitivity(
 
     ``batches`` is one ``(inputs, targets)`` batch or an iterable of them; ``loss_fn(output,
     targets)`` returns the batch's mean loss (default cross-entropy). The Hessian is that of
-    the size-weighted mean loss over all batches, in eval mode. Traces come from Hutchinson
-    samples shared by all layers (one HVP per sample and batch), drawn until every layer's
-    standard error is at most ``rtol``·|trace| or ``max_samples``. With ``eigenvalues`` each
-    layer's top eigenvalue (``top_k`` of them in ``extra["top_eigenvalues"]``) comes by power
-    iteration on its block; ``qbert`` adds Q-BERT's |mean λ| + std λ over the batches;
-    ``activations`` adds HAWQ-V2's trace with respect to each layer's input activation. Under
-    torch.distributed the batches are split over the ranks (round robin) and the products
-    summed; the result equals a single-process run on the same batches and seed.
-    ``layers`` restricts the analysis to those layer names. ``min_samples`` defaults to 10, or
-    ``max_samples`` when that is smaller.
+    the size-weighted mean loss over all batches, in eval mode. Every layer's trace Tr(H_ll) comes
+    to relative standard error ≤ ``rtol``, or exact, by the estimator its model allows (``method``):
+
+    * ``"auto"``: layers the output is linear in (piecewise-linear nets: ReLU, ReLU6, max-pool,
+      BN in eval mode, residual adds) get their Gauss-Newton block's trace, which equals the
+      Hessian block's: exact (standard error 0) from one plain backward pass per output of the
+      model (``"exact"``), or sampled when it has more than 32 outputs (``"ggn"``); every other
+      layer gets Hutchinson on its own block (``"restricted"``), drawn until its standard error
+      is at most ``rtol``·|trace|;
+    * ``"exact"``/``"ggn"``: the Gauss-Newton route for every layer (a ConfigError names the layers
+      it does not hold for); ``"restricted"``: per-layer Hutchinson for every layer;
+      ``"hutchinson"``: one shared Rademacher vector per HVP read per layer (the former engine).
+
+    Sampling stops at ``max_samples`` draws or after ``time_budget`` seconds; a UserWarning then
+    names the layers short of ``rtol``. ``meta["converged"]`` says whether all reached it; each
+    record's ``extra`` holds its ``estimator`` and ``samples``. With ``eigenvalues`` each layer's
+    top eigenvalue (``top_k`` of them in ``extra["top_eigenvalues"]``) comes by power iteration on
+    its block (``extra["eigen_converged"]``: relative change ≤ ``eig_tol`` before ``eig_max_iter``);
+    ``qbert`` adds Q-BERT's |mean λ| + std λ over the batches; ``activations`` adds HAWQ-V2's
+    trace with respect to each layer's input activation (shared-vector Hutchinson). Under
+    torch.distributed the batches are split over the ranks (round robin) and the products summed;
+    the result equals a single-process run on the same batches and seed. ``layers`` restricts the
+    analysis to those layer names. ``min_samples`` defaults to 10, or ``max_samples`` when smaller.
 
     ``batches`` is read once, at the start, and kept in memory for every product: a generator
     or one-shot iterator is accepted (what it yields is what is analysed). Arguments, the model
@@ -230,24 +248,31 @@ def hessian_sensitivity(
     rtol, max_samples, min_samples = _sample_counts(rtol, max_samples, min_samples)
     top_k, eig_max_iter = check_int(top_k, "top_k", low=1), check_int(eig_max_iter, "eig_max_iter", low=1)
     eig_tol, seed = check_number(eig_tol, "eig_tol", low=0), check_int(seed, "seed", low=0)
+    if method not in T.METHODS:
+        raise ConfigError(f"method must be one of {list(T.METHODS)}, got {method!r}")
+    if time_budget is not None:
+        time_budget = check_number(time_budget, "time_budget", low=0, strict=True)
     rank, world = D.rank_and_world(group)
     show = progress and rank == 0
     with _EvalMode(model):
         op, chosen, count = _operator(model, batches, loss_fn, layers, group, cache, activations)
-        names = list(chosen)
-        per, total, acts, act_numel = hutchinson(
-            op, rtol=rtol, max_samples=max_samples, min_samples=min_samples, seed=seed, activations=activations, progress=show
-        )
+        budget = T.Budget(time_budget, group, op.device)
+        names, modules = list(chosen), list(chosen.values())
+        traces, stopped, passes, acts, act_numel, reason = _layer_traces(
+            op, modules, names, method, rtol=rtol, max_samples=max_samples, min_samples=min_samples, seed=seed,
+            budget=budget, activations=activations, show=show)
         trace_hvps = op.hvp_count
-        extras: dict[str, dict[str, Any]] = {n: {} for n in names}
+        extras: dict[str, dict[str, Any]] = {n: {"estimator": t.estimator, "samples": t.samples} for n, t in zip(names, traces)}
         tops: dict[str, float | None] = {n: None for n in names}
+        eigen_ok = None
         if eigenvalues:
             eig = _block_eigenvalues(op, range(len(names)), top_k, eig_max_iter, eig_tol, seed, show)
-            for n, (vals, iters) in zip(names, eig):
+            for n, (vals, iters, ok) in zip(names, eig):
                 tops[n] = vals[0]
-                extras[n]["eigen_hvps"] = iters
+                extras[n].update(eigen_hvps=iters, eigen_converged=ok)
                 if top_k > 1:
                     extras[n]["top_eigenvalues"] = vals
+            eigen_ok = all(ok for _, _, ok in eig)
         if qbert:
             for n, (score, lams) in zip(names, _qbert(op, eig_max_iter, eig_tol, seed, count, show)):
                 extras[n].update(qbert=score, qbert_eigenvalues=lams)
@@ -256,35 +281,84 @@ def hessian_sensitivity(
                 activation_trace=acts[n].trace, activation_trace_stderr=acts[n].stderr, activation_numel=int(round(act_numel[n]))
             )
     records = {
-        n: LayerSensitivity(per[i].trace, per[i].stderr, tops[n], chosen[n].weight.numel(), extras[n]) for i, n in enumerate(names)
+        n: LayerSensitivity(t.trace, t.stderr, tops[n], chosen[n].weight.numel(), extras[n]) for n, t in zip(names, traces)
     }
+    short = [n for n, t in zip(names, traces) if not t.stderr <= rtol * abs(t.trace)]
+    if short:
+        rel = ", ".join(f"{n} {records[n].trace_stderr / max(abs(records[n].trace), 1e-300):.1%}" for n in short[:8])
+        warnings.warn(
+            f"hessian_sensitivity stopped at {stopped or 'max_samples'} before {len(short)} of {len(names)} layers "
+            f"reached rtol={rtol:g} (relative standard error: {rel}{', ...' if len(short) > 8 else ''}); raise max_samples"
+            f"{' or time_budget' if time_budget is not None else ''}, or loosen rtol", stacklevel=2)
     signature = model_signature(model)  # the whole model's, so check_model() accepts it with layers= too
+    estimators = [t.estimator for t in traces]
     meta = {
-        "method": "hutchinson",
-        "samples": total.samples,
-        "converged": bool(all(p.stderr <= rtol * abs(p.trace) for p in per)),
+        "method": method,
+        "estimators": {e: estimators.count(e) for e in dict.fromkeys(estimators)},
+        "samples": max(t.samples for t in traces),
+        "converged": not short,
+        "short_layers": short,
+        "stopped_by": stopped if short else None,
         "rtol": rtol,
         "max_samples": max_samples,
+        "time_budget": time_budget,
         "seed": seed,
         "num_batches": count,
         "num_data": int(op.num_data),
         "world_size": world,
-        "trace_total": total.trace,
-        "trace_total_stderr": total.stderr,
+        "trace_total": float(sum(t.trace for t in traces)),
+        "trace_total_stderr": float(np.sqrt(sum(t.stderr**2 for t in traces))),
         "trace_hvps_per_rank": trace_hvps,
+        "backward_passes_per_rank": passes,
         "eigenvalues": eigenvalues,
+        "eigen_converged": eigen_ok,
         "top_k": top_k if eigenvalues else 0,
         "activations": activations,
         "qbert": qbert,
     }
+    if reason is not None:
+        meta["ggn_unavailable"] = reason
     return Sensitivity(records, signature, meta)
 
 
-def _block_eigenvalues(op: HessianOperator, indices, k, max_iter, tol, seed, show) -> list[tuple[list[float], int]]:
+def _layer_traces(op: HessianOperator, modules, names, method, *, rtol, max_samples, min_samples, seed, budget, activations, show):
+    """Each layer's trace by its estimator: (traces, what stopped sampling, GGN backward passes, activation traces)."""
+    kw = dict(rtol=rtol, max_samples=max_samples, min_samples=min_samples, seed=seed, progress=show)
+    acts, act_numel, reason, passes, stops = {}, {}, None, 0, []
+    if method == "hutchinson" or activations:  # one shared vector per HVP; HAWQ-V2's activation blocks ride along
+        per, _, acts, act_numel = hutchinson(op, activations=activations, **kw, deadline=budget)
+        traces = [T.LayerTrace(p.trace, p.stderr, p.samples, "hutchinson") for p in per]
+        if method == "hutchinson":
+            stop = None if all(p.stderr <= rtol * abs(p.trace) for p in per) else ("time_budget" if budget.expired() else "max_samples")
+            return traces, stop, 0, acts, act_numel, None
+    eligible, outputs, first = [False] * len(names), T.MAX_OUTPUTS + 1, None
+    if method != "restricted":
+        eligible, reason, outputs, first = T.ggn_eligible(op, modules, op.group)
+    plan = T.choose(method, eligible, names, reason, outputs)
+    traces: list[T.LayerTrace | None] = [None] * len(names)
+    ggn = [i for i, e in enumerate(plan) if e.startswith("ggn")]
+    if ggn:
+        got, stop, passes = T.ggn_traces(op, modules, ggn, exact=plan[ggn[0]] == "ggn-exact", budget=budget, first=first, **kw)
+        stops.append(stop)
+        for i, t in zip(ggn, got):
+            traces[i] = t
+    del first  # the first batch's forward graph
+    rest = [i for i, e in enumerate(plan) if e == "restricted"]
+    if rest:
+        got, stop = T.restricted_traces(op, rest, budget=budget, **kw)
+        stops.append(stop)
+        for i, t in zip(rest, got):
+            traces[i] = t
+    return traces, next((s for s in stops if s), None), passes, acts, act_numel, reason
+
+
+def _block_eigenvalues(op: HessianOperator, indices, k, max_iter, tol, seed, show) -> list[tuple[list[float], int, bool]]:
+    """(top k eigenvalues, HVPs used, converged within ``tol``) per layer."""
     out = []
     for i in tqdm(list(indices), desc="Top eigenvalues", unit="layer", disable=not show, leave=False):
         gen = sub_generator(seed, 0xE16E, i)
-        out.append(power_iteration(lambda v, i=i: op.block_hvp(i, v), op.params[i].numel(), k=k, max_iter=max_iter, tol=tol, generator=gen, device=op.device))
+        out.append(power_iteration(lambda v, i=i: op.block_hvp(i, v), op.params[i].numel(), k=k, max_iter=max_iter, tol=tol,
+                                   generator=gen, device=op.device, report=True))
     return out
 
 
@@ -367,7 +441,7 @@ def top_eigenvalues(
     with _EvalMode(model):
         op, chosen, _ = _operator(model, batches, loss_fn, layers, group, cache)
         eig = _block_eigenvalues(op, range(len(chosen)), k, max_iter, tol, seed, progress and D.rank_and_world(group)[0] == 0)
-    return {n: vals for n, (vals, _) in zip(chosen, eig)}
+    return {n: vals for n, (vals, _, _) in zip(chosen, eig)}
 
 
 def spectral_density(

@@ -44,10 +44,12 @@ def hutchinson(
     activations: bool = False,
     stop_on_total: bool = False,
     progress: bool = False,
+    deadline=None,
 ) -> tuple[list[TraceEstimate], TraceEstimate, dict[str, TraceEstimate], dict[str, float]]:
     """Per-parameter traces, the total over the parameters, and per-layer activation traces.
 
-    With ``stop_on_total`` the stopping rule looks at the total's standard error only.
+    With ``stop_on_total`` the stopping rule looks at the total's standard error only; ``deadline``
+    (an object with ``expired()``) stops it early.
     """
     if max_samples < 1:
         raise ConfigError(f"max_samples must be >= 1, got {max_samples}")
@@ -77,6 +79,8 @@ def hutchinson(
                 bar.set_postfix(rel_stderr=f"{rel:.3g}", target=rtol)
                 if np.all(se <= rtol * np.abs(m)):
                     break
+            if deadline is not None and deadline.expired():
+                break
     finally:
         bar.close()
     x = np.stack(rows)

@@ -150,7 +150,7 @@ class HessianOperator:
                 "layers' weights have requires_grad=True."
             )
 
-    def _second(self, outputs: list, inputs: list, vectors: list) -> list[torch.Tensor]:
+    def _second(self, outputs: list, inputs: list, vectors: list, retain: bool = False) -> list[torch.Tensor]:
         """One double-backward pass: d(Σ gᵢ·vᵢ)/d inputs; missing second derivatives are zero."""
         keep = [j for j, g in enumerate(outputs) if g is not None and g.requires_grad]
         self.hvp_count += 1
@@ -159,7 +159,7 @@ class HessianOperator:
         try:
             hv = torch.autograd.grad(
                 [outputs[j] for j in keep], inputs, grad_outputs=[vectors[j] for j in keep],
-                retain_graph=self.cache, allow_unused=True,
+                retain_graph=self.cache or retain, allow_unused=True,
             )
         except RuntimeError as exc:  # NotImplementedError is a RuntimeError
             raise double_backward_error(exc, self.model, self.params, self.names, self.batches[0][1], self.loss_fn, self.device) from exc
@@ -199,6 +199,54 @@ class HessianOperator:
         act = {n: (float(acc[len(self.params) + 2 * k]), float(acc[len(self.params) + 2 * k + 1])) for k, n in enumerate(act_names)}
         return dots, act
 
+    def block_dots(self, indices: Sequence[int], vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """vᵢᵀHᵢᵢvᵢ for each parameter i in ``indices``, each from a double backward restricted to its block.
+
+        No cross-block terms: the sample's variance is that of the layer's own block (PyHessian per
+        layer), while the first-order graph of each batch is built once for all of them.
+        Float64, over all data and ranks.
+        """
+        acc = torch.zeros(len(indices), dtype=torch.float64, device=self.device)
+        for index, batch in self.batches:
+            grads, _, _ = self._grads(index, batch, list(indices))
+            w = float(batch_size(batch[0]))
+            for k, (i, v) in enumerate(zip(indices, vectors)):
+                (h,) = self._second([grads[k]], [self.params[i]], [v], retain=k < len(indices) - 1)
+                acc[k] += w * torch.dot(v.reshape(-1).double(), h.reshape(-1).double())
+        D.all_reduce_sum(acc, self.group)
+        acc /= self.num_data
+        if not torch.isfinite(acc).all():
+            raise ConfigError("the Hessian-vector product is not finite although the loss is: the gradients overflow; "
+                              "check the batches and the weights for NaN/inf.")
+        return acc.cpu()
+
+    def block_trace(self, i: int, small: int = 1 << 16) -> float:
+        """Σ_j e_jᵀH_iie_j, the exact trace of parameter i's block: one product per weight; float64, over
+        all data and ranks. On a small batch (at most ``small`` input elements) 128 products at a time go
+        through one batched (vmapped) double backward, several times faster there; on a large one vmap's
+        overhead and memory (every intermediate gets that batch dimension) make it slower, so one at a time."""
+        p, n = self.params[i], self.params[i].numel()
+        acc = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for index, batch in self.batches:
+            chunk = 128 if _numel(batch[0]) <= small else 1
+            (g,), _, _ = self._grads(index, batch, [i])
+            for start in range(0, n, chunk):
+                idx = torch.arange(start, min(start + chunk, n), device=p.device)
+                e = torch.zeros(len(idx), n, dtype=p.dtype, device=p.device)
+                e[torch.arange(len(idx)), idx] = 1
+                h = None
+                if chunk > 1:
+                    try:
+                        (h,) = torch.autograd.grad(g, p, e.reshape(len(idx), *p.shape), retain_graph=True, is_grads_batched=True)
+                        self.hvp_count += len(idx)
+                    except RuntimeError:  # an op without a batching rule
+                        h = None
+                if h is None:
+                    h = torch.stack([self._second([g], [p], [v.reshape(p.shape)], retain=True)[0] for v in e])
+                acc += float(batch_size(batch[0])) * h.reshape(len(idx), n)[torch.arange(len(idx)), idx].double().sum()
+        D.all_reduce_sum(acc, self.group)
+        return float(acc / self.num_data)
+
     def block_hvp(self, i: int, v: torch.Tensor) -> torch.Tensor:
         """Hᵢᵢv for the diagonal block of parameter i (float64 on the model's device, over all data)."""
         acc = torch.zeros(v.numel(), dtype=torch.float64, device=self.device)
@@ -219,6 +267,13 @@ class HessianOperator:
                 a += float(batch_size(batch[0])) * h.reshape(-1).double()
         flat = D.all_reduce_sum(torch.cat(acc), self.group) / self.num_data
         return list(flat.split([p.numel() for p in self.params]))
+
+
+def _numel(inputs: Any) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.numel()
+    items = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (list, tuple)) else []
+    return sum(_numel(x) for x in items)
 
 
 def rademacher(shape: torch.Size, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:

@@ -59,10 +59,11 @@ def _layer_record(name: str, rec: Any, source: str) -> "LayerSensitivity":
 class LayerSensitivity:
     """How much one layer minds quantization.
 
-    ``trace`` is Tr(H_i) of the layer's weight Hessian block (Hutchinson estimate) and
-    ``trace_stderr`` its standard error; ``top_eigenvalue`` is λ_max of that block when
-    computed; ``num_params`` is n_i. ``extra`` holds optional figures (e.g. top-k
-    eigenvalues, activation traces, KL per bit width) as plain JSON values.
+    ``trace`` is Tr(H_i) of the layer's weight Hessian block and ``trace_stderr`` its standard
+    error (0 when exact; ``extra["estimator"]`` says how it was computed and ``extra["samples"]``
+    from how many draws); ``top_eigenvalue`` is λ_max of that block when computed; ``num_params``
+    is n_i. ``extra`` holds optional figures (e.g. top-k eigenvalues, activation traces, KL per
+    bit width) as plain JSON values.
     """
 
     trace: float
