@@ -273,8 +273,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], fp32: float) -> s
             f"{meta['threads']} threads.",
             "- Mixed rows: ILP (`plan_bits`, weights 4 or 8, activations 8, first/last layer pinned to 8, residual "
             "shortcuts tied to their block) under the limit `Relative(f)`: lowest + f·(highest − lowest).",
-            f"- Sensitivity: Hutchinson traces, {s.get('source')}, {s.get('images', s.get('num_data'))} training images, "
-            f"{s.get('samples')} samples.",
+            f"- Sensitivity: `hessq.hessian_sensitivity` (rtol 0.1; exact Gauss-Newton traces where the model is "
+            f"piecewise linear), {s.get('source')}, {s.get('images', s.get('num_data'))} training images.",
             "- Latency limits: " + ("**degenerate on this runtime.** ONNX Runtime's CPU kernels compute every weight "
             "width from 2 to 8 bits as int8, so the measured per-layer table gives W4 and W8 the same latency; the "
             "lowest and highest total latency coincide, every plan meets any latency limit, and the ILP returns the "

@@ -24,6 +24,7 @@ from hessq.cli._common import (
     load_model,
 )
 from hessq.pipeline import SensitivityConfig
+from hessq.sensitivity import TRACE_METHODS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -48,6 +49,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_config_flag(p, "--rtol", SensitivityConfig, "rtol", type=float,
                     help="stop when every layer's trace stderr <= rtol*|trace|")
     add_config_flag(p, "--max-samples", SensitivityConfig, "max_samples", type=int, help="at most this many Hutchinson samples")
+    add_config_flag(p, "--method", SensitivityConfig, "estimator", choices=TRACE_METHODS,
+                    help="how each trace is computed: auto picks exact Gauss-Newton traces where the model allows, "
+                         "per-layer Hutchinson elsewhere")
+    add_config_flag(p, "--time-budget", SensitivityConfig, "time_budget", type=float,
+                    help="stop sampling after this many seconds (a warning names the layers short of --rtol)")
     p.add_argument("--min-samples", type=int, default=None,
                    help="at least this many samples (default 10, or --max-samples when smaller)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random vectors (default 0)")
@@ -104,6 +110,7 @@ def _check_options(args: argparse.Namespace) -> None:
     check_int(args.batches, "--batches", low=1, allow_none=True)
     check_int(args.batch_size, "--batch-size", low=1, allow_none=True)
     check_number(args.rtol, "--rtol", low=0, allow_none=True)
+    check_number(args.time_budget, "--time-budget", low=0, strict=True, allow_none=True)
     check_int(args.max_samples, "--max-samples", low=1, allow_none=True)
     check_int(args.min_samples, "--min-samples", low=1, allow_none=True)
     if args.min_samples is not None and args.min_samples > args.max_samples:
@@ -135,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             model, batches, None,
             layers=args.layers.split(",") if args.layers else None,
             rtol=args.rtol, max_samples=args.max_samples, min_samples=args.min_samples, seed=args.seed,
+            method=args.method, time_budget=args.time_budget,
             eigenvalues=args.eigenvalues, top_k=args.top_k, eig_max_iter=args.eig_max_iter, eig_tol=args.eig_tol,
             qbert=args.qbert, activations=args.activations, progress=not args.no_progress,
         )
@@ -147,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
                 lam = f"{r.top_eigenvalue:10.4g}" if r.top_eigenvalue is not None else f"{'-':>10}"
                 print(f"{name:<24} {r.num_params:>7} {r.trace:>12.5g} {r.trace_stderr:>10.3g} {r.mean_trace:>10.3g} {lam}")
             m = sens.meta
-            print(f"{m['samples']} samples ({'converged' if m['converged'] else 'not converged'} at rtol {m['rtol']}), "
+            how = ", ".join(f"{count} {kind}" for kind, count in m.get("estimators", {}).items()) or f"{m['samples']} samples"
+            print(f"traces: {how} ({'converged' if m['converged'] else 'not converged'} at rtol {m['rtol']}), "
                   f"{m['num_data']} {'distilled inputs (FP32 predictions as targets)' if m['data_free'] else 'images'}, {m['seconds']} s -> {args.output}")
     finally:
         if started:

@@ -20,6 +20,7 @@ from hessq.cli._common import (
     parse_ints,
 )
 from hessq.pipeline import CONFIG_ARGUMENTS, SensitivityConfig
+from hessq.sensitivity import TRACE_METHODS
 
 
 #: (flag, compress's config keyword, field, argparse options): the flags that set a config field. Their
@@ -40,6 +41,9 @@ CONFIG_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--sensitivity-batches", "sensitivity", "batches", dict(type=int, help="data batches the Hessian reads")),
     ("--max-samples", "sensitivity", "max_samples", dict(type=int, help="at most this many Hutchinson samples")),
     ("--rtol", "sensitivity", "rtol", dict(type=float, help="stop when every layer's trace stderr <= rtol*|trace|")),
+    ("--trace-method", "sensitivity", "estimator",
+     dict(choices=TRACE_METHODS, help="how each Hessian trace is computed (auto: exact Gauss-Newton where the model allows)")),
+    ("--time-budget", "sensitivity", "time_budget", dict(type=float, help="stop Hessian sampling after this many seconds")),
     ("--calibration-batches", "quantize", "calibration_batches", dict(type=int, help="batches used to set the ranges")),
     ("--baselines", "quantize", "baselines", dict(help="uniform weight widths evaluated for comparison ('none': no baselines)")),
     ("--distilled-samples", "distill", "num_samples", dict(type=int, help="distilled inputs with --data none")),

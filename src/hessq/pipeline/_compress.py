@@ -575,7 +575,8 @@ def compress(
         omega = kl_omega(sens)
     else:
         sens = hessian_sensitivity(model, analysis, rtol=sens_cfg.rtol, max_samples=sens_cfg.max_samples,
-                                   min_samples=sens_cfg.min_samples, seed=seed, eigenvalues=False, progress=progress)
+                                   min_samples=sens_cfg.min_samples, method=sens_cfg.estimator,
+                                   time_budget=sens_cfg.time_budget, seed=seed, eigenvalues=False, progress=progress)
 
     stages("latency table (ONNX Runtime, per layer)")
     table = as_latency_table(plan_cfg.latency_table)

@@ -20,6 +20,7 @@ from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, HessqErro
 from hessq.distill import check_input_range
 from hessq.plan import LatencyTable, Relative, as_latency_table, check_bits_list, parse_limit
 from hessq.quantizer import check_act_bits, check_weight_bits
+from hessq.sensitivity import TRACE_METHODS
 
 C = TypeVar("C", bound="_Config")
 
@@ -169,8 +170,10 @@ def _check_pin(value: Any, label: str) -> int | None:
 class SensitivityConfig(_Config):
     """How much each layer minds low bits (see :func:`hessq.hessian_sensitivity`, :func:`hessq.kl_sensitivity`).
 
-    ``method``: ``"hessian"`` (Hutchinson traces to ``rtol``, between ``min_samples`` and ``max_samples``
-    samples) or ``"kl"`` (ZeroQ's KL on the calibration batches); ``batches``: data batches the Hessian reads.
+    ``method``: ``"hessian"`` (every layer's Hessian trace to ``rtol``, exact on piecewise-linear nets, at
+    most ``max_samples`` samples or ``time_budget`` seconds; ``estimator`` picks how, see
+    :func:`hessq.hessian_sensitivity`'s ``method``) or ``"kl"`` (ZeroQ's KL on the calibration batches);
+    ``batches``: data batches the Hessian reads.
     """
 
     KIND: ClassVar[str] = "sensitivity"
@@ -180,12 +183,18 @@ class SensitivityConfig(_Config):
     rtol: float = 0.05
     max_samples: int = 200
     min_samples: int | None = None
+    estimator: str = "auto"
+    time_budget: float | None = None
 
     def _check(self, name: str, value: Any, label: str) -> Any:
         if name == "method":
             return _check_choice(value, label, ("hessian", "kl"))
         if name == "rtol":
             return check_number(value, label, low=0)
+        if name == "estimator":
+            return _check_choice(value, label, TRACE_METHODS)
+        if name == "time_budget":
+            return check_number(value, label, low=0, strict=True, allow_none=True)
         if name == "min_samples":
             check_int(value, label, low=1, allow_none=True)
             if value is not None and value > self.max_samples:

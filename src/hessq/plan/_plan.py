@@ -31,7 +31,7 @@ from hessq.plan._ilp import LIMIT_NAMES, reachable_range, solve
 from hessq.plan._ties import check_names, graph_facts, merge_ties
 from hessq.quantizer import check_weight_bits
 from hessq.sensitivity import Sensitivity, model_signature
-from hessq.sensitivity._kl import is_kl_sensitivity, kl_omega
+from hessq.sensitivity import is_kl_sensitivity, kl_omega
 
 
 class Relative:
