@@ -11,6 +11,18 @@ from hessq.ops._registry import QuantOp, register
 from hessq.quantizer import ActQuantizer, dyadic, requantize
 
 
+def to_grid(program, name: str, v: Value, q: ActQuantizer) -> Value:
+    """Emit the op writing ``v`` onto ``q``'s grid as ``name``: a quantize of a float value, a dyadic
+    requantize of an integer one (what the quantizer computes in fake quantization)."""
+    s_out = q.scale.double()
+    bound = max(-q.qmin, q.qmax)
+    attrs = {"qmin": q.qmin, "qmax": q.qmax}
+    if v.scale is None:
+        return program.emit(name, "quantize", [v], v.dummy, s_out, bound, attrs, {"scale": s_out})
+    b, c = dyadic(v.scale / s_out)
+    return program.emit(name, "requantize", [v], v.dummy, s_out, bound, attrs, {"b": b, "c": c})
+
+
 @register
 class Quantize(QuantOp):
     name = "quantize"
@@ -31,10 +43,7 @@ class Quantize(QuantOp):
                 dummy = F.pad(dummy, pads)
                 current = program.emit(out, "pad", [current], dummy, s_out, bound, {"pads": pads})
             return current
-        if v.scale is None:
-            return program.emit(node.name, "quantize", [v], v.dummy, s_out, bound, attrs, {"scale": s_out})
-        b, c = dyadic(v.scale / s_out)
-        return program.emit(node.name, "requantize", [v], v.dummy, s_out, bound, attrs, {"b": b, "c": c})
+        return to_grid(program, node.name, v, q)
 
     def execute(self, op, inputs, kernel):
         x, a, t = inputs[0], op.attrs, op.tensors
