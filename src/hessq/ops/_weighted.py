@@ -85,6 +85,12 @@ class WeightedOp(QuantOp):
     weighted = True
     #: The quantized twin class: ``twin(module, w_bits, a_bits, granularity, num_groups)``.
     twin: type[QuantLayer]
+    #: The dimension of the output channels (per-channel scales and bias): 1 (NCHW), or -1 (the last: Linear)
+    channel_dim: int = 1
+
+    def per_channel(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """A per-output-channel [C] tensor shaped to broadcast on :attr:`channel_dim` of an ``ndim`` tensor."""
+        return channel(t, ndim) if self.channel_dim == 1 else t
 
     def matches(self, node, modules):
         # the float layer and, after the rewrite, its quantized twin
@@ -125,11 +131,11 @@ class WeightedOp(QuantOp):
         attrs = {"w_bits": m.w_bits, "kernel": choose_kernel(bound), "bound": bound, **self.layer_attrs(m)}
         dummy = self.accumulate(v.dummy.to(torch.int64), w, attrs, "float64")
         acc_scale = expand_scale(s_w, torch.empty(w.shape[0]), 0) * v.scale
-        return program.emit(name, kind, [v], dummy, channel(acc_scale, dummy.dim()), bound, attrs, tensors)
+        return program.emit(name, kind, [v], dummy, self.per_channel(acc_scale, dummy.dim()), bound, attrs, tensors)
 
     def execute(self, op, inputs, kernel):
         chosen = "int64" if kernel == "int64" else op.attrs["kernel"]
         acc = self.accumulate(inputs[0], op.tensors["weight"].to(torch.int64), op.attrs, chosen)
         if "bias" in op.tensors:
-            acc = acc + channel(op.tensors["bias"].to(torch.int64), acc.dim())
+            acc = acc + self.per_channel(op.tensors["bias"].to(torch.int64), acc.dim())
         return acc

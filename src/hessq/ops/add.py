@@ -8,6 +8,7 @@ import operator
 import torch
 from torch import nn
 
+from hessq.ops._program import Value
 from hessq.ops._registry import QuantOp, is_shape_arithmetic, register
 from hessq.quantizer import ActQuantizer, dyadic, requantize, round_ste
 
@@ -38,8 +39,8 @@ def dyadic_inputs(program, node, args) -> dict[str, torch.Tensor]:
     s_out = program.modules[node.target].output_quantizer.scale.double()
     tensors = {}
     for i, a in enumerate(args):
-        if a.scale is None:
-            program.fail(node, "an add or cat with an unquantized float input")
+        if not isinstance(a, Value) or a.scale is None:
+            program.fail(node, "an add or cat with an unquantized float input or a constant")
         tensors[f"b{i}"], tensors[f"c{i}"] = dyadic(a.scale / s_out)
     return tensors
 

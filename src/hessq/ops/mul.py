@@ -1,7 +1,8 @@
 """Tensor × tensor multiply (squeeze-excitation gates x · σ(s), gating): both inputs on per-tensor grids, the
 integer product requantized onto the output grid by one dyadic number b/2^c ≈ s_a·s_b / s_out.
 
-A tensor times a positive Python number keeps its codes and multiplies its scale.
+A tensor times a positive number or a positive constant tensor (a layer scale) keeps its codes and multiplies its
+scale.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import numbers
 import operator
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -32,7 +34,8 @@ class QuantMul(nn.Module):
 
 
 def _tensor_node(a) -> bool:
-    return isinstance(a, fx.Node) and not is_shape_arithmetic(a)
+    """A tensor computed by the model (not a size, not a parameter read directly)."""
+    return isinstance(a, fx.Node) and a.op != "get_attr" and not is_shape_arithmetic(a)
 
 
 @register
@@ -42,7 +45,7 @@ class Mul(QuantOp):
     functions = (operator.mul, operator.imul, torch.mul)
     methods = ("mul",)
     canonical = operator.mul
-    kinds = ("mul",)
+    kinds = ("mul", "rescale")
 
     def matches(self, node, modules):
         if not super().matches(node, modules):
@@ -62,10 +65,17 @@ class Mul(QuantOp):
     def compile(self, program, node, m, args, kwargs):
         if not isinstance(m, QuantMul):
             v, k = (args[0], args[1]) if isinstance(args[0], Value) else (args[1], args[0])
-            if not isinstance(k, numbers.Real) or k <= 0 or v.scale is None:
-                program.fail(node, "a product of a tensor and a number that is not positive")
-            # the same codes stand for k times the value: only the scale changes (no op)
-            return Value(v.name, v.dummy, v.scale * float(k), v.qmax, v.pending_pads)
+            if isinstance(k, torch.Tensor) and isinstance(v, Value) and k.numel() == 1:
+                k = float(k)
+            positive = isinstance(v, Value) and v.scale is not None and not v.pending_pads and (
+                (isinstance(k, numbers.Real) and k > 0) or (isinstance(k, torch.Tensor) and bool((k > 0).all())
+                                                             and torch.broadcast_shapes(v.dummy.shape, k.shape) == v.dummy.shape))
+            if not positive:
+                program.fail(node, "a product of a tensor and a constant that is not positive")
+            # a positive number or constant tensor (ConvNeXt's layer scale): the same codes stand for k times the
+            # value, so only the scale changes (the integer op is the identity; the fast export multiplies)
+            factor = torch.as_tensor(k, dtype=torch.float64)
+            return program.emit(node.name, "rescale", [v], v.dummy, v.scale * factor, v.qmax, tensors={"factor": factor})
         a = to_grid(program, f"{node.name}_a", args[0], m.quantizer_a)
         b = to_grid(program, f"{node.name}_b", args[1], m.quantizer_b)
         q = m.output_quantizer
@@ -75,15 +85,25 @@ class Mul(QuantOp):
 
     def execute(self, op, inputs, kernel):
         t, a = op.tensors, op.attrs
+        if op.kind == "rescale":
+            return inputs[0]
         return requantize(inputs[0] * inputs[1], t["b"], t["c"], a["qmin"], a["qmax"])
 
     def onnx(self, ex, op, ins):
+        if op.kind == "rescale":
+            t, factor = ins[0], op.tensors["factor"]
+            if t.kind == "codes" and factor.dim() == 0:
+                return ex.tensor(t.name, "codes", t.scale * float(factor), t.zero_point)
+            return ex.tensor(ex.acc(t), "acc")  # integers whose scale the program carries
         # the product of two codes (< 2^32) is exact in float64
         product = ex.node("Mul", [ex.acc(ins[0]), ex.acc(ins[1])], "product")
         return ex.to_codes(ex.round_half_up(product, op.tensors["b"], op.tensors["c"]), op.attrs["qmin"],
                            op.attrs["qmax"], float(op.scale))
 
     def onnx_fast(self, ex, op, ins):
+        if op.kind == "rescale":
+            factor = ex.const("factor", op.tensors["factor"].numpy().astype(np.float32))
+            return ex.tensor(ex.node("Mul", [ex.real(ins[0]), factor], "rescale"), "real")
         y = ex.tensor("", "codes", float(op.scale), 128 if op.attrs["qmin"] < 0 else 0)
         if all(t.kind == "codes" for t in ins):
             # ONNX Runtime's int8 multiply (com.microsoft QLinearMul), each input on its own grid
