@@ -1,5 +1,6 @@
 """What every op's test checks end to end: quantize, the integer model equal to the quantized model's eval mode
-bit for bit, the exact ONNX export equal to it in ONNX Runtime, the fast export run by ONNX Runtime."""
+bit for bit, saved and loaded, the exact ONNX export equal to it in ONNX Runtime, the fast export run by ONNX
+Runtime."""
 
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ def end_to_end(model: nn.Module, shape: tuple[int, ...], tmp_path, *, kinds: set
     assert torch.equal(q(x), y_int)
     # the exact export reproduces it bit for bit in ONNX Runtime
     assert np.array_equal(_onnx(imodel, tmp_path / "exact.onnx", "exact", x), y_int.numpy())
+    # the program saves and loads (its tables, factors and layout attributes included)
+    imodel.save(tmp_path / "model.hq")
+    assert torch.equal(hessq.load_integer(tmp_path / "model.hq")(x), y_int)
     y_fast = _onnx(imodel, tmp_path / "fast.onnx", "fast", x)
     assert y_fast.shape == tuple(y_int.shape) and np.isfinite(y_fast).all()
     return EndToEnd(q, imodel, x, y_int, y_fast)

@@ -79,6 +79,8 @@ class Mul(QuantOp):
         a = to_grid(program, f"{node.name}_a", args[0], m.quantizer_a)
         b = to_grid(program, f"{node.name}_b", args[1], m.quantizer_b)
         q = m.output_quantizer
+        if a.qmax * b.qmax >= 2**32:  # the product times a 31-bit dyadic numerator must stay within int64
+            program.fail(node, f"a product of {m.quantizer_a.bits}-bit and {m.quantizer_b.bits}-bit codes")
         bb, cc = dyadic(a.scale * b.scale / q.scale.double())
         return program.emit(node.name, "mul", [a, b], a.dummy * b.dummy, q.scale.double(), max(-q.qmin, q.qmax),
                             {"qmin": q.qmin, "qmax": q.qmax}, {"b": bb, "c": cc})
