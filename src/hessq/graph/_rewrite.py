@@ -22,7 +22,7 @@ from hessq._errors import ConfigError
 from hessq.graph._fold import fold_batchnorm
 from hessq.graph._normalize import normalize
 from hessq.graph._trace import UnsupportedOpError, trace
-from hessq.ops import QuantLayer, describe, family_of, family_of_module, node_location, weighted_module_types
+from hessq.ops import QuantLayer, describe, family_of, family_of_module, is_shape_arithmetic, node_location, weighted_module_types
 from hessq.quantizer import ActQuantizer, Granularity, RangeMethod
 
 
@@ -67,8 +67,17 @@ def check_supported(gm: fx.GraphModule, unsupported: str = "error") -> list[str]
         raise ConfigError(f"unsupported must be 'error' or 'float', got {unsupported!r}")
     modules = dict(gm.named_modules())
     found, hidden = [], []
+    constant: set[fx.Node] = set()  # parameters read directly and what is computed from them and sizes alone
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output", "get_attr") or family_of(node, modules) is not None:
+        if node.op == "get_attr":
+            constant.add(node)
+            continue
+        inputs = node.all_input_nodes
+        if node.op != "output" and inputs and any(n in constant for n in inputs) \
+                and all(n in constant or is_shape_arithmetic(n) for n in inputs):
+            constant.add(node)  # computed once while compiling (a class token expanded to the batch)
+            continue
+        if node.op in ("placeholder", "output") or family_of(node, modules) is not None:
             continue
         found.append(f"{describe(node, modules)} ({node_location(node)})")
         if node.op == "call_module":

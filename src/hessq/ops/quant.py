@@ -74,3 +74,32 @@ class Quantize(QuantOp):
                 return t  # a fused kernel already wrote these codes on this grid
             return ex.codes(ex.real(t), float(op.scale), op.attrs["qmin"] < 0, "requantize")
         return ex.tensor(ex.real(t), "real")
+
+
+@register
+class Constant(QuantOp):
+    """A constant's codes on a grid (emitted by the ops that take constants), its batch dimension following its
+    reference input's."""
+
+    name = "constant"
+    kinds = ("constant",)
+
+    def matches(self, node, modules):
+        return False
+
+    def execute(self, op, inputs, kernel):
+        codes = op.tensors["codes"]
+        return codes.expand(inputs[0].shape[0], *codes.shape[1:])
+
+    def _expanded(self, ex, op, ref, values: np.ndarray) -> str:
+        batch = ex.node("Slice", [ex.node("Shape", [ref.name], "shape"), ex.const("zero", np.array([0], np.int64)),
+                                  ex.const("one", np.array([1], np.int64))], "batch")
+        shape = ex.node("Concat", [batch, ex.const("dims", np.array(values.shape[1:], np.int64))], "shape", axis=0)
+        return ex.node("Expand", [ex.const("codes", values), shape], "constant")
+
+    def onnx(self, ex, op, ins):
+        return ex.tensor(self._expanded(ex, op, ins[0], op.tensors["codes"].double().numpy()), "acc")
+
+    def onnx_fast(self, ex, op, ins):
+        real = (op.tensors["codes"].double() * op.scale.double()).numpy().astype(np.float32)
+        return ex.tensor(self._expanded(ex, op, ins[0], real), "real")

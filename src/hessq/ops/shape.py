@@ -162,6 +162,33 @@ class Identity(QuantOp):
         return v
 
 
+def _index(program, node, v: Value, index) -> Value:
+    """``x[:, 0]``, ``x[:, 1:3]``: basic indexing after the batch dimension, as slices and a reshape."""
+    index = index if isinstance(index, tuple) else (index,)
+    if not index or index[0] != slice(None) or not all(
+            isinstance(i, int) or (isinstance(i, slice) and i.step in (None, 1)) for i in index):
+        program.fail(node, "indexing a tensor other than by integers and unit-step slices after the batch dimension")
+    current, dropped = v, []
+    for dim, i in enumerate(index[1:], start=1):
+        size = current.dummy.shape[dim]
+        if isinstance(i, int):
+            start = i % size
+            stop = start + 1
+            dropped.append(dim)
+        else:
+            start, stop, _ = i.indices(size)
+        if (start, stop) == (0, size):
+            continue
+        scale = _full_scale(current, lambda t, d=dim, a=start, b=stop: t.narrow(d, a, b - a))
+        current = program.emit(f"{node.name}_slice{dim}", "slice", [current], current.dummy.narrow(dim, start, stop - start),
+                               scale, v.qmax, {"dim": dim, "start": start, "end": stop})
+    if not dropped:
+        return current
+    shape = [s for d, s in enumerate(current.dummy.shape) if d not in dropped]
+    scale = current.scale if current.scale.dim() == 0 else current.scale.expand(current.dummy.shape).reshape(shape)
+    return program.emit(node.name, "reshape", [current], current.dummy.reshape(shape), scale, v.qmax, {"shape": [-1, *shape[1:]]})
+
+
 @register
 class Shape(QuantOp):
     """Size queries (``x.size(0)``, ``x.shape``, ``x.dim()``): Python values, computed from the value's shape."""
@@ -176,7 +203,7 @@ class Shape(QuantOp):
         if op is operator.getitem and isinstance(v, (tuple, list)):
             return v[args[1]]  # one of the parts of a chunk or split
         if op is operator.getitem:
-            program.fail(node, "indexing a tensor")
+            return _index(program, node, v, args[1])
         if op is getattr:
             return getattr(v.dummy, args[1])
         return getattr(v.dummy, op)(*args[1:], **kwargs)
