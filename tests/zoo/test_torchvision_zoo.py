@@ -1,4 +1,4 @@
-"""torchvision's CNN zoo, integer-only end to end (issue 14).
+"""torchvision's CNN zoo (and its VisionTransformer at a small size), integer-only end to end (issue 14).
 
 Each model: random init (seeded), BatchNorm statistics warmed by 20 train-mode passes, 3×64×64 inputs;
 ``quantize(model, 8, calib)`` with no float fallback; ``to_integer`` bit for bit the quantized model's eval mode;
@@ -20,7 +20,7 @@ ort = pytest.importorskip("onnxruntime")
 
 SHAPE = (3, 64, 64)
 FAST = ["resnet50", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "regnet_y_400mf", "mnasnet0_5",
-        "mobilenet_v2", "squeezenet1_0", "googlenet", "resnet18"]
+        "mobilenet_v2", "squeezenet1_0", "googlenet", "resnet18", "vit"]
 SLOW = ["densenet121", "convnext_tiny"]  # about 10 s or more each on one core
 
 
@@ -28,8 +28,15 @@ def warmed(name: str) -> torch.nn.Module:
     """The model at random init (seed 0), its BatchNorm statistics warmed by 20 train-mode passes."""
     tv = torchvision()
     torch.manual_seed(0)
-    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
-    model = getattr(tv.models, name)(**kwargs)
+    if name == "vit":
+        # torchvision's VisionTransformer class at a small size (the code of vit_b_16); its head starts at zero
+        # (all logits 0), so it is drawn at random here
+        model = tv.models.VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64,
+                                            mlp_dim=128)
+        torch.nn.init.normal_(model.heads.head.weight, std=0.1)
+    else:
+        kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+        model = getattr(tv.models, name)(**kwargs)
     g = torch.Generator().manual_seed(0)
     model.train()
     with torch.no_grad():
