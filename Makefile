@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: this version is a CPU build on local disk; a bare `torch` pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,zeroq]'
+	# test-only: torchvision's models for the zoo test (tests/zoo). The index holds only its CUDA build, whose C
+	# extension does not load on the CPU torch; --no-deps keeps torch as it is, and tests/zoo/_torchvision.py
+	# defines the two operator schemas its import needs.
+	$(PY) -m pip install -q --no-deps torchvision==0.28.0
 	touch $(STAMP)
 
 fashion-mnist:

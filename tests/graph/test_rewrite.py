@@ -163,17 +163,22 @@ def test_unknown_op_error_names_op_and_place_and_float_escape():
             super().__init__()
             self.fc1 = nn.Linear(8, 8)
             self.fc2 = nn.Linear(8, 4)
+            self.soft = nn.Softplus()
 
         def forward(self, x):
-            return self.fc2(torch.sigmoid(self.fc1(x)))
+            x = torch.erf(self.fc1(x))
+            return self.fc2(self.soft(x))  # the module's own line
 
     batches = _batches((8,))
     with pytest.raises(UnsupportedOpError) as info:
         hessq.quantize(Gated(), 8, batches)
     msg = str(info.value)
-    assert "torch.sigmoid" in msg and "test_rewrite.py" in msg and "unsupported='float'" in msg
+    # every unsupported op in one error, each at the user's line (a module's too, not hessq's tracer)
+    assert "torch.erf" in msg and "module Softplus `soft`" in msg and "unsupported='float'" in msg
+    assert "return self.fc2(self.soft(x))" in msg and "x = torch.erf(self.fc1(x))" in msg
+    assert "_trace.py" not in msg
     q = hessq.quantize(Gated(), 8, batches, unsupported="float")
-    assert len(q.float_ops) == 1 and "sigmoid" in q.float_ops[0]
+    assert len(q.float_ops) == 2 and "erf" in q.float_ops[0]
 
 
 def test_plan_errors():

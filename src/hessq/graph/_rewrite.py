@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch.fx as fx
@@ -21,7 +22,7 @@ from hessq._errors import ConfigError
 from hessq.graph._fold import fold_batchnorm
 from hessq.graph._normalize import normalize
 from hessq.graph._trace import UnsupportedOpError, trace
-from hessq.ops import QuantLayer, describe, family_of, family_of_module, node_location
+from hessq.ops import QuantLayer, describe, family_of, family_of_module, is_shape_arithmetic, node_location, weighted_module_types
 from hessq.quantizer import ActQuantizer, Granularity, RangeMethod
 
 
@@ -57,27 +58,48 @@ def pooled_bound(node: fx.Node, modules: Mapping[str, nn.Module]) -> tuple[float
 
 
 def check_supported(gm: fx.GraphModule, unsupported: str = "error") -> list[str]:
-    """Raise :class:`UnsupportedOpError` for the first op no family knows; list them all if ``'float'``."""
+    """Raise one :class:`UnsupportedOpError` listing every op no family knows; with ``'float'`` return them.
+
+    With ``'float'``, a warning names the quantizable layers (Conv2d, Linear, ...) left in float inside an
+    unsupported module (``nn.MultiheadAttention``'s projections, an LSTM's...), which the plan cannot reach.
+    """
     if unsupported not in ("error", "float"):
         raise ConfigError(f"unsupported must be 'error' or 'float', got {unsupported!r}")
     modules = dict(gm.named_modules())
-    found = []
+    found, hidden = [], []
+    constant: set[fx.Node] = set()  # parameters read directly and what is computed from them and sizes alone
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output", "get_attr") or family_of(node, modules) is not None:
+        if node.op == "get_attr":
+            constant.add(node)
             continue
-        if node.op == "call_module" and isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
-            problem = f"{type(modules[node.target]).__name__} `{node.target}` does not directly follow a Conv2d (used by nothing else), so it cannot be folded"
-        else:
-            problem = f"hessq does not know how to quantize the {describe(node, modules)}"
-        if unsupported == "error":
-            raise UnsupportedOpError(
-                f"{problem} ({node_location(node)}).\nWhat to do: pass unsupported='float' to keep such ops in "
-                "floating point between quantized layers (the model then has no integer-only form), "
-                "rewrite that part of the model with supported ops (Conv2d, Linear, BatchNorm2d after a conv, "
-                "ReLU, max/average pooling, flatten/reshape, add, cat), or register an op family for it "
-                "(hessq.ops.register)."
-            )
+        inputs = node.all_input_nodes
+        if node.op != "output" and inputs and any(n in constant for n in inputs) \
+                and all(n in constant or is_shape_arithmetic(n) for n in inputs):
+            constant.add(node)  # computed once while compiling (a class token expanded to the batch)
+            continue
+        if node.op in ("placeholder", "output") or family_of(node, modules) is not None:
+            continue
         found.append(f"{describe(node, modules)} ({node_location(node)})")
+        if node.op == "call_module":
+            inner = weighted_module_types()
+            hidden += [f"{node.target}.{name}" if name else node.target
+                       for name, m in modules[node.target].named_modules() if isinstance(m, inner)]
+        weights = [n for n in node.all_input_nodes if n.op == "get_attr"]
+        hidden += [f"{n.target} (a weight used by the {describe(node, modules)})" for n in weights]
+    if found and unsupported == "error":
+        listed = "\n".join(f"  - {f}" for f in found)
+        raise UnsupportedOpError(
+            f"hessq does not know how to quantize {len(found)} op{'s' if len(found) > 1 else ''} of this model:\n{listed}\n"
+            "What to do: pass unsupported='float' to keep such ops in floating point between quantized layers (the "
+            "model then has no integer-only form), rewrite that part of the model with supported ops, or register an "
+            "op family for each (hessq.ops.register; hessq.ops.register_elementwise for an elementwise function)."
+        )
+    if hidden:
+        warnings.warn(
+            f"unsupported='float' leaves {len(hidden)} quantizable layer{'s' if len(hidden) > 1 else ''} in float "
+            f"inside ops hessq cannot quantize: {', '.join(hidden)}. They get no bits from the plan.",
+            stacklevel=3,
+        )
     return found
 
 
@@ -132,6 +154,9 @@ def rewrite(
 
     # in topological order: grid[node] is the quantizer whose grid node's value lies on.
     grid: dict[fx.Node, ActQuantizer] = {}
+    # values computed only from layers the plan leaves in float: an add, cat or activation of such values stays
+    # float (a plan of all None is the FP32 model); the model input counts as quantized (its first layer is)
+    float_only = _float_only_values(graph, modules, layer_bits)
     input_quant_node: dict[fx.Node, fx.Node] = {}
     quantizer_nodes: dict[fx.Node, ActQuantizer] = {}
     made: dict[str, int] = {}
@@ -153,7 +178,7 @@ def rewrite(
             layer_nodes[node].set_input_quantizer(grid[src])
             continue
         family = family_of(node, modules)
-        if family is None:
+        if family is None or node in float_only:
             continue
         replacement = family.requantizing_module(node, new_act_quantizer)
         if replacement is not None:
@@ -180,6 +205,21 @@ def rewrite(
     gm.recompile()
     gm.hessq_float_ops = float_ops
     return gm
+
+
+def _float_only_values(graph: fx.Graph, modules: Mapping[str, nn.Module], layer_bits: Mapping) -> set[fx.Node]:
+    """Nodes whose tensor inputs all come from weighted layers the plan leaves in float (and nothing quantized)."""
+    float_only: set[fx.Node] = set()
+    for node in graph.nodes:
+        family = family_of_module(modules[node.target]) if node.op == "call_module" else None
+        if family is not None and family.weighted:
+            if layer_bits.get(node.target, ()) is None:
+                float_only.add(node)
+            continue
+        inputs = [n for n in node.all_input_nodes if n.op != "get_attr"]
+        if inputs and all(n in float_only for n in inputs):
+            float_only.add(node)
+    return float_only
 
 
 def _consumer_act_bits(start: fx.Node, layer_nodes: Mapping[fx.Node, nn.Module], quantizer_nodes) -> list[int]:

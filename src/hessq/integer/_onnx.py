@@ -156,7 +156,7 @@ class _Exporter:
                 f"layer `{op.output}` can accumulate up to {products:,} before its bias, beyond ONNX Runtime's int32 "
                 "accumulators; quantize that layer to fewer weight or activation bits, or keep the integer model"
             )
-        shape = [1, -1] + [1] * (len(self.model_shapes[op.output]) - 2)
+        shape = [1, -1] + [1] * (len(self.model_shapes[op.output]) - 2) if getattr(family_for_kind(op.kind), "channel_dim", 1) == 1 else [-1]
         dtype = (self.TP.DOUBLE, np.float64) if self.exact else (self.TP.FLOAT, np.float32)
         acc = self.node("Cast", [acc], "acc_f64" if self.exact else "acc_f", to=dtype[0])
         if "bias" in op.tensors:

@@ -20,18 +20,23 @@ from hessq.ops._registry import (
     unregister,
     weighted_module_types,
 )
-from hessq.ops._weighted import QuantLayer, WeightedOp
+from hessq.ops._weighted import QuantLayer, WeightCodes, WeightedOp
 
 # The built-in families, in registration order (a later family wins a match).
-from hessq.ops import quant, conv, linear, add, cat, relu, pool, shape  # noqa: E402,F401  (registers them)
+from hessq.ops import quant, conv, linear, add, cat, relu, pool, shape, activation, mul, batchnorm, layout, layernorm, attention  # noqa: E402,F401,I001  (registers them)
+from hessq.ops.activation import ElementwiseOp, QuantElementwise, register_elementwise  # noqa: E402
 from hessq.ops.add import QuantAdd  # noqa: E402
+from hessq.ops.attention import QuantMultiheadAttention  # noqa: E402
+from hessq.ops.batchnorm import QuantBatchNorm2d  # noqa: E402
 from hessq.ops.cat import QuantCat  # noqa: E402
 from hessq.ops.conv import QuantConv2d, fold_conv_bn  # noqa: E402
+from hessq.ops.layernorm import QuantLayerNorm  # noqa: E402
 from hessq.ops.linear import QuantLinear  # noqa: E402
+from hessq.ops.mul import QuantMul  # noqa: E402
 
 __all__ = [
-    "IntegerConversionError", "Op", "ProgramBuilder", "QuantAdd", "QuantCat", "QuantConv2d", "QuantLayer", "QuantLinear",
-    "QuantOp", "Value", "WeightedOp", "canonical_function", "channel", "compile_graph", "describe", "families", "family_for_kind", "family_of",
+    "ElementwiseOp", "IntegerConversionError", "Op", "QuantBatchNorm2d", "QuantElementwise", "QuantLayerNorm", "QuantMul", "QuantMultiheadAttention", "register_elementwise", "ProgramBuilder", "QuantAdd", "QuantCat", "QuantConv2d", "QuantLayer", "QuantLinear",
+    "QuantOp", "Value", "WeightCodes", "WeightedOp", "canonical_function", "channel", "compile_graph", "describe", "families", "family_for_kind", "family_of",
     "family_of_module", "fold_conv_bn", "is_shape_arithmetic", "node_location", "register", "run_program", "unregister",
     "weighted_module_types",
 ]

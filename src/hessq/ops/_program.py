@@ -71,6 +71,12 @@ class ProgramBuilder:
         self.ops.append(Op(kind, [v.name for v in inputs], name, attrs or {}, tensors or {}, scale))
         return Value(name, dummy, scale, qmax)
 
+    def attribute(self, target: str) -> torch.Tensor:
+        obj = self.gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj.detach().double() if isinstance(obj, torch.Tensor) else obj
+
     def fail(self, node: fx.Node, what: str) -> NoReturn:
         raise IntegerConversionError(
             f"{what} has no integer-only form ({node_location(node)}). Evaluate the quantized model in "
@@ -100,7 +106,9 @@ class ProgramBuilder:
             self.output_name = node.name
             return None
         if node.op == "get_attr":
-            self.fail(node, f"a parameter read directly (`{node.target}`)")
+            # a constant (a parameter or buffer read directly): a float tensor that families may fold in
+            # (a layer scale multiplying a tensor); a family that needs a Value refuses it
+            return self.attribute(node.target)
         args = fx.node.map_arg(node.args, lambda n: self.env[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: self.env[n])
         op = self.modules[node.target] if node.op == "call_module" else node.target

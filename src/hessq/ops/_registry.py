@@ -203,11 +203,17 @@ def node_location(node: fx.Node) -> str:
         parts.append(f"in module `{path}` ({getattr(kind, '__name__', kind)})")
     if node.stack_trace:
         frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', node.stack_trace)
-        user = [f for f in frames if "/torch/" not in f[0].replace("\\", "/")]
+        user = [f for f in frames if not _library_frame(f[0])]
         if user:
             file, line, code = user[-1]
             parts.append(f"at {file}:{line} ({code.strip()})")
     return " ".join(parts) if parts else f"at graph node `{node.name}`"
+
+
+def _library_frame(filename: str) -> bool:
+    """A frame of torch itself or of hessq's tracer and ops (a module call is recorded from inside the tracer)."""
+    path = filename.replace("\\", "/")
+    return "/torch/" in path or "/hessq/graph/" in path or "/hessq/ops/" in path
 
 
 def is_shape_arithmetic(node: Any) -> bool:
@@ -216,6 +222,23 @@ def is_shape_arithmetic(node: Any) -> bool:
         return False
     if node.op == "call_method" and node.target in ("size", "dim"):
         return True
+    if node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "ndim"):
+        return True
     if node.op == "call_function" and node.target in (getattr, operator.getitem):
         return is_shape_arithmetic(node.args[0]) if isinstance(node.args[0], fx.Node) else True
+    if node.op == "call_function" and node.target in _SIZE_OPS:
+        # arithmetic and comparisons on sizes and numbers (``h // p``, ``c1 * c2``, ``torch._assert(h == 224)``)
+        return all(is_shape_arithmetic(a) for a in _flat((node.args, node.kwargs)) if isinstance(a, fx.Node))
     return False
+
+
+_SIZE_OPS = (operator.mul, operator.floordiv, operator.add, operator.sub, operator.eq, operator.ne, operator.mod,
+             operator.lt, operator.le, operator.gt, operator.ge, torch._assert)
+
+
+def _flat(obj: Any) -> list:
+    if isinstance(obj, (list, tuple)):
+        return [x for o in obj for x in _flat(o)]
+    if isinstance(obj, dict):
+        return [x for o in obj.values() for x in _flat(o)]
+    return [obj]

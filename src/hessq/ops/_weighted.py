@@ -20,8 +20,9 @@ from hessq.quantizer import ActQuantizer, WeightQuantizer, choose_kernel, expand
 INT32_MAX = 2**31 - 1
 
 
-class QuantLayer(nn.Module):
-    """Base of the quantized twins: a weight quantizer, the input's activation quantizer, int32 bias."""
+class WeightCodes:
+    """A weight quantizer, the input's activation quantizer and an int32 bias (a mixin for an ``nn.Module``
+    with ``weight`` and ``bias``): what a quantized twin and any module with integer weights share."""
 
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -74,12 +75,22 @@ class QuantLayer(nn.Module):
         return torch.clamp(torch.round(self.bias.double() / bias_scale), -INT32_MAX, INT32_MAX).to(torch.int64)
 
 
+class QuantLayer(WeightCodes, nn.Module):
+    """Base of the quantized twins (quantizable layers with their own bits in a plan)."""
+
+
 class WeightedOp(QuantOp):
     """A family of quantizable layers: y = bias + Σ w·x, accumulated exactly in integers."""
 
     weighted = True
     #: The quantized twin class: ``twin(module, w_bits, a_bits, granularity, num_groups)``.
     twin: type[QuantLayer]
+    #: The dimension of the output channels (per-channel scales and bias): 1 (NCHW), or -1 (the last: Linear)
+    channel_dim: int = 1
+
+    def per_channel(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """A per-output-channel [C] tensor shaped to broadcast on :attr:`channel_dim` of an ``ndim`` tensor."""
+        return channel(t, ndim) if self.channel_dim == 1 else t
 
     def matches(self, node, modules):
         # the float layer and, after the rewrite, its quantized twin
@@ -107,6 +118,10 @@ class WeightedOp(QuantOp):
         q_in = m.act_quantizer
         if v.scale is None or q_in is None or v.scale.dim() or float(v.scale) != float(q_in.scale.double()):
             raise IntegerConversionError(f"internal: input of `{node.target}` is not on its quantizer's grid")
+        return self.emit_accumulator(program, node.name, m, v, self.kinds[0])
+
+    def emit_accumulator(self, program, name: str, m: WeightCodes, v: Value, kind: str) -> Value:
+        """Emit the op ``kind`` writing ``name``: the int64 accumulator (bias included) of ``m`` on the codes ``v``."""
         w, s_w = m.integer_weight()
         bias = m.integer_bias(v.scale)
         bound = int(w.abs().flatten(1).sum(1).max()) * v.qmax + (int(bias.abs().max()) if bias is not None else 0)
@@ -116,11 +131,11 @@ class WeightedOp(QuantOp):
         attrs = {"w_bits": m.w_bits, "kernel": choose_kernel(bound), "bound": bound, **self.layer_attrs(m)}
         dummy = self.accumulate(v.dummy.to(torch.int64), w, attrs, "float64")
         acc_scale = expand_scale(s_w, torch.empty(w.shape[0]), 0) * v.scale
-        return program.emit(node.name, self.kinds[0], [v], dummy, channel(acc_scale, dummy.dim()), bound, attrs, tensors)
+        return program.emit(name, kind, [v], dummy, self.per_channel(acc_scale, dummy.dim()), bound, attrs, tensors)
 
     def execute(self, op, inputs, kernel):
         chosen = "int64" if kernel == "int64" else op.attrs["kernel"]
         acc = self.accumulate(inputs[0], op.tensors["weight"].to(torch.int64), op.attrs, chosen)
         if "bias" in op.tensors:
-            acc = acc + channel(op.tensors["bias"].to(torch.int64), acc.dim())
+            acc = acc + self.per_channel(op.tensors["bias"].to(torch.int64), acc.dim())
         return acc

@@ -8,6 +8,7 @@ import operator
 import torch
 from torch import nn
 
+from hessq.ops._program import Value
 from hessq.ops._registry import QuantOp, is_shape_arithmetic, register
 from hessq.quantizer import ActQuantizer, dyadic, requantize, round_ste
 
@@ -33,15 +34,33 @@ class QuantAdd(nn.Module):
         return codes * q.scale
 
 
-def dyadic_inputs(program, node, args) -> dict[str, torch.Tensor]:
-    """b_i, c_i of the dyadic numbers taking each input onto the output grid of ``node``'s quantizer."""
+def dyadic_inputs(program, node, args) -> tuple[list[Value], dict[str, torch.Tensor]]:
+    """The inputs as values, and b_i, c_i of the dyadic numbers taking each onto the output grid of ``node``'s
+    quantizer. A constant input (a position embedding, a class token) becomes its codes on that grid."""
     s_out = program.modules[node.target].output_quantizer.scale.double()
-    tensors = {}
+    ref = next((a for a in args if isinstance(a, Value)), None)
+    values, tensors = [], {}
     for i, a in enumerate(args):
-        if a.scale is None:
+        if isinstance(a, torch.Tensor) and ref is not None and ref.scale is not None:
+            a = constant_codes(program, node, f"{node.name}_const{i}", a, s_out, ref)
+        if not isinstance(a, Value) or a.scale is None:
             program.fail(node, "an add or cat with an unquantized float input")
         tensors[f"b{i}"], tensors[f"c{i}"] = dyadic(a.scale / s_out)
-    return tensors
+        values.append(a)
+    return values, tensors
+
+
+def constant_codes(program, node, name: str, const: torch.Tensor, scale: torch.Tensor, ref: Value) -> Value:
+    """Emit a constant's codes round(c / scale) (unclamped, as the fake-quant add and cat round it), its batch
+    dimension following ``ref``'s."""
+    codes = torch.round(const.double() / scale).to(torch.int64)
+    if codes.dim() < ref.dummy.dim():  # broadcast from the right, as the float op does
+        codes = codes.reshape([1] * (ref.dummy.dim() - codes.dim()) + list(codes.shape))
+    if codes.dim() != ref.dummy.dim() or codes.shape[0] != 1:
+        program.fail(node, "a constant with a batch dimension of its own")
+    qmax = int(codes.abs().max()) if codes.numel() else 0
+    return program.emit(name, "constant", [ref], codes.expand(ref.dummy.shape[0], *codes.shape[1:]), scale, qmax,
+                        tensors={"codes": codes})
 
 
 @register
@@ -68,8 +87,8 @@ class Add(QuantOp):
         if not isinstance(op, QuantAdd):
             program.fail(node, "an add of a tensor and a constant")
         q = op.output_quantizer
-        tensors = dyadic_inputs(program, node, args)
-        return program.emit(node.name, "add", list(args), args[0].dummy + args[1].dummy, q.scale.double(),
+        args, tensors = dyadic_inputs(program, node, args)
+        return program.emit(node.name, "add", args, args[0].dummy + args[1].dummy, q.scale.double(),
                             max(-q.qmin, q.qmax), {"qmin": q.qmin, "qmax": q.qmax}, tensors)
 
     def execute(self, op, inputs, kernel):

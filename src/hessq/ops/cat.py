@@ -56,9 +56,9 @@ class Cat(QuantOp):
         if not isinstance(op, QuantCat):
             program.fail(node, "a concatenation of tensors that are not all on a grid")
         q = op.output_quantizer
-        tensors = dyadic_inputs(program, node, args)
+        args, tensors = dyadic_inputs(program, node, args)
         dummy = torch.cat([a.dummy for a in args], op.dim)
-        return program.emit(node.name, "cat", list(args), dummy, q.scale.double(), max(-q.qmin, q.qmax),
+        return program.emit(node.name, "cat", args, dummy, q.scale.double(), max(-q.qmin, q.qmax),
                             {"qmin": q.qmin, "qmax": q.qmax, "dim": op.dim}, tensors)
 
     def execute(self, op, inputs, kernel):

@@ -36,6 +36,7 @@ class Linear(WeightedOp):
     modules = (nn.Linear,)
     kinds = ("linear",)
     twin = QuantLinear
+    channel_dim = -1  # any leading dimensions (tokens, channels-last pixels): the features are the last
 
     def accumulate(self, x, w, attrs, kernel):
         return integer_linear(x, w, kernel)

@@ -11,6 +11,18 @@ from hessq.ops._registry import QuantOp, register
 from hessq.quantizer import ActQuantizer, dyadic, requantize
 
 
+def to_grid(program, name: str, v: Value, q: ActQuantizer) -> Value:
+    """Emit the op writing ``v`` onto ``q``'s grid as ``name``: a quantize of a float value, a dyadic
+    requantize of an integer one (what the quantizer computes in fake quantization)."""
+    s_out = q.scale.double()
+    bound = max(-q.qmin, q.qmax)
+    attrs = {"qmin": q.qmin, "qmax": q.qmax}
+    if v.scale is None:
+        return program.emit(name, "quantize", [v], v.dummy, s_out, bound, attrs, {"scale": s_out})
+    b, c = dyadic(v.scale / s_out)
+    return program.emit(name, "requantize", [v], v.dummy, s_out, bound, attrs, {"b": b, "c": c})
+
+
 @register
 class Quantize(QuantOp):
     name = "quantize"
@@ -31,10 +43,7 @@ class Quantize(QuantOp):
                 dummy = F.pad(dummy, pads)
                 current = program.emit(out, "pad", [current], dummy, s_out, bound, {"pads": pads})
             return current
-        if v.scale is None:
-            return program.emit(node.name, "quantize", [v], v.dummy, s_out, bound, attrs, {"scale": s_out})
-        b, c = dyadic(v.scale / s_out)
-        return program.emit(node.name, "requantize", [v], v.dummy, s_out, bound, attrs, {"b": b, "c": c})
+        return to_grid(program, node.name, v, q)
 
     def execute(self, op, inputs, kernel):
         x, a, t = inputs[0], op.attrs, op.tensors
@@ -65,3 +74,32 @@ class Quantize(QuantOp):
                 return t  # a fused kernel already wrote these codes on this grid
             return ex.codes(ex.real(t), float(op.scale), op.attrs["qmin"] < 0, "requantize")
         return ex.tensor(ex.real(t), "real")
+
+
+@register
+class Constant(QuantOp):
+    """A constant's codes on a grid (emitted by the ops that take constants), its batch dimension following its
+    reference input's."""
+
+    name = "constant"
+    kinds = ("constant",)
+
+    def matches(self, node, modules):
+        return False
+
+    def execute(self, op, inputs, kernel):
+        codes = op.tensors["codes"]
+        return codes.expand(inputs[0].shape[0], *codes.shape[1:])
+
+    def _expanded(self, ex, op, ref, values: np.ndarray) -> str:
+        batch = ex.node("Slice", [ex.node("Shape", [ref.name], "shape"), ex.const("zero", np.array([0], np.int64)),
+                                  ex.const("one", np.array([1], np.int64))], "batch")
+        shape = ex.node("Concat", [batch, ex.const("dims", np.array(values.shape[1:], np.int64))], "shape", axis=0)
+        return ex.node("Expand", [ex.const("codes", values), shape], "constant")
+
+    def onnx(self, ex, op, ins):
+        return ex.tensor(self._expanded(ex, op, ins[0], op.tensors["codes"].double().numpy()), "acc")
+
+    def onnx_fast(self, ex, op, ins):
+        real = (op.tensors["codes"].double() * op.scale.double()).numpy().astype(np.float32)
+        return ex.tensor(self._expanded(ex, op, ins[0], real), "real")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessq.ops._program import Value
-from hessq.ops._registry import QuantOp, register
+from hessq.ops._registry import QuantOp, is_shape_arithmetic, register
 
 
 def _full_scale(v: Value, fn) -> torch.Tensor | None:
@@ -73,8 +73,8 @@ class Reshape(QuantOp):
         v, shape = args
         if not shape or not all(isinstance(s, int) for s in shape):
             program.fail(node, "reshape to a shape that is not constant")
-        target = [-1 if i == 0 else s for i, s in enumerate(shape)]  # the batch dimension stays free
-        dummy = v.dummy.reshape(target)
+        dummy = v.dummy.reshape([1, *shape[1:]])  # the batch dimension stays free; a -1 elsewhere is resolved
+        target = [-1, *dummy.shape[1:]]
         return program.emit(node.name, "reshape", [v], dummy, _full_scale(v, lambda t: t.reshape(target)), v.qmax, {"shape": target})
 
     def execute(self, op, inputs, kernel):
@@ -141,16 +141,52 @@ class Identity(QuantOp):
     """Identity in eval mode: dropout, nn.Identity, contiguous."""
 
     name = "identity"
-    modules = (nn.Identity, nn.Dropout)
-    functions = (F.dropout,)
+    modules = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
+    functions = (F.dropout, F.dropout2d)
     methods = ("contiguous",)
     keeps_grid = True
+
+    def matches(self, node, modules):
+        # torchvision.ops.stochastic_depth (an fx-wrapped function; its StochasticDepth module calls it), matched
+        # by name so that torchvision stays optional
+        target = node.target
+        if node.op == "call_function" and getattr(target, "__name__", "") == "stochastic_depth" \
+                and getattr(target, "__module__", "").startswith("torchvision."):
+            return True
+        return super().matches(node, modules)
 
     def compile(self, program, node, op, args, kwargs):
         v = args[0]
         if v.pending_pads:
             program.fail(node, "an op on a zero-padded float input (other than quantizing it)")
         return v
+
+
+def _index(program, node, v: Value, index) -> Value:
+    """``x[:, 0]``, ``x[:, 1:3]``: basic indexing after the batch dimension, as slices and a reshape."""
+    index = index if isinstance(index, tuple) else (index,)
+    if not index or index[0] != slice(None) or not all(
+            isinstance(i, int) or (isinstance(i, slice) and i.step in (None, 1)) for i in index):
+        program.fail(node, "indexing a tensor other than by integers and unit-step slices after the batch dimension")
+    current, dropped = v, []
+    for dim, i in enumerate(index[1:], start=1):
+        size = current.dummy.shape[dim]
+        if isinstance(i, int):
+            start = i % size
+            stop = start + 1
+            dropped.append(dim)
+        else:
+            start, stop, _ = i.indices(size)
+        if (start, stop) == (0, size):
+            continue
+        scale = _full_scale(current, lambda t, d=dim, a=start, b=stop: t.narrow(d, a, b - a))
+        current = program.emit(f"{node.name}_slice{dim}", "slice", [current], current.dummy.narrow(dim, start, stop - start),
+                               scale, v.qmax, {"dim": dim, "start": start, "end": stop})
+    if not dropped:
+        return current
+    shape = [s for d, s in enumerate(current.dummy.shape) if d not in dropped]
+    scale = current.scale if current.scale.dim() == 0 else current.scale.expand(current.dummy.shape).reshape(shape)
+    return program.emit(node.name, "reshape", [current], current.dummy.reshape(shape), scale, v.qmax, {"shape": [-1, *shape[1:]]})
 
 
 @register
@@ -164,8 +200,27 @@ class Shape(QuantOp):
 
     def compile(self, program, node, op, args, kwargs):
         v = args[0]
+        if op is operator.getitem and isinstance(v, (tuple, list)):
+            return v[args[1]]  # one of the parts of a chunk or split
         if op is operator.getitem:
-            program.fail(node, "indexing a tensor")
+            return _index(program, node, v, args[1])
         if op is getattr:
             return getattr(v.dummy, args[1])
         return getattr(v.dummy, op)(*args[1:], **kwargs)
+
+
+@register
+class SizeArithmetic(QuantOp):
+    """Arithmetic on sizes (``x.size(1) * x.size(2)``, ``h // p``, ``h == 224``) and ``torch._assert`` on them:
+    Python values computed while compiling, never tensor ops."""
+
+    name = "size_arithmetic"
+    functions = (operator.mul, operator.floordiv, operator.add, operator.sub, operator.eq, operator.ne,
+                 operator.mod, torch._assert)
+    keeps_grid = False
+
+    def matches(self, node, modules):
+        return super().matches(node, modules) and is_shape_arithmetic(node)
+
+    def compile(self, program, node, op, args, kwargs):
+        program.fail(node, "arithmetic mixing sizes and tensors")  # pure size arithmetic never reaches a family

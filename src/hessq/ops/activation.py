@@ -1,0 +1,161 @@
+"""Elementwise activations of one quantized tensor (SiLU, Hardswish, Hardsigmoid, Sigmoid, Tanh, GELU, and any
+function registered with :func:`register_elementwise`) by integer lookup table.
+
+On a b-bit input grid there are only 2^b input codes, so the function is a table: for each input code q the output
+code clamp(round(f(q·s_in) / s_out)), computed once at compile time in float64. Running the table is exact integer
+arithmetic (an index), so no float is needed at inference and the integer model, the quantized model's eval mode
+and the ONNX export (a ``Gather`` on the uint8 codes) agree bit for bit. The fake-quant module computes
+q_out(f(q_in(x))): it owns the input quantizer (the activation usually follows a conv's accumulator) and the
+output quantizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from hessq._errors import ConfigError
+from hessq.ops._registry import QuantOp, register
+from hessq.ops.quant import to_grid
+from hessq.quantizer import ActQuantizer
+
+#: Largest input grid a table is built for (16-bit activations: 65,536 entries).
+MAX_TABLE_BITS = 16
+
+
+class QuantElementwise(nn.Module):
+    """Fake-quant elementwise function: q_out(f(q_in(x))), ``f`` the family's float function."""
+
+    def __init__(self, family: str, fn: Callable, params: dict[str, Any], input_quantizer: ActQuantizer,
+                 output_quantizer: ActQuantizer) -> None:
+        super().__init__()
+        self.family, self.fn, self.params = family, fn, dict(params)
+        self.input_quantizer = input_quantizer
+        self.output_quantizer = output_quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quantizer(self.fn(self.input_quantizer(x), **self.params))
+
+    @torch.no_grad()
+    def table(self) -> torch.Tensor:
+        """int64 output codes for the input codes qmin_in, ..., qmax_in (in that order)."""
+        qi, qo = self.input_quantizer, self.output_quantizer
+        codes = torch.arange(qi.qmin, qi.qmax + 1, dtype=torch.int64)
+        y = self.fn(codes.double() * qi.scale.double(), **self.params)
+        return torch.clamp(torch.round(y / qo.scale.double()), qo.qmin, qo.qmax).to(torch.int64)
+
+    def extra_repr(self) -> str:
+        params = "".join(f", {k}={v!r}" for k, v in self.params.items())
+        return f"{self.family}{params}"
+
+
+class ElementwiseOp(QuantOp):
+    """A family for one elementwise function; subclasses set the matches, :attr:`fn` and :attr:`param_names`."""
+
+    #: The float function every form becomes (also the canonical call), evaluated on float64 for the table.
+    fn: ClassVar[Callable]
+    #: Keyword parameters of :attr:`fn` that change the function (GELU's ``approximate``), with defaults.
+    param_names: ClassVar[dict[str, Any]] = {}
+    kinds = ()  # emits "lut", which LookupTable executes and exports
+
+    def matches(self, node, modules):
+        if node.op == "call_module":
+            m = modules.get(node.target)
+            if isinstance(m, QuantElementwise):
+                return m.family == self.name
+        elif node.op == "call_function" and node.target is type(self).fn:
+            return True
+        return super().matches(node, modules)
+
+    def canonical_call(self, node, module):
+        if module is not None:
+            params = {k: getattr(module, k, d) for k, d in self.param_names.items()}
+        else:
+            params = {k: node.kwargs.get(k, d) for k, d in self.param_names.items()}
+            # positional parameters after the input (F.gelu(x, "tanh")); an in-place flag is dropped
+            for k, v in zip(self.param_names, node.args[1:]):
+                params[k] = v
+        return (node.args[0],), params
+
+    def requantizing_module(self, node, new_quantizer):
+        x = node.args[0] if node.args else None
+        if not isinstance(x, fx.Node) or len(node.args) != 1:
+            return None
+        params = {k: node.kwargs.get(k, d) for k, d in self.param_names.items()}
+        return QuantElementwise(self.name, type(self).fn, params, new_quantizer(), new_quantizer()), (x,)
+
+    def compile(self, program, node, m, args, kwargs):
+        if not isinstance(m, QuantElementwise):
+            program.fail(node, f"{self.name} of a float input")
+        qi, qo = m.input_quantizer, m.output_quantizer
+        if qi.bits > MAX_TABLE_BITS:
+            program.fail(node, f"a {qi.bits}-bit lookup table for {self.name}")
+        v = to_grid(program, f"{node.name}_in", args[0], qi)
+        attrs = {"in_qmin": qi.qmin, "qmin": qo.qmin, "qmax": qo.qmax}
+        return program.emit(node.name, "lut", [v], v.dummy, qo.scale.double(), max(-qo.qmin, qo.qmax), attrs,
+                            {"table": m.table()})
+
+
+@register
+class LookupTable(QuantOp):
+    """Executes and exports the ``lut`` ops the elementwise families emit: out = table[in − in_qmin]."""
+
+    name = "lut"
+    kinds = ("lut",)
+
+    def matches(self, node, modules):
+        return False
+
+    def execute(self, op, inputs, kernel):
+        return op.tensors["table"][inputs[0] - op.attrs["in_qmin"]]
+
+    def onnx(self, ex, op, ins):
+        t, a = ins[0], op.attrs
+        table = op.tensors["table"]
+        out_zp = 128 if a["qmin"] < 0 else 0
+        eight_bit = a["qmin"] + out_zp >= 0 and a["qmax"] + out_zp <= 255
+        if t.kind == "codes":
+            # one entry for each of the 256 uint8 codes: code u stands for u − zp; codes off the input grid clamp
+            centred = np.arange(256) - t.zero_point - a["in_qmin"]
+            table = table[torch.from_numpy(np.clip(centred, 0, len(table) - 1))]
+            index = ex.node("Cast", [t.name], "lut_index", to=ex.TP.INT64)
+        elif t.kind == "acc":
+            shifted = ex.node("Sub", [t.name, ex.const("in_qmin", np.float64(a["in_qmin"]))], "lut_shift")
+            index = ex.node("Cast", [shifted], "lut_index", to=ex.TP.INT64)
+        else:
+            raise ConfigError("internal: a lookup table read by a float value")
+        if eight_bit:
+            values = ex.const("table", (table + out_zp).numpy().astype(np.uint8))
+            return ex.tensor(ex.node("Gather", [values, index], "lut", axis=0), "codes", float(op.scale), out_zp)
+        values = ex.const("table", table.numpy().astype(np.float64))
+        return ex.tensor(ex.node("Gather", [values, index], "lut", axis=0), "acc")
+
+    # fast export: the same Gather (its input, a requantize, arrives as uint8 codes): one table read per element
+    # is as fast as ONNX Runtime runs anything, and it agrees with the integer model wherever its input codes do
+
+
+def register_elementwise(name: str, fn: Callable, *, modules: tuple[type[nn.Module], ...] = (),
+                         functions: tuple[Callable, ...] = (), methods: tuple[str, ...] = (),
+                         params: dict[str, Any] | None = None) -> type[ElementwiseOp]:
+    """Register an integer lookup-table family for ``fn``, an elementwise function of one tensor.
+
+    ``fn(x, **params)`` must accept a float64 tensor; every matched module, function (``fn`` itself always) and
+    ``Tensor`` method becomes a call of ``fn``. Returns the family class (``unregister(name)`` removes it).
+    """
+    attrs = {"name": name, "fn": fn, "canonical": staticmethod(fn), "modules": tuple(modules),
+             "functions": tuple(functions), "methods": tuple(methods), "param_names": dict(params or {})}
+    return register(type(f"Elementwise_{name}", (ElementwiseOp,), attrs))
+
+
+register_elementwise("silu", F.silu, modules=(nn.SiLU,))
+register_elementwise("hardswish", F.hardswish, modules=(nn.Hardswish,))
+register_elementwise("hardsigmoid", F.hardsigmoid, modules=(nn.Hardsigmoid,))
+register_elementwise("sigmoid", torch.sigmoid, modules=(nn.Sigmoid,), functions=(F.sigmoid,), methods=("sigmoid",))
+register_elementwise("tanh", torch.tanh, modules=(nn.Tanh,), functions=(F.tanh,), methods=("tanh",))
+register_elementwise("gelu", F.gelu, modules=(nn.GELU,), params={"approximate": "none"})

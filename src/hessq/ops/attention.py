@@ -1,0 +1,183 @@
+"""nn.MultiheadAttention (self-attention, batch first, no masks: ViT's encoder) in integers only.
+
+The module quantizes its input; the packed input projection and the output projection are 8-bit per-channel
+weights with int32 biases (like a standalone BatchNorm's affine, they take no bits from the plan); q, k and v go
+on grids of their own; the scores q·kᵀ are an integer matmul of codes whose scale takes 1/√d in; softmax runs
+on an 8-bit grid of the scores by a table and an integer division:
+
+    c_j   the score codes of a row, m = max_j c_j
+    e_j = E[c_j − m],  E[i] = round(2^16 · exp(s·i))   (i = −254 … 0)
+    p_j = ⌊(2·255·e_j + Σe) / (2·Σe)⌋                    the probability on the [0, 1] grid of step 1/255
+
+and the context p·v is another integer matmul. Every value is an exact integer below 2^52, so the exact ONNX
+export (MatMulInteger, a Gather, float64 divisions that floor exactly) reproduces it bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from hessq.ops._program import Value
+from hessq.ops._registry import QuantOp, family_for_kind, register
+from hessq.ops._weighted import WeightCodes
+from hessq.ops.quant import to_grid
+from hessq.ops.shape import _full_scale
+
+EXP_BITS = 16
+PROBABILITY_MAX = 255
+
+
+class _Projection(WeightCodes, nn.Module):
+    """A linear projection inside the attention: 8-bit per-channel weight codes, int32 bias."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, input_quantizer) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self._init_quant(8, input_quantizer.bits, "channel", 1)
+        self.set_input_quantizer(input_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.quantized_weight_and_bias()
+        return F.linear(x, w, b)
+
+
+class QuantMultiheadAttention(nn.Module):
+    """Fake-quant self-attention; returns ``(output, None)`` as ``nn.MultiheadAttention`` with need_weights=False."""
+
+    def __init__(self, mha: nn.MultiheadAttention, new_quantizer) -> None:
+        super().__init__()
+        self.num_heads, self.embed_dim = mha.num_heads, mha.embed_dim
+        self.input_quantizer = new_quantizer()
+        self.q_quantizer, self.k_quantizer, self.v_quantizer = new_quantizer(), new_quantizer(), new_quantizer()
+        self.score_quantizer = new_quantizer()
+        self.probability_quantizer = new_quantizer((0.0, 1.0))
+        self.context_quantizer = new_quantizer()
+        self.output_quantizer = new_quantizer()
+        self.in_proj = _Projection(mha.in_proj_weight, mha.in_proj_bias, self.input_quantizer)
+        self.out_proj = _Projection(mha.out_proj.weight, mha.out_proj.bias, self.context_quantizer)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        n, tokens, _ = t.shape
+        return t.reshape(n, tokens, self.num_heads, -1).permute(0, 2, 1, 3)
+
+    def forward(self, x: torch.Tensor):
+        n, tokens, _ = x.shape
+        q, k, v = self.in_proj(self.input_quantizer(x)).chunk(3, -1)
+        q, k, v = (self._heads(quant(t)) for quant, t in
+                   ((self.q_quantizer, q), (self.k_quantizer, k), (self.v_quantizer, v)))
+        scores = self.score_quantizer(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
+        p = self.probability_quantizer(torch.softmax(scores, -1))
+        context = (p @ v).permute(0, 2, 1, 3).reshape(n, tokens, self.embed_dim)
+        return self.output_quantizer(self.out_proj(self.context_quantizer(context))), None
+
+
+@register
+class MultiheadAttention(QuantOp):
+    name = "multihead_attention"
+    modules = (nn.MultiheadAttention, QuantMultiheadAttention)
+    kinds = ("attn_linear", "matmul", "softmax")
+    channel_dim = -1  # the projections' features are the last dimension
+
+    def requantizing_module(self, node, new_quantizer):
+        mha = node.graph.owning_module.get_submodule(node.target)
+        if not isinstance(mha, nn.MultiheadAttention):
+            return None
+        args = list(node.args) + [node.kwargs.get(k) for k in ("query", "key", "value") if k in node.kwargs]
+        extra = {k: v for k, v in node.kwargs.items() if k not in ("query", "key", "value")}
+        plain = (mha.batch_first and mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn
+                 and len(args) == 3 and args[0] is args[1] is args[2] and isinstance(args[0], fx.Node)
+                 and extra.get("need_weights", True) is False
+                 and all(extra.get(k) is None for k in ("key_padding_mask", "attn_mask"))
+                 and not extra.get("is_causal", False))
+        if not plain:
+            return None
+        return QuantMultiheadAttention(mha, new_quantizer), (args[0],)
+
+    def compile(self, program, node, m, args, kwargs):
+        if not isinstance(m, QuantMultiheadAttention):
+            program.fail(node, "multi-head attention other than batch-first self-attention without masks or weights")
+        linear = family_for_kind("linear")
+        name, heads = node.name, m.num_heads
+        x = to_grid(program, f"{name}_in", args[0], m.input_quantizer)
+        qkv = linear.emit_accumulator(program, f"{name}_qkv", m.in_proj, x, "attn_linear")
+        n, tokens, width = qkv.dummy.shape
+        d = m.embed_dim // heads
+
+        def part(i: int, quantizer, perm: list[int]) -> Value:
+            start, end = i * m.embed_dim, (i + 1) * m.embed_dim
+            piece = program.emit(f"{name}_part{i}", "slice", [qkv], qkv.dummy.narrow(2, start, end - start),
+                                 _full_scale(qkv, lambda t: t.narrow(2, start, end - start)), qkv.qmax,
+                                 {"dim": 2, "start": start, "end": end})
+            codes = to_grid(program, f"{name}_part{i}_q", piece, quantizer)
+            shaped = program.emit(f"{name}_part{i}_heads", "reshape", [codes], codes.dummy.reshape(n, tokens, heads, d),
+                                  codes.scale, codes.qmax, {"shape": [-1, tokens, heads, d]})
+            return program.emit(f"{name}_part{i}_perm", "permute", [shaped], shaped.dummy.permute(perm), codes.scale,
+                                codes.qmax, {"perm": perm})
+
+        q = part(0, m.q_quantizer, [0, 2, 1, 3])
+        k = part(1, m.k_quantizer, [0, 2, 3, 1])
+        v = part(2, m.v_quantizer, [0, 2, 1, 3])
+        scores = program.emit(f"{name}_scores", "matmul", [q, k], q.dummy @ k.dummy, q.scale * k.scale / math.sqrt(d),
+                              q.qmax * k.qmax * d)
+        codes = to_grid(program, f"{name}_scores_q", scores, m.score_quantizer)
+        s, pq = m.score_quantizer, m.probability_quantizer
+        span = s.qmax - s.qmin
+        table = torch.round(2.0**EXP_BITS * torch.exp(float(s.scale) * torch.arange(-span, 1, dtype=torch.float64)))
+        p = program.emit(f"{name}_softmax", "softmax", [codes], codes.dummy, pq.scale.double(), PROBABILITY_MAX,
+                         {"span": span, "qmax": pq.qmax}, {"table": table.to(torch.int64)})
+        if pq.qmax != PROBABILITY_MAX or abs(float(pq.scale) * PROBABILITY_MAX - 1) > 1e-6:
+            program.fail(node, "attention probabilities on a grid other than 8-bit [0, 1]")
+        context = program.emit(f"{name}_context", "matmul", [p, v], p.dummy @ v.dummy, p.scale * v.scale,
+                               PROBABILITY_MAX * v.qmax * tokens)
+        context = to_grid(program, f"{name}_context_q", context, m.context_quantizer)
+        merged = program.emit(f"{name}_merge", "permute", [context], context.dummy.permute(0, 2, 1, 3), context.scale,
+                              context.qmax, {"perm": [0, 2, 1, 3]})
+        merged = program.emit(f"{name}_merged", "reshape", [merged], merged.dummy.reshape(n, tokens, m.embed_dim),
+                              merged.scale, merged.qmax, {"shape": [-1, tokens, m.embed_dim]})
+        out = linear.emit_accumulator(program, f"{name}_out", m.out_proj, merged, "attn_linear")
+        return to_grid(program, name, out, m.output_quantizer), None
+
+    def execute(self, op, inputs, kernel):
+        if op.kind == "attn_linear":
+            return family_for_kind("linear").execute(op, inputs, kernel)
+        if op.kind == "matmul":
+            return inputs[0] @ inputs[1]
+        c = inputs[0]
+        e = op.tensors["table"][c - c.amax(-1, keepdim=True) + op.attrs["span"]]
+        total = e.sum(-1, keepdim=True)
+        return torch.div(2 * op.attrs["qmax"] * e + total, 2 * total, rounding_mode="floor")
+
+    def onnx(self, ex, op, ins):
+        if op.kind == "attn_linear":
+            return family_for_kind("linear").onnx(ex, op, ins)
+        if op.kind == "matmul":
+            a, b = ins
+            zps = [ex.const("zp", np.uint8(t.zero_point)) for t in (a, b)]
+            product = ex.node("MatMulInteger", [a.name, b.name, *zps], "matmul")
+            return ex.tensor(ex.node("Cast", [product], "matmul_f64", to=ex.TP.DOUBLE), "acc")
+        c = ex.acc(ins[0])
+        top = ex.node("ReduceMax", [c], "row_max", axes=[-1], keepdims=1)
+        shifted = ex.node("Add", [ex.node("Sub", [c, top], "from_max"), ex.const("span", np.float64(op.attrs["span"]))], "index")
+        e = ex.node("Gather", [ex.const("exp", op.tensors["table"].numpy().astype(np.float64)),
+                               ex.node("Cast", [shifted], "index_i64", to=ex.TP.INT64)], "exp", axis=0)
+        total = ex.node("ReduceSum", [e, ex.const("axes", np.array([-1], np.int64))], "row_sum", keepdims=1)
+        numerator = ex.node("Add", [ex.node("Mul", [e, ex.const("twice_qmax", np.float64(2 * op.attrs["qmax"]))], "scaled"),
+                                    total], "numerator")
+        p = ex.node("Floor", [ex.node("Div", [numerator, ex.node("Add", [total, total], "twice_sum")], "ratio")], "floor")
+        return ex.tensor(ex.node("Cast", [p], "probability", to=ex.TP.UINT8), "codes", float(op.scale), 0)
+
+    def onnx_fast(self, ex, op, ins):
+        if op.kind == "attn_linear":
+            return family_for_kind("linear").onnx_fast(ex, op, ins)
+        out = self.onnx(ex, op, ins)
+        if op.kind == "matmul":  # the fast export carries real values between its int8 kernels
+            real = ex.node("Cast", [out.name], "matmul_f32", to=ex.TP.FLOAT)
+            return ex.tensor(ex.node("Mul", [real, ex.const("scale", np.float32(op.scale))], "matmul_real"), "real")
+        return out
