@@ -9,7 +9,7 @@ PYTEST_ARGS ?= --durations=15
 
 .PHONY: demo test test-fast bench fashion-mnist clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: this version is a CPU build on local disk; a bare `torch` pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
