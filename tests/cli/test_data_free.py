@@ -15,7 +15,7 @@ from hessq.sensitivity import Sensitivity, hessian_sensitivity
 # Few distillation steps and samples: these tests check the plumbing, not the quality of the inputs.
 FAST_DISTILL = ["--distilled-samples", "8", "--distill-steps", "5"]
 FAST_HESSIAN = ["--max-samples", "2", "--min-samples", "2", "--no-eigenvalues", "--no-progress"]
-USER_MODEL = "tests.plan._tiny:TinyResNet"  # a BatchNorm model hessq knows nothing about
+USER_MODEL = "tests._models:TinyResNet"  # a BatchNorm model hessq knows nothing about
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +108,7 @@ def test_user_model_needs_input_shape(tmp_path, capsys, command):
     args = [*command, "--model", USER_MODEL, "--data", "none", *FAST_DISTILL, "-o", str(out)]
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "--input-shape is needed for --model tests.plan._tiny:TinyResNet" in err and not out.exists()
+    assert "--input-shape is needed for --model tests._models:TinyResNet" in err and not out.exists()
     # With the shape given, the same command runs.
     assert main([*args, "--input-shape", "1,8,8"]) == 0
     assert out.exists()

@@ -6,13 +6,7 @@ import torch
 from torch import nn
 
 from hessq.data import digits
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 10)
-    ).double().eval()
+from tests._models import digits_batches as batches, mlp  # noqa: F401  (shared with the other test folders)
 
 
 class SmallConvNet(nn.Module):
@@ -75,18 +69,6 @@ def silu_net() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(64, 12), nn.GELU(), nn.Linear(12, 10)
     ).double().eval()
-
-
-def batches(sizes=(40, 20)) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive digits batches of the given (unequal) sizes, float64."""
-    data = digits("train", batch_size=sum(sizes), shuffle=False)
-    x, y = next(iter(data))
-    x = x.double()
-    out, start = [], 0
-    for n in sizes:
-        out.append((x[start : start + n], y[start : start + n]))
-        start += n
-    return out
 
 
 def exact_block_hessians(model: nn.Module, data, loss_fn=nn.functional.cross_entropy) -> dict[str, torch.Tensor]:
