@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hessq.data import digits
 from tests._models import digits_batches as batches, mlp  # noqa: F401  (shared with the other test folders)
 
 
