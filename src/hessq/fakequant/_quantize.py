@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
 import torch
+import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -38,9 +39,10 @@ def _bits_pair(value: Any, default_act: int, where: str) -> tuple[int, int]:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def layer_call_order(model: nn.Module, leaf_modules: Iterable[str] = ()) -> list[str]:
-    """Quantizable layer paths in the order the forward pass calls them."""
-    gm = traced(model, leaf_modules)
+def layer_call_order(model: nn.Module, leaf_modules: Iterable[str] = (), *, graph_module: fx.GraphModule | None = None) -> list[str]:
+    """Quantizable layer paths in the order the forward pass calls them (on ``graph_module``, the model's
+    normalised trace from :func:`hessq.graph.traced`, when given; else on a new trace)."""
+    gm = graph_module if graph_module is not None else traced(model, leaf_modules)
     layers = quantizable_layers(model)
     order = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in layers]
     seen: set[str] = set()
@@ -192,7 +194,8 @@ def quantize(
     if isinstance(plan, Mapping) and getattr(plan, "signature", None) and callable(getattr(plan, "check_model", None)):
         plan.check_model(model)  # a BitPlan for another model: names the layers that differ
     leaf_modules = list(leaf_modules)
-    order = layer_call_order(model, leaf_modules)
+    gm = traced(model, leaf_modules)  # the one trace: the layer order and the rewrite both read it
+    order = layer_call_order(model, graph_module=gm)
     if not order:
         raise ModelError(f"{type(model).__name__} calls no Conv2d or Linear layer; there is nothing to quantize")
     layer_bits = resolve_plan(plan, order, pin_first_last)
@@ -200,6 +203,7 @@ def quantize(
     gm = rewrite(
         model,
         layer_bits,
+        graph_module=gm,
         weight_granularity=weight_granularity,
         num_groups=num_groups,
         act_range=act_range,

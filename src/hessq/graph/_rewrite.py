@@ -115,6 +115,7 @@ def rewrite(
     unsupported: str = "error",
     leaf_modules: Iterable[str] = (),
     activation_bounds: bool = True,
+    graph_module: fx.GraphModule | None = None,
 ) -> fx.GraphModule:
     """The fake-quantized twin of ``model``: a GraphModule whose quantizers are not yet calibrated.
 
@@ -123,7 +124,8 @@ def rewrite(
     a layer input that is an average of ReLU6 outputs is quantized on [0, 6] instead of a
     calibrated range (see :func:`pooled_bound`).
     """
-    gm = traced(model, leaf_modules)
+    # ``graph_module``: the model's normalised trace (:func:`traced`) when the caller has it already; rewritten in place
+    gm = graph_module if graph_module is not None else traced(model, leaf_modules)
     gm.eval()
     fold_batchnorm(gm)
     float_ops = check_supported(gm, unsupported)
