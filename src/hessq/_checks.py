@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from hessq._errors import ConfigError, ConfigTypeError, InputDataError, ModelError
+from hessq._utils import split_mapping_batch
 
 
 def check_model(model: Any, what: str = "model", *, finite: bool = True) -> nn.Module:
@@ -91,9 +92,15 @@ def shape_of(x: Any) -> str:
 
 
 def split_batch(batch: Any, *, where: str = "batch") -> tuple[Any, Any]:
-    """``(inputs, targets)`` from a batch that is such a pair (a list or tuple of two)."""
+    """``(inputs, targets)`` from a batch that is such a pair (a list or tuple of two), or a dict batch with
+    ``labels`` as Hugging Face collators produce it (``{"input_ids", "attention_mask", "labels"}``)."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
+    if isinstance(batch, Mapping):
+        inputs, targets = split_mapping_batch(batch)
+        if targets is None:
+            raise InputDataError(f"each {where} dict needs its targets under 'labels'; got keys {sorted(batch)}")
+        return inputs, targets
     raise InputDataError(f"each {where} must be an (inputs, targets) pair, got "
                          f"{type(batch).__name__}{f' of {len(batch)}' if isinstance(batch, (tuple, list)) else ''}")
 

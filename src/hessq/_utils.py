@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -37,8 +37,56 @@ def training_mode(model: nn.Module | Any, training: bool = False) -> Iterator[An
         model.train(was_training)
 
 
+#: Keys of a Hugging Face batch dict that hold targets rather than inputs.
+TARGET_KEYS = ("labels", "label")
+_TOKEN_KEYS = {"input_ids", "attention_mask", "token_type_ids"}
+
+
+def token_ids(batch: Mapping[str, Any]) -> torch.Tensor:
+    """The ``input_ids`` of a Hugging Face batch dict, after checking that the rest says nothing more.
+
+    A captured Hugging Face model reads the token ids alone and derives its attention mask from the
+    padding, so the batch's ``attention_mask`` must be exactly ``input_ids != pad`` (what tokenizers
+    and collators produce) and its ``token_type_ids``, if any, all zero (single-sentence tasks).
+    """
+    from hessq._errors import InputDataError
+
+    ids = batch["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        raise InputDataError(f"input_ids must be an int64 tensor of token ids, got {getattr(ids, 'dtype', type(ids).__name__)}")
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        mask = torch.as_tensor(mask).bool()
+        if mask.shape != ids.shape:
+            raise InputDataError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
+        padded = ids[~mask]
+        if padded.numel() and ((padded != padded[0]).any() or (ids[mask] == padded[0]).any()):
+            raise InputDataError(
+                "attention_mask is not the padding of input_ids: hessq derives the mask from the pad token "
+                "(input_ids != pad_token_id), as tokenizers produce it. Mask only padding tokens, and pad with "
+                "the model's pad_token_id")
+    types = batch.get("token_type_ids")
+    if types is not None and bool(torch.as_tensor(types).any()):
+        raise InputDataError("token_type_ids are not all zero: sentence-pair inputs are not supported yet; "
+                             "classify single texts, or drop token_type_ids")
+    return ids
+
+
+def split_mapping_batch(batch: Mapping[str, Any]) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a dict batch: the token ids of a Hugging Face batch (see :func:`token_ids`),
+    or every other key as a dict of inputs; the targets are ``labels`` (None without)."""
+    targets = next((batch[k] for k in TARGET_KEYS if k in batch), None)
+    inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+    if "input_ids" in inputs and set(inputs) <= _TOKEN_KEYS:
+        return token_ids(inputs), targets
+    return inputs, targets
+
+
 def batch_inputs(batch: Any) -> Any:
-    """The inputs of a batch: the first item of an ``(inputs, targets)`` pair, or the batch itself."""
+    """The inputs of a batch: the first item of an ``(inputs, targets)`` pair, the inputs of a dict batch
+    (:func:`split_mapping_batch`), or the batch itself."""
+    if isinstance(batch, Mapping):
+        return split_mapping_batch(batch)[0]
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from hessq._checks import check_class_targets, check_inputs, check_model, split_batch
 from hessq._errors import ConfigTypeError, HessqError, InputDataError
 from hessq._utils import model_device, training_mode
+from hessq.graph import capture
 
 
 def _scores(model: Callable, x: torch.Tensor, b: int) -> torch.Tensor:
@@ -41,7 +42,7 @@ def accuracy(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], batches:
     """
     is_module = isinstance(model, nn.Module)
     if is_module:
-        check_model(model)
+        model = capture(check_model(model))
     elif not callable(model):
         raise ConfigTypeError(f"model must be an nn.Module or a callable from inputs to scores, got {type(model).__name__}")
     if isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):

@@ -26,6 +26,7 @@ from hessq._errors import (
     InputDataError,
 )
 from hessq._io import check_writable, load_sealed_torch, save_sealed_torch
+from hessq.graph import capture
 from hessq.quantizer import ActQuantizer, WeightQuantizer
 
 CHECKPOINT_FORMAT = "hessq.qat-checkpoint"
@@ -296,7 +297,7 @@ def finetune(
     # Every check before any training: a mistake costs no time.
     _check_quantized(qmodel)
     if teacher is not None:
-        check_model(teacher, "teacher")
+        teacher = capture(check_model(teacher, "teacher"))
     epochs = check_number(epochs, "epochs", low=0, strict=True)
     lr = check_number(lr, "lr", low=0, strict=True)
     momentum = check_number(momentum, "momentum", low=0)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from hessq._checks import check_inputs, check_model, reiterable, shape_of
 from hessq._utils import batch_inputs, model_device, move_to, training_mode
 from hessq._errors import ConfigError, HessqError, InputDataError, ModelError
-from hessq.graph import act_quantizers, quantizable_layers, rewrite, traced
+from hessq.graph import act_quantizers, capture, quantizable_layers, rewrite, traced
 from hessq.quantizer import Granularity, RangeMethod, check_act_bits, check_weight_bits
 from hessq.fakequant._model import QuantizedModel
 
@@ -189,7 +189,7 @@ def quantize(
         warnings.warn("hessq.quantize(first_last_bits=...) is deprecated: use pin_first_last=..., the name plan_bits "
                       "and compress use", DeprecationWarning, stacklevel=2)
         pin_first_last = first_last_bits
-    check_model(model, "model")
+    model = capture(check_model(model, "model"))
     reiterable(calibration_batches, what="calibration_batches")
     if isinstance(plan, Mapping) and getattr(plan, "signature", None) and callable(getattr(plan, "check_model", None)):
         plan.check_model(model)  # a BitPlan for another model: names the layers that differ

@@ -1,6 +1,7 @@
 """Finding and rewriting layers: torch.fx tracing, one normalising pass, BatchNorm folding, quantized twins."""
 
 from hessq.graph._fold import fold_batchnorm
+from hessq.graph._hf import CapturedModel, capture, register_capture
 from hessq.graph._layers import quantizable_layers
 from hessq.graph._normalize import normalize
 from hessq.graph._rewrite import act_quantizers, check_supported, pooled_bound, quantized_layers, rewrite, traced
@@ -8,6 +9,7 @@ from hessq.graph._trace import UnsupportedOpError, UntraceableModelError, trace
 from hessq.ops import QuantAdd, QuantCat, QuantConv2d, QuantLayer, QuantLinear, fold_conv_bn, node_location
 
 __all__ = [
+    "CapturedModel",
     "QuantAdd",
     "QuantCat",
     "QuantConv2d",
@@ -16,6 +18,7 @@ __all__ = [
     "UnsupportedOpError",
     "UntraceableModelError",
     "act_quantizers",
+    "capture",
     "check_supported",
     "fold_batchnorm",
     "fold_conv_bn",
@@ -24,6 +27,7 @@ __all__ = [
     "pooled_bound",
     "quantizable_layers",
     "quantized_layers",
+    "register_capture",
     "rewrite",
     "trace",
     "traced",

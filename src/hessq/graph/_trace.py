@@ -11,6 +11,8 @@ from torch import nn
 
 from hessq._errors import ConfigError, ConfigTypeError, ModelError
 from hessq.ops import weighted_module_types
+from hessq.graph._hf import capture
+from hessq.ops.softmax import masked_softmax
 
 
 class UntraceableModelError(ModelError, RuntimeError):
@@ -25,7 +27,8 @@ class _LocatingTracer(fx.Tracer):
     """An fx tracer that records stack traces and remembers which module it was inside."""
 
     def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
-        super().__init__()
+        # hessq's own graph-level functions (masked softmax) stay one node, whatever they compute inside
+        super().__init__(autowrap_functions=(masked_softmax,))
         self.record_stack_traces = True
         self.leaf_names = set(leaf_modules)
         self.path: list[tuple[str, str]] = []
@@ -62,7 +65,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
     unknown = [name for name in leaf_modules if name not in known]
     if unknown:
         raise ConfigError(f"leaf_modules names {unknown} that are not modules of {type(model).__name__}")
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(capture(model))
     tracer = _LocatingTracer(leaf_modules)
     try:
         graph = tracer.trace(model)

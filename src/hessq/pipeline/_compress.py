@@ -28,6 +28,7 @@ from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, HessqRunt
 from hessq._io import pid_alive, check_writable, write_text_atomic
 from hessq.data import accuracy
 from hessq.distill import DistilledData, distill_data
+from hessq.graph import capture
 from hessq.integer import IntegerModel, export_onnx, measure_latency_table, measure_onnx_latency, to_integer
 from hessq.plan import (
     BitPlan,
@@ -516,7 +517,7 @@ def compress(
     weight_bits, act_bits, pin_first_last = plan_cfg.weight_bits, plan_cfg.act_bits, plan_cfg.pin_first_last
     measure_latency, latency_repeats = plan_cfg.measure_latency, plan_cfg.latency_repeats
     limits = plan_cfg.limits
-    model = check_model(model, "model").eval()
+    model = capture(check_model(model, "model")).eval()
     data = _reusable(data, "data")
     eval_data = _reusable(eval_data, "eval_data")
     if out is not None:

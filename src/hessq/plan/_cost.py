@@ -17,7 +17,7 @@ from torch import nn
 from hessq._checks import check_model, model_float_dtype
 from hessq._utils import model_device, training_mode
 from hessq._errors import ConfigError, ConfigTypeError, ModelError
-from hessq.graph import quantizable_layers
+from hessq.graph import capture, quantizable_layers
 from hessq.ops import family_of_module
 from hessq.plan._files import SealedJSONFile, mapping_or_empty, real_number, required
 from hessq.quantizer import check_act_bits, check_weight_bits, quantization_error
@@ -271,7 +271,7 @@ def perturbations(
     ``variant="trace"`` (HAWQ-V2/V3): Ω_i(b) = (Tr(H_i)/n_i)·‖Q_b(W_i) − W_i‖².
     ``variant="eigenvalue"`` (HAWQ): Ω_i(b) = (λ_i/n_i)·‖Q_b(W_i) − W_i‖², λ_i the top eigenvalue.
     """
-    check_model(model)
+    model = capture(check_model(model))
     bits = check_bits_list(weight_bits)
     layers = quantizable_layers(model)
     check_sensitivity(model, sens, layers)

@@ -14,7 +14,7 @@ from torch import nn
 
 from hessq._checks import check_model
 from hessq._errors import ConfigError, ConfigTypeError, ModelError
-from hessq.graph import quantizable_layers
+from hessq.graph import capture, quantizable_layers
 from hessq.plan._bitplan import BitPlan
 from hessq.plan._cost import (
     LatencyTable,
@@ -213,7 +213,7 @@ def build_problem(
     omega: Mapping[str, Mapping[int, float]] | None = None,
     lenient: bool = False,
 ) -> Problem:
-    check_model(model)
+    model = capture(check_model(model))
     layers = quantizable_layers(model)
     names = list(layers)
     if not names:

@@ -7,7 +7,7 @@ product (one cheap forward of the first batch included), so a mistake is one cle
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 import warnings
 from typing import Any
 
@@ -27,8 +27,8 @@ from hessq._checks import (
     split_batch,
 )
 from hessq._errors import ConfigError, ConfigTypeError, HessqError, InputDataError
-from hessq._utils import move_to
-from hessq.graph import quantizable_layers
+from hessq._utils import TARGET_KEYS, move_to
+from hessq.graph import capture, quantizable_layers
 from hessq.sensitivity import _distributed as D
 from hessq.sensitivity import _traces as T
 from hessq.sensitivity._density import SpectralDensity, slq
@@ -80,6 +80,8 @@ def _check_loss_fn(loss_fn: Any) -> None:
 
 
 def _is_batch(obj: Any) -> bool:
+    if isinstance(obj, Mapping):  # a Hugging Face batch dict with its labels
+        return any(k in obj for k in TARGET_KEYS)
     return isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], (torch.Tensor, dict))
 
 
@@ -244,7 +246,7 @@ def hessian_sensitivity(
     and every batch (an (inputs, targets) pair, inputs in the model's float dtype without NaN,
     targets class indices the model's output has) are checked before the first product.
     """
-    check_model(model)
+    model = capture(check_model(model))
     rtol, max_samples, min_samples = _sample_counts(rtol, max_samples, min_samples)
     top_k, eig_max_iter = check_int(top_k, "top_k", low=1), check_int(eig_max_iter, "eig_max_iter", low=1)
     eig_tol, seed = check_number(eig_tol, "eig_tol", low=0), check_int(seed, "seed", low=0)
@@ -394,7 +396,7 @@ def hessian_trace(
     The whole-model trace PyHessian's ``trace()`` computes, with its standard error. Arguments and
     ``batches`` are checked, and ``batches`` read once, as in :func:`hessian_sensitivity`.
     """
-    check_model(model)
+    model = capture(check_model(model))
     rtol, max_samples, min_samples = _sample_counts(rtol, max_samples, min_samples)
     seed = check_int(seed, "seed", low=0)
     if params is None:
@@ -435,7 +437,7 @@ def top_eigenvalues(
 
     Arguments and ``batches`` are checked, and ``batches`` read once, as in :func:`hessian_sensitivity`.
     """
-    check_model(model)
+    model = capture(check_model(model))
     k, max_iter = check_int(k, "k", low=1), check_int(max_iter, "max_iter", low=1)
     tol, seed = check_number(tol, "tol", low=0), check_int(seed, "seed", low=0)
     with _EvalMode(model):
@@ -459,7 +461,7 @@ def spectral_density(
     """SLQ eigenvalue density (PyHessian's ``density``) of the Hessian over all quantizable
     layers' weights, or of one layer's block with ``layer=``. Arguments and ``batches`` are
     checked, and ``batches`` read once, as in :func:`hessian_sensitivity`."""
-    check_model(model)
+    model = capture(check_model(model))
     iters, n_v, seed = check_int(iters, "iters", low=1), check_int(n_v, "n_v", low=1), check_int(seed, "seed", low=0)
     if layer is not None and not isinstance(layer, str):
         raise ConfigTypeError(f"layer must be one layer's name (a string) or None, got {layer!r}")

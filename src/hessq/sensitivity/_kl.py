@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from hessq._checks import check_inputs, check_model
 from hessq._utils import batch_inputs
 from hessq._errors import ConfigError, ConfigTypeError, InputDataError
-from hessq.graph import fold_batchnorm, quantizable_layers, trace
+from hessq.graph import capture, fold_batchnorm, quantizable_layers, trace
 from hessq.quantizer import WeightQuantizer, check_weight_bits
 from hessq.quantizer._functional import Granularity
 from hessq.sensitivity._engine import first_forward
@@ -70,7 +70,7 @@ def kl_sensitivity(
     bits = sorted({check_weight_bits(int(b) if isinstance(b, np.integer) else b) for b in weight_bits})
     if not bits:
         raise ConfigError("weight_bits is empty; give at least one bit width")
-    check_model(model)
+    model = capture(check_model(model))
     if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
         raise InputDataError(f"batches must be an iterable of input batches (a list, a DataLoader, "
                              f"hessq.distill_data(...)), got {type(batches).__name__}")
