@@ -19,7 +19,9 @@ BUNDLED = ("resnet20", "efficientnet_lite0")
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet20",
-                   help="a bundled model (resnet20, efficientnet_lite0) or 'package.module:factory' called with no arguments")
+                   help="a bundled model (resnet20, efficientnet_lite0; minilm-bbc, minilm-tweets and codenet bring their "
+                        "own data), a Hugging Face model folder as hf:<folder>, or 'package.module:factory' called with "
+                        "no arguments")
     p.add_argument("--checkpoint", help="a state_dict (.pt) to load into --model")
 
 

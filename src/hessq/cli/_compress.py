@@ -19,6 +19,7 @@ from hessq.cli._common import (
     parse_input_shape,
     parse_ints,
 )
+from hessq.cli._tasks import TASK_MODELS, TEXT_DATA, check_hf_spec, hf_model, is_hf_spec, load_task
 from hessq.pipeline import CONFIG_ARGUMENTS, SensitivityConfig
 from hessq.sensitivity import TRACE_METHODS
 
@@ -88,8 +89,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(p)
     p.add_argument("--data", default="fashion-mnist",
-                   help="'fashion-mnist', 'none' (data-free: ZeroQ distilled inputs) or 'package.module:function' "
-                        "returning (inputs, targets) batches, a (train, eval) pair, or a dict with 'train' and 'eval'")
+                   help="'fashion-mnist', 'none' (data-free: ZeroQ distilled inputs), 'bbc' or 'tweets' (text, for "
+                        "--model hf:...), or 'package.module:function' returning (inputs, targets) batches (or dicts "
+                        "with labels), a (train, eval) pair, or a dict with 'train' and 'eval'")
     p.add_argument("--sensitivity", default=SensitivityConfig.defaults()["method"],
                    help="'hessian' (Hutchinson traces), 'kl' (ZeroQ) or a sensitivity.json from `hessq analyze` "
                         "(default %(default)s)")
@@ -175,8 +177,13 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         check_readable(args.sensitivity, "--sensitivity (a sensitivity.json; or 'hessian' or 'kl')")
     if args.plan_latency_table is not None:
         check_readable(args.plan_latency_table, "--latency-table")
-    if args.data not in ("fashion-mnist", "none") and ":" not in args.data:
-        raise ConfigError(f"--data must be 'fashion-mnist', 'none' or 'package.module:function', got {args.data!r}")
+    if args.data not in ("fashion-mnist", "none", *TEXT_DATA) and ":" not in args.data:
+        raise ConfigError(f"--data must be 'fashion-mnist', 'none', 'bbc', 'tweets' or 'package.module:function', "
+                          f"got {args.data!r}")
+    if is_hf_spec(args.model):
+        check_hf_spec(args.model)
+        if args.data in ("fashion-mnist", "none") and args.model[3:] not in TASK_MODELS:
+            raise ConfigError(f"--model {args.model} needs text data: --data bbc, tweets or package.module:function")
     shape = parse_input_shape(args.input_shape, args.model) if args.input_shape or args.data == "none" else None
     options = dict(configs_from_args(args), input_shape=shape, out_dir=args.out, model_name=args.model, seed=args.seed,
                    progress=not args.no_progress)
@@ -219,8 +226,15 @@ def run(args: argparse.Namespace) -> int:
 
     options = _options(args)  # every option checked before anything is loaded or analysed
     args.interrupt_note = _interrupt_note(args.out)
-    model = load_model(args.model, args.checkpoint)
-    train, evaluation = load_data(args.data, seed=args.seed)
+    task = load_task(args.model, args.data, seed=args.seed)
+    if task is not None:
+        model, train, evaluation = task.model, task.train, task.evaluation
+        options.update(metric=task.metric, metric_name=task.metric_name, model_name=task.name)
+        if options.get("input_shape") is None:
+            options["input_shape"] = task.input_shape
+    else:
+        model = hf_model(args.model) if is_hf_spec(args.model) else load_model(args.model, args.checkpoint)
+        train, evaluation = load_data(args.data, seed=args.seed)
     if args.sensitivity not in ("hessian", "kl"):
         options["sensitivity"] = Sensitivity.load(args.sensitivity)
         options["sensitivity"].check_model(model)
@@ -232,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     if resumed:
         print(f"resumed QAT from step {resumed['from_step']} of {result.meta['finetune_steps']}, {resumed['checkpoint']}")
     print()
-    print(results_table(result.rows))
+    print(results_table(result.rows, metric=result.meta.get("metric", "top-1")))
     print(f"\nwrote {', '.join(Path(p).name for p in result.files.values())} to {args.out}/")
     if "report" in result.files:
         print(f"report: {result.files['report']}")

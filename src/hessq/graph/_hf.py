@@ -57,6 +57,7 @@ class CapturedModel(nn.Module):
     source: str = ""
     input_key: str = "input_ids"
     pad_token_id: int = 0
+    max_length: int = 512  # longest input (position table)
 
 
 class CapturedBertForSequenceClassification(CapturedModel):
@@ -79,6 +80,7 @@ class CapturedBertForSequenceClassification(CapturedModel):
         self.classifier = model.classifier
         self.config = config
         self.pad_token_id = int(config.pad_token_id if config.pad_token_id is not None else 0)
+        self.max_length = int(config.max_position_embeddings)
         self.num_heads = int(config.num_attention_heads)
         self.head_size = int(config.hidden_size // config.num_attention_heads)
 

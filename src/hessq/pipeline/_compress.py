@@ -129,7 +129,8 @@ class CompressResult:
             self.files = {k: str(v) for k, v in files.items()}
             write_text_atomic(at["results"], json.dumps(self.results(), indent=2))
             write_text_atomic(at["results_table"],
-                              f"# {self.meta.get('model', 'model')}: hessq compress\n\n{results_table(self.rows)}\n")
+                              f"# {self.meta.get('model', 'model')}: hessq compress\n\n"
+                              f"{results_table(self.rows, metric=self.meta.get('metric', 'top-1'))}\n")
             if report:
                 write_text_atomic(at["report"], self.report())
 
@@ -148,7 +149,7 @@ class CompressResult:
         return render_report(
             title=f"hessq compress: {self.meta.get('model', 'model')}",
             rows=self.rows, sensitivity=self.sensitivity, frontier=self.frontier, plan=self.plan,
-            chosen="mixed", meta=self.meta, notes=notes,
+            chosen="mixed", meta=self.meta, notes=notes, metric=self.meta.get("metric", "top-1"),
         )
 
 
@@ -471,6 +472,8 @@ def compress(
     model_name: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    metric: Callable[[nn.Module, Iterable], float] | None = None,
+    metric_name: str = "top-1",
     **deprecated: Any,
 ) -> CompressResult:
     """Compress ``model`` to mixed precision and an integer-only model, end to end.
@@ -480,6 +483,8 @@ def compress(
     (first ``quantize.calibration_batches``) and QAT (all of it); ``None`` means data-free: ZeroQ
     distilled inputs (``distill``, a :class:`DistillConfig`) stand in for all three.
     ``eval_data`` (labelled batches) gives every row's top-1; without it accuracy is left empty.
+    ``metric(model, eval_data)`` replaces top-1 by another score in [0, 1] (a detector's mAP), named
+    ``metric_name`` in the results table and the report.
     Every stage reads the same batches: ``data`` or ``eval_data`` given as a one-shot iterator (a
     generator, ``iter(list)``) is read ONCE into a list that every stage reuses (so it must fit in
     memory); a re-iterable source such as a list or a ``DataLoader`` is used as it is, never listed.
@@ -513,6 +518,8 @@ def compress(
                             progress=progress, **deprecated)
     sensitivity, plan_cfg, quant_cfg, distill_cfg, ft, export_cfg, out = (
         options[k] for k in ("sensitivity", "plan", "quantize", "distill", "finetune", "export", "out_dir"))
+    if metric is not None and not callable(metric):
+        raise ConfigTypeError(f"metric must be a function (model, eval_data) -> score in [0, 1], got {type(metric).__name__}")
     sens_cfg = sensitivity if isinstance(sensitivity, SensitivityConfig) else None
     weight_bits, act_bits, pin_first_last = plan_cfg.weight_bits, plan_cfg.act_bits, plan_cfg.pin_first_last
     measure_latency, latency_repeats = plan_cfg.measure_latency, plan_cfg.latency_repeats
@@ -533,6 +540,7 @@ def compress(
                for name in CONFIG_ARGUMENTS}
     meta: dict[str, Any] = {
         "model": model_name or type(model).__name__,
+        "metric": metric_name,
         "input_shape": list(shape),
         "data": "none (ZeroQ distilled)" if data is None else "given",
         "sensitivity": sens_cfg.method if sens_cfg is not None else "given (precomputed)",
@@ -641,11 +649,12 @@ def compress(
     def add_row(name: str, bits: str, costs: BitPlan | None, imod: IntegerModel, **extra: Any) -> None:
         rows.append(evaluate_setting(name, bits, imod, eval_data, costs=costs, input_shape=shape,
                                      latency_repeats=latency_repeats if measure_latency else 0, progress=progress,
-                                     **extra))
+                                     metric=metric, **extra))
 
     fp32_row: dict[str, Any] = {"name": "FP32", "bits": "32 / 32"}
     if eval_data is not None:
-        fp32_row["accuracy"] = accuracy(model, eval_data, progress=progress, desc="evaluate FP32")
+        fp32_row["accuracy"] = (metric(model, eval_data) if metric is not None
+                                else accuracy(model, eval_data, progress=progress, desc="evaluate FP32"))
     fp32_costs = evaluate_plan(model, 8, act_bits=8, input_shape=shape)
     fp32_row["size_bytes"] = 4 * fp32_costs.num_params if fp32_costs.num_params else None
     fp32_row["bops"] = fp32_costs.bops * 16 if fp32_costs.bops is not None else None  # 32×32 instead of 8×8
@@ -728,6 +737,7 @@ def evaluate_setting(
     input_shape: Sequence[int] | None = None,
     latency_repeats: int = 30,
     progress: bool = False,
+    metric: Callable[[nn.Module, Iterable], float] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """One row of the results table: the integer model's top-1, the plan's size/BOPs, its ONNX Runtime latency.
@@ -740,7 +750,8 @@ def evaluate_setting(
 
     row: dict[str, Any] = {"name": name, "bits": bits, **extra}
     if eval_data is not None:
-        row["accuracy"] = accuracy(imodel, eval_data, progress=progress, desc=f"evaluate {name}")
+        row["accuracy"] = (metric(imodel, eval_data) if metric is not None
+                           else accuracy(imodel, eval_data, progress=progress, desc=f"evaluate {name}"))
     if costs is not None:
         row.update(size_bytes=costs.size_bytes, bops=costs.bops, average_bits=costs.average_bits)
     if latency_repeats > 0:

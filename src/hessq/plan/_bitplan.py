@@ -120,7 +120,8 @@ class BitPlan(SealedJSONFile, Mapping[str, int]):
         values = [d.get(key) for d in self.layers.values()]
         if any(v is None for v in values):
             return None
-        return sum(values)
+        # costs outside the layers' choice (attention's activation matmuls, in BOPs) count in the total
+        return sum(values) + float(self.meta.get("fixed_costs", {}).get(key, 0.0))
 
     @property
     def size_bytes(self) -> float | None:

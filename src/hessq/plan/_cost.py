@@ -17,7 +17,7 @@ from torch import nn
 from hessq._checks import check_model, model_float_dtype
 from hessq._utils import model_device, training_mode
 from hessq._errors import ConfigError, ConfigTypeError, ModelError
-from hessq.graph import capture, quantizable_layers
+from hessq.graph import CapturedModel, capture, quantizable_layers
 from hessq.ops import family_of_module
 from hessq.plan._files import SealedJSONFile, mapping_or_empty, real_number, required
 from hessq.quantizer import check_act_bits, check_weight_bits, quantization_error
@@ -164,9 +164,16 @@ def as_latency_table(table: "LatencyTable | Mapping | str | os.PathLike | None")
     raise ConfigTypeError(f"latency_table must be a LatencyTable, a mapping or a JSON path, got {type(table).__name__}")
 
 
+#: Tokens per example input of a captured transformer when no input shape is given.
+DEFAULT_SEQUENCE_LENGTH = 128
+
+
 def default_input_shape(model: nn.Module) -> tuple[int, ...]:
-    """(C, 28, 28) for a model whose first layer takes image channels (the bundled ResNet-20 is 1×28×28),
-    else (in_features,)."""
+    """(T,) token ids for a captured transformer (T = 128), (C, 28, 28) for a model whose first layer takes
+    image channels (the bundled ResNet-20 is 1×28×28), else (in_features,)."""
+    captured = capture(model)
+    if isinstance(captured, CapturedModel):
+        return (min(DEFAULT_SEQUENCE_LENGTH, captured.max_length),)
     first = next(iter(quantizable_layers(model).values()))
     if hasattr(first, "in_channels"):
         return (first.in_channels, 28, 28)
@@ -179,7 +186,38 @@ def _example_input(model: nn.Module, example_input: torch.Tensor | None, input_s
     if example_input is not None:
         return example_input
     shape = tuple(int(s) for s in (input_shape if input_shape is not None else default_input_shape(model)))
+    if isinstance(capture(model), CapturedModel):  # token ids: one real token everywhere, nothing masked
+        return torch.ones((1, *shape), device=model_device(model), dtype=torch.long)
     return torch.zeros((1, *shape), device=model_device(model), dtype=model_float_dtype(model))
+
+
+class _MatmulCounter(torch.overrides.TorchFunctionMode):
+    """Counts the MACs of matmuls between two activations (attention's QKᵀ and A·V); weights' are the layers'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.matmul, torch.Tensor.matmul, torch.bmm, torch.Tensor.__matmul__) and len(args) == 2:
+            a, b = args
+            if not isinstance(a, nn.Parameter) and not isinstance(b, nn.Parameter) and isinstance(out, torch.Tensor):
+                self.macs += out.numel() * a.shape[-1]
+        return out
+
+
+def activation_matmul_macs(model: nn.Module, *, example_input: torch.Tensor | None = None,
+                           input_shape: Sequence[int] | None = None) -> int:
+    """MACs (per example) of the matmuls whose both operands are activations: a fixed cost at the activation
+    bits, which the plan adds to every assignment's BOPs."""
+    model = capture(model)
+    x = _example_input(model, example_input, input_shape)
+    batch = x.shape[0] if x.dim() > 0 and x.shape[0] > 0 else 1
+    counter = _MatmulCounter()
+    with torch.no_grad(), training_mode(model, False), counter:
+        model(x)
+    return counter.macs // batch
 
 
 def layer_costs(
@@ -196,6 +234,7 @@ def layer_costs(
     :func:`default_input_shape`. ``bias_layers`` names layers that store an int32 bias though
     their module has none (because a BatchNorm folds into them).
     """
+    model = capture(model)
     layers = quantizable_layers(model)
     x = _example_input(model, example_input, input_shape)
     batch = x.shape[0] if x.dim() > 0 and x.shape[0] > 0 else 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import numpy as np
@@ -18,6 +18,7 @@ from hessq.graph import capture, quantizable_layers
 from hessq.plan._bitplan import BitPlan
 from hessq.plan._cost import (
     LatencyTable,
+    activation_matmul_macs,
     LayerCost,
     Variant,
     as_latency_table,
@@ -108,6 +109,8 @@ class Problem:
     variant: str
     weight_bits: tuple[int, ...]
     latency_table: LatencyTable | None = None
+    #: Costs no bit choice changes, per limit: the BOPs of matmuls between two activations (attention).
+    fixed: dict[str, float] = field(default_factory=dict)
 
     def group_matrix(self, per_layer: np.ndarray) -> np.ndarray:
         index = {n: i for i, n in enumerate(self.names)}
@@ -136,13 +139,15 @@ class Problem:
             if name == "latency" and "latency" not in self.layer_costs:
                 raise ConfigError("latency_limit needs a latency_table (layer -> bits -> seconds)")
             if isinstance(v, Relative):
-                v = v.resolve(*self.reachable(name))
+                v = v.resolve(*(r + self.fixed.get(name, 0.0) for r in self.reachable(name)))
             out[name] = float(v)
         return out
 
     def solve(self, limits: Mapping[str, float], time_limit: float | None = None, meta: Mapping[str, Any] | None = None) -> BitPlan:
         t0 = time.perf_counter()
-        sol = solve(self.omega, self.group_costs(), limits, time_limit=time_limit)
+        # the layers share what the fixed costs leave of each limit
+        variable = {k: v - self.fixed.get(k, 0.0) for k, v in limits.items()}
+        sol = solve(self.omega, self.group_costs(), variable, time_limit=time_limit)
         elapsed = time.perf_counter() - t0
         bits = {}
         for g, col in zip(self.groups, sol.choice):
@@ -177,6 +182,7 @@ class Problem:
                 "omega": None if np.isnan(om) else float(om),
             }
         m = {
+            **({"fixed_costs": dict(self.fixed)} if self.fixed else {}),
             "weight_bits": list(self.weight_bits),
             "variant": self.variant,
             "pins": self.pins,
@@ -289,6 +295,8 @@ def build_problem(
     # Costs.
     bias_layers = facts.bn_followed if facts is not None else graph_facts(model).bn_followed
     costs = layer_costs(model, example_input=example_input, input_shape=input_shape, bias_layers=bias_layers)
+    matmul_macs = activation_matmul_macs(model, example_input=example_input, input_shape=input_shape)
+    fixed = {"bops": float(matmul_macs * act_bits * act_bits)} if matmul_macs else {}
     lc = {
         "size": np.array([[costs[n].size_bytes(b) for b in cols] for n in names], dtype=np.float64),
         "bops": np.array([[costs[n].bops(b, act_bits) for b in cols] for n in names], dtype=np.float64),
@@ -321,6 +329,7 @@ def build_problem(
         variant=variant if sens is not None else "given",
         weight_bits=wbits,
         latency_table=table,
+        fixed=fixed,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,9 +33,10 @@ def _num(value: Any, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
-def _results_table(rows: Sequence[Mapping[str, Any]], reference: float | None, chosen: str | None) -> str:
+def _results_table(rows: Sequence[Mapping[str, Any]], reference: float | None, chosen: str | None,
+                   metric: str = "top-1") -> str:
     has_b64 = any(r.get("latency_ms_b64") is not None for r in rows)
-    head = ["setting", "weights / activations", "top-1 (%)", "Δ vs FP32", "size (KB)", "BOPs (G)", "latency b1 (ms)"]
+    head = ["setting", "weights / activations", f"{_esc(metric)} (%)", "Δ vs FP32", "size (KB)", "BOPs (G)", "latency b1 (ms)"]
     if has_b64:
         head.append("latency b64 (ms)")
     head.append("notes")
@@ -124,6 +126,7 @@ def render_report(
     reference: str = "FP32",
     meta: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
+    metric: str = "top-1",
 ) -> str:
     """The report as one HTML string.
 
@@ -131,7 +134,9 @@ def render_report(
     ``size_bytes``, ``bops``, ``latency_ms``, ``latency_ms_b64``, ``note``; the row named ``reference``
     gives the Δ column and the row named ``chosen`` is highlighted and marked on the Pareto curve.
     Each figure appears when its input is given: per-layer sensitivity bars, the size–Ω Pareto curve
-    with the chosen plan, bits per layer along the network, and accuracy against size.
+    with the chosen plan, bits per layer along the network (and, for a stack of repeated blocks such as a
+    transformer's encoder layers, a grid of bits per block and matrix), and accuracy against size.
+    ``metric`` names the accuracy column (``top-1``, ``mAP``).
     """
     ref = next((r.get("accuracy") for r in rows if r["name"] == reference), None)
     parts = [
@@ -143,7 +148,7 @@ def render_report(
         parts.append("<table class=meta>" + "".join(
             f"<tr><td>{_esc(k)}</td><td>{_esc(v if isinstance(v, str) else json.dumps(v))}</td></tr>" for k, v in meta.items()
         ) + "</table>")
-    parts += ["<h2>Results</h2>", _results_table(rows, ref, chosen)]
+    parts += ["<h2>Results</h2>", _results_table(rows, ref, chosen, metric)]
     if any(r.get("accuracy") is not None and r.get("size_bytes") is not None for r in rows):
         parts.append(f"<img id=accuracy-size alt='accuracy against size' src='{_plots.accuracy_vs_size(rows)}'>")
     parts += [f"<p class=note>{_esc(n)}</p>" for n in notes]
@@ -168,6 +173,7 @@ def render_report(
             "<h2>Bits per layer</h2>",
             f"<img id=bits alt='bits per layer' src='{_plots.bits_along_network(names, [plan[n] for n in names], act, params)}'>",
             f"<p>Limits solved under: {_esc(limits)}. Average weight bits: {_num(plan.average_bits, '.3f')}.</p>",
+            _block_grid(plan),
             _plan_table(plan),
         ]
     parts.append("</body></html>")
@@ -179,10 +185,37 @@ def write_report(path: str | os.PathLike, **kwargs: Any) -> None:
     write_text_atomic(path, render_report(**kwargs))
 
 
-def results_table(rows: Sequence[Mapping[str, Any]], reference: str = "FP32") -> str:
-    """The rows as a Markdown table (for results.md and the terminal)."""
+_BLOCK = re.compile(r"^(?P<stack>.*?\.?layers?)\.(?P<index>\d+)\.(?P<part>.+)$")
+
+
+def _block_grid(plan: BitPlan) -> str:
+    """Bits per repeated block (rows) and matrix within it (columns): ``bert.encoder.layer.3.attention.self.query``
+    is block 3, matrix ``attention.self.query``. Empty when the layers do not form such a stack."""
+    grid: dict[str, dict[str, int]] = {}
+    parts: list[str] = []
+    others = []
+    for name in plan:
+        m = _BLOCK.match(name)
+        if m is None:
+            others.append(name)
+            continue
+        grid.setdefault(m["index"], {})[m["part"]] = plan[name]
+        if m["part"] not in parts:
+            parts.append(m["part"])
+    if len(grid) < 2:
+        return ""
+    head = "".join(f"<th>{_esc(p)}</th>" for p in parts)
+    body = "".join(f"<tr><td>{_esc(i)}</td>" + "".join(f"<td class=num>{_num(cols.get(p), 'd')}</td>" for p in parts)
+                   + "</tr>" for i, cols in grid.items())
+    rest = ", ".join(f"{_esc(n)}: {plan[n]}" for n in others)
+    return (f"<h3>Bits per block and matrix</h3><table id=block-bits><tr><th>block</th>{head}</tr>{body}</table>"
+            + (f"<p>Outside the blocks: {rest}.</p>" if rest else ""))
+
+
+def results_table(rows: Sequence[Mapping[str, Any]], reference: str = "FP32", metric: str = "top-1") -> str:
+    """The rows as a Markdown table (for results.md and the terminal); ``metric`` names the accuracy column."""
     ref = next((r.get("accuracy") for r in rows if r["name"] == reference), None)
-    lines = ["| setting | weights / activations | top-1 (%) | Δ vs FP32 | size (KB) | BOPs (G) | latency b1 (ms) |",
+    lines = [f"| setting | weights / activations | {metric} (%) | Δ vs FP32 | size (KB) | BOPs (G) | latency b1 (ms) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         acc = r.get("accuracy")

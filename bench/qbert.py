@@ -1,0 +1,199 @@
+"""Q-BERT on a real pretrained BERT (all-MiniLM-L6-v2) and real text: BBC News (5 classes) and tweets (sentiment).
+
+One table per task, side by side in one run, test accuracy and model size:
+
+* FP32 (the fine-tuned checkpoint, Hugging Face's own BertForSequenceClassification head), ONNX Runtime
+  ``quantize_dynamic`` int8, hessq W8A8 with 8-bit embeddings;
+* uniform W4 and W3 (activations 8 bits, embeddings at the same bits per row) per output channel, in Q-BERT's
+  row groups (128 groups) and in input-dimension blocks (128 columns), post-training and after QAT;
+* the Hessian mixed plan over 2-8 bits at an average of 3 weight bits (embeddings included: the same bytes as
+  uniform W3 per channel) after QAT, mean and 95% interval over 3 QAT seeds; the same size with the sensitivity
+  order reversed, and the median of random plans (traces permuted over the layers), post-training and after QAT.
+
+Accuracy is that of hessq's fake-quantized model in eval mode (the integer program where every op has one);
+QAT is ``hessq.finetune`` with distillation from the FP32 model, ``--qat-steps`` steps.
+
+    .venv/bin/python bench/qbert.py [--tasks bbc tweets] [--qat-steps 150] [--random-plans 5] [--seeds 3]
+
+Writes qbert.json and qbert.md to --out (default bench/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import hessq
+from hessq.graph import quantizable_layers
+from hessq.plan import evaluate_plan, plan_bits
+from hessq.sensitivity import Sensitivity
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, command_line, log, machine, write_results  # noqa: E402
+from plan import random_sensitivity, reverse_sensitivity  # noqa: E402
+
+#: (max tokens, train batch) per task, as issue 16 fixes them
+TASKS = {"bbc": (256, 16), "tweets": (64, 32)}
+GROUPINGS = {  # name -> quantize() keywords
+    "per channel": dict(weight_granularity="channel"),
+    "128 row groups (Q-BERT)": dict(weight_granularity="group", num_groups=128),
+    "128-column blocks": dict(weight_granularity="block", block_size=128),
+}
+MIXED_BITS = (2, 3, 4, 5, 6, 8)
+
+
+def data(task: str, split: str, **kw):
+    from hessq import data as D
+
+    return (D.bbc_news if task == "bbc" else D.tweets)(split, **kw)
+
+
+class Task:
+    def __init__(self, task: str, args) -> None:
+        self.name = task
+        length, batch = TASKS[task]
+        self.model = hessq.models.minilm_finetuned(task, progress=True)
+        self.train = data(task, "train", batch_size=batch, shuffle=True, seed=0)
+        calib_source = data(task, "train", batch_size=batch, shuffle=False)
+        self.calib = [b for _, b in zip(range(args.calibration_batches), calib_source)]
+        self.sens_batches = [b for _, b in zip(range(args.sensitivity_batches), calib_source)]
+        self.test = data(task, "test", batch_size=64)
+        self.layers = list(quantizable_layers(self.model))
+        self.args = args
+
+    def accuracy(self, model) -> float:
+        return float(hessq.accuracy(model, self.test))
+
+    def size_mb(self, plan) -> float:
+        return float(evaluate_plan(self.model, plan).size_bytes) / 1e6
+
+    def quantize(self, plan, **kw):
+        return hessq.quantize(self.model, plan, self.calib, pin_first_last=None, **kw)
+
+    def qat(self, q, seed: int = 0):
+        hessq.finetune(q, self.train, teacher=self.model, epochs=1, max_steps=self.args.qat_steps, lr=self.args.qat_lr,
+                       seed=seed, checkpoint=None, progress=False)
+        return q.eval()
+
+
+def uniform(names: list[str], bits: int) -> dict[str, int]:
+    return {n: bits for n in names}
+
+
+def run_task(task: str, args) -> dict[str, Any]:
+    t0 = time.time()
+    t = Task(task, args)
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, acc: float | None, size_mb: float | None, **extra) -> None:
+        rows.append({"setting": name, "accuracy": acc, "size_mb": size_mb, **extra})
+        log(f"[{task}] {name}: {'-' if acc is None else f'{100 * acc:.2f}%'} "
+            f"{'' if size_mb is None else f'{size_mb:.2f} MB'} {extra if extra else ''}")
+
+    fp32 = t.accuracy(t.model)
+    row("FP32", fp32, 4 * sum(p.numel() for p in t.model.parameters()) / 1e6)
+    try:
+        from _text import ort_dynamic_accuracy  # the ONNX Runtime baselines (bench/_text.py)
+
+        acc, mb = ort_dynamic_accuracy(t.model, t.test)
+        row("ONNX Runtime quantize_dynamic int8", acc, mb)
+    except Exception as exc:  # noqa: BLE001 — a baseline that cannot run is reported, not fatal
+        row("ONNX Runtime quantize_dynamic int8", None, None, error=f"{type(exc).__name__}: {exc}")
+
+    w8 = uniform(t.layers, 8)
+    row("hessq W8A8, 8-bit embeddings", t.accuracy(t.quantize(w8)), t.size_mb(w8))
+
+    for bits in (4, 3):
+        plan = uniform(t.layers, bits)
+        for grouping, kw in GROUPINGS.items():
+            q = t.quantize(plan, **kw)
+            ptq = t.accuracy(q)
+            qat = t.accuracy(t.qat(q)) if args.qat_steps else None
+            row(f"W{bits}A8 {grouping}", ptq, t.size_mb(plan), after_qat=qat)
+
+    log(f"[{task}] Hessian traces")
+    ts = time.time()
+    sens = hessq.hessian_sensitivity(t.model, t.sens_batches, method=args.trace_method, rtol=args.rtol,
+                                     max_samples=args.max_samples, time_budget=args.time_budget, eigenvalues=False,
+                                     progress=True)
+    sens_seconds = time.time() - ts
+    sens.save(Path(args.out) / f"qbert_sensitivity_{task}.json")
+    limit = evaluate_plan(t.model, uniform(t.layers, 3)).size_bytes
+
+    def planned(s: Sensitivity):
+        return plan_bits(t.model, s, weight_bits=MIXED_BITS, size_limit=limit, pin_first_last=None)
+
+    mixed = planned(sens)
+    seeds = [t.accuracy(t.qat(t.quantize(dict(mixed)), seed=s)) for s in range(args.seeds)]
+    mean = float(np.mean(seeds))
+    half = float(1.96 * np.std(seeds, ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else None
+    row("Hessian mixed 2-8 bits (avg 3)", t.accuracy(t.quantize(dict(mixed))), mixed.size_bytes / 1e6,
+        after_qat=mean, qat_seeds=seeds, qat_ci95=half, average_bits=mixed.average_bits,
+        bits={n: mixed[n] for n in mixed})
+    rev = planned(reverse_sensitivity(sens))
+    q = t.quantize(dict(rev))
+    row("reversed sensitivity order", t.accuracy(q), rev.size_bytes / 1e6, after_qat=t.accuracy(t.qat(q)),
+        average_bits=rev.average_bits)
+    rand_ptq, rand_qat = [], []
+    for seed in range(args.random_plans):
+        rp = planned(random_sensitivity(sens, seed))
+        q = t.quantize(dict(rp))
+        rand_ptq.append(t.accuracy(q))
+        rand_qat.append(t.accuracy(t.qat(q)) if args.random_qat else None)
+    row(f"random plans (median of {args.random_plans})", float(np.median(rand_ptq)), limit / 1e6,
+        after_qat=float(np.median(rand_qat)) if args.random_qat else None, ptq_all=rand_ptq, qat_all=rand_qat)
+    return {"task": task, "rows": rows, "fp32": fp32, "minutes": (time.time() - t0) / 60,
+            "sensitivity": {"seconds": sens_seconds, **{k: v for k, v in sens.meta.items() if k != "short_layers"}}}
+
+
+def markdown(results: list[dict[str, Any]], args) -> str:
+    out = ["# Q-BERT on all-MiniLM-L6-v2: BBC News and tweets", "",
+           f"`{command_line()}` on {machine()}; QAT = {args.qat_steps} steps of hessq.finetune with distillation "
+           "from FP32. Accuracy: test split, hessq's quantized model in eval mode.", ""]
+    for res in results:
+        out += [f"## {res['task']} (FP32 {100 * res['fp32']:.2f}%, {res['minutes']:.0f} min)", "",
+                "| setting | size (MB) | post-training | after QAT |", "|---|---:|---:|---:|"]
+        for r in res["rows"]:
+            def pct(v):
+                return "-" if v is None else f"{100 * v:.2f}"
+            qat = pct(r.get("after_qat"))
+            if r.get("qat_ci95") is not None:
+                qat += f" ± {100 * r['qat_ci95']:.2f}"
+            out.append(f"| {r['setting']} | {'-' if r['size_mb'] is None else f'{r['size_mb']:.2f}'} | "
+                       f"{pct(r['accuracy'])} | {qat} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--qat-steps", type=int, default=150)
+    ap.add_argument("--qat-lr", type=float, default=1e-3)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--random-plans", type=int, default=5)
+    ap.add_argument("--random-qat", action="store_true", help="QAT every random plan too (slow)")
+    ap.add_argument("--calibration-batches", type=int, default=8)
+    ap.add_argument("--sensitivity-batches", type=int, default=2)
+    ap.add_argument("--trace-method", default="hutchinson")
+    ap.add_argument("--rtol", type=float, default=0.1)
+    ap.add_argument("--max-samples", type=int, default=100)
+    ap.add_argument("--time-budget", type=float, default=600)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    results = [run_task(task, args) for task in args.tasks]
+    write_results(Path(args.out) / "qbert.json", {"command": command_line(), "machine": machine(), "results": results},
+                  markdown(results, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
