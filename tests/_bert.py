@@ -26,3 +26,8 @@ def token_batch(seed: int, batch: int = 8, length: int = 12, labels: int = 3, vo
     lengths = torch.randint(2, length + 1, (batch,), generator=g)
     ids[torch.arange(length)[None, :] >= lengths[:, None]] = 0
     return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.randint(0, labels, (batch,), generator=g)}
+
+
+def tiny_text_data() -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """(train, eval) padded token batches for the command-line tests (``--data tests._bert:tiny_text_data``)."""
+    return [token_batch(s) for s in range(4)], [token_batch(100 + s) for s in range(2)]

@@ -188,3 +188,22 @@ def test_a_write_that_fails_half_way_leaves_the_old_report(parts, tmp_path, monk
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["report.html"]
     assert path.read_text(encoding="utf-8") == render_report(title="first", rows=parts["rows"])
+
+
+def test_a_stack_of_blocks_gets_a_grid_of_bits_per_block_and_matrix():
+    from hessq.plan import BitPlan
+    from hessq.report._html import _block_grid
+
+    parts = ("attention.self.query", "attention.self.key", "intermediate.dense")
+    bits = {f"bert.encoder.layer.{i}.{p}": 2 + (i + j) % 4 for i in range(3) for j, p in enumerate(parts)}
+    bits.update({"bert.embeddings.word_embeddings": 3, "classifier": 8})
+    page = render_report(title="t", rows=[], plan=BitPlan(bits, 8))
+    grid = _block_grid(BitPlan(bits, 8))
+    assert grid in page and "id=block-bits" in grid
+    # one row per block, one column per matrix, each cell that layer's bits; the rest listed below
+    for i in range(3):
+        cells = "".join(f"<td class=num>{bits[f'bert.encoder.layer.{i}.{p}']}</td>" for p in parts)
+        assert f"<tr><td>{i}</td>{cells}</tr>" in grid
+    assert "bert.embeddings.word_embeddings: 3" in grid and "classifier: 8" in grid
+    # a network without repeated blocks gets none
+    assert _block_grid(BitPlan({"conv1": 8, "layer1.0.conv1": 4, "fc": 8}, 8)) == ""

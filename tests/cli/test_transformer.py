@@ -1,0 +1,26 @@
+"""`hessq compress` on a Hugging Face model folder (a tiny random-init BERT) and dict batches."""
+
+from __future__ import annotations
+
+import json
+
+from hessq.cli import main
+from tests._bert import tiny_bert
+
+
+def test_compress_takes_a_hugging_face_folder_and_reports_bits_per_encoder_layer(tmp_path, capsys):
+    folder = tmp_path / "bert"
+    tiny_bert().save_pretrained(folder)
+    out = tmp_path / "out"
+    code = main(["compress", "--model", f"hf:{folder}", "--data", "tests._bert:tiny_text_data", "--size-limit", "50%",
+                 "--weight-bits", "2,4,8", "--pin-first-last", "none", "--no-latency", "--pareto-points", "4",
+                 "--max-samples", "4", "--baselines", "8", "--out", str(out), "--no-progress"])
+    assert code == 0
+    plan = json.loads((out / "plan.json").read_text())
+    names = list(plan["bits"])
+    assert "bert.encoder.layer.1.attention.self.query" in names and "bert.embeddings.word_embeddings" in names
+    page = (out / "report.html").read_text()
+    assert "id=block-bits" in page
+    results = json.loads((out / "results.json").read_text())
+    assert results["verification"]["bit_exact"] is True
+    assert "| mixed |" in capsys.readouterr().out
