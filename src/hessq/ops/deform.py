@@ -195,7 +195,8 @@ class QuantDeformConv2d(QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.quantized_weight_and_bias()
-        return deform_conv2d(x, self.compute_offsets(x), w, b, self.stride, self.padding, self.dilation, self.groups)
+        return deform_conv2d(x, self.compute_offsets(x), w, b, self.stride, self.padding, self.dilation, self.groups,
+                             integer_offsets=self.round_offsets)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
