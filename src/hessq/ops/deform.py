@@ -102,7 +102,7 @@ def integer_branch(codes: torch.Tensor, tensors: dict[str, torch.Tensor], attrs:
 def integer_offsets(codes: torch.Tensor, tensors: dict[str, torch.Tensor], attrs: dict, kernel: str) -> torch.Tensor:
     """int64 per-tap offsets [N, 2·kh·kw, H_out, W_out] of the offset branch on int64 input ``codes``."""
     branch = integer_branch(codes, tensors, attrs, kernel)
-    return branch * square_template(attrs) if attrs["square"] else branch
+    return branch * square_template(attrs).to(branch.device) if attrs["square"] else branch
 
 
 def tap_positions(offsets: torch.Tensor, attrs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,8 +364,9 @@ class DeformConv(WeightedOp):
         return family_for_kind("conv2d").onnx(ex, self._as_pointwise_conv(op), [columns])
 
     def onnx_fast(self, ex, op, ins):
-        # the offsets by QLinearConv, the same gather, then the conv family's fused QLinearConv writing onto the
-        # consumer's grid (bench/deform_onnx.py measures it against ONNX Runtime's float DeformConv)
+        # the offsets by one QLinearConv, the same gather, then the conv family's fused QLinearConv writing onto the
+        # consumer's grid. ONNX Runtime's float DeformConv ran 10-15% faster on a 32×128×128 block
+        # (bench/deform_onnx.py: 40.6 vs 44.5 ms, 1 thread) but needs opset 19, and this export is opset 17
         columns = self._onnx_columns(ex, op, ex.as_codes_input(ins[0]), exact=False)
         return family_for_kind("conv2d").onnx_fast(ex, self._as_pointwise_conv(op), [columns])
 
