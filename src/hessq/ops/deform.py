@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessq._errors import ConfigError
-from hessq.nn._deform import SQUARE_MAX, DeformConv2d, deform_conv2d, limit_branch, round_half_up, square_offsets
+from hessq.nn._deform import (SQUARE_MAX, DeformConv2d, deform_conv2d, limit_branch, round_half_up, sample_columns,
+                              square_offsets, tap_positions)
 from hessq.ops._program import Op, Value
 from hessq.ops._registry import IntegerConversionError, family_for_kind, register
 from hessq.ops._weighted import INT32_MAX, QuantLayer, WeightedOp
@@ -105,27 +106,14 @@ def integer_offsets(codes: torch.Tensor, tensors: dict[str, torch.Tensor], attrs
     return branch * square_template(attrs).to(branch.device) if attrs["square"] else branch
 
 
-def tap_positions(offsets: torch.Tensor, attrs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) int64 [N, taps, H_out, W_out] that each tap samples: base position plus the integer offset."""
-    n, _, oh, ow = offsets.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = attrs["kernel_size"], attrs["stride"], attrs["padding"], attrs["dilation"]
-    taps = kh * kw
-    base_y = (torch.arange(oh) * sh - ph).view(1, oh, 1) + (torch.arange(kh) * dh).repeat_interleave(kw).view(taps, 1, 1)
-    base_x = (torch.arange(ow) * sw - pw).view(1, 1, ow) + (torch.arange(kw) * dw).repeat(kh).view(taps, 1, 1)
-    off = offsets.reshape(n, taps, 2, oh, ow)
-    return base_y.to(offsets.device) + off[:, :, 0], base_x.to(offsets.device) + off[:, :, 1]
+def _geometry(attrs: dict) -> tuple:
+    return tuple(tuple(attrs[k]) for k in ("kernel_size", "stride", "padding", "dilation"))
 
 
 def gather_codes(codes: torch.Tensor, offsets: torch.Tensor, attrs: dict) -> torch.Tensor:
-    """The integer deformed im2col: [N, C·kh·kw, H_out, W_out] of input ``codes`` at integer ``offsets``
-    (channel c·kh·kw + tap, as the weight's rows), 0 outside the image."""
-    n, c, h, w = codes.shape
-    rows, cols = tap_positions(offsets, attrs)
-    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-    index = (rows.clamp(0, h - 1) * w + cols.clamp(0, w - 1)).reshape(n, 1, -1)
-    gathered = torch.gather(codes.reshape(n, c, h * w), 2, index.expand(n, c, index.shape[-1]))
-    gathered = gathered * inside.reshape(n, 1, -1).to(codes.dtype)
-    return gathered.reshape(n, c * rows.shape[1], *rows.shape[2:])
+    """The integer deformed im2col: [N, C·kh·kw, H_out, W_out] of int64 input ``codes`` at int64 ``offsets``
+    (channel c·kh·kw + tap, as the weight's rows), 0 outside the image: the float module's exact gather."""
+    return sample_columns(codes, offsets, *_geometry(attrs), integer_offsets=True)
 
 
 class QuantDeformConv2d(QuantLayer):
@@ -322,7 +310,7 @@ class DeformConv(WeightedOp):
         _, c, h, w = ex.model_shapes[op.inputs[0]]
         _, _, oh, ow = ex.model_shapes[op.output]
         taps = a["kernel_size"][0] * a["kernel_size"][1]
-        rows, cols = tap_positions(torch.zeros(1, 2 * taps, oh, ow, dtype=torch.int64), a)
+        rows, cols = tap_positions(torch.zeros(1, 2 * taps, oh, ow, dtype=torch.int64), *_geometry(a), torch.int64)
         index = {}
         for name, first, base, size in (("rows", 0, rows, h), ("cols", 1, cols, w)):
             picked = ex.node("Gather", [offsets, ex.const(name, np.arange(first, 2 * taps, 2, dtype=np.int64))], name, axis=1)
