@@ -52,12 +52,15 @@ class LayerCost:
     out_channels: int
     has_bias: bool
     macs: int
+    #: Bytes of weights inside the layer that its bits do not set (a deformable conv's 8-bit offset branch).
+    fixed_bytes: int = 0
 
     def size_bytes(self, bits: int) -> int:
-        """Weights packed at ``bits`` bits (rounded up to whole bytes), int32 bias, float32 scale per channel."""
+        """Weights packed at ``bits`` bits (rounded up to whole bytes), int32 bias, float32 scale per channel,
+        plus the layer's fixed-width parts."""
         weights = math.ceil(self.num_params * bits / 8)
         bias = self.out_channels * BIAS_BYTES if self.has_bias else 0
-        return weights + bias + self.out_channels * SCALE_BYTES
+        return weights + bias + self.out_channels * SCALE_BYTES + self.fixed_bytes
 
     def bops(self, bits: int, act_bits: int = 8) -> int:
         """Bit operations: MACs × weight bits × activation bits (HAWQ-V3)."""
@@ -273,8 +276,19 @@ def layer_costs(
             out_channels=int(m.weight.shape[0]),
             has_bias=m.bias is not None or name in extra_bias,
             macs=int(macs[name]),
+            fixed_bytes=_inner_weight_bytes(m),
         )
     return costs
+
+
+def _inner_weight_bytes(layer: nn.Module) -> int:
+    """Bytes of the weights of modules nested in a layer (stored at 8 bits, per-channel scale and int32 bias)."""
+    total = 0
+    for name, child in layer.named_modules():
+        w = getattr(child, "weight", None)
+        if name and isinstance(w, torch.Tensor) and w.dim() > 1:
+            total += w.numel() + w.shape[0] * (SCALE_BYTES + (BIAS_BYTES if getattr(child, "bias", None) is not None else 0))
+    return total
 
 
 def check_bits_list(weight_bits: Iterable[int] | int) -> tuple[int, ...]:
