@@ -229,7 +229,9 @@ def run(args: argparse.Namespace) -> int:
     task = load_task(args.model, args.data, seed=args.seed)
     if task is not None:
         model, train, evaluation = task.model, task.train, task.evaluation
-        options.update(metric=task.metric, metric_name=task.metric_name, model_name=task.name)
+        options.update(metric=task.metric, metric_name=task.metric_name, model_name=task.name, loss_fn=task.loss_fn)
+        if task.loss_fn is not None and options.get("finetune") is not None:
+            options["finetune"] = options["finetune"].replace(distill=False)  # not class scores: train on the task loss
         if options.get("input_shape") is None:
             options["input_shape"] = task.input_shape
     else:

@@ -78,8 +78,8 @@ def load_task(model_spec: str, data_spec: str, *, seed: int = 0, default_data: s
         from hessq.models import codenet_task
 
         t = codenet_task(progress=True)
-        return Task("codenet (CenterNet-style detector, deformable decoder)", t.model, t.train, t.test,
-                    input_shape=tuple(t.input_shape), metric=lambda model, _data: t.evaluate(model)["AP50"],
+        return Task(f"codenet ({t.info['variant']} deformable decoder)", t.model, t.train_batches, t.test_batches,
+                    input_shape=(3, 128, 128), metric=lambda model, _data: t.evaluate(model)["AP50"] / 100,
                     metric_name="AP50", loss_fn=t.loss_fn)
     if name in ("minilm-bbc", "minilm-tweets"):
         task = name.split("-", 1)[1]

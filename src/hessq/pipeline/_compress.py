@@ -474,6 +474,7 @@ def compress(
     progress: bool = True,
     metric: Callable[[nn.Module, Iterable], float] | None = None,
     metric_name: str = "top-1",
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     **deprecated: Any,
 ) -> CompressResult:
     """Compress ``model`` to mixed precision and an integer-only model, end to end.
@@ -484,7 +485,9 @@ def compress(
     distilled inputs (``distill``, a :class:`DistillConfig`) stand in for all three.
     ``eval_data`` (labelled batches) gives every row's top-1; without it accuracy is left empty.
     ``metric(model, eval_data)`` replaces top-1 by another score in [0, 1] (a detector's mAP), named
-    ``metric_name`` in the results table and the report.
+    ``metric_name`` in the results table and the report. ``loss_fn(output, targets)`` is the task's loss for the
+    Hessian and QAT (default cross-entropy; a detector passes its detection loss, and ``FinetuneConfig(distill=False)``
+    when its outputs are not class scores).
     Every stage reads the same batches: ``data`` or ``eval_data`` given as a one-shot iterator (a
     generator, ``iter(list)``) is read ONCE into a list that every stage reuses (so it must fit in
     memory); a re-iterable source such as a list or a ``DataLoader`` is used as it is, never listed.
@@ -518,6 +521,8 @@ def compress(
                             progress=progress, **deprecated)
     sensitivity, plan_cfg, quant_cfg, distill_cfg, ft, export_cfg, out = (
         options[k] for k in ("sensitivity", "plan", "quantize", "distill", "finetune", "export", "out_dir"))
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigTypeError(f"loss_fn must be a function (output, targets) -> loss, got {type(loss_fn).__name__}")
     if metric is not None and not callable(metric):
         raise ConfigTypeError(f"metric must be a function (model, eval_data) -> score in [0, 1], got {type(metric).__name__}")
     sens_cfg = sensitivity if isinstance(sensitivity, SensitivityConfig) else None
@@ -585,7 +590,8 @@ def compress(
     else:
         sens = hessian_sensitivity(model, analysis, rtol=sens_cfg.rtol, max_samples=sens_cfg.max_samples,
                                    min_samples=sens_cfg.min_samples, method=sens_cfg.estimator,
-                                   time_budget=sens_cfg.time_budget, seed=seed, eigenvalues=False, progress=progress)
+                                   time_budget=sens_cfg.time_budget, seed=seed, eigenvalues=False, progress=progress,
+                                   loss_fn=loss_fn)
 
     stages("latency table (ONNX Runtime, per layer)")
     table = as_latency_table(plan_cfg.latency_table)
@@ -613,7 +619,7 @@ def compress(
         try:
             history = run_finetune(qmodel, train, teacher=model if ft.distill else None, epochs=ft.epochs, lr=ft.lr,
                                    max_steps=ft.max_steps, checkpoint=ckpt, resume=ft.resume, seed=seed,
-                                   progress=progress)
+                                   progress=progress, loss_fn=loss_fn)
         except ArtifactError as exc:  # a damaged checkpoint, or one of other settings (CheckpointMismatchError)
             if resumed_from is not None and resumed_from != ckpt:
                 ckpt.unlink(missing_ok=True)  # only a link to the folder's qat.ckpt: leave nothing behind
