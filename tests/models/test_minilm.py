@@ -12,6 +12,11 @@ from hessq.models import _minilm
 RECIPE = FinetuneRecipe(epochs=1, lr=1e-3, batch_size=8, seed=3)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation (conftest restores the count)
+
+
 def tiny_bert(seed: int = 0):
     """A random-init 2-layer BERT classifier, 32 wide, on MiniLM's vocabulary (so real token ids fit)."""
     tr = import_transformers()
