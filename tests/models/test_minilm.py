@@ -106,6 +106,13 @@ def test_cache_refuses_damaged_or_foreign_files(data, tmp_path):
     with pytest.raises(ArtifactError, match="damaged"):
         cached_finetune(path, tiny_bert(), train, None, RECIPE, {"task": "tiny"}, progress=False)
 
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):  # refused before any training
+        cached_finetune(blocker / "x.safetensors", tiny_bert(), iter(()), None, RECIPE, {}, progress=False)
+    with pytest.raises(ConfigError, match="re-iterable with a length"):
+        cached_finetune(tmp_path / "new.safetensors", tiny_bert(), iter(()), None, RECIPE, {}, progress=False)
+
     import safetensors.torch
 
     safetensors.torch.save_file({"w": torch.zeros(2)}, str(path), metadata={"hessq": json.dumps({"format": "other"})})
