@@ -23,3 +23,7 @@ __all__ = [
 from hessq.data._photos import PHOTOS, load_photos, photo_crops  # noqa: E402
 
 __all__ += ["PHOTOS", "load_photos", "photo_crops"]
+
+from hessq.data._text import TextBatches, TextSplit, bbc_news, bbc_news_texts, text_batches, tweets, tweets_texts  # noqa: E402
+
+__all__ += ["TextBatches", "TextSplit", "bbc_news", "bbc_news_texts", "text_batches", "tweets", "tweets_texts"]
