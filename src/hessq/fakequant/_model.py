@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -20,7 +21,9 @@ class QuantizedModel(nn.Module):
     float with straight-through gradients. In eval mode it runs the integer program that
     :func:`hessq.to_integer` deploys: int codes, int32 bias, dyadic requantization, the same
     ops executed by the same code, so what you evaluate is what you deploy (HAWQ-V3).
-    ``integer_eval=False`` switches eval mode back to float fake quantization.
+    ``integer_eval=False`` switches eval mode back to float fake quantization; a model with a part that has no
+    integer form (block-wise weights, an op family without one) does so by itself at its first eval call, with
+    a warning naming the part.
 
     The program is compiled on the first eval call and kept while nothing it depends on
     changes: it is compiled again when any parameter or buffer (weights, quantizer scales)
@@ -87,7 +90,15 @@ class QuantizedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or not self.integer_eval or self._calibrating():
             return self.graph_module(x)
-        ops, input_name, output_name, _ = self.program(tuple(x.shape[1:]))
+        try:
+            ops, input_name, output_name, _ = self.program(tuple(x.shape[1:]))
+        except IntegerConversionError as exc:
+            # a part with no integer form (block-wise weights, an op family without one): eval mode computes float
+            # fake quantization instead, said once; hessq.to_integer still refuses with this message
+            self.integer_eval = False
+            warnings.warn(f"this quantized model has no integer-only form, so its eval mode runs float fake "
+                          f"quantization (set integer_eval = False to silence this): {exc}", stacklevel=2)
+            return self.graph_module(x)
         out = run_program(ops, input_name, output_name, x)
         return out.to(x.dtype if x.is_floating_point() else torch.float32)
 

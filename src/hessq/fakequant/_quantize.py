@@ -145,6 +145,7 @@ def quantize(
     pin_first_last: int | None = 8,
     weight_granularity: Granularity = "channel",
     num_groups: int = 1,
+    block_size: int = 128,
     act_range: RangeMethod = "percentile",
     percentile: float | None = None,
     unsupported: str = "error",
@@ -160,8 +161,10 @@ def quantize(
     in floating point, as ZeroQ's one-layer-at-a-time sensitivity needs). Uniform plans keep the
     first and last layer at ``pin_first_last`` bits (None to quantize them like the rest; the same name
     as :func:`hessq.plan_bits`'s; ``first_last_bits=`` is its deprecated spelling, kept for one release).
-    Weights are quantized per output channel (``weight_granularity='tensor'`` or
-    ``'group'`` with ``num_groups``); activation ranges come from ``act_range``
+    Weights are quantized per output channel (``weight_granularity='tensor'``, ``'group'``: ``num_groups``
+    groups of output rows as in Q-BERT, or ``'block'``: one scale per ``block_size`` input columns of each output
+    row, GPTQ/AWQ-style; block-wise layers have no integer form, so such a model evaluates in float fake
+    quantization); embedding tables are quantized per row (row groups with ``'group'``); activation ranges come from ``act_range``
     ('minmax', 'percentile' or 'ema') over ``calibration_batches``. The default clips each
     activation at a percentile chosen by its bits (99.99 at 8 bits, 99.7 at 4, none at 16; see
     :func:`hessq.quantizer.default_percentile`) unless ``percentile`` is given. With
@@ -206,6 +209,7 @@ def quantize(
         graph_module=gm,
         weight_granularity=weight_granularity,
         num_groups=num_groups,
+        block_size=block_size,
         act_range=act_range,
         percentile=percentile,
         unsupported=unsupported,

@@ -23,7 +23,7 @@ from hessq.graph._fold import fold_batchnorm
 from hessq.graph._normalize import normalize
 from hessq.graph._trace import UnsupportedOpError, trace
 from hessq.ops import QuantLayer, describe, family_of, family_of_module, is_shape_arithmetic, node_location, weighted_module_types
-from hessq.quantizer import ActQuantizer, Granularity, RangeMethod
+from hessq.quantizer import ActQuantizer, Granularity, RangeMethod, check_granularity
 
 
 def traced(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
@@ -109,6 +109,7 @@ def rewrite(
     *,
     weight_granularity: Granularity = "channel",
     num_groups: int = 1,
+    block_size: int = 128,
     act_range: RangeMethod = "percentile",
     percentile: float | None = None,
     default_act_bits: int = 8,
@@ -120,11 +121,14 @@ def rewrite(
     """The fake-quantized twin of ``model``: a GraphModule whose quantizers are not yet calibrated.
 
     ``layer_bits`` maps every quantizable layer's module path to (weight bits, activation
-    bits), or to None to leave that layer in floating point. With ``activation_bounds``,
+    bits), or to None to leave that layer in floating point. ``weight_granularity``: 'tensor', 'channel' (per output
+    row), 'group' (``num_groups`` groups of output rows, Q-BERT) or 'block' (blocks of ``block_size`` input columns
+    in each output row, GPTQ/AWQ-style); an embedding table is quantized per row (or in row groups). With ``activation_bounds``,
     a layer input that is an average of ReLU6 outputs is quantized on [0, 6] instead of a
     calibrated range (see :func:`pooled_bound`).
     """
     # ``graph_module``: the model's normalised trace (:func:`traced`) when the caller has it already; rewritten in place
+    check_granularity(weight_granularity, num_groups, block_size)
     gm = graph_module if graph_module is not None else traced(model, leaf_modules)
     gm.eval()
     fold_batchnorm(gm)
@@ -146,7 +150,15 @@ def rewrite(
         if layer_bits[node.target] is None:
             continue
         w_bits, a_bits = layer_bits[node.target]
-        twin = family.quantized_module(modules[node.target], w_bits, a_bits, weight_granularity, num_groups)
+        extra = {"block_size": block_size} if weight_granularity == "block" else {}
+        try:
+            twin = family.quantized_module(modules[node.target], w_bits, a_bits, weight_granularity, num_groups, **extra)
+        except ConfigError as exc:
+            raise ConfigError(f"layer `{node.target}`: {exc}") from None
+        if getattr(twin, "index_input", False):
+            # a lookup (embedding): its input is ids, its output goes on a grid of its own with the rewrite's range settings
+            twin.output_quantizer = new_act_quantizer()
+            twin.output_quantizer.set_bits(a_bits)
         gm.set_submodule(node.target, twin)
         layer_nodes[node] = twin
     called = {n.target for n in graph.nodes if n.op == "call_module"}
@@ -163,6 +175,9 @@ def rewrite(
     quantizer_nodes: dict[fx.Node, ActQuantizer] = {}
     made: dict[str, int] = {}
     for node in list(graph.nodes):
+        if node in layer_nodes and getattr(layer_nodes[node], "index_input", False):
+            grid[node] = layer_nodes[node].output_quantizer
+            continue
         if node in layer_nodes:
             src = node.args[0]
             if src not in grid:
@@ -185,7 +200,7 @@ def rewrite(
         replacement = family.requantizing_module(node, new_act_quantizer)
         if replacement is not None:
             module, args = replacement
-            q = module.output_quantizer
+            q = getattr(module, "output_quantizer", None)
             name = f"quant_{family.name}_{made.get(family.name, 0)}"
             made[family.name] = made.get(family.name, 0) + 1
             gm.add_submodule(name, module)
@@ -194,7 +209,8 @@ def rewrite(
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
-            grid[new] = quantizer_nodes[new] = q
+            if q is not None:  # an op without a grid of its own (a matmul of activations): its consumer quantizes
+                grid[new] = quantizer_nodes[new] = q
         elif family.keeps_grid and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in grid:
             grid[node] = grid[node.args[0]]
 

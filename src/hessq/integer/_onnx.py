@@ -267,6 +267,9 @@ def export_onnx(model: IntegerModel, path: str | os.PathLike, *, mode: str = "ex
     for op in model.ops:
         if op.kind == "flatten" and op.attrs["end_dim"] != -1:
             raise ConfigError("ONNX export supports flatten to the last dimension only")
+    # a model that reads token ids (an embedding lookup, the padding mask) takes them as int64
+    readers = {op.kind for op in model.ops if model.input_name in op.inputs}
+    input_type = TP.INT64 if readers and readers <= {"embedding", "compare"} else TP.FLOAT
     exporter.run("input")
     final = exporter.values[model.output_name]
     exporter.nodes.append(helper.make_node("Identity", [final.name], ["output"], name="output"))
@@ -276,7 +279,7 @@ def export_onnx(model: IntegerModel, path: str | os.PathLike, *, mode: str = "ex
     graph = helper.make_graph(
         exporter.nodes,
         "hessq_integer_model",
-        [helper.make_tensor_value_info("input", TP.FLOAT, [batch, *model.input_shape])],
+        [helper.make_tensor_value_info("input", input_type, [batch, *model.input_shape])],
         [helper.make_tensor_value_info("output", TP.FLOAT, [batch, *out_shape])],
         exporter.inits,
     )

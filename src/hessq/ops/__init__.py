@@ -24,19 +24,23 @@ from hessq.ops._weighted import QuantLayer, WeightCodes, WeightedOp
 
 # The built-in families, in registration order (a later family wins a match).
 from hessq.ops import quant, conv, linear, add, cat, relu, pool, shape, activation, mul, batchnorm, layout, layernorm, attention, deform  # noqa: E402,F401,I001  (registers them)
+from hessq.ops import mask, embedding, softmax, matmul  # noqa: E402,F401,I001  (registers them)
 from hessq.ops.activation import ElementwiseOp, QuantElementwise, register_elementwise  # noqa: E402
 from hessq.ops.add import QuantAdd  # noqa: E402
 from hessq.ops.attention import QuantMultiheadAttention  # noqa: E402
 from hessq.ops.batchnorm import QuantBatchNorm2d  # noqa: E402
 from hessq.ops.cat import QuantCat  # noqa: E402
 from hessq.ops.conv import QuantConv2d, fold_conv_bn  # noqa: E402
+from hessq.ops.embedding import QuantEmbedding  # noqa: E402
+from hessq.ops.matmul import QuantMatmul, matmul_macs  # noqa: E402
+from hessq.ops.softmax import QuantSoftmax  # noqa: E402
 from hessq.ops.layernorm import QuantLayerNorm  # noqa: E402
 from hessq.ops.linear import QuantLinear  # noqa: E402
 from hessq.ops.mul import QuantMul  # noqa: E402
 
 __all__ = [
-    "ElementwiseOp", "IntegerConversionError", "Op", "QuantBatchNorm2d", "QuantElementwise", "QuantLayerNorm", "QuantMul", "QuantMultiheadAttention", "register_elementwise", "ProgramBuilder", "QuantAdd", "QuantCat", "QuantConv2d", "QuantLayer", "QuantLinear",
+    "ElementwiseOp", "IntegerConversionError", "Op", "QuantBatchNorm2d", "QuantElementwise", "QuantLayerNorm", "QuantMul", "QuantMultiheadAttention", "register_elementwise", "ProgramBuilder", "QuantAdd", "QuantCat", "QuantConv2d", "QuantEmbedding", "QuantLayer", "QuantLinear", "QuantMatmul", "QuantSoftmax",
     "QuantOp", "Value", "WeightCodes", "WeightedOp", "canonical_function", "channel", "compile_graph", "describe", "families", "family_for_kind", "family_of",
-    "family_of_module", "fold_conv_bn", "is_shape_arithmetic", "node_location", "register", "run_program", "unregister",
+    "family_of_module", "fold_conv_bn", "is_shape_arithmetic", "matmul_macs", "node_location", "register", "run_program", "unregister",
     "weighted_module_types",
 ]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hessq.ops._program import Value, channel
+from hessq._errors import ConfigError
 from hessq.ops._registry import IntegerConversionError, QuantOp
 from hessq.quantizer import ActQuantizer, WeightQuantizer, choose_kernel, expand_scale, qrange, round_ste
 
@@ -52,7 +53,8 @@ class WeightCodes:
         q_in = self.act_quantizer
         if q_in is None or q_in.observing or not bool(q_in.calibrated):
             return w_q, self.bias
-        bias_scale = expand_scale(self.weight_quantizer.scale(self.weight), self.bias, axis=0) * q_in.scale
+        wq = self.weight_quantizer
+        bias_scale = wq.row_scale(wq.scale(self.weight), self.bias.shape[0]) * q_in.scale
         b_q = torch.clamp(round_ste(self.bias / bias_scale), -INT32_MAX, INT32_MAX) * bias_scale
         return w_q, b_q
 
@@ -62,7 +64,7 @@ class WeightCodes:
         wq = self.weight_quantizer
         scale = wq.scale(self.weight).double()
         lo, hi = qrange(wq.bits, signed=True)
-        codes = torch.clamp(torch.round(self.weight.double() / expand_scale(scale, self.weight, 0)), lo, hi)
+        codes = torch.clamp(torch.round(self.weight.double() / wq.expand(scale, self.weight)), lo, hi)
         return codes.to(torch.int64), scale
 
     @torch.no_grad()
@@ -71,7 +73,7 @@ class WeightCodes:
         if self.bias is None:
             return None
         _, w_scale = self.integer_weight()
-        bias_scale = expand_scale(w_scale, self.bias, 0) * input_scale.double()
+        bias_scale = self.weight_quantizer.row_scale(w_scale, self.bias.shape[0]) * input_scale.double()
         return torch.clamp(torch.round(self.bias.double() / bias_scale), -INT32_MAX, INT32_MAX).to(torch.int64)
 
 
@@ -96,8 +98,14 @@ class WeightedOp(QuantOp):
         # the float layer and, after the rewrite, its quantized twin
         return node.op == "call_module" and isinstance(modules.get(node.target), (*self.modules, self.twin))
 
-    def quantized_module(self, module, w_bits, a_bits, granularity, num_groups):
-        return self.twin(module, w_bits, a_bits, granularity, num_groups)
+    def quantized_module(self, module, w_bits, a_bits, granularity, num_groups, block_size: int = 128):
+        if granularity == "group" and module.weight.shape[0] % num_groups:
+            raise ConfigError(f"cannot split the {module.weight.shape[0]} output rows of a {type(module).__name__} into "
+                              f"{num_groups} equal groups; choose num_groups dividing every layer's rows, or another granularity")
+        twin = self.twin(module, w_bits, a_bits, granularity if granularity != "block" else "channel", num_groups)
+        if granularity == "block":  # the twins' constructors take no block size: their quantizer is replaced
+            twin.weight_quantizer = WeightQuantizer(w_bits, "block", block_size=block_size)
+        return twin
 
     def macs(self, module, inputs, output):
         # each output element is one dot product over a weight row: (in/groups)·kh·kw for a conv
@@ -123,6 +131,11 @@ class WeightedOp(QuantOp):
     def emit_accumulator(self, program, name: str, m: WeightCodes, v: Value, kind: str) -> Value:
         """Emit the op ``kind`` writing ``name``: the int64 accumulator (bias included) of ``m`` on the codes ``v``."""
         w, s_w = m.integer_weight()
+        if s_w.dim() == 2:
+            raise IntegerConversionError(
+                f"`{name}` has one weight scale per block of input columns (granularity='block'): its products have "
+                "no single integer accumulator per output. Evaluate it in float fake quantization (the quantized model "
+                "does so in eval mode), or quantize per channel or in row groups for an integer model")
         bias = m.integer_bias(v.scale)
         bound = int(w.abs().flatten(1).sum(1).max()) * v.qmax + (int(bias.abs().max()) if bias is not None else 0)
         tensors = {"weight": w.to(torch.int8)}

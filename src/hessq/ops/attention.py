@@ -28,9 +28,7 @@ from hessq.ops._registry import QuantOp, family_for_kind, register
 from hessq.ops._weighted import WeightCodes
 from hessq.ops.quant import to_grid
 from hessq.ops.shape import _full_scale
-
-EXP_BITS = 16
-PROBABILITY_MAX = 255
+from hessq.ops.softmax import PROBABILITY_MAX, exp_table, onnx_softmax_codes, softmax_codes
 
 
 class _Projection(WeightCodes, nn.Module):
@@ -129,9 +127,8 @@ class MultiheadAttention(QuantOp):
         codes = to_grid(program, f"{name}_scores_q", scores, m.score_quantizer)
         s, pq = m.score_quantizer, m.probability_quantizer
         span = s.qmax - s.qmin
-        table = torch.round(2.0**EXP_BITS * torch.exp(float(s.scale) * torch.arange(-span, 1, dtype=torch.float64)))
         p = program.emit(f"{name}_softmax", "softmax", [codes], codes.dummy, pq.scale.double(), PROBABILITY_MAX,
-                         {"span": span, "qmax": pq.qmax}, {"table": table.to(torch.int64)})
+                         {"span": span, "qmax": pq.qmax}, {"table": exp_table(float(s.scale), span)})
         if pq.qmax != PROBABILITY_MAX or abs(float(pq.scale) * PROBABILITY_MAX - 1) > 1e-6:
             program.fail(node, "attention probabilities on a grid other than 8-bit [0, 1]")
         context = program.emit(f"{name}_context", "matmul", [p, v], p.dummy @ v.dummy, p.scale * v.scale,
@@ -149,10 +146,7 @@ class MultiheadAttention(QuantOp):
             return family_for_kind("linear").execute(op, inputs, kernel)
         if op.kind == "matmul":
             return inputs[0] @ inputs[1]
-        c = inputs[0]
-        e = op.tensors["table"][c - c.amax(-1, keepdim=True) + op.attrs["span"]]
-        total = e.sum(-1, keepdim=True)
-        return torch.div(2 * op.attrs["qmax"] * e + total, 2 * total, rounding_mode="floor")
+        return softmax_codes(inputs[0], op.tensors["table"], op.attrs["span"], op.attrs["qmax"])
 
     def onnx(self, ex, op, ins):
         if op.kind == "attn_linear":
@@ -162,16 +156,7 @@ class MultiheadAttention(QuantOp):
             zps = [ex.const("zp", np.uint8(t.zero_point)) for t in (a, b)]
             product = ex.node("MatMulInteger", [a.name, b.name, *zps], "matmul")
             return ex.tensor(ex.node("Cast", [product], "matmul_f64", to=ex.TP.DOUBLE), "acc")
-        c = ex.acc(ins[0])
-        top = ex.node("ReduceMax", [c], "row_max", axes=[-1], keepdims=1)
-        shifted = ex.node("Add", [ex.node("Sub", [c, top], "from_max"), ex.const("span", np.float64(op.attrs["span"]))], "index")
-        e = ex.node("Gather", [ex.const("exp", op.tensors["table"].numpy().astype(np.float64)),
-                               ex.node("Cast", [shifted], "index_i64", to=ex.TP.INT64)], "exp", axis=0)
-        total = ex.node("ReduceSum", [e, ex.const("axes", np.array([-1], np.int64))], "row_sum", keepdims=1)
-        numerator = ex.node("Add", [ex.node("Mul", [e, ex.const("twice_qmax", np.float64(2 * op.attrs["qmax"]))], "scaled"),
-                                    total], "numerator")
-        p = ex.node("Floor", [ex.node("Div", [numerator, ex.node("Add", [total, total], "twice_sum")], "ratio")], "floor")
-        return ex.tensor(ex.node("Cast", [p], "probability", to=ex.TP.UINT8), "codes", float(op.scale), 0)
+        return onnx_softmax_codes(ex, op, ex.acc(ins[0]), None)
 
     def onnx_fast(self, ex, op, ins):
         if op.kind == "attn_linear":

@@ -6,9 +6,11 @@ from hessq.quantizer._kernels import conv2d as integer_conv2d
 from hessq.quantizer._kernels import linear as integer_linear
 from hessq.quantizer._functional import (
     ACT_BITS,
+    GRANULARITIES,
     Granularity,
     WEIGHT_BITS,
     check_act_bits,
+    check_granularity,
     check_weight_bits,
     expand_scale,
     fake_quantize,
@@ -18,6 +20,7 @@ from hessq.quantizer._functional import (
     quantize_weight,
     round_ste,
     symmetric_scale,
+    weight_scale_like,
 )
 from hessq.quantizer._modules import ActQuantizer, WeightQuantizer, default_percentile
 from hessq.quantizer._observer import RANGE_METHODS, RangeMethod, RangeObserver, percentile_bounds
@@ -36,12 +39,14 @@ __all__ = [
     "dyadic_value",
     "requantize",
     "ACT_BITS",
+    "GRANULARITIES",
     "RANGE_METHODS",
     "WEIGHT_BITS",
     "ActQuantizer",
     "RangeObserver",
     "WeightQuantizer",
     "check_act_bits",
+    "check_granularity",
     "check_weight_bits",
     "expand_scale",
     "fake_quantize",
@@ -51,4 +56,5 @@ __all__ = [
     "quantize_weight",
     "round_ste",
     "symmetric_scale",
+    "weight_scale_like",
 ]

@@ -14,7 +14,8 @@ import torch
 
 from hessq._errors import ConfigError
 
-Granularity = Literal["tensor", "channel", "group"]
+Granularity = Literal["tensor", "channel", "group", "block"]
+GRANULARITIES = ("tensor", "channel", "group", "block")
 
 WEIGHT_BITS = range(2, 9)
 ACT_BITS = (4, 8, 16)
@@ -64,14 +65,42 @@ def group_view(x: torch.Tensor, axis: int, num_groups: int) -> torch.Tensor:
     return moved.reshape(num_groups, -1)
 
 
-def reduce_absmax(x: torch.Tensor, granularity: Granularity = "tensor", axis: int = 0, num_groups: int = 1) -> torch.Tensor:
-    """max |x| per tensor (shape []), per slice along ``axis`` (shape [C]) or per group (shape [G])."""
+def check_granularity(granularity: str, num_groups: int = 1, block_size: int = 128) -> None:
+    """Refuse an unknown granularity, a group count or a block size that is not a positive integer."""
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    for name, v in (("num_groups", num_groups), ("block_size", block_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+
+
+def block_view(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``x`` as (rows, blocks, block_size): each output row (dim 0) cut along its flattened input dimension into
+    blocks of ``block_size`` columns, the last block zero-padded when the width is not a multiple."""
+    flat = x.flatten(1)
+    blocks = -(-flat.shape[1] // block_size)
+    flat = torch.nn.functional.pad(flat, (0, blocks * block_size - flat.shape[1]))
+    return flat.reshape(flat.shape[0], blocks, block_size)
+
+
+def expand_blocks(scale: torch.Tensor, like: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A per-(row, block) scale [O, B] broadcast to ``like`` (each block's scale repeated over its columns)."""
+    width = like[0].numel()
+    return scale.repeat_interleave(block_size, dim=1)[:, :width].reshape(like.shape)
+
+
+def reduce_absmax(x: torch.Tensor, granularity: Granularity = "tensor", axis: int = 0, num_groups: int = 1,
+                  block_size: int = 128) -> torch.Tensor:
+    """max |x| per tensor (shape []), per slice along ``axis`` (shape [C]), per group (shape [G]), or per block
+    of ``block_size`` input columns of each output row (shape [O, B]; ``axis`` 0 only)."""
     if granularity == "tensor":
         return x.detach().abs().amax()
+    if granularity == "block":
+        return block_view(x.detach().abs(), block_size).amax(dim=2)
     if granularity == "channel":
         num_groups = x.shape[axis]
     elif granularity != "group":
-        raise ConfigError(f"granularity must be 'tensor', 'channel' or 'group', got {granularity!r}")
+        raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     return group_view(x.detach().abs(), axis, num_groups).amax(dim=1)
 
 
@@ -99,19 +128,26 @@ def quantize_weight(
     granularity: Granularity = "channel",
     num_groups: int = 1,
     axis: int = 0,
+    block_size: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric signed quantization of a weight tensor.
 
     Returns ``(q, scale)``: ``q`` holds the integer codes (as a float tensor of whole
     numbers, broadcast-compatible with ``weight``) and ``scale`` is per tensor ([]),
-    per output channel ([C]) or per group of output rows ([G]) — Q-BERT's group-wise scheme.
-    ``q * expand_scale(scale, weight)`` is the dequantized weight.
+    per output channel ([C]), per group of output rows ([G]) — Q-BERT's group-wise scheme — or per block
+    of ``block_size`` input columns of each output row ([O, B], GPTQ/AWQ-style).
+    ``q * weight_scale_like(scale, weight, ...)`` is the dequantized weight.
     """
     check_weight_bits(bits)
-    scale = symmetric_scale(reduce_absmax(weight, granularity, axis, num_groups), bits)
+    scale = symmetric_scale(reduce_absmax(weight, granularity, axis, num_groups, block_size), bits)
     qmin, qmax = qrange(bits, signed=True)
-    q = torch.clamp(torch.round(weight.detach() / expand_scale(scale, weight, axis)), qmin, qmax)
+    q = torch.clamp(torch.round(weight.detach() / weight_scale_like(scale, weight, axis, block_size)), qmin, qmax)
     return q, scale
+
+
+def weight_scale_like(scale: torch.Tensor, weight: torch.Tensor, axis: int = 0, block_size: int = 128) -> torch.Tensor:
+    """A weight scale of any granularity broadcast against ``weight`` (a 2-D [O, B] scale is per block)."""
+    return expand_blocks(scale, weight, block_size) if scale.dim() == 2 else expand_scale(scale, weight, axis)
 
 
 def fake_quantize_weight(
@@ -120,15 +156,17 @@ def fake_quantize_weight(
     granularity: Granularity = "channel",
     num_groups: int = 1,
     axis: int = 0,
+    block_size: int = 128,
 ) -> torch.Tensor:
     """Q_b(W): the dequantized weight, differentiable through the straight-through estimator."""
     check_weight_bits(bits)
-    scale = symmetric_scale(reduce_absmax(weight, granularity, axis, num_groups), bits)
+    scale = symmetric_scale(reduce_absmax(weight, granularity, axis, num_groups, block_size), bits)
     qmin, qmax = qrange(bits, signed=True)
-    return fake_quantize(weight, expand_scale(scale, weight, axis), qmin, qmax)
+    return fake_quantize(weight, weight_scale_like(scale, weight, axis, block_size), qmin, qmax)
 
 
-def quantization_error(weight: torch.Tensor, bits: int, granularity: Granularity = "channel", num_groups: int = 1) -> float:
+def quantization_error(weight: torch.Tensor, bits: int, granularity: Granularity = "channel", num_groups: int = 1,
+                       block_size: int = 128) -> float:
     """‖Q_b(W) − W‖², the squared error HAWQ-V2/V3's perturbation Ω multiplies by Tr(H)/n."""
     with torch.no_grad():
-        return float((fake_quantize_weight(weight, bits, granularity, num_groups) - weight).pow(2).sum())
+        return float((fake_quantize_weight(weight, bits, granularity, num_groups, block_size=block_size) - weight).pow(2).sum())

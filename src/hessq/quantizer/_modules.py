@@ -10,43 +10,55 @@ from hessq._errors import ConfigError, HessqRuntimeError
 from hessq.quantizer._functional import (
     Granularity,
     check_act_bits,
+    check_granularity,
     check_weight_bits,
     expand_scale,
     fake_quantize,
     qrange,
     reduce_absmax,
     symmetric_scale,
+    weight_scale_like,
 )
 from hessq.quantizer._observer import RangeMethod, RangeObserver, percentile_bounds
 
 
 class WeightQuantizer(nn.Module):
-    """Symmetric signed quantizer for a weight tensor, per tensor, per output channel or per group.
+    """Symmetric signed quantizer for a weight tensor, per tensor, per output channel, per group of output rows
+    (Q-BERT), or per block of ``block_size`` input columns of each output row (GPTQ/AWQ-style).
 
     The scale follows the weights (max |W| of each channel), so during quantization-aware
     training it tracks the weights as they change.
     """
 
-    def __init__(self, bits: int, granularity: Granularity = "channel", num_groups: int = 1) -> None:
+    def __init__(self, bits: int, granularity: Granularity = "channel", num_groups: int = 1, block_size: int = 128) -> None:
         super().__init__()
         self.bits = check_weight_bits(bits)
-        if granularity not in ("tensor", "channel", "group"):
-            raise ConfigError(f"granularity must be 'tensor', 'channel' or 'group', got {granularity!r}")
+        check_granularity(granularity, num_groups, block_size)
         self.granularity = granularity
         self.num_groups = num_groups
+        self.block_size = block_size
 
     def scale(self, weight: torch.Tensor) -> torch.Tensor:
-        """Per-tensor [], per-channel [C] or per-group [G] scale."""
-        return symmetric_scale(reduce_absmax(weight, self.granularity, 0, self.num_groups), self.bits)
+        """Per-tensor [], per-channel [C], per-group [G] or per-block [O, B] scale."""
+        return symmetric_scale(reduce_absmax(weight, self.granularity, 0, self.num_groups, self.block_size), self.bits)
+
+    def expand(self, scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``scale`` (from :meth:`scale`) broadcast against ``weight``."""
+        return weight_scale_like(scale, weight, 0, self.block_size)
+
+    def row_scale(self, scale: torch.Tensor, rows: int) -> torch.Tensor:
+        """One scale per output row ([rows], or [] per tensor): a block scale's largest block (the bias grid)."""
+        if scale.dim() == 2:
+            return scale.amax(1)
+        return expand_scale(scale, torch.empty(rows), 0).reshape(-1) if scale.dim() else scale
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         qmin, qmax = qrange(self.bits, signed=True)
-        return fake_quantize(weight, expand_scale(self.scale(weight), weight), qmin, qmax)
+        return fake_quantize(weight, self.expand(self.scale(weight), weight), qmin, qmax)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, granularity={self.granularity}" + (
-            f", num_groups={self.num_groups}" if self.granularity == "group" else ""
-        )
+        extra = {"group": f", num_groups={self.num_groups}", "block": f", block_size={self.block_size}"}
+        return f"bits={self.bits}, granularity={self.granularity}" + extra.get(self.granularity, "")
 
 
 def default_percentile(bits: int) -> float:

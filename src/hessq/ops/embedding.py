@@ -1,0 +1,134 @@
+"""Embedding tables (``nn.Embedding``): a quantizable layer whose input is token ids, a lookup with no MACs.
+
+Each row r of the table W has its own symmetric scale s_r = max|W_r| / (2^(b-1) − 1) (or the scale of its group of
+rows: Q-BERT's groups, ``num_groups`` contiguous groups; the last one is shorter when the rows do not divide
+evenly), codes q_r = clamp(round(W_r / s_r)). A lookup's result varies its scale with the token, so the twin puts
+it on an activation grid of its own (scale S): the fake-quant output is q_out(q_r · s_r), and the integer program
+gathers the codes of each id's row with that row's dyadic multiplier b_r / 2^c_r ≈ s_r / S and requantizes:
+
+    out = clamp((q_r · b_r + 2^(c_r − 1)) >> c_r)
+
+Lookups with constant ids (BERT's positions ``arange(T)`` and token types ``zeros``) are computed while compiling
+by the same arithmetic, and enter the program as constant codes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hessq._errors import ConfigError
+from hessq.ops._program import Value
+from hessq.ops._registry import register
+from hessq.ops._weighted import QuantLayer, WeightedOp
+from hessq.ops.mask import is_index
+from hessq.quantizer import ActQuantizer, WeightQuantizer, dyadic, requantize, symmetric_scale
+
+
+class RowQuantizer(WeightQuantizer):
+    """A table's weight quantizer: one scale per row ([V]; each row its group's with ``granularity='group'``),
+    or one per table (``'tensor'``)."""
+
+    def __init__(self, bits: int, granularity: str = "channel", num_groups: int = 1) -> None:
+        super().__init__(bits, "channel" if granularity == "block" else granularity, num_groups)
+
+    def scale(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.granularity != "group":
+            return super().scale(weight)
+        rows = weight.shape[0]
+        per = -(-rows // min(self.num_groups, rows))  # rows per group, the last group shorter
+        row_max = weight.detach().abs().amax(1)
+        padded = F.pad(row_max, (0, per * -(-rows // per) - rows))
+        group_max = padded.reshape(-1, per).amax(1)
+        return symmetric_scale(group_max.repeat_interleave(per)[:rows], self.bits)
+
+
+class QuantEmbedding(QuantLayer):
+    """Embedding with a quantized table; its lookups go onto the grid of ``output_quantizer``."""
+
+    #: The input is ids, not an activation: the rewrite quantizes nothing before it.
+    index_input = True
+
+    def __init__(self, embedding: nn.Embedding, w_bits: int, a_bits: int, granularity: str = "channel", num_groups: int = 1) -> None:
+        super().__init__()
+        if embedding.max_norm is not None:
+            raise ConfigError("an nn.Embedding with max_norm renormalises its rows on every lookup; hessq quantizes "
+                              "tables without max_norm (renormalise the weight once and set max_norm=None)")
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        self.weight = nn.Parameter(embedding.weight.detach().clone())
+        self.bias = None
+        self._init_quant(w_bits, a_bits, granularity, num_groups)
+        self.weight_quantizer = RowQuantizer(w_bits, granularity, num_groups)
+        self.output_quantizer = ActQuantizer(a_bits)  # the rewrite gives it its range settings
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.output_quantizer(F.embedding(ids, self.weight_quantizer(self.weight), self.padding_idx))
+
+    @torch.no_grad()
+    def integer_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(int64 codes [V, D], b [V, 1], c [V, 1]): each row's codes and its dyadic multiplier onto the output grid."""
+        codes, scale = self.integer_weight()
+        row_scale = scale.expand(self.num_embeddings) if scale.dim() == 0 else scale
+        b, c = dyadic(row_scale / self.output_quantizer.scale.double())
+        return codes, b.unsqueeze(1), c.unsqueeze(1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, w_bits={self.w_bits}, a_bits={self.a_bits}"
+
+
+def lookup(ids: torch.Tensor, codes: torch.Tensor, b: torch.Tensor, c: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """The integer lookup: each id's row of codes requantized by that row's dyadic multiplier."""
+    ids = ids.long()
+    return requantize(codes[ids], b[ids], c[ids], qmin, qmax)
+
+
+@register
+class Embedding(WeightedOp):
+    name = "embedding"
+    modules = (nn.Embedding,)
+    kinds = ("embedding",)
+    twin = QuantEmbedding
+    channel_dim = -1
+
+    def quantized_module(self, module, w_bits, a_bits, granularity, num_groups, block_size: int = 128):
+        # Input-column blocks would cut each row into pieces: a table is quantized per row ("block" included).
+        return QuantEmbedding(module, w_bits, a_bits, granularity, num_groups)
+
+    def macs(self, module, inputs, output):
+        return 0  # a lookup multiplies nothing
+
+    def compile(self, program, node, m, args, kwargs):
+        ids = args[0]
+        q = m.output_quantizer
+        codes, b, c = m.integer_rows()
+        bound = max(-q.qmin, q.qmax)
+        if isinstance(ids, torch.Tensor):  # constant ids: the lookup is a constant of the program
+            out = lookup(ids, codes, b, c, q.qmin, q.qmax)
+            out = out.reshape([1] * max(0, 3 - out.dim()) + list(out.shape)) if out.dim() < 3 else out
+            if out.shape[0] != 1:
+                program.fail(node, "a lookup of constant ids with a batch dimension of its own")
+            ref = next(v for n, v in program.env.items() if n.op == "placeholder")
+            return program.emit(node.name, "constant", [ref], out.expand(ref.dummy.shape[0], *out.shape[1:]),
+                                q.scale.double(), bound, tensors={"codes": out})
+        if not isinstance(ids, Value) or not (is_index(ids) or program.input_name == ids.name):
+            program.fail(node, "an embedding lookup of ids that are not integers")
+        dummy = lookup(ids.dummy, codes, b, c, q.qmin, q.qmax)
+        attrs = {"w_bits": m.w_bits, "qmin": q.qmin, "qmax": q.qmax}
+        return program.emit(node.name, "embedding", [ids], dummy, q.scale.double(), bound, attrs,
+                            {"weight": codes.to(torch.int8), "b": b, "c": c})
+
+    def execute(self, op, inputs, kernel):
+        t, a = op.tensors, op.attrs
+        return lookup(inputs[0], t["weight"].to(torch.int64), t["b"], t["c"], a["qmin"], a["qmax"])
+
+    def onnx(self, ex, op, ins):
+        t, a = op.tensors, op.attrs
+        ids = ex.node("Cast", [ins[0].name], "ids", to=ex.TP.INT64)
+        rows = ex.node("Gather", [ex.const("table", t["weight"].numpy().astype(np.float64)), ids], "rows", axis=0)
+        factor = torch.ldexp(t["b"].double(), -t["c"]).numpy()  # b/2^c, exact in float64
+        scaled = ex.node("Mul", [rows, ex.node("Gather", [ex.const("dyadic", factor), ids], "row_dyadic", axis=0)], "scaled")
+        rounded = ex.node("Floor", [ex.node("Add", [scaled, ex.const("half", np.float64(0.5))], "half")], "rounded")
+        return ex.to_codes(rounded, a["qmin"], a["qmax"], float(op.scale))

@@ -1,0 +1,92 @@
+"""Index values: token ids, the attention mask computed from them, and constant position / token-type ids.
+
+These are exact integers, never quantized: ``input_ids != pad`` is a comparison of integers, ``unsqueeze`` moves
+them, ``torch.arange(T)`` and ``torch.zeros_like`` of it are constants of the sequence length (computed while
+compiling, like any op on sizes alone). In the integer program an index value is a :class:`Value` with no scale
+whose stand-in is an integer or bool tensor; a masked softmax reads the mask and an embedding lookup the ids.
+``unsqueeze`` also moves quantized codes, keeping their grid.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+
+import numpy as np
+import torch
+
+from hessq.ops._program import Value
+from hessq.ops._registry import QuantOp, is_shape_arithmetic, register
+from hessq.ops.shape import _full_scale
+
+_COMPARISONS = {operator.ne: "ne", torch.ne: "ne", "ne": "ne", operator.eq: "eq", torch.eq: "eq", "eq": "eq"}
+
+
+def is_index(v: Value) -> bool:
+    """Whether ``v`` holds exact integers that are not quantized codes (ids, a mask), not a float value."""
+    return v.scale is None and not v.dummy.is_floating_point()
+
+
+@register
+class Compare(QuantOp):
+    """``ids != k`` and ``ids == k`` on integer ids (the padding mask), and the constant ids of a sequence."""
+
+    name = "compare"
+    functions = (operator.ne, operator.eq, torch.ne, torch.eq, torch.arange, torch.zeros_like, torch.ones_like)
+    methods = ("ne", "eq")
+    kinds = ("compare",)
+
+    def matches(self, node, modules):
+        return super().matches(node, modules) and not is_shape_arithmetic(node)
+
+    def compile(self, program, node, op, args, kwargs):
+        kind = _COMPARISONS.get(op)
+        if kind is None:  # arange or zeros_like of a tensor the model computed: no integer form
+            program.fail(node, f"a {getattr(op, '__name__', op)} of a computed tensor")
+        v, k = (args[0], args[1]) if isinstance(args[0], Value) else (args[1], args[0])
+        if isinstance(k, torch.Tensor) and k.numel() == 1:
+            k = k.item()
+        if not isinstance(v, Value) or not isinstance(k, numbers.Integral) or isinstance(k, bool):
+            program.fail(node, "a comparison other than of token ids with an integer")
+        if v.scale is not None:
+            program.fail(node, "a comparison of quantized activations")
+        # the model input arrives here as a float stand-in: ids are compared as the integers they are
+        dummy = v.dummy.long() != k if kind == "ne" else v.dummy.long() == k
+        return program.emit(node.name, "compare", [v], dummy, None, 1, {"op": kind, "value": int(k)})
+
+    def execute(self, op, inputs, kernel):
+        ids = inputs[0].long()
+        return ids != op.attrs["value"] if op.attrs["op"] == "ne" else ids == op.attrs["value"]
+
+    def onnx(self, ex, op, ins):
+        ids = ex.node("Cast", [ins[0].name], "ids", to=ex.TP.INT64)
+        equal = ex.node("Equal", [ids, ex.const("value", np.array(op.attrs["value"], np.int64))], "equal")
+        return ex.tensor(ex.node("Not", [equal], "not_equal") if op.attrs["op"] == "ne" else equal, "mask")
+
+
+@register
+class Unsqueeze(QuantOp):
+    """``x.unsqueeze(d)`` (after the batch dimension) of codes, keeping their grid, or of a mask."""
+
+    name = "unsqueeze"
+    functions = (torch.unsqueeze,)
+    methods = ("unsqueeze",)
+    kinds = ("unsqueeze",)
+    keeps_grid = True
+
+    def compile(self, program, node, op, args, kwargs):
+        v = args[0]
+        dim = args[1] if len(args) > 1 else kwargs["dim"]
+        dim = dim + v.dummy.dim() + 1 if dim < 0 else dim
+        if dim == 0:
+            program.fail(node, "an unsqueeze before the batch dimension")
+        return program.emit(node.name, "unsqueeze", [v], v.dummy.unsqueeze(dim), _full_scale(v, lambda t: t.unsqueeze(dim)),
+                            v.qmax, {"dim": dim})
+
+    def execute(self, op, inputs, kernel):
+        return inputs[0].unsqueeze(op.attrs["dim"])
+
+    def onnx(self, ex, op, ins):
+        t = ins[0]
+        out = ex.node("Unsqueeze", [t.name, ex.const("axes", np.array([op.attrs["dim"]], np.int64))], "unsqueeze")
+        return ex.tensor(out, t.kind, t.scale, t.zero_point)

@@ -1,0 +1,119 @@
+"""Embedding tables: per-row (and row-group) weight quantization against the formula, the integer lookup against the
+fake-quant lookup, constant-id lookups folded to constants, and the exact ONNX export of a lookup."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import hessq
+from hessq.ops.embedding import QuantEmbedding
+
+
+def _reference(weight: torch.Tensor, bits: int, groups: list[range]) -> torch.Tensor:
+    """Symmetric quantization with one scale per group of rows, written from the formula."""
+    qmax = 2 ** (bits - 1) - 1
+    out = torch.empty_like(weight)
+    for rows in groups:
+        block = weight[rows.start:rows.stop]
+        s = block.abs().max() / qmax
+        out[rows.start:rows.stop] = torch.clamp(torch.round(block / s), -qmax, qmax) * s
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_rows_and_row_groups_follow_the_formula(bits):
+    torch.manual_seed(bits)
+    emb = nn.Embedding(10, 6)
+    with torch.no_grad():
+        emb.weight.mul_(torch.linspace(0.1, 3, 10).unsqueeze(1))  # rows of very different ranges
+    per_row = QuantEmbedding(emb, bits, 8)
+    assert torch.equal(per_row.weight_quantizer(per_row.weight), _reference(emb.weight, bits, [range(r, r + 1) for r in range(10)]))
+    # 3 groups of 10 rows: 4, 4 and the 2 left over
+    grouped = QuantEmbedding(emb, bits, 8, "group", 3)
+    assert torch.equal(grouped.weight_quantizer(grouped.weight), _reference(emb.weight, bits, [range(0, 4), range(4, 8), range(8, 10)]))
+    whole = QuantEmbedding(emb, bits, 8, "tensor")
+    assert torch.equal(whole.weight_quantizer(whole.weight), _reference(emb.weight, bits, [range(0, 10)]))
+    # per row is never worse than one range for the table
+    err = [(q.weight_quantizer(q.weight) - emb.weight).pow(2).sum() for q in (per_row, grouped, whole)]
+    assert err[0] <= err[1] <= err[2]
+
+
+class TinyText(nn.Module):
+    """Word and position embeddings (the positions a constant of the length), a linear head on the first token."""
+
+    def __init__(self, vocab: int = 30, dim: int = 8) -> None:
+        super().__init__()
+        self.words = nn.Embedding(vocab, dim, padding_idx=0)
+        self.positions = nn.Embedding(16, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.size(1), device=ids.device).unsqueeze(0)
+        h = self.words(ids) + self.positions(positions)
+        return self.head(h[:, 0] + h[:, 1])
+
+
+def _ids(seed: int, n: int = 6, length: int = 7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 30, (n, length), generator=g)
+
+
+@pytest.mark.parametrize("w_bits", [4, 8])
+def test_integer_lookup_is_the_fake_quant_lookup(tmp_path, w_bits):
+    torch.manual_seed(0)
+    model = TinyText().eval()
+    layers = hessq.quantizable_layers(model)
+    assert list(layers) == ["words", "positions", "head"]  # tables are quantizable layers with their own bits
+    q = hessq.quantize(model, {"words": (w_bits, 8), "positions": (w_bits, 8), "head": 8}, [(_ids(i),) for i in range(3)])
+    ids = _ids(9)
+    imodel = hessq.to_integer(q)
+    kinds = [op.kind for op in imodel.ops]
+    assert kinds.count("embedding") == 1 and kinds.count("constant") == 1  # positions: a constant of the length
+    y = imodel(ids)
+    assert torch.equal(q(ids), y)
+    # the lookup, from the formula: each row's codes at its own scale, rounded onto the output grid
+    words = q.words
+    # (the padding row is zeros: its scale is floored at 1e-12, as every scale is)
+    s_rows = (words.weight.detach().abs().amax(1, keepdim=True) / (2 ** (w_bits - 1) - 1)).clamp(min=1e-12)
+    codes = torch.round(words.weight.detach() / s_rows)
+    exact = (codes * s_rows).double()[ids] / words.output_quantizer.scale.double()
+    expected = torch.clamp(torch.round(exact), words.output_quantizer.qmin, words.output_quantizer.qmax)
+    op = next(o for o in imodel.ops if o.kind == "embedding")
+    got = imodel.run(ids, keep=True)[op.output]
+    # the dyadic multiplier is within 2^-30 of s_row / S: it rounds the other way only at a tie
+    near_tie = ((exact - exact.floor()) - 0.5).abs() < 1e-6
+    assert torch.equal(got[~near_tie], expected[~near_tie].long())
+    assert (got - expected).abs().max() <= 1
+    # the fake-quant lookup computes the same codes
+    with torch.no_grad():
+        fq = words(ids) / words.output_quantizer.scale
+    assert torch.equal(torch.round(fq)[~near_tie], expected[~near_tie].float())
+    # the exact ONNX export takes the ids as int64 and reproduces the program bit for bit
+    hessq.export_onnx(imodel, tmp_path / "text.onnx")
+    session = ort.InferenceSession(str(tmp_path / "text.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(int64)"
+    assert np.array_equal(session.run(None, {"input": ids.numpy()})[0], y.numpy())
+    # 4-bit tables are stored packed
+    imodel.save(tmp_path / "text.hq")
+    assert torch.equal(hessq.load_integer(tmp_path / "text.hq")(ids), y)
+
+
+def test_lookups_cost_no_macs_and_train_by_ste():
+    torch.manual_seed(0)
+    model = TinyText()
+    q = hessq.quantize(model, 4, [(_ids(i),) for i in range(2)], pin_first_last=None)
+    family = hessq.ops.family_of_module(model.words)
+    assert family.name == "embedding" and family.macs(q.words, (_ids(0),), q.words(_ids(0))) == 0
+    q.train()
+    ids = _ids(3)
+    q(ids).pow(2).sum().backward()
+    grad = q.words.weight.grad
+    used = torch.zeros(30, dtype=torch.bool)
+    used[ids[:, :2].flatten()] = True  # the head reads the first two tokens
+    used[0] = False  # the padding row takes no gradient, as in nn.Embedding
+    assert (grad[used].abs().sum(1) > 0).all() and (grad[~used] == 0).all()
+    assert q.positions.weight.grad.abs().sum() > 0
