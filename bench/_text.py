@@ -108,3 +108,14 @@ def torch_latency_ms(model: nn.Module, batch: int, length: int, repeats: int) ->
     return median_ms(lambda: wrapped(**inputs), repeats, warmup=1)
 
 
+
+
+def ort_dynamic_accuracy(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> tuple[float, float]:
+    """(test accuracy, file size in MB) of ONNX Runtime's ``quantize_dynamic`` int8 of ``model``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        export_classifier_onnx(model, fp32)
+        ort_quantize_dynamic(fp32, int8)
+        return ort_accuracy(ort_session(int8, None), batches), int8.stat().st_size / 1e6

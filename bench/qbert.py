@@ -64,7 +64,8 @@ class Task:
         calib_source = data(task, "train", batch_size=batch, shuffle=False)
         self.calib = [b for _, b in zip(range(args.calibration_batches), calib_source)]
         self.sens_batches = [b for _, b in zip(range(args.sensitivity_batches), calib_source)]
-        self.test = data(task, "test", batch_size=64)
+        test = data(task, "test", batch_size=64)
+        self.test = test if args.test_limit is None else [b for _, b in zip(range(-(-args.test_limit // 64)), test)]
         self.layers = list(quantizable_layers(self.model))
         self.args = args
 
@@ -115,7 +116,7 @@ def run_task(task: str, args) -> dict[str, Any]:
         for grouping, kw in GROUPINGS.items():
             q = t.quantize(plan, **kw)
             ptq = t.accuracy(q)
-            qat = t.accuracy(t.qat(q)) if args.qat_steps else None
+            qat = t.accuracy(t.qat(q)) if args.qat_steps and (bits == 3 or grouping == "per channel") else None
             row(f"W{bits}A8 {grouping}", ptq, t.size_mb(plan), after_qat=qat)
 
     log(f"[{task}] Hessian traces")
@@ -186,6 +187,7 @@ def main() -> int:
     ap.add_argument("--rtol", type=float, default=0.1)
     ap.add_argument("--max-samples", type=int, default=100)
     ap.add_argument("--time-budget", type=float, default=600)
+    ap.add_argument("--test-limit", type=int, default=None, help="score on the first N test texts (smoke runs)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     torch.manual_seed(0)
