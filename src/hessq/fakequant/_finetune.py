@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from hessq import _distributed as D
 from hessq._checks import check_class_targets, check_inputs, check_int, check_model, check_number, split_batch
 from hessq._errors import (
     ArtifactError,
@@ -26,6 +30,7 @@ from hessq._errors import (
     InputDataError,
 )
 from hessq._io import check_writable, load_sealed_torch, save_sealed_torch
+from hessq._utils import move_to
 from hessq.graph import capture
 from hessq.quantizer import ActQuantizer, WeightQuantizer
 
@@ -36,6 +41,14 @@ _WHAT = "QAT checkpoint"
 _REMEDY = "delete it to start over, pass another checkpoint path, or resume=False to overwrite it"
 # Listed differences in a mismatch message; the rest are counted.
 _MAX_LISTED = 6
+#: How the ranks of a torch.distributed run receive their batches (see :func:`finetune`).
+DistributedBatches = Literal["global", "sharded"]
+DISTRIBUTED_BATCHES = ("global", "sharded")
+# Buffers (quantizer scales) stay equal on every rank by construction: DDP need not broadcast them at each
+# forward. torch 2.13 renamed the switch (broadcast_buffers is deprecated there).
+_NO_BUFFER_BROADCAST = ({"forward_sync_buffers": False}
+                        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                        else {"broadcast_buffers": False})
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -238,6 +251,79 @@ def _load_checkpoint(path: Path, qmodel: nn.Module, plan: dict, signature: dict,
     return state
 
 
+# --- ranks of a torch.distributed run ------------------------------------------------------
+
+
+class OtherRankError(HessqRuntimeError):
+    """Another rank of a torch.distributed run stopped on an error of its own (which it reports)."""
+
+
+class _Ranks:
+    """This process's place in a torch.distributed run; one rank of one in a single process.
+
+    Every collective that can meet an error goes through :meth:`agree`: each rank says whether it failed,
+    so that a mistake on one rank stops every rank with a message instead of leaving the others waiting.
+    """
+
+    def __init__(self, group: Any, batches: str) -> None:
+        self.group = group
+        self.on = D.is_distributed(group)
+        self.rank, self.world = D.rank_and_world(group)
+        self.batches = batches
+        nccl = self.on and dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    def agree(self, error: BaseException | None, values: list[float], what: str) -> torch.Tensor:
+        """Every rank's ``values`` (rows in rank order, float64). A rank that failed raises its own error and
+        the others a :class:`HessqRuntimeError` naming it."""
+        if not self.on:
+            if error is not None:
+                raise error
+            return torch.tensor([values], dtype=torch.float64)
+        row = torch.tensor([float(error is not None), *values], dtype=torch.float64, device=self.device)
+        table = D.all_gather_rows(row, self.group).cpu()
+        if error is not None:
+            raise error
+        failed = [r for r in range(self.world) if table[r, 0]]
+        if failed:
+            raise OtherRankError(f"rank {failed[0]} of {self.world} stopped while {what}; its own error above says "
+                                 "why (every rank stops with it)")
+        return table[:, 1:]
+
+    def same(self, table: torch.Tensor, names: list[str], remedy: str) -> None:
+        """A :class:`ConfigError` unless every rank gave the same values."""
+        differ = [f"{name} {[int(v) if float(v).is_integer() else float(v) for v in table[:, i].tolist()]}"
+                  for i, name in enumerate(names) if bool((table[:, i] != table[0, i]).any())]
+        if differ:
+            raise ConfigError(f"the {self.world} ranks disagree, by rank: {'; '.join(differ)}. {remedy}")
+
+    def shard(self, x: Any, y: Any) -> tuple[Any, Any, int, int]:
+        """(this rank's inputs, targets, its rows, the global batch's rows; the latter unknown, 0, when sharded)."""
+        try:
+            rows = D.batch_rows((x, y))
+        except ValueError as exc:
+            raise InputDataError(f"a training batch cannot be split over ranks: {exc}") from None
+        if rows is None:
+            raise InputDataError("a training batch holds no tensors, so it cannot be split over ranks")
+        if self.batches == "global":
+            if rows < self.world:
+                raise InputDataError(f"a global batch of {rows} rows cannot be split over {self.world} ranks; give "
+                                     f"batches of at least {self.world} rows")
+            start, stop = D.shard_range(rows, self.rank, self.world)
+            return D.slice_rows(x, start, stop), D.slice_rows(y, start, stop), stop - start, rows
+        return x, y, rows, 0
+
+
+def _check_no_batch_statistics(qmodel: nn.Module) -> None:
+    batchnorms = [n for n, m in qmodel.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if batchnorms:
+        raise ConfigError(
+            f"the model keeps float BatchNorm layers ({_names(batchnorms)}) that would normalise each rank's part "
+            "of a batch by its own statistics, so ranks would train different models; quantize the model with "
+            "BatchNorm folded into its convs (hessq.quantize folds every BN that follows a conv), or train on one rank"
+        )
+
+
 # --- training ---------------------------------------------------------------------------
 
 
@@ -259,6 +345,8 @@ def finetune(
     max_steps: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    distributed_batches: DistributedBatches = "global",
+    group: Any = None,
 ) -> dict[str, Any]:
     """Quantization-aware training of a model from :func:`hessq.quantize`, in place.
 
@@ -273,6 +361,26 @@ def finetune(
     datasets) is iterated afresh each epoch, so shuffling and random augmentation differ per epoch.
     Data without a length (a one-shot iterator or generator, a DataLoader over an IterableDataset)
     is **read once into memory** and those batches are reused every epoch, in the same order.
+
+    **Under torch.distributed** (``torchrun``, the process group started, e.g. by
+    :func:`hessq.sensitivity.init_from_env`; ``group`` picks another than the default) the model trains
+    under :class:`~torch.nn.parallel.DistributedDataParallel`, and a run on W ranks trains on the same
+    global batches as one process: ``distributed_batches="global"`` (the default): every rank passes the
+    same global batches (the same data, seed and order) and rank r trains on its consecutive part of each
+    (rows split as ``torch.tensor_split`` does; every tensor of a tuple or dict batch is cut along dim 0);
+    ranks that received different batches are refused. ``"sharded"``: each rank passes its own part (a
+    ``DistributedSampler``, or your own split); the global batch is their concatenation in rank order, and
+    every rank must give the same number of batches. Each rank's loss is weighted by its share of the
+    global batch, so the averaged gradients are those of the global batch's mean loss (``loss_fn`` must be
+    a mean over the batch's samples, as the default cross-entropy is); the activation ranges each step
+    follows are the global batch's (min/max all-reduced, percentiles over the gathered values), and every
+    parameter and buffer starts from rank 0's, so all ranks hold identical weights and quantizer state
+    throughout. A run on W ranks equals a one-process run on the same global batches up to float rounding
+    (on ResNet-20 QAT, 20 steps: see README). The teacher runs on each rank's part. The model must have no
+    float BatchNorm (hessq folds BN into the convs). Random ops inside the model (dropout) draw the same
+    numbers on every rank. The checkpoint is written by rank 0 alone and read by every rank (put it on a
+    file system all ranks see); a run may resume on another number of ranks. An error on one rank stops
+    every rank, each naming it.
 
     ``checkpoint``: a file written (atomically, sealed with a checksum) at the end of each epoch,
     every ``checkpoint_every`` steps and when ``max_steps`` stops the run. With ``resume`` an existing
@@ -291,8 +399,9 @@ def finetune(
     ``max_steps`` stops early (an interruption: the schedule is still that of ``epochs``), counting steps
     already done.
 
-    Returns the history: per-epoch mean loss, the number of steps done, and ``resumed_from_step``
-    (the step the checkpoint was at; None for a fresh start). With ``progress`` a resumed run says so.
+    Returns the history: per-epoch mean loss (of the global batches), the number of steps done,
+    ``resumed_from_step`` (the step the checkpoint was at; None for a fresh start) and ``world_size``.
+    With ``progress`` a resumed run says so (rank 0 alone shows progress).
     """
     # Every check before any training: a mistake costs no time.
     _check_quantized(qmodel)
@@ -313,150 +422,221 @@ def finetune(
     seed = check_int(seed, "seed")
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigTypeError(f"loss_fn must be callable (outputs, targets) -> loss, got {type(loss_fn).__name__}")
+    if distributed_batches not in DISTRIBUTED_BATCHES:
+        raise ConfigError(f"distributed_batches must be one of {DISTRIBUTED_BATCHES}, got {distributed_batches!r}: "
+                          "'global' when every rank passes the same global batches, 'sharded' when each passes its part")
+    ranks = _Ranks(group, distributed_batches)
+    if ranks.on:
+        _check_no_batch_statistics(qmodel)
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     resuming = ckpt_path is not None and resume and (ckpt_path.exists() or ckpt_path.is_symlink())
-    if ckpt_path is not None and not resuming:
-        check_writable(ckpt_path, "QAT checkpoint")  # an existing path is read first: a directory there is refused as a checkpoint
-    _check_loader(train_batches, ckpt_path is not None)
-    train_batches, steps_per_epoch = _steps_per_epoch(train_batches)
-    if steps_per_epoch == 0:
-        raise InputDataError("train_batches holds no batches; pass at least one (inputs, targets) batch")
-    total_steps = max(1, round(epochs * steps_per_epoch))  # a fractional epoch is a shorter schedule
     default_loss = loss_fn is None
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     device = next(p.device for p in qmodel.parameters())
-    generators = _data_generators(train_batches)
-
     plan, signature = _bit_plan(qmodel), _signature(qmodel)
-    config = {"epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-              "temperature": temperature, "distill_weight": distill_weight, "teacher": teacher is not None,
-              "steps_per_epoch": steps_per_epoch, "seed": seed,
-              "loss_fn": _loss_name(None if default_loss else loss_fn), "data_generators": len(generators)}
+    history: dict[str, Any] = {"epoch_loss": [], "steps": 0}
+    step = 0
+    state: dict[str, Any] | None = None
+    failure: BaseException | None = None
+    steps_per_epoch = 0
+    try:  # what may differ between ranks (their data, their view of the checkpoint) is agreed on below
+        if ckpt_path is not None and not resuming:
+            check_writable(ckpt_path, "QAT checkpoint")  # an existing path is read first: a directory there is refused as a checkpoint
+        _check_loader(train_batches, ckpt_path is not None)
+        train_batches, steps_per_epoch = _steps_per_epoch(train_batches)
+        if steps_per_epoch == 0:
+            raise InputDataError("train_batches holds no batches; pass at least one (inputs, targets) batch")
+        generators = _data_generators(train_batches)
+        config = {"epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                  "temperature": temperature, "distill_weight": distill_weight, "teacher": teacher is not None,
+                  "steps_per_epoch": steps_per_epoch, "seed": seed,
+                  "loss_fn": _loss_name(None if default_loss else loss_fn), "data_generators": len(generators)}
+        if resuming:
+            assert ckpt_path is not None
+            state = _load_checkpoint(ckpt_path, qmodel, plan, signature, config)
+            check_writable(ckpt_path, "QAT checkpoint")
+            step = int(state["step"])
+    except HessqError as exc:
+        failure = exc
+    agreed = ranks.agree(failure, [steps_per_epoch, step], "reading train_batches and the checkpoint")
+    ranks.same(agreed, ["batches per epoch", "checkpoint step"],
+               "Every rank must pass as many batches per epoch and see the same checkpoint file")
+    total_steps = max(1, round(epochs * steps_per_epoch))  # a fractional epoch is a shorter schedule
 
     _seed_everything(seed)
     params = [p for p in qmodel.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
-    history: dict[str, Any] = {"epoch_loss": [], "steps": 0}
-    step = 0
     resumed: dict[str, Any] | None = None  # the checkpoint's RNG states, applied when its epoch starts
     # The model as handed in: a bad first batch is refused leaving it so (its forward moves running statistics).
     pristine: dict[str, torch.Tensor] | None = {k: v.clone() for k, v in qmodel.state_dict().items()}
-    if resuming:
-        assert ckpt_path is not None
-        state = _load_checkpoint(ckpt_path, qmodel, plan, signature, config)
-        check_writable(ckpt_path, "QAT checkpoint")
+    if state is not None:
         qmodel.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history = dict(state["history"])
-        step = int(state["step"])
         resumed = state["rng"]
     history["resumed_from_step"] = step if resumed is not None else None
+    history["world_size"] = ranks.world
     limit = min(total_steps, max_steps) if max_steps is not None else total_steps
-    if resumed is not None and progress:
+    show = progress and ranks.rank == 0
+    if resumed is not None and show:
         tqdm.write(f"finetune: resuming {ckpt_path} at step {step} of {total_steps}")
+
+    model: nn.Module = qmodel
+    if ranks.on:
+        D.broadcast_state(qmodel, ranks.group)  # quantizer scales and observers too, which DDP leaves alone
+        # static_graph: DDP finds parameters the loss does not reach (a pooler beside the head) on its own
+        model = DistributedDataParallel(qmodel, device_ids=[device] if device.type == "cuda" else None,
+                                        process_group=ranks.group, static_graph=True, **_NO_BUFFER_BROADCAST)
 
     epoch_rng: dict[str, Any] | None = None
 
     def save() -> None:
         if ckpt_path is None:
             return
-        kept = {k: v for k, v in history.items() if k != "resumed_from_step"}
-        save_sealed_torch(ckpt_path, {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "plan": plan,
-            "signature": signature,
-            "config": config,
-            "model": dict(qmodel.state_dict()),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {"epoch_start": epoch_rng, "now": _rng_state(generators)},
-            "history": kept,
-            "step": step,
-        })
+        failed: BaseException | None = None
+        if ranks.rank == 0:
+            kept = {k: v for k, v in history.items() if k not in ("resumed_from_step", "world_size")}
+            try:
+                save_sealed_torch(ckpt_path, {
+                    "format": CHECKPOINT_FORMAT,
+                    "version": CHECKPOINT_VERSION,
+                    "plan": plan,
+                    "signature": signature,
+                    "config": config,
+                    "model": dict(qmodel.state_dict()),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": {"epoch_start": epoch_rng, "now": _rng_state(generators)},
+                    "history": kept,
+                    "step": step,
+                })
+            except Exception as exc:  # noqa: BLE001 - handed to agree(), which re-raises it here
+                failed = exc
+        ranks.agree(failed, [], "rank 0 wrote the checkpoint")  # also a barrier: the file is there for every rank
 
     if teacher is not None:
         teacher.eval()
     num_classes: int | None = None
-    bar = tqdm(total=limit, initial=min(step, limit), desc="finetune", disable=not progress)
+    bar = tqdm(total=limit, initial=min(step, limit), desc="finetune", disable=not show)
     try:
-        while step < limit:
-            epoch, skip = divmod(step, steps_per_epoch)
-            if resumed is not None and skip:
-                _set_rng_state(resumed["epoch_start"], generators)  # rebuild this epoch's order ...
-            elif resumed is not None:
-                _set_rng_state(resumed["now"], generators)
-            epoch_rng = _rng_state(generators)  # before the iterator exists: a DataLoader draws its order from it
-            if hasattr(train_batches, "set_epoch"):
-                train_batches.set_epoch(epoch)
-            qmodel.train()
-            batches = iter(train_batches)
-            for _ in range(skip):  # ... skip the batches already trained on ...
-                next(batches, None)
-            if resumed is not None and skip:
-                _set_rng_state(resumed["now"], generators)  # ... and go on from the checkpoint's state
-            resumed = None
-            running = history.get("running", 0.0) if skip else 0.0
-            epoch_end = min(limit, (epoch + 1) * steps_per_epoch)
-            while step < epoch_end:  # stops before fetching a batch it would not train on (that draws random numbers)
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    raise InputDataError(f"train_batches gave {step - epoch * steps_per_epoch} batches in epoch "
-                                         f"{epoch + 1}, but its len() is {steps_per_epoch}") from None
-                try:
-                    x, y = split_batch(batch, where="training batch")
-                    check_inputs(x, qmodel, where="training inputs")
-                    x, y = x.to(device), y.to(device)
-                    out = _forward(qmodel, x)
-                    if default_loss and isinstance(out, torch.Tensor) and out.ndim == 2:
-                        num_classes = num_classes or out.shape[1]
-                        check_class_targets(y, num_classes, where="training targets")
-                except InputDataError:
-                    if pristine is not None:
-                        qmodel.load_state_dict(pristine)
-                        qmodel.eval()
-                    raise
-                pristine = None
-                loss = loss_fn(out, y)
-                if teacher is not None:
-                    with torch.no_grad():
-                        target = teacher(x)
-                    loss = distill_weight * distillation_loss(out, target, temperature) + (1 - distill_weight) * loss
-                if not torch.isfinite(loss):
-                    raise HessqRuntimeError(f"the loss became {loss.item()} at step {step}; lower lr (now {lr})")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                running += float(loss.detach())
-                history["running"] = running
-                history["steps"] = step
-                bar.update(1)
-                bar.set_postfix(loss=f"{running / max(step - epoch * steps_per_epoch, 1):.4f}", epoch=epoch + 1)
-                if checkpoint_every and step % checkpoint_every == 0 and step < epoch_end:
+        with D.synced_ranges(ranks.group):
+            while step < limit:
+                epoch, skip = divmod(step, steps_per_epoch)
+                if resumed is not None and skip:
+                    _set_rng_state(resumed["epoch_start"], generators)  # rebuild this epoch's order ...
+                elif resumed is not None:
+                    _set_rng_state(resumed["now"], generators)
+                epoch_rng = _rng_state(generators)  # before the iterator exists: a DataLoader draws its order from it
+                if hasattr(train_batches, "set_epoch"):
+                    train_batches.set_epoch(epoch)
+                model.train()
+                batches = iter(train_batches)
+                for _ in range(skip):  # ... skip the batches already trained on ...
+                    next(batches, None)
+                if resumed is not None and skip:
+                    _set_rng_state(resumed["now"], generators)  # ... and go on from the checkpoint's state
+                resumed = None
+                running = history.get("running", 0.0) if skip else 0.0
+                epoch_end = min(limit, (epoch + 1) * steps_per_epoch)
+                while step < epoch_end:  # stops before fetching a batch it would not train on (that draws random numbers)
+                    try:
+                        x, y, share = _next_batch(batches, qmodel, ranks, step - epoch * steps_per_epoch, epoch,
+                                                  steps_per_epoch, device)
+                        out = _forward(qmodel, x, model)
+                        failed = None
+                        if default_loss and isinstance(out, torch.Tensor) and out.ndim == 2:
+                            num_classes = num_classes or out.shape[1]
+                            try:
+                                check_class_targets(y, num_classes, where="training targets")
+                            except InputDataError as exc:
+                                failed = exc
+                        loss = loss_fn(out, y) if failed is None else out.new_zeros(())
+                        if teacher is not None and failed is None:
+                            with torch.no_grad():
+                                target = teacher(x)
+                            loss = distill_weight * distillation_loss(out, target, temperature) + (1 - distill_weight) * loss
+                        # the global batch's mean loss: each rank's mean weighted by its share of the rows
+                        global_loss = float(ranks.agree(failed, [float(loss.detach()) * share],
+                                                        "checking training targets").sum())
+                    except (InputDataError, OtherRankError):  # bad data on this rank or another
+                        if pristine is not None:
+                            qmodel.load_state_dict(pristine)
+                            qmodel.eval()
+                        raise
+                    pristine = None
+                    if not math.isfinite(global_loss):
+                        raise HessqRuntimeError(f"the loss became {global_loss} at step {step}; lower lr (now {lr})")
+                    optimizer.zero_grad(set_to_none=True)
+                    # DDP averages the ranks' gradients: scaled by share·W they sum to the global mean's
+                    (loss * (share * ranks.world) if ranks.on and share * ranks.world != 1 else loss).backward()
+                    optimizer.step()
+                    scheduler.step()
+                    step += 1
+                    running += global_loss
+                    history["running"] = running
+                    history["steps"] = step
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{running / max(step - epoch * steps_per_epoch, 1):.4f}", epoch=epoch + 1)
+                    if checkpoint_every and step % checkpoint_every == 0 and step < epoch_end:
+                        save()
+                epoch_mean = running / max(step - epoch * steps_per_epoch, 1)
+                if step % steps_per_epoch == 0 or step >= total_steps:
+                    history["epoch_loss"].append(epoch_mean)
+                    history["running"] = 0.0
                     save()
-            epoch_mean = running / max(step - epoch * steps_per_epoch, 1)
-            if step % steps_per_epoch == 0 or step >= total_steps:
-                history["epoch_loss"].append(epoch_mean)
-                history["running"] = 0.0
-                save()
-            else:  # stopped by max_steps mid-epoch: the checkpoint keeps the running sum, the caller gets the mean so far
-                save()
-                history["epoch_loss"].append(epoch_mean)
+                else:  # stopped by max_steps mid-epoch: the checkpoint keeps the running sum, the caller gets the mean so far
+                    save()
+                    history["epoch_loss"].append(epoch_mean)
     finally:
         bar.close()
     qmodel.eval()
     return history
 
 
-def _forward(qmodel: nn.Module, x: Any) -> Any:
-    """``qmodel(x)``, with a shape the model was not calibrated on named instead of a deep torch error."""
+def _next_batch(batches: Iterator, qmodel: nn.Module, ranks: _Ranks, index: int, epoch: int, steps_per_epoch: int,
+                device: torch.device) -> tuple[Any, Any, float]:
+    """(inputs, targets) this rank trains on next, on ``device``, and its share of the global batch's rows.
+
+    Under torch.distributed the ranks agree on the batch first (one all-gather): a batch refused on one
+    rank stops all, and in ``"global"`` mode ranks holding different global batches are refused.
+    """
+    failed: InputDataError | None = None
+    x = y = None
+    rows = total = 1  # a single process trains on the whole batch
+    check = 0.0
     try:
-        return qmodel(x)
+        try:
+            batch = next(batches)
+        except StopIteration:
+            raise InputDataError(f"train_batches gave {index} batches in epoch {epoch + 1}, but its len() is "
+                                 f"{steps_per_epoch}") from None
+        x, y = split_batch(batch, where="training batch")
+        check_inputs(x, qmodel, where="training inputs")
+        if ranks.on:
+            check = D.checksum((x, y)) if ranks.batches == "global" else 0.0
+            x, y, rows, total = ranks.shard(x, y)
+    except InputDataError as exc:
+        failed = exc
+    table = ranks.agree(failed, [rows, check], "reading its training batch")
+    if ranks.batches == "sharded":
+        total = int(table[:, 0].sum())
+    elif not torch.allclose(table[:, 1], table[0, 1].expand(ranks.world), rtol=1e-9, atol=0.0):
+        # a tolerance, not equality: float64 sums may round differently on ranks with other CPUs or GPUs
+        raise ConfigError(
+            f"the ranks hold different global batches at step {index + 1} of epoch {epoch + 1} (sums by rank "
+            f"{table[:, 1].tolist()}): with distributed_batches='global' every rank must pass the same global batches "
+            "(same data, seed and order); pass distributed_batches='sharded' when each rank reads its own part "
+            "(a DistributedSampler)")
+    return move_to(x, device), move_to(y, device), rows / total
+
+
+def _forward(qmodel: nn.Module, x: Any, model: nn.Module | None = None) -> Any:
+    """``model(x)`` (``qmodel`` itself, or its DDP wrapper), with a shape ``qmodel`` was not calibrated on named
+    instead of a deep torch error."""
+    try:
+        return (model or qmodel)(x)
     except HessqError:
         raise
     except RuntimeError as exc:

@@ -19,7 +19,7 @@ from hessq.quantizer._functional import (
     symmetric_scale,
     weight_scale_like,
 )
-from hessq.quantizer._observer import RangeMethod, RangeObserver, percentile_bounds
+from hessq.quantizer._observer import RangeMethod, RangeObserver, batch_range
 
 
 class WeightQuantizer(nn.Module):
@@ -168,12 +168,11 @@ class ActQuantizer(nn.Module):
     def _track(self, x: torch.Tensor) -> None:
         # Follow the activation range while the weights change; the sign stays as calibrated.
         m = self.observer.momentum
-        if self.observer.method == "percentile":
-            # The calibrated clipping carries into training: follow the batch's percentiles, not its extremes,
-            # by the same rule as calibration (a strided subsample keeps it cheap at every step).
-            lo, hi = percentile_bounds(x, self.observer.percentile, _TRACK_SAMPLES)
-        else:
-            lo, hi = x.detach().amin().float(), x.detach().amax().float()
+        # The calibrated clipping carries into training: follow the batch's percentiles, not its extremes,
+        # by the same rule as calibration (a strided subsample keeps it cheap at every step). Under DDP the
+        # range is the global batch's (hessq._distributed.synced_ranges), so every rank keeps the same scale.
+        percentile = self.observer.percentile if self.observer.method == "percentile" else None
+        lo, hi = batch_range(x, percentile, _TRACK_SAMPLES)
         absmax = torch.maximum(lo.abs(), hi.abs()) if bool(self.signed) else hi.clamp(min=0)
         _, qmax = qrange(self.bits, bool(self.signed))
         self.scale.mul_(m).add_((1 - m) * torch.clamp(absmax / qmax, min=1e-12))

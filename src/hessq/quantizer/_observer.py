@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from hessq._distributed import LOCAL, extremes, gather_strided, range_group
 from hessq._errors import ConfigError
 
 RangeMethod = Literal["minmax", "percentile", "ema"]
@@ -16,14 +17,27 @@ RANGE_METHODS = ("minmax", "percentile", "ema")
 _QUANTILE_MAX = 1 << 24
 
 
-def percentile_bounds(x: torch.Tensor, percentile: float, max_samples: int = _QUANTILE_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+def percentile_bounds(x: torch.Tensor, percentile: float, max_samples: int = _QUANTILE_MAX,
+                      group: object = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``100 - percentile`` and ``percentile`` quantiles of ``x``, on a strided subsample of at most
-    ``max_samples`` values: the one clipping rule of calibration and of QAT's range tracking."""
-    flat = x.detach().reshape(-1).float()
-    if flat.numel() > max_samples:
-        flat = flat[:: flat.numel() // max_samples + 1]
+    ``max_samples`` values: the one clipping rule of calibration and of QAT's range tracking. With a process
+    ``group``, ``x`` is this rank's consecutive part of a tensor split over the ranks, and the quantiles are
+    the whole tensor's (see :func:`hessq._distributed.gather_strided`)."""
+    flat = gather_strided(x.detach().reshape(-1).float(), max_samples, group)
     q = torch.quantile(flat, torch.tensor([1 - percentile / 100, percentile / 100], device=flat.device))
     return q[0], q[1]
+
+
+def batch_range(x: torch.Tensor, percentile: float | None, max_samples: int = _QUANTILE_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low, high) of one batch: its percentile bounds, or its extremes when ``percentile`` is None.
+
+    Under :func:`hessq._distributed.synced_ranges` (QAT under torch.distributed) the batch is every rank's
+    part of it together, so every rank gets the same range, the one a single process would on the whole batch.
+    """
+    group = range_group()
+    if percentile is not None:
+        return percentile_bounds(x, percentile, max_samples, group)
+    return extremes(x.detach().amin().float(), x.detach().amax().float(), group)
 
 
 class RangeObserver(nn.Module):
@@ -63,10 +77,7 @@ class RangeObserver(nn.Module):
         x = x.detach()
         if not torch.isfinite(x).all():
             raise ConfigError("NaN or inf in an activation being calibrated; check the model and its inputs")
-        if self.method == "percentile":
-            lo, hi = percentile_bounds(x, self.percentile)
-        else:
-            lo, hi = x.amin().float(), x.amax().float()
+        lo, hi = batch_range(x, self.percentile if self.method == "percentile" else None)
         n = int(self.num_batches)
         if n == 0:
             self.min_val.copy_(lo)
