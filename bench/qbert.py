@@ -79,7 +79,10 @@ class Task:
         return hessq.quantize(self.model, plan, self.calib, pin_first_last=None, **kw)
 
     def qat(self, q, seed: int = 0):
-        hessq.finetune(q, self.train, teacher=self.model, epochs=1, max_steps=self.args.qat_steps, lr=self.args.qat_lr,
+        # a whole cosine schedule over --qat-steps steps (a fraction of an epoch)
+        epochs = min(1.0, self.args.qat_steps / len(self.train))
+        hessq.finetune(q, self.train, teacher=self.model, epochs=epochs, lr=self.args.qat_lr,
+                       optimizer="adamw",
                        seed=seed, checkpoint=None, progress=False)
         return q.eval()
 
@@ -177,7 +180,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--qat-steps", type=int, default=150)
-    ap.add_argument("--qat-lr", type=float, default=1e-3)
+    ap.add_argument("--qat-lr", type=float, default=2e-5, help="AdamW learning rate of QAT")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--random-plans", type=int, default=5)
     ap.add_argument("--random-qat", action="store_true", help="QAT every random plan too (slow)")

@@ -53,6 +53,8 @@ CONFIG_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
      dict(type=float, help="with --data none: weight of cross-entropy to random classes in the distillation (0 = plain ZeroQ)")),
     ("--finetune-steps", "finetune", "max_steps", dict(type=int, help="stop QAT after this many steps")),
     ("--lr", "finetune", "lr", dict(type=float, help="QAT learning rate")),
+    ("--qat-optimizer", "finetune", "optimizer", dict(choices=("sgd", "adamw"),
+                                                      help="sgd (with momentum; CNNs) or adamw (transformers)")),
     ("--no-resume", "finetune", "resume", dict(action="store_false",
                                                help="start QAT over even when the output folder holds a checkpoint of an earlier run")),
     ("--onnx-mode", "export", "onnx_mode", dict(choices=("exact", "fast"),

@@ -124,7 +124,8 @@ def run_task_demo(args: argparse.Namespace, progress: bool) -> int:
     result = hessq.compress(
         task.model, task.train, eval_data=test, plan=plan, sensitivity=sensitivity,
         quantize=QuantizeConfig(baselines=((8, 8), (4, 8)), calibration_batches=4),
-        finetune=FinetuneConfig(epochs=1, max_steps=steps, lr=args.qat_lr, distill=task.loss_fn is None),
+        finetune=FinetuneConfig(epochs=1, max_steps=steps, lr=2e-5 if text else args.qat_lr,
+                                optimizer="adamw" if text else "sgd", distill=task.loss_fn is None),
         input_shape=task.input_shape, model_name=task.name, metric=task.metric, metric_name=task.metric_name,
         loss_fn=task.loss_fn, seed=args.seed, progress=progress)
     files = result.save(args.out)

@@ -34,6 +34,8 @@ from hessq._utils import move_to
 from hessq.graph import capture
 from hessq.quantizer import ActQuantizer, WeightQuantizer
 
+#: QAT optimizers: SGD with momentum (CNNs), AdamW (transformers)
+OPTIMIZERS = ("sgd", "adamw")
 CHECKPOINT_FORMAT = "hessq.qat-checkpoint"
 # 2: sealed (sha256), weights_only-loadable, records model signature / bit plan / configuration and every RNG state.
 CHECKPOINT_VERSION = 2
@@ -334,6 +336,7 @@ def finetune(
     teacher: nn.Module | None = None,
     epochs: float = 1,
     lr: float = 1e-3,
+    optimizer: str = "sgd",
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     temperature: float = 1.0,
@@ -350,7 +353,8 @@ def finetune(
 ) -> dict[str, Any]:
     """Quantization-aware training of a model from :func:`hessq.quantize`, in place.
 
-    SGD with momentum and a per-step cosine schedule from ``lr`` to 0 over ``epochs`` (which may be
+    ``optimizer`` ``"sgd"`` (with ``momentum``; CNNs) or ``"adamw"`` (transformers, which SGD trains poorly), with
+    a per-step cosine schedule from ``lr`` to 0 over ``epochs`` (which may be
     fractional: ``epochs=0.5`` trains half an epoch with the whole schedule).
     Gradients pass the rounding by the straight-through estimator; activation ranges
     follow an EMA of each batch. With ``teacher`` the loss is
@@ -410,6 +414,8 @@ def finetune(
     epochs = check_number(epochs, "epochs", low=0, strict=True)
     lr = check_number(lr, "lr", low=0, strict=True)
     momentum = check_number(momentum, "momentum", low=0)
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
     weight_decay = check_number(weight_decay, "weight_decay", low=0)
     temperature = check_number(temperature, "temperature", low=0, strict=True)
     distill_weight = check_number(distill_weight, "distill_weight", low=0)
@@ -448,6 +454,7 @@ def finetune(
             raise InputDataError("train_batches holds no batches; pass at least one (inputs, targets) batch")
         generators = _data_generators(train_batches)
         config = {"epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                  **({"optimizer": optimizer} if optimizer != "sgd" else {}),
                   "temperature": temperature, "distill_weight": distill_weight, "teacher": teacher is not None,
                   "steps_per_epoch": steps_per_epoch, "seed": seed,
                   "loss_fn": _loss_name(None if default_loss else loss_fn), "data_generators": len(generators)}
@@ -465,14 +472,15 @@ def finetune(
 
     _seed_everything(seed)
     params = [p for p in qmodel.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    opt = (torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay) if optimizer == "sgd"
+           else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     resumed: dict[str, Any] | None = None  # the checkpoint's RNG states, applied when its epoch starts
     # The model as handed in: a bad first batch is refused leaving it so (its forward moves running statistics).
     pristine: dict[str, torch.Tensor] | None = {k: v.clone() for k, v in qmodel.state_dict().items()}
     if state is not None:
         qmodel.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        opt.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history = dict(state["history"])
         resumed = state["rng"]
@@ -506,7 +514,7 @@ def finetune(
                     "signature": signature,
                     "config": config,
                     "model": dict(qmodel.state_dict()),
-                    "optimizer": optimizer.state_dict(),
+                    "optimizer": opt.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": {"epoch_start": epoch_rng, "now": _rng_state(generators)},
                     "history": kept,
@@ -568,10 +576,10 @@ def finetune(
                     pristine = None
                     if not math.isfinite(global_loss):
                         raise HessqRuntimeError(f"the loss became {global_loss} at step {step}; lower lr (now {lr})")
-                    optimizer.zero_grad(set_to_none=True)
+                    opt.zero_grad(set_to_none=True)
                     # DDP averages the ranks' gradients: scaled by share·W they sum to the global mean's
                     (loss * (share * ranks.world) if ranks.on and share * ranks.world != 1 else loss).backward()
-                    optimizer.step()
+                    opt.step()
                     scheduler.step()
                     step += 1
                     running += global_loss

@@ -617,7 +617,7 @@ def compress(
         ckpt = qat_checkpoint_path(out) if (out is not None and ft.checkpoint) else None
         resumed_from = _resume_source(ckpt, out) if (ckpt is not None and ft.resume) else None
         try:
-            history = run_finetune(qmodel, train, teacher=model if ft.distill else None, epochs=ft.epochs, lr=ft.lr,
+            history = run_finetune(qmodel, train, teacher=model if ft.distill else None, epochs=ft.epochs, lr=ft.lr, optimizer=ft.optimizer,
                                    max_steps=ft.max_steps, checkpoint=ckpt, resume=ft.resume, seed=seed,
                                    progress=progress, loss_fn=loss_fn)
         except ArtifactError as exc:  # a damaged checkpoint, or one of other settings (CheckpointMismatchError)

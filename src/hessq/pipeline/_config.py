@@ -326,13 +326,15 @@ class FinetuneConfig(_Config):
     ``epochs`` may be fractional (a shorter whole cosine schedule); ``max_steps`` stops it early;
     ``distill``: learn from the FP32 model's outputs (the teacher); ``checkpoint``: a resumable checkpoint
     beside the output folder while training, ``qat.ckpt`` in it after; ``resume``: continue from that
-    checkpoint when one is there (it must match model, plan and settings).
+    checkpoint when one is there (it must match model, plan and settings); ``optimizer``: ``"sgd"`` with
+    momentum (CNNs) or ``"adamw"`` (transformers).
     """
 
     KIND: ClassVar[str] = "finetune"
 
     epochs: float = 1
     lr: float = 0.01
+    optimizer: str = "sgd"
     max_steps: int | None = None
     distill: bool = True
     checkpoint: bool = True
@@ -344,6 +346,10 @@ class FinetuneConfig(_Config):
             return value
         if name == "max_steps":
             return check_int(value, label, low=1, allow_none=True)
+        if name == "optimizer":
+            if value not in ("sgd", "adamw"):
+                raise ConfigError(f"{label} must be 'sgd' or 'adamw', got {value!r}")
+            return value
         return _check_bool(value, label)
 
 
