@@ -170,8 +170,8 @@ def markdown(results: list[dict[str, Any]], args) -> str:
             qat = pct(r.get("after_qat"))
             if r.get("qat_ci95") is not None:
                 qat += f" ± {100 * r['qat_ci95']:.2f}"
-            out.append(f"| {r['setting']} | {'-' if r['size_mb'] is None else f'{r['size_mb']:.2f}'} | "
-                       f"{pct(r['accuracy'])} | {qat} |")
+            size = "-" if r["size_mb"] is None else f"{r['size_mb']:.2f}"
+            out.append(f"| {r['setting']} | {size} | {pct(r['accuracy'])} | {qat} |")
         out.append("")
     return "\n".join(out)
 

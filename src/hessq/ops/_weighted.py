@@ -99,6 +99,8 @@ class WeightedOp(QuantOp):
         return node.op == "call_module" and isinstance(modules.get(node.target), (*self.modules, self.twin))
 
     def quantized_module(self, module, w_bits, a_bits, granularity, num_groups, block_size: int = 128):
+        # at most num_groups groups: a layer with fewer rows (a 2-class head among 384-row matrices) gets one per row
+        num_groups = min(num_groups, module.weight.shape[0]) if granularity == "group" else num_groups
         if granularity == "group" and module.weight.shape[0] % num_groups:
             raise ConfigError(f"cannot split the {module.weight.shape[0]} output rows of a {type(module).__name__} into "
                               f"{num_groups} equal groups; choose num_groups dividing every layer's rows, or another granularity")

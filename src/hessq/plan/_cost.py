@@ -274,7 +274,7 @@ def layer_costs(
             kind=families[name].name,
             num_params=int(m.weight.numel()),
             out_channels=int(m.weight.shape[0]),
-            has_bias=m.bias is not None or name in extra_bias,
+            has_bias=getattr(m, "bias", None) is not None or name in extra_bias,
             macs=int(macs[name]),
             fixed_bytes=_inner_weight_bytes(m),
         )
