@@ -119,7 +119,7 @@ def run_task(task: str, args) -> dict[str, Any]:
         for grouping, kw in GROUPINGS.items():
             q = t.quantize(plan, **kw)
             ptq = t.accuracy(q)
-            qat = t.accuracy(t.qat(q)) if args.qat_steps and (bits == 3 or grouping == "per channel") else None
+            qat = t.accuracy(t.qat(q)) if args.qat_steps and bits in args.qat_uniform_bits else None
             row(f"W{bits}A8 {grouping}", ptq, t.size_mb(plan), after_qat=qat)
 
     log(f"[{task}] Hessian traces")
@@ -182,6 +182,7 @@ def main() -> int:
     ap.add_argument("--qat-steps", type=int, default=150)
     ap.add_argument("--qat-lr", type=float, default=2e-5, help="AdamW learning rate of QAT")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--qat-uniform-bits", type=int, nargs="*", default=[3], help="uniform widths also trained with QAT")
     ap.add_argument("--random-plans", type=int, default=5)
     ap.add_argument("--random-qat", action="store_true", help="QAT every random plan too (slow)")
     ap.add_argument("--calibration-batches", type=int, default=8)
