@@ -9,13 +9,14 @@ from hessq._compat import import_transformers
 
 
 def tiny_bert(layers: int = 2, hidden: int = 32, heads: int = 4, labels: int = 3, seed: int = 0,
-              init_std: float = 0.02) -> nn.Module:
+              init_std: float = 0.02, dropout: float = 0.1) -> nn.Module:
     """``transformers.BertForSequenceClassification`` with a small config, eager attention, in eval mode."""
     tr = import_transformers()
     torch.manual_seed(seed)
     config = tr.BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                            intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=labels,
-                           attn_implementation="eager", initializer_range=init_std)
+                           attn_implementation="eager", initializer_range=init_std,
+                           hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     return tr.BertForSequenceClassification(config).eval()
 
 

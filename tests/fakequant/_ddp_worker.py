@@ -82,7 +82,24 @@ def resnet20_fashion() -> Setup:
     return Setup(model, (4, 8), data.take(4), TensorBatches(x, y, batch_size=64, shuffle=True, seed=3), epochs=2, lr=0.01)
 
 
-SETUPS: dict[str, Callable[[], Setup]] = {"resnet8": resnet8_digits, "resnet20": resnet20_fashion}
+def tiny_bert_tokens() -> Setup:
+    """A 2-layer random-init Hugging Face BERT, W4A8 with 8-bit embeddings, on padded token ids, 2 epochs of 10 batches."""
+    from tests._bert import tiny_bert, token_batch
+
+    # no dropout: each rank would draw its own masks for its rows, which no run with other ranks can repeat
+    model = tiny_bert(layers=2, hidden=32, heads=4, labels=3, init_std=0.2, dropout=0.0)
+    batches = [token_batch(s, batch=32, length=12) for s in range(10)]
+    ids = torch.cat([b["input_ids"] for b in batches])
+    labels = torch.cat([b["labels"] for b in batches])
+    names = list(hessq.graph.quantizable_layers(model))
+    plan = {n: 8 if "embeddings" in n else 4 for n in names}
+    calibration = [(ids[:32], labels[:32]), (ids[32:64], labels[32:64])]
+    return Setup(model, plan, calibration, TensorBatches(ids, labels, batch_size=32, shuffle=True, seed=3), epochs=2,
+                 lr=0.01)
+
+
+SETUPS: dict[str, Callable[[], Setup]] = {"resnet8": resnet8_digits, "resnet20": resnet20_fashion,
+                                          "bert": tiny_bert_tokens}
 
 
 class RankPart:
@@ -136,7 +153,7 @@ def _range_checks(rank: int, world: int) -> dict[str, bool]:
     return out
 
 
-def run(name: str, out: Path, world_expected: int | None = None) -> dict[str, Any]:
+def run(name: str, out: Path, world_expected: int | None = None, only_global: bool = False) -> dict[str, Any]:
     """Every run of :data:`SETUPS`[name] on this rank; its states saved under ``out``, its report returned."""
     torch.set_num_threads(1)
     rank, world = D.rank_and_world()
@@ -151,12 +168,12 @@ def run(name: str, out: Path, world_expected: int | None = None) -> dict[str, An
 
     finetune_module.save_sealed_torch = counted_save
     try:
-        return _runs(name, out, rank, world, writes)
+        return _runs(name, out, rank, world, writes, only_global)
     finally:
         finetune_module.save_sealed_torch = save
 
 
-def _runs(name: str, out: Path, rank: int, world: int, writes: list[str]) -> dict[str, Any]:
+def _runs(name: str, out: Path, rank: int, world: int, writes: list[str], only_global: bool = False) -> dict[str, Any]:
     setup = SETUPS[name]()
     states: dict[str, torch.Tensor] = {}
     report: dict[str, Any] = {"rank": rank, "world": world, "seconds": {}}
@@ -171,7 +188,7 @@ def _runs(name: str, out: Path, rank: int, world: int, writes: list[str]) -> dic
     t = time.perf_counter()
     keep("global", *_train(setup, setup.train, q))
     report["seconds"]["global"] = time.perf_counter() - t
-    if world > 1:
+    if world > 1 and not only_global:
         ckpt = out / "qat.ckpt"
         t = time.perf_counter()
         _train(setup, setup.train, checkpoint=ckpt, max_steps=7)
@@ -207,7 +224,7 @@ def main() -> None:
     name, out = sys.argv[1], Path(sys.argv[2])
     started = D.init_from_env()
     try:
-        run(name, out, world_expected=int(os.environ.get("WORLD_SIZE", "1")))
+        run(name, out, world_expected=int(os.environ.get("WORLD_SIZE", "1")), only_global="global" in sys.argv[3:])
     finally:
         if started:
             dist.destroy_process_group()

@@ -140,3 +140,4 @@ def test_an_unknown_split_mode_is_refused():
     q = hessq.quantize(worker.resnet8_digits().model, (4, 8), digits("train", batch_size=32).take(1))
     with pytest.raises(hessq.ConfigError, match="distributed_batches must be one of"):
         hessq.finetune(q, digits("train").take(1), distributed_batches="local", progress=False)
+
