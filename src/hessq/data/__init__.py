@@ -23,3 +23,17 @@ __all__ = [
 from hessq.data._photos import PHOTOS, load_photos, photo_crops  # noqa: E402
 
 __all__ += ["PHOTOS", "load_photos", "photo_crops"]
+
+from hessq.data._detection import (  # noqa: E402
+    DEFAULT_DETECTION_SIZES,
+    FASHION_MNIST_CLASSES,
+    DetectionBatches,
+    DetectionSet,
+    coco_evaluate,
+    detection_set,
+    encode_targets,
+    normalize_canvases,
+)
+
+__all__ += ["DEFAULT_DETECTION_SIZES", "FASHION_MNIST_CLASSES", "DetectionBatches", "DetectionSet", "coco_evaluate",
+            "detection_set", "encode_targets", "normalize_canvases"]
