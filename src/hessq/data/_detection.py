@@ -15,10 +15,12 @@ Scoring is pycocotools' COCOeval (AP@[.5:.95], AP50) on results in COCO's result
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +35,7 @@ from hessq.data._photos import photo_crops
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
 #: Canvases per split when ``num_images`` is not given (training takes ~15 min on 2 CPU cores at these sizes).
-DEFAULT_DETECTION_SIZES = {"train": 8000, "val": 500, "test": 1000}
+DEFAULT_DETECTION_SIZES = {"train": 6000, "val": 500, "test": 1000}
 #: Fashion-MNIST image indices each split draws its objects from: (IDX file pair, first, end).
 _SOURCES = {"train": ("train", 0, 50_000), "val": ("train", 50_000, 60_000), "test": ("test", 0, 10_000)}
 _SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}
@@ -75,7 +77,8 @@ class DetectionSet:
                 annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(label) + 1,
                                     "bbox": [float(v) for v in box], "area": float(area), "iscrowd": 0})
         categories = [{"id": k + 1, "name": name, "supercategory": "fashion"} for k, name in enumerate(FASHION_MNIST_CLASSES)]
-        return {"info": {"description": f"hessq Fashion-MNIST detection set, split {self.split}, seed {self.seed}", **self.meta},
+        info = {k: v for k, v in self.meta.items() if k != "masks"}
+        return {"info": {"description": f"hessq Fashion-MNIST detection set, split {self.split}, seed {self.seed}", **info},
                 "images": images, "annotations": annotations, "categories": categories}
 
     def normalized(self, index: slice | torch.Tensor | Sequence[int] = slice(None)) -> torch.Tensor:
@@ -97,14 +100,20 @@ def _check_int(value: Any, name: str, low: int) -> int:
 def _fashion_objects(split: str, root: str | os.PathLike | None) -> tuple[np.ndarray, np.ndarray]:
     """The split's Fashion-MNIST source images (uint8, (N, 28, 28)) and labels."""
     which, start, end = _SOURCES[split]
-    d = _fashion_dir(root)
+    images, labels = _read_fashion(_fashion_dir(root), which)
+    return images[start:end], labels[start:end]
+
+
+@functools.lru_cache(maxsize=2)
+def _read_fashion(d: Path, which: str) -> tuple[np.ndarray, np.ndarray]:
+    """One Fashion-MNIST IDX pair, read once per process (decompressing 60,000 images takes a second)."""
     names = _FILES[which]
     missing = [n for n in names if not (d / n).exists()]
     if missing:
         raise FileNotFoundError(f"Fashion-MNIST files {missing} not found in {d}: the detection set pastes its objects. "
                                 "Install them with `sudo apt-get install dataset-fashion-mnist`, or pass root= "
                                 "(or set HESSQ_FASHION_MNIST_DIR) to a folder holding the IDX .gz files.")
-    return _read_idx(d / names[0])[start:end], _read_idx(d / names[1])[start:end]
+    return _read_idx(d / names[0]), _read_idx(d / names[1])
 
 
 def _covers_too_much(box: tuple[int, int, int, int], others: list[tuple[int, int, int, int]], limit: float) -> bool:
@@ -131,11 +140,12 @@ def detection_set(
     max_objects: int = 4,
     max_overlap: float = 0.5,
     root: str | os.PathLike | None = None,
+    keep_masks: bool = False,
 ) -> DetectionSet:
     """Compose a detection split, deterministically from ``seed`` (the same seed and arguments give the same
     canvases and boxes, bit for bit, on one machine).
 
-    ``num_images`` defaults to :data:`DEFAULT_DETECTION_SIZES` (train 8,000, val 500, test 1,000).
+    ``num_images`` defaults to :data:`DEFAULT_DETECTION_SIZES` (train 6,000, val 500, test 1,000).
     Each canvas holds 1 to ``max_objects`` objects of ``min_size``–``max_size`` pixels (the side the 28×28
     image is resized to); an object overlapping another by more than ``max_overlap`` of the smaller box is
     placed elsewhere (20 tries), else left out.
@@ -157,11 +167,11 @@ def detection_set(
     canvases = photo_crops(num_images, size=size, seed=seed * 3 + _SPLIT_STREAM[split], scale=(0.05, 0.6))
     order = rng.permutation(len(sources))
     next_source = 0
-    all_boxes, all_labels, all_areas = [], [], []
+    all_boxes, all_labels, all_areas, all_masks = [], [], [], []
     for i in range(num_images):
         canvas = canvases[i]
         placed: list[tuple[int, int, int, int]] = []
-        boxes, labels, areas = [], [], []
+        boxes, labels, areas, masks = [], [], [], []
         for _ in range(int(rng.integers(1, max_objects + 1))):
             k = int(order[next_source % len(order)])
             next_source += 1
@@ -193,11 +203,18 @@ def detection_set(
             boxes.append([box[0], box[1], box[2] - box[0], box[3] - box[1]])
             labels.append(int(source_labels[k]))
             areas.append(int(mask.sum()))
+            if keep_masks:
+                masks.append(F.pad(mask, (left, size - left - w, top, size - top - h)))
         all_boxes.append(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
         all_labels.append(torch.tensor(labels, dtype=torch.int64))
         all_areas.append(torch.tensor(areas, dtype=torch.int64))
+        if keep_masks:
+            all_masks.append(torch.stack(masks) if masks else torch.zeros(0, size, size, dtype=torch.bool))
     meta = {"size": size, "min_size": min_size, "max_size": max_size, "max_objects": max_objects, "max_overlap": max_overlap}
-    return DetectionSet(canvases, all_boxes, all_labels, all_areas, split, seed, meta)
+    result = DetectionSet(canvases, all_boxes, all_labels, all_areas, split, seed, meta)
+    if keep_masks:
+        result.meta["masks"] = all_masks
+    return result
 
 
 # ----------------------------------------------------------------------------- CenterNet targets

@@ -7,3 +7,18 @@ __all__ = ["BasicBlock", "ResNet", "resnet20"]
 from hessq.models._efficientnet import EfficientNetLite, efficientnet_lite0, preprocess_lite  # noqa: E402
 
 __all__ += ["EfficientNetLite", "efficientnet_lite0", "preprocess_lite"]
+
+from hessq.models._codenet import (  # noqa: E402
+    CoDeNet,
+    CodeNetTask,
+    Detections,
+    centernet_loss,
+    codenet,
+    codenet_task,
+    decode_detections,
+    evaluate_detector,
+    trained_codenet,
+)
+
+__all__ += ["CoDeNet", "CodeNetTask", "Detections", "centernet_loss", "codenet", "codenet_task", "decode_detections",
+            "evaluate_detector", "trained_codenet"]
