@@ -16,7 +16,12 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     the names of the quantized twins after :func:`hessq.quantize`.
     """
     types = weighted_module_types()
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, types)}
+    layers: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        # a layer inside another (a deformable conv's offset branch) is part of it, not a layer of its own
+        parts = name.split(".")
+        if isinstance(m, types) and not any(".".join(parts[:i]) in layers for i in range(1, len(parts))):
+            layers[name] = m
     if not layers:
         raise ConfigError(
             f"{type(model).__name__} has no quantizable layer (hessq quantizes {', '.join(t.__name__ for t in types)}); "

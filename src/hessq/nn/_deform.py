@@ -58,6 +58,13 @@ def square_offsets(scale: torch.Tensor, kernel_size: tuple[int, int], dilation: 
     return template * scale
 
 
+def limit_branch(raw: torch.Tensor, offset_bound: float | None, square: bool) -> torch.Tensor:
+    """The offset branch's output clamped to ±``offset_bound`` and, for ``square``, to the scale's [0, 8]."""
+    if offset_bound is not None:
+        raw = raw.clamp(-offset_bound, offset_bound)
+    return raw.clamp(0.0, SQUARE_MAX) if square else raw
+
+
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -163,6 +170,8 @@ class DeformConv2d(nn.Module):
             raise ConfigError(f"offset_bound must be a positive number of pixels or None, got {offset_bound!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        if square and (self.kernel_size[0] % 2 == 0 or self.kernel_size[1] % 2 == 0):
+            raise ConfigError(f"the square template is centred: it needs an odd kernel size, got {self.kernel_size}")
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         self.offset_bound = None if offset_bound is None else float(offset_bound)
         self.square, self.round_offsets = bool(square), bool(round_offsets)
@@ -181,13 +190,10 @@ class DeformConv2d(nn.Module):
 
     def offsets_from_branch(self, raw: torch.Tensor) -> torch.Tensor:
         """The per-tap offsets [N, 2·k·k, H_out, W_out] from the offset branch's output (bound, square, rounding)."""
-        if self.offset_bound is not None:
-            raw = raw.clamp(-self.offset_bound, self.offset_bound)
-        if self.square:
-            raw = raw.clamp(0.0, SQUARE_MAX)
+        limited = limit_branch(raw, self.offset_bound, self.square)
         if self.round_offsets:
-            raw = round_half_up(raw)
-        return square_offsets(raw, self.kernel_size, self.dilation) if self.square else raw
+            limited = round_half_up(limited)
+        return square_offsets(limited, self.kernel_size, self.dilation) if self.square else limited
 
     def compute_offsets(self, x: torch.Tensor) -> torch.Tensor:
         """The offsets this layer samples ``x`` at."""

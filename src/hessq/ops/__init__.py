@@ -23,7 +23,7 @@ from hessq.ops._registry import (
 from hessq.ops._weighted import QuantLayer, WeightCodes, WeightedOp
 
 # The built-in families, in registration order (a later family wins a match).
-from hessq.ops import quant, conv, linear, add, cat, relu, pool, shape, activation, mul, batchnorm, layout, layernorm, attention  # noqa: E402,F401,I001  (registers them)
+from hessq.ops import quant, conv, linear, add, cat, relu, pool, shape, activation, mul, batchnorm, layout, layernorm, attention, deform  # noqa: E402,F401,I001  (registers them)
 from hessq.ops.activation import ElementwiseOp, QuantElementwise, register_elementwise  # noqa: E402
 from hessq.ops.add import QuantAdd  # noqa: E402
 from hessq.ops.attention import QuantMultiheadAttention  # noqa: E402
