@@ -24,7 +24,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
