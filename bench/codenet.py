@@ -133,14 +133,14 @@ def pipeline(args, test, workdir: Path) -> dict[str, Any]:
                                      eigenvalues=False, time_budget=args.sensitivity_budget)
     sens_s = time.time() - start
     plan = plan_bits(model, sens, weight_bits=tuple(args.mixed_bits), size_limit=w4_size, input_shape=SHAPE)
-    log(f"  Hessian plan in {sens_s:.0f} s: {dict(plan.bits)}")
+    log(f"  Hessian plan in {sens_s:.0f} s: {dict(plan)}")
     mixed = hessq.quantize(model, plan, calib)
     rows.append(quantized_row("Hessian mixed W{" + ",".join(map(str, args.mixed_bits)) + "}A8 post-training", mixed, test,
                               {"size_bytes": weight_size(model, mixed)}))
     hessq.finetune(mixed, train_batches, **qat)
     rows.append(quantized_row(f"Hessian mixed QAT ({args.qat_epochs} epoch)", mixed, test,
                               {"size_bytes": weight_size(model, mixed), "sensitivity_s": round(sens_s),
-                               "plan": {k: v for k, v in plan.bits.items()}}))
+                               "plan": dict(plan)}))
 
     integer = integer_checks(w4, test, workdir, args)
     return {"variant": variant, "rows": rows, "integer": integer, "sensitivity_converged": sens.meta.get("converged"),
