@@ -75,8 +75,25 @@ def test_per_pixel_integer_offsets_gather_the_input_exactly():
     x = torch.randint(-50, 50, (1, 4, 7, 8), generator=g).double()
     weight = torch.randint(-7, 8, (4, 2, 3, 3), generator=g).double()
     offsets = torch.randint(-9, 10, (1, 18, 4, 4), generator=g).double()  # reaches outside the image too
-    got = deform_conv2d(x, offsets, weight, None, 2, 1, 1, 2)
-    assert torch.equal(got, _reference(x, offsets, weight, 2, 1, 1, 2))  # integers: exact
+    expected = _reference(x, offsets, weight, 2, 1, 1, 2)
+    assert torch.equal(deform_conv2d(x, offsets, weight, None, 2, 1, 1, 2, integer_offsets=True), expected)  # exact
+    torch.testing.assert_close(deform_conv2d(x, offsets, weight, None, 2, 1, 1, 2), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_integer_sampling_has_the_bilinear_gradient_just_right_of_the_integers():
+    # the straight-through gradient of rounded offsets is bilinear interpolation's slope on [p, p + 1)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 6, 7, generator=g, dtype=torch.float64)
+    weight = torch.randn(3, 1, 3, 3, generator=g, dtype=torch.float64)
+    offsets = torch.randint(-4, 5, (2, 18, 6, 7), generator=g).double()
+    grads = []
+    for shift, integer in ((0.0, True), (1e-7, False)):
+        xi, oi = x.clone().requires_grad_(), (offsets + shift).requires_grad_()
+        (deform_conv2d(xi, oi, weight, None, 1, 1, 1, 3, integer_offsets=integer) ** 2).sum().backward()
+        grads.append((xi.grad, oi.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-5)
+    assert grads[0][1].abs().sum() > 0
 
 
 def test_fractional_offsets_interpolate_bilinearly():

@@ -69,6 +69,63 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def tap_positions(
+    offsets: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+    dilation: tuple[int, int], dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) [N, taps, H_out, W_out] each tap samples: its place in the regular grid plus its offset."""
+    n, _, oh, ow = offsets.shape
+    kh, kw = kernel_size
+    taps, dev = kh * kw, offsets.device
+    base_y = (torch.arange(oh, device=dev, dtype=dtype) * stride[0] - padding[0]).view(1, oh, 1) + (
+        torch.arange(kh, device=dev, dtype=dtype) * dilation[0]).repeat_interleave(kw).view(taps, 1, 1)
+    base_x = (torch.arange(ow, device=dev, dtype=dtype) * stride[1] - padding[1]).view(1, 1, ow) + (
+        torch.arange(kw, device=dev, dtype=dtype) * dilation[1]).repeat(kh).view(taps, 1, 1)
+    off = offsets.reshape(n, taps, 2, oh, ow).to(dtype)
+    return base_y.unsqueeze(0) + off[:, :, 0], base_x.unsqueeze(0) + off[:, :, 1]
+
+
+class _GatherAtIntegers(torch.autograd.Function):
+    """Sampling at integer positions: a gather forwards (exact: no interpolation weights), and backwards the
+    gradient bilinear interpolation has there (the straight-through estimator of rounded offsets): ∂/∂row is
+    x[row + 1] − x[row], ∂/∂col is x[col + 1] − x[col], zero outside the image."""
+
+    @staticmethod
+    def _index(rows: torch.Tensor, cols: torch.Tensor, h: int, w: int, c: int) -> torch.Tensor:
+        # positions in the image padded by one zero pixel, clamped onto its border: outside reads zero
+        index = (rows.long() + 1).clamp(0, h + 1) * (w + 2) + (cols.long() + 1).clamp(0, w + 1)
+        n = index.shape[0]
+        return index.reshape(n, 1, -1).expand(n, c, index[0].numel())
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        n, c, h, w = x.shape
+        padded = F.pad(x, (1, 1, 1, 1)).reshape(n, c, -1)
+        ctx.save_for_backward(padded, rows, cols)
+        ctx.image = (h, w)
+        return torch.gather(padded, 2, _GatherAtIntegers._index(rows, cols, h, w, c))  # [N, C, taps·H_out·W_out]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        padded, rows, cols = ctx.saved_tensors
+        (h, w), (n, c) = ctx.image, padded.shape[:2]
+        index = _GatherAtIntegers._index(rows, cols, h, w, c)
+        grad_x = grad_r = grad_c = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.zeros_like(padded).scatter_add_(2, index, grad)
+            grad_x = grad_x.reshape(n, c, h + 2, w + 2)[:, :, 1:-1, 1:-1]
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            here = torch.gather(padded, 2, index)
+
+            def slope(r: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+                step = torch.gather(padded, 2, _GatherAtIntegers._index(r, q, h, w, c)) - here
+                return (grad * step).sum(1).reshape(rows.shape)
+
+            grad_r = slope(rows + 1, cols) if ctx.needs_input_grad[1] else None
+            grad_c = slope(rows, cols + 1) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_r, grad_c
+
+
 def sample_columns(
     x: torch.Tensor,
     offsets: torch.Tensor,
@@ -76,36 +133,23 @@ def sample_columns(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
+    integer_offsets: bool = False,
 ) -> torch.Tensor:
     """The deformed im2col: [N, C·kh·kw, H_out, W_out], channel c·kh·kw + tap, sampled bilinearly (zero outside).
 
-    Each corner is one ``gather`` over the flattened image, so the gradient reaches ``x`` (a scatter-add)
-    and the offsets (through the bilinear weights).
+    Fractional offsets go through ``grid_sample`` (one fused kernel forwards and backwards: the gradient reaches
+    ``x`` and the offsets); ``integer_offsets`` (offsets holding whole numbers) take an exact gather instead.
     """
     n, c, h, w = x.shape
-    kh, kw = kernel_size
-    taps = kh * kw
+    taps = kernel_size[0] * kernel_size[1]
     oh, ow = offsets.shape[-2:]
-    dt, dev = x.dtype, x.device
-    base_y = (torch.arange(oh, device=dev, dtype=dt) * stride[0] - padding[0]).view(1, oh, 1) + (
-        torch.arange(kh, device=dev, dtype=dt) * dilation[0]).repeat_interleave(kw).view(taps, 1, 1)
-    base_x = (torch.arange(ow, device=dev, dtype=dt) * stride[1] - padding[1]).view(1, 1, ow) + (
-        torch.arange(kw, device=dev, dtype=dt) * dilation[1]).repeat(kh).view(taps, 1, 1)
-    off = offsets.reshape(n, taps, 2, oh, ow).to(dt)
-    py = base_y.unsqueeze(0) + off[:, :, 0]  # [N, taps, oh, ow]
-    px = base_x.unsqueeze(0) + off[:, :, 1]
-    y0, x0 = torch.floor(py.detach()), torch.floor(px.detach())
-    wy1, wx1 = py - y0, px - x0
-    wy0, wx0 = 1 - wy1, 1 - wx1
-    flat = x.reshape(n, c, h * w)
-    cols = x.new_zeros(n, c, taps * oh * ow)
-    for yy, wy in ((y0, wy0), (y0 + 1, wy1)):
-        for xx, wx in ((x0, wx0), (x0 + 1, wx1)):
-            inside = (yy >= 0) & (yy <= h - 1) & (xx >= 0) & (xx <= w - 1)
-            index = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).long().reshape(n, 1, -1)
-            weight = (wy * wx * inside).reshape(n, 1, -1)
-            cols = cols + torch.gather(flat, 2, index.expand(n, c, index.shape[-1])) * weight
-    return cols.reshape(n, c * taps, oh, ow)
+    rows, cols = tap_positions(offsets, kernel_size, stride, padding, dilation, x.dtype)
+    if integer_offsets:
+        return _GatherAtIntegers.apply(x, rows, cols).reshape(n, c * taps, oh, ow)
+    # pixel centres at (2i + 1)/size − 1 in grid_sample's coordinates (align_corners=False); zeros outside
+    grid = torch.stack([(2 * cols + 1) / w - 1, (2 * rows + 1) / h - 1], dim=-1).reshape(n, taps * oh, ow, 2)
+    sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return sampled.reshape(n, c * taps, oh, ow)
 
 
 def deform_conv2d(
@@ -117,9 +161,12 @@ def deform_conv2d(
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
+    *,
+    integer_offsets: bool = False,
 ) -> torch.Tensor:
     """Deformable conv (ONNX ``DeformConv`` semantics, one offset group) of ``x`` [N, C, H, W] with
-    ``offsets`` [N, 2·kh·kw, H_out, W_out] and ``weight`` [O, C/groups, kh, kw]."""
+    ``offsets`` [N, 2·kh·kw, H_out, W_out] and ``weight`` [O, C/groups, kh, kw]. ``integer_offsets``: the
+    offsets hold whole numbers (rounded), sampled by an exact gather."""
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     out_ch, _, kh, kw = weight.shape
     n, c, h, w = x.shape
@@ -133,7 +180,8 @@ def deform_conv2d(
     step = max(1, _CHUNK_ELEMENTS // max(per_image, 1))
     outs = []
     for start in range(0, n, step):
-        cols = sample_columns(x[start:start + step], offsets[start:start + step], (kh, kw), stride, padding, dilation)
+        cols = sample_columns(x[start:start + step], offsets[start:start + step], (kh, kw), stride, padding, dilation,
+                              integer_offsets)
         # grouped 1×1 conv: the columns of group g are channels g·(C/groups)·k² onward, as the weight's rows
         outs.append(F.conv2d(cols, flat_weight, bias, groups=groups))
     return torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -201,7 +249,7 @@ class DeformConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return deform_conv2d(x, self.compute_offsets(x), self.weight, self.bias, self.stride, self.padding,
-                             self.dilation, self.groups)
+                             self.dilation, self.groups, integer_offsets=self.round_offsets)
 
     def extra_repr(self) -> str:
         extras = [f"offset_bound={self.offset_bound}" if self.offset_bound is not None else "",

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessq._errors import ConfigError
-from hessq.nn._deform import SQUARE_MAX, DeformConv2d, deform_conv2d, limit_branch, round_half_up, square_offsets
+from hessq.nn._deform import (SQUARE_MAX, DeformConv2d, deform_conv2d, limit_branch, round_half_up, sample_columns,
+                              square_offsets, tap_positions)
 from hessq.ops._program import Op, Value
 from hessq.ops._registry import IntegerConversionError, family_for_kind, register
 from hessq.ops._weighted import INT32_MAX, QuantLayer, WeightedOp
@@ -102,30 +103,17 @@ def integer_branch(codes: torch.Tensor, tensors: dict[str, torch.Tensor], attrs:
 def integer_offsets(codes: torch.Tensor, tensors: dict[str, torch.Tensor], attrs: dict, kernel: str) -> torch.Tensor:
     """int64 per-tap offsets [N, 2·kh·kw, H_out, W_out] of the offset branch on int64 input ``codes``."""
     branch = integer_branch(codes, tensors, attrs, kernel)
-    return branch * square_template(attrs) if attrs["square"] else branch
+    return branch * square_template(attrs).to(branch.device) if attrs["square"] else branch
 
 
-def tap_positions(offsets: torch.Tensor, attrs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) int64 [N, taps, H_out, W_out] that each tap samples: base position plus the integer offset."""
-    n, _, oh, ow = offsets.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = attrs["kernel_size"], attrs["stride"], attrs["padding"], attrs["dilation"]
-    taps = kh * kw
-    base_y = (torch.arange(oh) * sh - ph).view(1, oh, 1) + (torch.arange(kh) * dh).repeat_interleave(kw).view(taps, 1, 1)
-    base_x = (torch.arange(ow) * sw - pw).view(1, 1, ow) + (torch.arange(kw) * dw).repeat(kh).view(taps, 1, 1)
-    off = offsets.reshape(n, taps, 2, oh, ow)
-    return base_y.to(offsets.device) + off[:, :, 0], base_x.to(offsets.device) + off[:, :, 1]
+def _geometry(attrs: dict) -> tuple:
+    return tuple(tuple(attrs[k]) for k in ("kernel_size", "stride", "padding", "dilation"))
 
 
 def gather_codes(codes: torch.Tensor, offsets: torch.Tensor, attrs: dict) -> torch.Tensor:
-    """The integer deformed im2col: [N, C·kh·kw, H_out, W_out] of input ``codes`` at integer ``offsets``
-    (channel c·kh·kw + tap, as the weight's rows), 0 outside the image."""
-    n, c, h, w = codes.shape
-    rows, cols = tap_positions(offsets, attrs)
-    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-    index = (rows.clamp(0, h - 1) * w + cols.clamp(0, w - 1)).reshape(n, 1, -1)
-    gathered = torch.gather(codes.reshape(n, c, h * w), 2, index.expand(n, c, index.shape[-1]))
-    gathered = gathered * inside.reshape(n, 1, -1).to(codes.dtype)
-    return gathered.reshape(n, c * rows.shape[1], *rows.shape[2:])
+    """The integer deformed im2col: [N, C·kh·kw, H_out, W_out] of int64 input ``codes`` at int64 ``offsets``
+    (channel c·kh·kw + tap, as the weight's rows), 0 outside the image: the float module's exact gather."""
+    return sample_columns(codes, offsets, *_geometry(attrs), integer_offsets=True)
 
 
 class QuantDeformConv2d(QuantLayer):
@@ -195,7 +183,8 @@ class QuantDeformConv2d(QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.quantized_weight_and_bias()
-        return deform_conv2d(x, self.compute_offsets(x), w, b, self.stride, self.padding, self.dilation, self.groups)
+        return deform_conv2d(x, self.compute_offsets(x), w, b, self.stride, self.padding, self.dilation, self.groups,
+                             integer_offsets=self.round_offsets)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -274,60 +263,81 @@ class DeformConv(WeightedOp):
             acc = acc + self.per_channel(op.tensors["bias"].to(torch.int64), acc.dim())
         return acc
 
-    # -- ONNX: the offsets exactly in float64, a GatherElements of the codes, the conv's own emission on them --------
-    def _onnx_offsets(self, ex, op: Op, x) -> str:
-        """float64 integer offsets [N, 2·kh·kw, H_out, W_out]: ConvInteger, bias, (acc·b + 2^(c−1))·2^−c floored
-        (exact: b·|acc| < 2^51), clamped, times the square's template."""
+    # -- ONNX: integer offsets, a Gather of the codes, the conv family's own emission on the gathered columns -------
+    def _onnx_offsets(self, ex, op: Op, x, exact: bool) -> str:
+        """Integer offsets [N, 2·kh·kw, H_out, W_out] as float64 (exact) or float32 (fast) values, clamped and
+        times the square's template. Exact: ConvInteger, bias, (acc·b + 2^(c−1))·2^−c floored in float64 (exact:
+        b·|acc| < 2^51). Fast, when the limits fit int8: one QLinearConv onto the pixel grid (scale 1), which
+        rounds half to even in float32 (an offset can differ at a tie)."""
         a, t = op.attrs, op.tensors
         ch = lambda v: np.asarray(v, np.float64).reshape(1, -1, 1, 1)  # noqa: E731
-        acc = ex.node("ConvInteger", [x.name, ex.const("w_offset", t["offset_weight"].numpy().astype(np.int8)),
-                                      ex.const("x_zp", np.uint8(x.zero_point))], "offset_acc",
-                      strides=a["stride"], pads=a["padding"] * 2, dilations=a["dilation"])
-        acc = ex.node("Cast", [acc], "offset_acc_f64", to=ex.TP.DOUBLE)
-        acc = ex.node("Add", [acc, ex.const("offset_bias", ch(t["offset_bias"].numpy()))], "offset_biased")
-        c = t["offset_c"].to(torch.int64)
-        half = torch.where(c > 0, torch.ldexp(torch.ones_like(c, dtype=torch.float64), c - 1), torch.zeros(c.shape, dtype=torch.float64))
-        scaled = ex.node("Mul", [acc, ex.const("offset_b", ch(t["offset_b"].double().numpy()))], "offset_scaled")
-        scaled = ex.node("Add", [scaled, ex.const("offset_half", ch(half.numpy()))], "offset_half")
-        shift = torch.ldexp(torch.ones_like(c, dtype=torch.float64), -c).numpy()
-        rounded = ex.node("Floor", [ex.node("Mul", [scaled, ex.const("offset_shift", ch(shift))], "offset_shifted")],
-                          "offset_rounded")
+        conv = dict(strides=a["stride"], pads=a["padding"] * 2, dilations=a["dilation"])
         lo, hi = offset_limits(a, tuple(ex.model_shapes[op.inputs[0]][-2:]))
-        clipped = ex.node("Clip", [rounded, ex.const("lo", np.float64(lo)), ex.const("hi", np.float64(hi))], "offset_clip")
+        c = t["offset_c"].to(torch.int64)
+        m = torch.ldexp(t["offset_b"].double(), -c)
+        w_codes = ex.const("w_offset", t["offset_weight"].numpy().astype(np.int8))
+        if not exact and -128 <= lo and hi <= 127:
+            w_codes_n = t["offset_weight"].shape[0]
+            inputs = [x.name, *ex.scale_zp(x), w_codes, ex.const("w_scale", (m / x.scale).numpy().astype(np.float32)),
+                      ex.const("w_zp", np.zeros(w_codes_n, np.int8)), ex.const("pixel", np.float32(1.0)),
+                      ex.const("pixel_zp", np.uint8(128)), ex.const("offset_bias", t["offset_bias"].numpy().astype(np.int32))]
+            pixels = ex.node("Cast", [ex.node("QLinearConv", inputs, "offset_qconv", **conv)], "offsets_f", to=ex.TP.FLOAT)
+            pixels = ex.node("Sub", [pixels, ex.const("pixel_zp_f", np.float32(128))], "offsets_centred")
+            clipped = ex.node("Clip", [pixels, ex.const("lo", np.float32(lo)), ex.const("hi", np.float32(hi))], "offset_clip")
+        else:
+            acc = ex.node("ConvInteger", [x.name, w_codes, ex.const("x_zp", np.uint8(x.zero_point))], "offset_acc", **conv)
+            acc = ex.node("Cast", [acc], "offset_acc_f64", to=ex.TP.DOUBLE)
+            acc = ex.node("Add", [acc, ex.const("offset_bias", ch(t["offset_bias"].numpy()))], "offset_biased")
+            half = torch.where(c > 0, torch.ldexp(torch.ones(c.shape, dtype=torch.float64), c - 1),
+                               torch.zeros(c.shape, dtype=torch.float64))
+            scaled = ex.node("Mul", [acc, ex.const("offset_b", ch(t["offset_b"].double().numpy()))], "offset_scaled")
+            scaled = ex.node("Add", [scaled, ex.const("offset_half", ch(half.numpy()))], "offset_half")
+            shift = torch.ldexp(torch.ones(c.shape, dtype=torch.float64), -c).numpy()
+            rounded = ex.node("Floor", [ex.node("Mul", [scaled, ex.const("offset_shift", ch(shift))], "offset_shifted")],
+                              "offset_rounded")
+            clipped = ex.node("Clip", [rounded, ex.const("lo", np.float64(lo)), ex.const("hi", np.float64(hi))], "offset_clip")
         if not a["square"]:
             return clipped
-        return ex.node("Mul", [clipped, ex.const("template", square_template(a).double().numpy())], "offset_square")
+        dtype = np.float64 if exact or not -128 <= lo <= hi <= 127 else np.float32
+        return ex.node("Mul", [clipped, ex.const("template", square_template(a).numpy().astype(dtype))], "offset_square")
 
-    def _onnx_columns(self, ex, op: Op, x):
-        """uint8 codes [N, C·kh·kw, H_out, W_out] gathered at the offsets (the zero-point outside the image)."""
+    def _onnx_columns(self, ex, op: Op, x, exact: bool):
+        """uint8 codes [N, C·kh·kw, H_out, W_out] gathered at the offsets: the codes padded by one pixel of the
+        zero-point, every position clamped into the padded image (outside lands on the border: zero), one Gather
+        over the flattened images of the batch."""
         a = op.attrs
-        offsets = self._onnx_offsets(ex, op, x)
+        offsets = self._onnx_offsets(ex, op, x, exact)
         _, c, h, w = ex.model_shapes[op.inputs[0]]
         _, _, oh, ow = ex.model_shapes[op.output]
         taps = a["kernel_size"][0] * a["kernel_size"][1]
-        base_rows, base_cols = tap_positions(torch.zeros(1, 2 * taps, oh, ow, dtype=torch.int64), a)
-        rows = ex.node("Add", [ex.node("Gather", [offsets, ex.const("dy", np.arange(0, 2 * taps, 2, dtype=np.int64))], "dy",
-                                       axis=1), ex.const("base_rows", base_rows.double().numpy())], "rows")
-        cols = ex.node("Add", [ex.node("Gather", [offsets, ex.const("dx", np.arange(1, 2 * taps, 2, dtype=np.int64))], "dx",
-                                       axis=1), ex.const("base_cols", base_cols.double().numpy())], "cols")
-        zero = ex.const("zero", np.float64(0))
-
-        def within(v: str, size: int) -> str:
-            return ex.node("And", [ex.node("GreaterOrEqual", [v, zero], "ge"),
-                                   ex.node("Less", [v, ex.const("size", np.float64(size))], "lt")], "within")
-
-        inside = ex.node("And", [within(rows, h), within(cols, w)], "inside")
-        clip = lambda v, size: ex.node("Clip", [v, zero, ex.const("last", np.float64(size - 1))], "clamp")  # noqa: E731
-        index = ex.node("Add", [ex.node("Mul", [clip(rows, h), ex.const("width", np.float64(w))], "row_start"),
-                                clip(cols, w)], "index_f64")
-        flat_shape = ex.const("flat", np.array([0, 1, -1], np.int64))
-        index = ex.node("Reshape", [ex.node("Cast", [index], "index", to=ex.TP.INT64), flat_shape], "index_flat")
-        index = ex.node("Expand", [index, ex.const("channels", np.array([1, c, 1], np.int64))], "index_channels")
-        codes = ex.node("Reshape", [x.name, ex.const("image", np.array([0, c, h * w], np.int64))], "codes_flat")
-        gathered = ex.node("GatherElements", [codes, index], "gathered", axis=2)
-        gathered = ex.node("Where", [ex.node("Reshape", [inside, flat_shape], "inside_flat"), gathered,
-                                     ex.const("x_zp", np.uint8(x.zero_point))], "gathered_zero")
-        columns = ex.node("Reshape", [gathered, ex.const("columns", np.array([0, c * taps, oh, ow], np.int64))], "columns")
+        rows, cols = tap_positions(torch.zeros(1, 2 * taps, oh, ow, dtype=torch.int64), *_geometry(a), torch.int64)
+        index = {}
+        for name, first, base, size in (("rows", 0, rows, h), ("cols", 1, cols, w)):
+            picked = ex.node("Gather", [offsets, ex.const(name, np.arange(first, 2 * taps, 2, dtype=np.int64))], name, axis=1)
+            moved = ex.node("Cast", [picked], f"{name}_int", to=ex.TP.INT64)
+            # +1: the padded image's coordinates; clamped to its border, which holds zero
+            index[name] = ex.node("Clip", [ex.node("Add", [moved, ex.const("base", (base + 1).numpy())], "padded"),
+                                           ex.const("first", np.int64(0)), ex.const("last", np.int64(size + 1))], "clamp")
+        image = (h + 2) * (w + 2)
+        flat = ex.node("Add", [ex.node("Mul", [index["rows"], ex.const("width", np.int64(w + 2))], "row_start"),
+                               index["cols"]], "pixel")
+        batch = ex.node("Slice", [ex.node("Shape", [x.name], "shape"), ex.const("zero", np.array([0], np.int64)),
+                                  ex.const("one", np.array([1], np.int64))], "batch")
+        image_start = ex.node("Mul", [ex.node("Range", [ex.const("start", np.int64(0)),
+                                                        ex.node("Squeeze", [batch], "n"), ex.const("step", np.int64(1))],
+                                              "images"), ex.const("image", np.int64(image))], "image_start")
+        flat = ex.node("Add", [flat, ex.node("Reshape", [image_start, ex.const("nchw", np.array([-1, 1, 1, 1], np.int64))],
+                                             "image_start4")], "global")
+        flat = ex.node("Reshape", [flat, ex.const("vector", np.array([-1], np.int64))], "index")
+        padded = ex.node("Pad", [x.name, ex.const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)),
+                                 ex.const("x_zp", np.uint8(x.zero_point))], "padded_codes")
+        # channels last: each gathered pixel is one contiguous row of C codes
+        pixels = ex.node("Reshape", [ex.node("Transpose", [padded], "channels_last", perm=[0, 2, 3, 1]),
+                                     ex.const("rows_c", np.array([-1, c], np.int64))], "codes_by_pixel")
+        gathered = ex.node("Gather", [pixels, flat], "gathered", axis=0)  # [N·taps·H_out·W_out, C]
+        gathered = ex.node("Reshape", [gathered, ex.const("n_k_c", np.array([-1, taps * oh * ow, c], np.int64))], "by_image")
+        columns = ex.node("Reshape", [ex.node("Transpose", [gathered], "channels_first", perm=[0, 2, 1]),
+                                      ex.const("columns", np.array([-1, c * taps, oh, ow], np.int64))], "columns")
         return ex.tensor(columns, "codes", x.scale, x.zero_point)
 
     def _as_pointwise_conv(self, op: Op) -> Op:
@@ -338,13 +348,14 @@ class DeformConv(WeightedOp):
         return Op(op.kind, op.inputs, op.output, attrs, tensors, op.scale)
 
     def onnx(self, ex, op, ins):
-        columns = self._onnx_columns(ex, op, ex.as_codes_input(ins[0]))
+        columns = self._onnx_columns(ex, op, ex.as_codes_input(ins[0]), exact=True)
         return family_for_kind("conv2d").onnx(ex, self._as_pointwise_conv(op), [columns])
 
     def onnx_fast(self, ex, op, ins):
-        # the same gather (measured faster than ONNX Runtime's float DeformConv, which needs opset 19), then the
-        # conv family's fused QLinearConv writing onto the consumer's grid
-        columns = self._onnx_columns(ex, op, ex.as_codes_input(ins[0]))
+        # the offsets by one QLinearConv, the same gather, then the conv family's fused QLinearConv writing onto the
+        # consumer's grid. ONNX Runtime's float DeformConv ran 10-15% faster on a 32×128×128 block
+        # (bench/deform_onnx.py: 40.6 vs 44.5 ms, 1 thread) but needs opset 19, and this export is opset 17
+        columns = self._onnx_columns(ex, op, ex.as_codes_input(ins[0]), exact=False)
         return family_for_kind("conv2d").onnx_fast(ex, self._as_pointwise_conv(op), [columns])
 
     def latency_models(self, op, input_shape):
