@@ -184,7 +184,9 @@ def markdown(res: dict[str, Any]) -> str:
         a = res["ablation_recipe"]
         lines += ["## FP32 ablation of the decoder's blocks",
                   f"Every variant trained with the same short recipe: {a['train_images']} canvases × {a['epochs']} epochs "
-                  "(batch 32, AdamW); shorter than the chosen variant's, so AP is lower.", "",
+                  "(batch 32, AdamW); shorter than the chosen variant's, so AP is lower. Where every row's AP50 is a few "
+                  "points the variants are barely trained and their accuracy differences are noise; MACs and parameters "
+                  "are exact, latency (1 thread) was measured on a shared machine.", "",
                   "| block | AP | AP50 | MACs (M) | params (k) | ORT FP32 ms, batch 1 |", "|---|---|---|---|---|---|"]
         for r in res["ablation"]:
             lines.append(f"| {r['variant']} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['macs'] / 1e6:.2f} | "
