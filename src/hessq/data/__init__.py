@@ -27,3 +27,17 @@ __all__ += ["PHOTOS", "load_photos", "photo_crops"]
 from hessq.data._text import TextBatches, TextSplit, bbc_news, bbc_news_texts, text_batches, tweets, tweets_texts  # noqa: E402
 
 __all__ += ["TextBatches", "TextSplit", "bbc_news", "bbc_news_texts", "text_batches", "tweets", "tweets_texts"]
+
+from hessq.data._detection import (  # noqa: E402
+    DEFAULT_DETECTION_SIZES,
+    FASHION_MNIST_CLASSES,
+    DetectionBatches,
+    DetectionSet,
+    coco_evaluate,
+    detection_set,
+    encode_targets,
+    normalize_canvases,
+)
+
+__all__ += ["DEFAULT_DETECTION_SIZES", "FASHION_MNIST_CLASSES", "DetectionBatches", "DetectionSet", "coco_evaluate",
+            "detection_set", "encode_targets", "normalize_canvases"]

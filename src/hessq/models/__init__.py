@@ -20,3 +20,18 @@ from hessq.models._minilm import (  # noqa: E402
 
 __all__ += ["FinetuneRecipe", "cached_finetune", "classifier_accuracy", "finetune_classifier", "finetuned_path",
             "minilm", "minilm_finetuned"]
+
+from hessq.models._codenet import (  # noqa: E402
+    CoDeNet,
+    CodeNetTask,
+    Detections,
+    centernet_loss,
+    codenet,
+    codenet_task,
+    decode_detections,
+    evaluate_detector,
+    trained_codenet,
+)
+
+__all__ += ["CoDeNet", "CodeNetTask", "Detections", "centernet_loss", "codenet", "codenet_task", "decode_detections",
+            "evaluate_detector", "trained_codenet"]
