@@ -243,3 +243,11 @@ def load_sealed_torch(path: str | os.PathLike, *, kind: str, versions: Collectio
     """Read with ``weights_only=True`` (no pickled code runs), then :func:`check_sealed`."""
     data = load_torch_safely(path, what=what, remedy=remedy)
     return check_sealed(data, kind=kind, versions=versions, source=str(path), what=what, remedy=remedy)
+
+
+def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where models trained on first use are kept: ``cache_dir``, else ``$HESSQ_CACHE_DIR``, else ``~/.cache/hessq``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("HESSQ_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "hessq"

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessq._errors import ArtifactError, ConfigError
-from hessq._io import write_atomic
+from hessq._io import default_cache_dir, write_atomic
 from hessq._utils import model_device, training_mode
 from hessq.data._detection import (DetectionBatches, DetectionSet, coco_evaluate, detection_set)
 from hessq.nn import VARIANTS, deform_block
@@ -338,13 +338,6 @@ def load_codenet(path: str | os.PathLike, variant: str, recipe: dict[str, Any] |
     model.eval()
     model.recipe = recipe  # type: ignore[attr-defined]
     return model
-
-
-def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$HESSQ_CACHE_DIR``, else ``~/.cache/hessq``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("HESSQ_CACHE_DIR") or Path.home() / ".cache" / "hessq")
 
 
 def checkpoint_name(variant: str, recipe: dict[str, Any] | None = None) -> str:

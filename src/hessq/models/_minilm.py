@@ -39,7 +39,7 @@ from torch import nn
 
 from hessq._compat import import_transformers
 from hessq._errors import ArtifactError, ConfigError, MissingDependencyError
-from hessq._io import check_writable, write_atomic
+from hessq._io import check_writable, default_cache_dir, write_atomic
 from hessq._utils import model_device, move_to, training_mode
 from hessq.data._text import BBC_MAX_LENGTH, TWEETS_MAX_LENGTH, bbc_news, minilm_folder, tweets
 
@@ -230,14 +230,6 @@ def classifier_accuracy(model: Callable[..., Any], batches: Iterable[Mapping[str
 
 
 # ----------------------------------------------------------------------------- the cache
-def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$HESSQ_CACHE_DIR``, else ``~/.cache/hessq``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("HESSQ_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "hessq"
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
