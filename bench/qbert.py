@@ -10,8 +10,9 @@ One table per task, side by side in one run, test accuracy and model size:
   uniform W3 per channel) after QAT, mean and 95% interval over 3 QAT seeds; the same size with the sensitivity
   order reversed, and the median of random plans (traces permuted over the layers), post-training and after QAT.
 
-Accuracy is that of hessq's fake-quantized model in eval mode (the integer program where every op has one);
-QAT is ``hessq.finetune`` with distillation from the FP32 model, ``--qat-steps`` steps.
+Accuracy is that of hessq's fake-quantized model (float fake quantization, ``integer_eval=False``: the integer
+program recompiles for every padded length, and the tests check it equals fake quant); QAT is ``hessq.finetune``
+(AdamW) with distillation from the FP32 model, ``--qat-steps`` steps. The table is rewritten after every row.
 
     .venv/bin/python bench/qbert.py [--tasks bbc tweets] [--qat-steps 150] [--random-plans 5] [--seeds 3]
 
@@ -70,6 +71,8 @@ class Task:
         self.args = args
 
     def accuracy(self, model) -> float:
+        if hasattr(model, "integer_eval"):
+            model.integer_eval = False
         return float(hessq.accuracy(model, self.test))
 
     def size_mb(self, plan) -> float:
@@ -91,17 +94,20 @@ def uniform(names: list[str], bits: int) -> dict[str, int]:
     return {n: bits for n in names}
 
 
-def run_task(task: str, args) -> dict[str, Any]:
+def run_task(task: str, args, done: list[dict[str, Any]]) -> dict[str, Any]:
     t0 = time.time()
     t = Task(task, args)
     rows: list[dict[str, Any]] = []
+    fp32 = t.accuracy(t.model)
+    partial = {"task": task, "rows": rows, "fp32": fp32, "minutes": 0.0, "complete": False}
 
     def row(name: str, acc: float | None, size_mb: float | None, **extra) -> None:
         rows.append({"setting": name, "accuracy": acc, "size_mb": size_mb, **extra})
+        partial["minutes"] = (time.time() - t0) / 60
+        save(args, done + [partial])
         log(f"[{task}] {name}: {'-' if acc is None else f'{100 * acc:.2f}%'} "
             f"{'' if size_mb is None else f'{size_mb:.2f} MB'} {extra if extra else ''}")
 
-    fp32 = t.accuracy(t.model)
     row("FP32", fp32, 4 * sum(p.numel() for p in t.model.parameters()) / 1e6)
     try:
         from _text import ort_dynamic_accuracy  # the ONNX Runtime baselines (bench/_text.py)
@@ -153,16 +159,26 @@ def run_task(task: str, args) -> dict[str, Any]:
         rand_qat.append(t.accuracy(t.qat(q)) if args.random_qat else None)
     row(f"random plans (median of {args.random_plans})", float(np.median(rand_ptq)), limit / 1e6,
         after_qat=float(np.median(rand_qat)) if args.random_qat else None, ptq_all=rand_ptq, qat_all=rand_qat)
-    return {"task": task, "rows": rows, "fp32": fp32, "minutes": (time.time() - t0) / 60,
-            "sensitivity": {"seconds": sens_seconds, **{k: v for k, v in sens.meta.items() if k != "short_layers"}}}
+    partial.update(minutes=(time.time() - t0) / 60, complete=True,
+                   sensitivity={"seconds": sens_seconds, **{k: v for k, v in sens.meta.items() if k != "short_layers"}})
+    save(args, done + [partial])
+    return partial
+
+
+def save(args, results: list[dict[str, Any]]) -> None:
+    write_results(Path(args.out) / "qbert.json", {"command": command_line(), "machine": machine(), "results": results},
+                  markdown(results, args))
 
 
 def markdown(results: list[dict[str, Any]], args) -> str:
     out = ["# Q-BERT on all-MiniLM-L6-v2: BBC News and tweets", "",
            f"`{command_line()}` on {machine()}; QAT = {args.qat_steps} steps of hessq.finetune with distillation "
-           "from FP32. Accuracy: test split, hessq's quantized model in eval mode.", ""]
+           "from FP32. Accuracy: test split"
+           + ("" if args.test_limit is None else f" (its first {-(-args.test_limit // 64) * 64} texts, in the split's order)")
+           + ", hessq's fake-quantized model.", ""]
     for res in results:
-        out += [f"## {res['task']} (FP32 {100 * res['fp32']:.2f}%, {res['minutes']:.0f} min)", "",
+        state = "" if res.get("complete") else ", **incomplete: the run was stopped**"
+        out += [f"## {res['task']} (FP32 {100 * res['fp32']:.2f}%, {res['minutes']:.0f} min{state})", "",
                 "| setting | size (MB) | post-training | after QAT |", "|---|---:|---:|---:|"]
         for r in res["rows"]:
             def pct(v):
@@ -191,13 +207,14 @@ def main() -> int:
     ap.add_argument("--rtol", type=float, default=0.1)
     ap.add_argument("--max-samples", type=int, default=100)
     ap.add_argument("--time-budget", type=float, default=600)
-    ap.add_argument("--test-limit", type=int, default=None, help="score on the first N test texts (smoke runs)")
+    ap.add_argument("--test-limit", type=int, default=None, help="score on the first N test texts (rounded up to "
+                                                                 "whole batches of 64)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     torch.manual_seed(0)
-    results = [run_task(task, args) for task in args.tasks]
-    write_results(Path(args.out) / "qbert.json", {"command": command_line(), "machine": machine(), "results": results},
-                  markdown(results, args))
+    results: list[dict[str, Any]] = []
+    for task in args.tasks:
+        results.append(run_task(task, args, results))
     return 0
 
 
