@@ -90,7 +90,7 @@ def load_task(model_spec: str, data_spec: str, *, seed: int = 0, default_data: s
         train, test, length = text_data(data_spec, seed=seed)
         model = hf_model(model_spec if (is_hf_spec(model_spec) or name.startswith("minilm-")) else f"hf:{model_spec}")
         return Task(f"{name} on {data_spec}", model, train, test, input_shape=(length,))
-    if is_hf_spec(model_spec):
+    if is_hf_spec(model_spec) and ":" not in data_spec:
         raise ConfigError(f"--model {model_spec} needs text data: --data bbc, tweets or package.module:function "
                           "returning dict batches (input_ids, attention_mask, labels)")
-    return None
+    return None  # the generic path: a model spec and a data spec of their own
