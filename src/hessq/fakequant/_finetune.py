@@ -277,7 +277,7 @@ class _Ranks:
 
     def agree(self, error: BaseException | None, values: list[float], what: str) -> torch.Tensor:
         """Every rank's ``values`` (rows in rank order, float64). A rank that failed raises its own error and
-        the others a :class:`HessqRuntimeError` naming it."""
+        the others an :class:`OtherRankError` naming it."""
         if not self.on:
             if error is not None:
                 raise error
@@ -313,6 +313,9 @@ class _Ranks:
                                      f"batches of at least {self.world} rows")
             start, stop = D.shard_range(rows, self.rank, self.world)
             return D.slice_rows(x, start, stop), D.slice_rows(y, start, stop), stop - start, rows
+        if rows == 0:
+            raise InputDataError(f"rank {self.rank}'s part of a global batch is empty; with distributed_batches='sharded' "
+                                 "every rank must give at least one row of every batch")
         return x, y, rows, 0
 
 
@@ -431,6 +434,11 @@ def finetune(
     if distributed_batches not in DISTRIBUTED_BATCHES:
         raise ConfigError(f"distributed_batches must be one of {DISTRIBUTED_BATCHES}, got {distributed_batches!r}: "
                           "'global' when every rank passes the same global batches, 'sharded' when each passes its part")
+    if group is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(
+            f"this process is one of {os.environ['WORLD_SIZE']} launched by torchrun, but no torch.distributed process "
+            "group is started, so each would train alone on every batch and all would write the checkpoint: call "
+            "hessq.sensitivity.init_from_env() (or torch.distributed.init_process_group) before hessq.finetune")
     ranks = _Ranks(group, distributed_batches)
     if ranks.on:
         _check_no_batch_statistics(qmodel)
