@@ -140,10 +140,6 @@ def test_an_unknown_split_mode_or_torchrun_without_a_process_group_is_refused(mo
     q = hessq.quantize(worker.resnet8_digits().model, (4, 8), digits("train", batch_size=32).take(1))
     with pytest.raises(hessq.ConfigError, match="distributed_batches must be one of"):
         hessq.finetune(q, digits("train").take(1), distributed_batches="local", progress=False)
-<<<<<<< HEAD
-
-=======
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(hessq.ConfigError, match="init_from_env"):
         hessq.finetune(q, digits("train").take(1), progress=False)
->>>>>>> ddp
