@@ -113,6 +113,51 @@ def test_a_mistake_on_any_rank_stops_every_rank_with_a_message(runs):
     assert runs[0][1]["untouched_by_errors"] and runs[1][1]["untouched_by_errors"]
 
 
+def _launch(setup: str, out: Path, *flags: str) -> None:
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(Path(worker.__file__)), setup, str(out), *flags],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def _global_run_matches_one_process(setup: str, tmp_path: Path, tolerance: float) -> float:
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir(), one.mkdir()
+    _launch(setup, two, "global")
+    threads = torch.get_num_threads()
+    try:
+        worker.run(setup, one, only_global=True)
+    finally:
+        torch.set_num_threads(threads)
+    ours, ref = (_tensors(load_file(str(d / "rank0.safetensors")), "global") for d in (two, one))
+    calibrated = _tensors(load_file(str(one / "rank0.safetensors")), "calibrated")
+    report = json.loads((two / "rank0.json").read_text())
+    assert report["global"]["steps"] == 20 and report["global"]["world_size"] == 2
+    assert set(ours) == set(ref)
+    scales = [k for k in ref if k.endswith(".scale")]
+    # the ranges moved in training, by far more than the tolerance: syncing them mattered
+    assert max(float((ref[k] - calibrated[k]).abs().max() / calibrated[k].abs().max()) for k in scales) > 1e-3
+    worst = 0.0
+    for k, want in ref.items():
+        if want.is_floating_point():
+            worst = max(worst, float((ours[k] - want).abs().max()))
+        else:
+            assert torch.equal(ours[k], want), k
+    assert worst <= tolerance
+    return worst
+
+
+def test_two_ranks_equal_one_process_on_a_hugging_face_bert(tmp_path):
+    # W4A8 on padded token ids, in float64 (see _ddp_worker.in_float64). The position and token-type embeddings
+    # are the same tensor on every rank: their ranges must not be taken over two copies of it (that cost 1e-3
+    # after 20 steps before the fix; measured now: 1e-16 in float64, 6e-8 in float32).
+    _global_run_matches_one_process("bert-f64", tmp_path, TOLERANCE)
+
+
 # --- single-process parts ------------------------------------------------------------------------------------
 
 

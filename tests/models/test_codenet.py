@@ -101,3 +101,21 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         load_codenet(path, "square_rounded")
     with pytest.raises(ConfigError, match="unknown CoDeNet variant"):
         CoDeNet("dense")
+
+
+def test_training_from_another_variant_copies_every_tensor_of_the_same_shape(tiny_set):
+    from hessq.models._codenet import train_codenet
+
+    torch.manual_seed(5)
+    source = CoDeNet("full")
+    # lr 0: the copied tensors come out as they went in (AdamW's decay is scaled by lr too)
+    model = train_codenet("square_rounded", recipe={"train_images": len(tiny_set), "epochs": 1, "lr": 0.0},
+                          train_set=tiny_set, init=source, progress=False)
+    src, own = source.state_dict(), model.state_dict()
+    same = [k for k in own if k in src and src[k].shape == own[k].shape]
+    assert any(k.startswith("stem") for k in same) and len(same) < len(own)  # the backbone, not the offset branches
+    for k in same:
+        if own[k].is_floating_point() and "running" not in k:
+            assert torch.equal(own[k], src[k]), k
+    fresh = [k for k in own if k not in same]
+    assert fresh and all("up" in k for k in fresh)  # only decoder blocks differ between variants

@@ -100,3 +100,16 @@ def test_minilm_width_layer_norm_runs_in_integers():
     imodel = hessq.to_integer(q)
     assert [op.attrs["count"] for op in imodel.ops if op.kind == "layer_norm"] == [384] * 3
     assert torch.equal(q(ids), imodel(ids))
+
+
+def test_integer_model_pads_shorter_inputs_to_its_length(bert_w8a8, tmp_path):
+    # compiled for 16 tokens, it takes 12: padded keys are masked, so the real tokens' logits are those at 12
+    _, q = bert_w8a8
+    imodel = hessq.to_integer(q, input_shape=(16,))
+    assert imodel.input_shape == (16,) and imodel.meta["pad_token_id"] == 0
+    ids = _batch(5)["input_ids"]
+    assert torch.equal(imodel(ids), q(ids))
+    hessq.to_integer(q).save(tmp_path / "bert.hq")  # the padding token travels with the file
+    assert hessq.load_integer(tmp_path / "bert.hq").meta["pad_token_id"] == 0
+    with pytest.raises(hessq.InputDataError, match="does not match"):
+        imodel(torch.zeros(2, 20, dtype=torch.long))  # longer than compiled: refused, never cut

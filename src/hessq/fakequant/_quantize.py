@@ -203,6 +203,8 @@ def quantize(
         raise ModelError(f"{type(model).__name__} calls no Conv2d or Linear layer; there is nothing to quantize")
     layer_bits = resolve_plan(plan, order, pin_first_last)
     device = model_device(model)
+    # the quantizers' ranges and scales in the model's own float dtype (a float64 model trains in float64)
+    dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
     gm = rewrite(
         model,
         layer_bits,
@@ -215,7 +217,9 @@ def quantize(
         unsupported=unsupported,
         leaf_modules=leaf_modules,
         activation_bounds=activation_bounds,
-    ).to(device)
+    ).to(device=device, dtype=dtype)
     qmodel = QuantizedModel(gm, layer_bits, gm.hessq_float_ops)
+    # a captured text model's padding token: its integer model pads shorter inputs to its compiled length
+    qmodel.pad_token_id = getattr(model, "pad_token_id", None)
     calibrate(qmodel, calibration_batches, progress=progress)
     return qmodel

@@ -171,6 +171,7 @@ def rewrite(
     # values computed only from layers the plan leaves in float: an add, cat or activation of such values stays
     # float (a plan of all None is the FP32 model); the model input counts as quantized (its first layer is)
     float_only = _float_only_values(graph, modules, layer_bits)
+    batch_constant = _batch_constant_values(graph)  # before the loop below replaces nodes
     input_quant_node: dict[fx.Node, fx.Node] = {}
     quantizer_nodes: dict[fx.Node, ActQuantizer] = {}
     made: dict[str, int] = {}
@@ -214,6 +215,10 @@ def rewrite(
         elif family.keeps_grid and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in grid:
             grid[node] = grid[node.args[0]]
 
+    for node in batch_constant:
+        if node in grid:
+            grid[node].observer.batch_constant = True
+
     # Each quantizer gets the widest activation bits among the layers it feeds.
     for qnode, q in quantizer_nodes.items():
         bits = _consumer_act_bits(qnode, layer_nodes, quantizer_nodes)
@@ -238,6 +243,22 @@ def _float_only_values(graph: fx.Graph, modules: Mapping[str, nn.Module], layer_
         if inputs and all(n in float_only for n in inputs):
             float_only.add(node)
     return float_only
+
+
+def _batch_constant_values(graph: fx.Graph) -> set[fx.Node]:
+    """Tensor nodes no input value reaches, only the inputs' sizes past the batch dimension (BERT's positions
+    built from ``input_ids.size(1)``, and their embeddings): the same tensor for every batch of one shape."""
+    shapes: set[fx.Node] = set()  # sizes past dim 0, devices, dtypes: facts about the inputs, not their values
+    constant: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "call_method" and node.target == "size" and len(node.args) > 1 and node.args[1] != 0:
+            shapes.add(node)
+        elif node.op == "call_function" and node.target is getattr and node.args[1] in ("device", "dtype"):
+            shapes.add(node)
+        elif node.op == "get_attr" or (node.op in ("call_module", "call_function", "call_method") and all(
+                n in constant or n in shapes for n in node.all_input_nodes)):
+            constant.add(node)
+    return constant
 
 
 def _consumer_act_bits(start: fx.Node, layer_nodes: Mapping[fx.Node, nn.Module], quantizer_nodes) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,10 @@ class IntegerModel:
         expected = f"(N, {', '.join(map(str, self.input_shape))})"
         if not isinstance(x, torch.Tensor):
             raise InputDataError(f"the integer model takes a float32 tensor of shape {expected}, got {type(x).__name__}")
+        pad = self.meta.get("pad_token_id")
+        if (pad is not None and not x.is_floating_point() and x.dim() == 2 and len(self.input_shape) == 1
+                and x.shape[1] < self.input_shape[0]):
+            x = torch.nn.functional.pad(x, (0, self.input_shape[0] - x.shape[1]), value=int(pad))
         if tuple(x.shape[1:]) != self.input_shape:
             raise InputDataError(f"input shape {tuple(x.shape)} does not match the model's {expected}")
         check_inputs(x, None, where="the integer model's inputs")
@@ -182,8 +186,11 @@ class IntegerModel:
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def to_integer(qmodel: Any) -> IntegerModel:
-    """The integer-only model of a calibrated :func:`hessq.quantize` result.
+def to_integer(qmodel: Any, *, input_shape: Sequence[int] | None = None) -> IntegerModel:
+    """The integer-only model of a calibrated :func:`hessq.quantize` result, compiled for inputs of
+    ``input_shape`` (without the batch dimension; default: the calibration inputs'). A text model's integer
+    model (token ids, a padding token known from its capture) also takes shorter inputs, padded to its length:
+    the attention mask leaves the logits of the real tokens unchanged.
 
     Raises :class:`IntegerConversionError` naming any op with no integer form (e.g.
     sigmoid, softmax, layer norm) and for a model that was never calibrated.
@@ -197,8 +204,10 @@ def to_integer(qmodel: Any) -> IntegerModel:
                                  "finite weights; check the float model it was quantized from")
     if not callable(getattr(qmodel, "program", None)):
         raise ConfigTypeError(f"to_integer needs a model from hessq.quantize, got {type(qmodel).__name__}")
-    ops, input_name, output_name, input_shape = qmodel.program()
+    ops, input_name, output_name, input_shape = qmodel.program(None if input_shape is None else tuple(input_shape))
     meta = {"layer_bits": {k: list(v) for k, v in qmodel.layer_bits.items()}}
+    if getattr(qmodel, "pad_token_id", None) is not None:
+        meta["pad_token_id"] = int(qmodel.pad_token_id)
     return IntegerModel(ops, input_name, output_name, input_shape, meta)
 
 

@@ -256,9 +256,11 @@ def _recipe_key(variant: str, recipe: dict[str, Any]) -> str:
 
 
 def train_codenet(variant: str = DEFAULT_VARIANT, *, recipe: dict[str, Any] | None = None,
-                  train_set: DetectionSet | None = None, progress: bool = True) -> CoDeNet:
-    """Train a CoDeNet from scratch with ``recipe`` (defaults :data:`DEFAULT_RECIPE`): AdamW, linear warm-up then
-    cosine decay per step, horizontal flips. Deterministic for a seed on one machine and thread count."""
+                  train_set: DetectionSet | None = None, init: nn.Module | None = None, progress: bool = True) -> CoDeNet:
+    """Train a CoDeNet with ``recipe`` (defaults :data:`DEFAULT_RECIPE`): AdamW, linear warm-up then cosine decay
+    per step, horizontal flips. From scratch, or from ``init`` (a trained CoDeNet of any variant): every tensor of
+    the same name and shape is copied (backbone, heads, the decoder's shared parts), the rest is drawn fresh.
+    Deterministic for a seed on one machine and thread count."""
     recipe = {**DEFAULT_RECIPE, **(recipe or {})}
     unknown = set(recipe) - set(DEFAULT_RECIPE)
     if unknown:
@@ -267,6 +269,10 @@ def train_codenet(variant: str = DEFAULT_VARIANT, *, recipe: dict[str, Any] | No
         train_set = detection_set("train", recipe["train_images"], seed=recipe["data_seed"])
     torch.manual_seed(recipe["seed"])
     model = CoDeNet(variant)
+    if init is not None:
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in init.state_dict().items() if k in own and own[k].shape == v.shape},
+                              strict=False)
     batches = DetectionBatches(train_set, recipe["batch_size"], shuffle=True, flip=recipe["flip"], seed=recipe["seed"])
     total = recipe["epochs"] * len(batches)
     warmup = min(recipe["warmup_steps"], total // 2)
@@ -354,7 +360,7 @@ def trained_codenet(variant: str = DEFAULT_VARIANT, *, recipe: dict[str, Any] | 
                     cache_dir: str | os.PathLike | None = None, progress: bool = True) -> CoDeNet:
     """The trained detector: the checkpoint bundled with hessq when there is one for this variant and recipe, else
     the one in the cache folder (``cache_dir``, ``$HESSQ_CACHE_DIR``, ``~/.cache/hessq``), else trained now
-    (about 15 minutes on 2 CPU cores for the default recipe) and saved there."""
+    (about 2 minutes on 2 idle CPU cores for the default recipe) and saved there."""
     if variant not in VARIANTS:
         raise ConfigError(f"unknown CoDeNet variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     name = checkpoint_name(variant, recipe)
@@ -366,7 +372,7 @@ def trained_codenet(variant: str = DEFAULT_VARIANT, *, recipe: dict[str, Any] | 
     if path.exists():
         return load_codenet(path, variant, recipe)
     if progress:
-        print(f"codenet: no {name} in {path.parent}; training it now (about 15 minutes on 2 CPU cores)", flush=True)
+        print(f"codenet: no {name} in {path.parent}; training it now (a few minutes on 2 CPU cores)", flush=True)
     model = train_codenet(variant, recipe=recipe, progress=progress)
     save_codenet(model, path, model.recipe)  # type: ignore[attr-defined]
     return model

@@ -635,7 +635,7 @@ def compress(
             meta["finetune_resumed"] = {"from_step": history["resumed_from_step"], "checkpoint": str(resumed_from)}
 
     stages("integer model and verification")
-    imodel = to_integer(qmodel)
+    imodel = to_integer(qmodel, input_shape=shape)
     check = _take(eval_data if eval_data is not None else train, 2)
     mismatched = 0
     with torch.no_grad():
@@ -676,7 +676,7 @@ def compress(
         q = fake_quantize(model, (wb, ab), calib, pin_first_last=pin_first_last)
         costs = evaluate_plan(model, _uniform(plan, wb, pin_first_last), None if omega is not None else sens, act_bits=ab,
                               input_shape=shape)
-        add_row(name, f"{wb} / {ab} (post-training)", costs, to_integer(q), omega=costs.omega)
+        add_row(name, f"{wb} / {ab} (post-training)", costs, to_integer(q, input_shape=shape), omega=costs.omega)
     add_row("mixed", f"{'/'.join(map(str, sorted(set(plan.values()))))} / {act_bits} (plan"
             f"{', QAT' if ft is not None else ''})", plan, imodel, omega=plan.omega)
     stages.done()

@@ -242,12 +242,14 @@ def layer_costs(
     x = _example_input(model, example_input, input_shape)
     batch = x.shape[0] if x.dim() > 0 and x.shape[0] > 0 else 1
     macs = {name: 0 for name in layers}
+    ran: set[str] = set()  # an embedding lookup runs with 0 MACs
 
     families = {name: family_of_module(m) for name, m in layers.items()}
 
     def hook_for(name: str):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             macs[name] += families[name].macs(module, inputs, output) // batch
+            ran.add(name)
 
         return hook
 
@@ -263,7 +265,7 @@ def layer_costs(
     finally:
         for h in handles:
             h.remove()
-    unused = [n for n, v in macs.items() if v == 0]
+    unused = [n for n in macs if n not in ran]
     if unused:
         warnings.warn(f"layers never ran on the example input (counted as 0 MACs): {unused[:5]}", stacklevel=2)
     extra_bias = set(bias_layers or ())

@@ -172,7 +172,7 @@ class ActQuantizer(nn.Module):
         # by the same rule as calibration (a strided subsample keeps it cheap at every step). Under DDP the
         # range is the global batch's (hessq._distributed.synced_ranges), so every rank keeps the same scale.
         percentile = self.observer.percentile if self.observer.method == "percentile" else None
-        lo, hi = batch_range(x, percentile, _TRACK_SAMPLES)
+        lo, hi = batch_range(x, percentile, _TRACK_SAMPLES, batch_constant=self.observer.batch_constant)
         absmax = torch.maximum(lo.abs(), hi.abs()) if bool(self.signed) else hi.clamp(min=0)
         _, qmax = qrange(self.bits, bool(self.signed))
         self.scale.mul_(m).add_((1 - m) * torch.clamp(absmax / qmax, min=1e-12))

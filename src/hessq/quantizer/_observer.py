@@ -17,27 +17,35 @@ RANGE_METHODS = ("minmax", "percentile", "ema")
 _QUANTILE_MAX = 1 << 24
 
 
+def _full_float(x: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64 (a float64 model's ranges keep its precision); anything else becomes float32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def percentile_bounds(x: torch.Tensor, percentile: float, max_samples: int = _QUANTILE_MAX,
                       group: object = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``100 - percentile`` and ``percentile`` quantiles of ``x``, on a strided subsample of at most
     ``max_samples`` values: the one clipping rule of calibration and of QAT's range tracking. With a process
     ``group``, ``x`` is this rank's consecutive part of a tensor split over the ranks, and the quantiles are
     the whole tensor's (see :func:`hessq._distributed.gather_strided`)."""
-    flat = gather_strided(x.detach().reshape(-1).float(), max_samples, group)
-    q = torch.quantile(flat, torch.tensor([1 - percentile / 100, percentile / 100], device=flat.device))
+    flat = gather_strided(_full_float(x.detach().reshape(-1)), max_samples, group)
+    q = torch.quantile(flat, torch.tensor([1 - percentile / 100, percentile / 100], device=flat.device, dtype=flat.dtype))
     return q[0], q[1]
 
 
-def batch_range(x: torch.Tensor, percentile: float | None, max_samples: int = _QUANTILE_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_range(x: torch.Tensor, percentile: float | None, max_samples: int = _QUANTILE_MAX, *,
+                batch_constant: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(low, high) of one batch: its percentile bounds, or its extremes when ``percentile`` is None.
 
     Under :func:`hessq._distributed.synced_ranges` (QAT under torch.distributed) the batch is every rank's
     part of it together, so every rank gets the same range, the one a single process would on the whole batch.
+    A ``batch_constant`` tensor (one that no input value reaches, such as BERT's position embeddings) is the same
+    on every rank and is not a part of anything: its own range is the whole's.
     """
-    group = range_group()
+    group = LOCAL if batch_constant else range_group()
     if percentile is not None:
         return percentile_bounds(x, percentile, max_samples, group)
-    return extremes(x.detach().amin().float(), x.detach().amax().float(), group)
+    return extremes(_full_float(x.detach().amin()), _full_float(x.detach().amax()), group)
 
 
 class RangeObserver(nn.Module):
@@ -59,6 +67,9 @@ class RangeObserver(nn.Module):
         self.method = method
         self.percentile = percentile
         self.momentum = momentum
+        # set by the rewrite for a value no input reaches (BERT's position embeddings): under DDP it is the same
+        # on every rank, so its range is its own, not synced as a part of the global batch
+        self.batch_constant = False
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.register_buffer("num_batches", torch.tensor(0, dtype=torch.long))
@@ -77,7 +88,8 @@ class RangeObserver(nn.Module):
         x = x.detach()
         if not torch.isfinite(x).all():
             raise ConfigError("NaN or inf in an activation being calibrated; check the model and its inputs")
-        lo, hi = batch_range(x, self.percentile if self.method == "percentile" else None)
+        lo, hi = batch_range(x, self.percentile if self.method == "percentile" else None,
+                             batch_constant=self.batch_constant)
         n = int(self.num_batches)
         if n == 0:
             self.min_val.copy_(lo)
