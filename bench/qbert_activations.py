@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 import hessq
-from hessq.graph import quantizable_layers
-from hessq.graph._rewrite import act_quantizers
+from hessq.graph import act_quantizers, quantizable_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, log, machine, write_results  # noqa: E402

@@ -28,17 +28,21 @@ RUNS = ("global", "resumed", "sharded")
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    two, one = tmp_path_factory.mktemp("two_ranks"), tmp_path_factory.mktemp("one_rank")
+def _launch(setup: str, out: Path, *flags: str) -> None:
     path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(Path(worker.__file__)), "resnet8", str(two)],
+         str(Path(worker.__file__)), setup, str(out), *flags],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    two, one = tmp_path_factory.mktemp("two_ranks"), tmp_path_factory.mktemp("one_rank")
+    _launch("resnet8", two)
     threads = torch.get_num_threads()
     try:
         worker.run("resnet8", one)
@@ -113,18 +117,7 @@ def test_a_mistake_on_any_rank_stops_every_rank_with_a_message(runs):
     assert runs[0][1]["untouched_by_errors"] and runs[1][1]["untouched_by_errors"]
 
 
-def _launch(setup: str, out: Path, *flags: str) -> None:
-    path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(Path(worker.__file__)), setup, str(out), *flags],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-
-
-def _global_run_matches_one_process(setup: str, tmp_path: Path, tolerance: float) -> float:
+def _global_run_matches_one_process(setup: str, tmp_path: Path, tolerance: float) -> None:
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
     _launch(setup, two, "global")
@@ -148,7 +141,6 @@ def _global_run_matches_one_process(setup: str, tmp_path: Path, tolerance: float
         else:
             assert torch.equal(ours[k], want), k
     assert worst <= tolerance
-    return worst
 
 
 def test_two_ranks_equal_one_process_on_a_hugging_face_bert(tmp_path):

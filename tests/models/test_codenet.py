@@ -119,3 +119,5 @@ def test_training_from_another_variant_copies_every_tensor_of_the_same_shape(tin
             assert torch.equal(own[k], src[k]), k
     fresh = [k for k in own if k not in same]
     assert fresh and all("up" in k for k in fresh)  # only decoder blocks differ between variants
+    with pytest.raises(ConfigError, match="init must be a trained CoDeNet"):
+        train_codenet("square", train_set=tiny_set, init=source.state_dict(), progress=False)

@@ -111,5 +111,8 @@ def test_integer_model_pads_shorter_inputs_to_its_length(bert_w8a8, tmp_path):
     assert torch.equal(imodel(ids), q(ids))
     hessq.to_integer(q).save(tmp_path / "bert.hq")  # the padding token travels with the file
     assert hessq.load_integer(tmp_path / "bert.hq").meta["pad_token_id"] == 0
-    with pytest.raises(hessq.InputDataError, match="does not match"):
+    with pytest.raises(hessq.InputDataError, match=r"at most 16 tokens.*input_shape=\(20,\)"):
         imodel(torch.zeros(2, 20, dtype=torch.long))  # longer than compiled: refused, never cut
+    for bad in ((0,), "16", (16.5,)):
+        with pytest.raises(hessq.ConfigError, match="input_shape"):
+            hessq.to_integer(q, input_shape=bad)

@@ -203,8 +203,8 @@ def quantize(
         raise ModelError(f"{type(model).__name__} calls no Conv2d or Linear layer; there is nothing to quantize")
     layer_bits = resolve_plan(plan, order, pin_first_last)
     device = model_device(model)
-    # the quantizers' ranges and scales in the model's own float dtype (a float64 model trains in float64)
-    dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+    # a float64 model's quantizers hold their ranges and scales in float64 too (it trains in float64); otherwise float32
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in model.parameters()) else torch.float32
     gm = rewrite(
         model,
         layer_bits,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from hessq._checks import check_inputs, check_model
+from hessq._checks import check_inputs, check_int, check_model
 from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, InputDataError, ModelError
 from hessq._io import load_torch_safely, write_atomic
 from hessq.ops import Op, family_for_kind, run_program
@@ -84,7 +84,10 @@ class IntegerModel:
                 and x.shape[1] < self.input_shape[0]):
             x = torch.nn.functional.pad(x, (0, self.input_shape[0] - x.shape[1]), value=int(pad))
         if tuple(x.shape[1:]) != self.input_shape:
-            raise InputDataError(f"input shape {tuple(x.shape)} does not match the model's {expected}")
+            longer = pad is not None and x.dim() == 2 and len(self.input_shape) == 1
+            raise InputDataError(f"input shape {tuple(x.shape)} does not match the model's {expected}" + (
+                f": it was compiled for at most {self.input_shape[0]} tokens; build it for longer inputs with "
+                f"hessq.to_integer(qmodel, input_shape=({x.shape[1]},))" if longer else ""))
         check_inputs(x, None, where="the integer model's inputs")
         return run_program(self.ops, self.input_name, self.output_name, x, kernel=kernel, keep=keep)
 
@@ -204,7 +207,11 @@ def to_integer(qmodel: Any, *, input_shape: Sequence[int] | None = None) -> Inte
                                  "finite weights; check the float model it was quantized from")
     if not callable(getattr(qmodel, "program", None)):
         raise ConfigTypeError(f"to_integer needs a model from hessq.quantize, got {type(qmodel).__name__}")
-    ops, input_name, output_name, input_shape = qmodel.program(None if input_shape is None else tuple(input_shape))
+    if input_shape is not None:
+        if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__iter__"):
+            raise ConfigTypeError(f"input_shape must be a tuple of sizes without the batch dimension, got {input_shape!r}")
+        input_shape = tuple(check_int(d, "input_shape", low=1) for d in input_shape)
+    ops, input_name, output_name, input_shape = qmodel.program(input_shape)
     meta = {"layer_bits": {k: list(v) for k, v in qmodel.layer_bits.items()}}
     if getattr(qmodel, "pad_token_id", None) is not None:
         meta["pad_token_id"] = int(qmodel.pad_token_id)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessq._errors import ArtifactError, ConfigError
+from hessq._errors import ArtifactError, ConfigError, ConfigTypeError
 from hessq._io import default_cache_dir, write_atomic
 from hessq._utils import model_device, training_mode
 from hessq.data._detection import (DetectionBatches, DetectionSet, coco_evaluate, detection_set)
@@ -270,6 +270,8 @@ def train_codenet(variant: str = DEFAULT_VARIANT, *, recipe: dict[str, Any] | No
     torch.manual_seed(recipe["seed"])
     model = CoDeNet(variant)
     if init is not None:
+        if not isinstance(init, nn.Module):
+            raise ConfigTypeError(f"init must be a trained CoDeNet (an nn.Module), got {type(init).__name__}")
         own = model.state_dict()
         model.load_state_dict({k: v for k, v in init.state_dict().items() if k in own and own[k].shape == v.shape},
                               strict=False)
