@@ -52,8 +52,8 @@ def _onnx(imodel, path, mode, x) -> np.ndarray:
 
 
 def end_to_end(model: nn.Module, shape: tuple[int, ...], tmp_path, *, kinds: set[str] = frozenset(), plan=8,
-               x: torch.Tensor | None = None) -> EndToEnd:
-    q = hessq.quantize(model, plan, calibration(shape), pin_first_last=None)
+               x: torch.Tensor | None = None, **quantize_options) -> EndToEnd:
+    q = hessq.quantize(model, plan, calibration(shape), pin_first_last=None, **quantize_options)
     x = calibration(shape, 1, 8, seed=7)[0][0] if x is None else x
     imodel = hessq.to_integer(q)
     assert kinds <= {op.kind for op in imodel.ops}

@@ -73,6 +73,23 @@ def test_w8a8_is_close_to_float_and_integer_is_exact(bert_w8a8, tmp_path):
     assert np.array_equal(session.run(None, {"input": ids.numpy()})[0], y.numpy())
 
 
+def test_residual_stream_is_16_bit_and_every_matmul_reads_8_bit_codes(bert_w8a8):
+    # I-BERT's layout: the adds feeding each LayerNorm and its input on 16-bit grids, every matmul's inputs 8-bit
+    _, q = bert_w8a8
+    quantizers = hessq.graph.act_quantizers(q)
+    wide = {n for n, a in quantizers.items() if a.bits == 16}
+    assert {n for n in quantizers if n.endswith(".input_quantizer") and "layer_norm" in n} <= wide
+    assert len([n for n in wide if n.startswith("quant_add_")]) == 2 + 2 * 2  # embedding sums, two per layer
+    imodel = hessq.to_integer(q)
+    for op in imodel.ops:
+        if op.kind in ("linear", "matmul"):
+            for name in op.inputs:
+                producer = next(p for p in imodel.ops if p.output == name)
+                assert max(-producer.attrs.get("qmin", 0), producer.attrs.get("qmax", 0)) <= 255, (op.output, name)
+    narrow = hessq.quantize(_bert(), 8, [_batch(i) for i in range(3)], pin_first_last=None, residual_bits=8)
+    assert {a.bits for a in hessq.graph.act_quantizers(narrow).values()} == {8}
+
+
 def test_training_mode_has_gradients_for_every_weight(bert_w8a8):
     _, q = bert_w8a8
     q.train()

@@ -72,3 +72,51 @@ def test_weight_quantizer_backward_reaches_weight():
     w = torch.randn(4, 3, requires_grad=True)
     WeightQuantizer(4)(w).sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))
+
+
+def _squared_error(x: torch.Tensor, q: ActQuantizer) -> float:
+    return float(((q(x) - x) ** 2).sum())
+
+
+def test_mse_range_beats_extremes_and_percentile_on_outlier_channels():
+    # a LayerNorm output's shape of trouble: most values N(0, 1), two channels near 40 (MiniLM's outlier dimensions)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 384, generator=g)
+    x[:, 7] = 40 + torch.randn(64, generator=g)
+    x[:, 99] = -35 + torch.randn(64, generator=g)
+    errors = {}
+    for method in ("minmax", "percentile", "mse"):
+        q = ActQuantizer(8, method)
+        q.observing = True
+        q(x[:32])
+        q(x[32:])
+        q.freeze()
+        errors[method] = _squared_error(x, q)
+    # the clip search includes the extremes themselves, so it can only do better on the values it sampled
+    assert errors["mse"] <= errors["minmax"]
+    assert errors["mse"] < errors["percentile"]
+
+
+def test_mse_range_keeps_the_whole_range_of_uniform_values():
+    # uniform values have no tail worth clipping: the least-error clip is within a few steps of the extreme
+    x = torch.linspace(-1, 1, 20001)
+    q = ActQuantizer(8, "mse")
+    q.observing = True
+    q(x)
+    q.freeze()
+    assert float(q.scale) * 127 >= 0.95
+
+
+def test_mse_clip_is_the_best_candidate_by_brute_force():
+    from hessq.quantizer._observer import _MSE_FRACTIONS, mse_clip
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(5000, generator=g), torch.tensor([25.0, -18.0])])
+    c = mse_clip(x, 127, True)
+
+    def err(clip: float) -> float:
+        s = clip / 127
+        return float(((torch.clamp(torch.round(x.double() / s), -127, 127) * s - x.double()) ** 2).sum())
+
+    assert all(err(c) <= err(float(f) * 25.0) for f in _MSE_FRACTIONS)
+    assert 2.0 < c < 25.0  # neither the outlier's extreme nor a clip into the bulk

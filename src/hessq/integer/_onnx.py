@@ -136,6 +136,9 @@ class _Exporter:
         return self.node("Floor", [self.node("Add", [scaled, self.const("half", np.float64(0.5))], "half")], "rounded")
 
     def to_codes(self, rounded: str, qmin: int, qmax: int, scale: float) -> _Tensor:
+        if qmax - qmin > 255:  # a grid wider than uint8 (16-bit codes) stays float64 integers
+            lo, hi = self.const("qmin", np.float64(qmin)), self.const("qmax", np.float64(qmax))
+            return _Tensor(self.node("Clip", [rounded, lo, hi], "clip"), "acc")
         zp = 128 if qmin < 0 else 0
         lo, hi = self.const("qmin", np.float64(qmin + zp)), self.const("qmax", np.float64(qmax + zp))
         shifted = self.node("Add", [rounded, self.const("zp", np.float64(zp))], "shifted") if zp else rounded

@@ -46,6 +46,11 @@ class QuantOp:
     weighted: ClassVar[bool] = False
     #: Output codes lie on the input's grid (ReLU, max-pool, reshape): no requantization after it.
     keeps_grid: ClassVar[bool] = False
+    #: Reads a transformer's residual stream (LayerNorm): its input quantizer takes the rewrite's ``residual_bits``.
+    reads_residual: ClassVar[bool] = False
+    #: Can carry the residual stream (add): its output quantizer takes ``residual_bits`` when every consumer of the
+    #: output reads or carries the stream (BERT's adds before each LayerNorm, a pre-LN chain of adds), not a layer.
+    carries_residual: ClassVar[bool] = False
     #: Output lies within the input's range (average pooling, mean).
     averaging: ClassVar[bool] = False
     #: A fixed range of every output (ReLU6: (0, 6)), or None.

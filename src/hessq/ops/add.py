@@ -67,6 +67,7 @@ def constant_codes(program, node, name: str, const: torch.Tensor, scale: torch.T
 class Add(QuantOp):
     name = "add"
     modules = (QuantAdd,)
+    carries_residual = True
     functions = (operator.add, operator.iadd, torch.add)
     methods = ("add",)
     canonical = operator.add
@@ -101,7 +102,7 @@ class Add(QuantOp):
         return ex.to_codes(ex.node("Add", [a, b], "add"), op.attrs["qmin"], op.attrs["qmax"], float(op.scale))
 
     def onnx_fast(self, ex, op, ins):
-        if all(t.kind == "codes" for t in ins):
+        if all(t.kind == "codes" for t in ins) and op.attrs["qmax"] <= 127:
             # ONNX Runtime's int8 residual add (com.microsoft QLinearAdd), each input on its own grid. A ReLU
             # that alone follows is folded in, as ONNX Runtime's own quantizer does: the sum goes on the
             # unsigned grid of the same scale, which clips at 0 (and at 255 steps instead of 127).

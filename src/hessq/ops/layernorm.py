@@ -1,6 +1,7 @@
 """LayerNorm over the last dimensions, in integers only (I-BERT's integer mean, variance and square root).
 
-The input is put on an 8-bit grid of its own (codes q, scale s). Over the N normalised elements, with S = Σq:
+The input is put on an 8- or 16-bit grid of its own (codes q, scale s): 16 bits carry a transformer's residual
+stream, whose outlier channels an 8-bit grid cannot hold (I-BERT keeps it wider still). Over the N normalised elements, with S = Σq:
 
     D = N·q − S                      N times the deviation from the mean, exact
     T = Σ D² + E,  E = round(N³·ε / s²)   N³·(variance + ε) in codes², exact but for E's rounding
@@ -9,9 +10,9 @@ The input is put on an 8-bit grid of its own (codes q, scale s). Over the N norm
 
 since (x − μ)/√(var + ε) = (D/N) / (√T/N^{3/2}) = √N·D/√T. The affine γ·(·) + β is a per-element weight: γ's
 codes g = ±127 at scale |γ|/127 (exact), β as an integer at the accumulator's scale |γ|/127·√N·2^-k, so
-acc = r·g + b; then one dyadic requantization onto the output grid. With 8-bit input codes and N ≤ 2^12 every
-intermediate stays below 2^52, so the exact ONNX export computes it in float64 bit for bit (a correctly rounded
-quotient of integers below 2^52 floors to the integer quotient).
+acc = r·g + b; then one dyadic requantization onto the output grid. With 16-bit input codes and N ≤ 2^12 every
+intermediate stays below 2^62, so int64 holds it: the integer model and the exact ONNX export (int64 ops, floor
+division by ``a − Mod(a, b)``) compute it bit for bit.
 
 The fake-quant module computes q_out(LayerNorm(q_in(x))) in float; the integer program differs from it only by
 the two floors (relative 2^-k and 1/σ) and E's rounding.
@@ -33,15 +34,19 @@ from hessq.ops.quant import to_grid
 from hessq.quantizer import ActQuantizer
 
 FRACTION_BITS = 16
-#: Newton iterations from 2^26 (above √T for every T below 2^52): each at least halves the excess until it is
-#: small, then converges quadratically; 40 reaches ⌊√T⌋ for every T < 2^52 (checked in the tests).
-NEWTON_STEPS = 40
-NEWTON_START = 2**26
+#: Newton iterations from 2^31 (above √T for every T below 2^62): each at least halves the excess until it is
+#: small, then converges quadratically; 44 reach ⌊√T⌋ for every T < 2^62 (checked in the tests).
+NEWTON_STEPS = 44
+NEWTON_START = 2**31
+#: T = Σ D² + E must stay below this: x + ⌊T/x⌋ in Newton's step then fits int64.
+MAX_SQUARES = 2**62
 MAX_ELEMENTS = 2**12
+#: Input grids the integer LayerNorm takes.
+INPUT_BITS = (8, 16)
 
 
 def isqrt(t: torch.Tensor) -> torch.Tensor:
-    """⌊√t⌋ of int64 ``t`` (1 ≤ t < 2^52), by Newton's iteration x ← min(x, ⌊(x + ⌊t/x⌋)/2⌋) from 2^26."""
+    """⌊√t⌋ of int64 ``t`` (1 ≤ t < 2^62), by Newton's iteration x ← min(x, ⌊(x + ⌊t/x⌋)/2⌋) from 2^31."""
     x = torch.full_like(t, NEWTON_START)
     for _ in range(NEWTON_STEPS):
         x = torch.minimum(x, (x + torch.div(t, x, rounding_mode="floor")) // 2)
@@ -96,6 +101,7 @@ def _param(node: fx.Node, arg) -> torch.Tensor | None:
 class LayerNorm(QuantOp):
     name = "layer_norm"
     modules = (nn.LayerNorm, QuantLayerNorm)
+    reads_residual = True
     functions = (F.layer_norm,)
     kinds = ("layer_norm",)
 
@@ -122,12 +128,13 @@ class LayerNorm(QuantOp):
         if not isinstance(m, QuantLayerNorm):
             program.fail(node, "a LayerNorm whose weight is computed")
         qi, qo = m.input_quantizer, m.output_quantizer
-        if qi.bits != 8:
-            program.fail(node, f"an integer LayerNorm on {qi.bits}-bit codes (8-bit only)")
+        if qi.bits not in INPUT_BITS:
+            program.fail(node, f"an integer LayerNorm on {qi.bits}-bit codes (it takes {' or '.join(map(str, INPUT_BITS))}-bit "
+                               "codes: set its input quantizer's bits to one of them)")
         v = to_grid(program, f"{node.name}_in", args[0], qi)
         gamma, beta, acc_scale, e = m.integer_affine(float(qi.scale))
         n = math.prod(m.normalized_shape)
-        if n**3 * max(-qi.qmin, qi.qmax) ** 2 * 4 + e >= 2**52:
+        if n**3 * max(-qi.qmin, qi.qmax) ** 2 * 4 + e >= MAX_SQUARES:
             program.fail(node, f"an integer LayerNorm over {n} elements with ε = {m.eps:g} on a grid of step {float(qi.scale):.3g}")
         dims = list(range(-len(m.normalized_shape), 0))
         attrs = {"dims": dims, "eps_codes": e, "count": n}
@@ -145,28 +152,29 @@ class LayerNorm(QuantOp):
         return r * t["weight"] + t["bias"]
 
     def onnx(self, ex, op, ins):
+        # int64 throughout: with 16-bit input codes Σ D² passes 2^53, where float64 stops being exact
         a, t = op.attrs, op.tensors
-        f64 = np.float64
-        q = ex.acc(ins[0])
-        axes = ex.const("axes", np.array(a["dims"], np.int64))
+        i64 = np.int64
+        q = ex.node("Cast", [ex.acc(ins[0])], "codes_i64", to=ex.TP.INT64)
+        axes = ex.const("axes", np.array(a["dims"], i64))
 
-        def floor_div(x: str, y: str) -> str:
-            return ex.node("Floor", [ex.node("Div", [x, y], "div")], "floor")
+        def floor_div(x: str, y: str) -> str:  # ⌊x/y⌋ for y > 0 (Div truncates towards zero; Mod takes y's sign)
+            return ex.node("Div", [ex.node("Sub", [x, ex.node("Mod", [x, y], "mod")], "less_mod"), y], "div")
 
         total_q = ex.node("ReduceSum", [q, axes], "sum_q", keepdims=1)
-        d = ex.node("Sub", [ex.node("Mul", [q, ex.const("n", f64(a["count"]))], "nq"), total_q], "dev")
+        d = ex.node("Sub", [ex.node("Mul", [q, ex.const("n", i64(a["count"]))], "nq"), total_q], "dev")
         ss = ex.node("ReduceSum", [ex.node("Mul", [d, d], "dev2"), axes], "sum_dev2", keepdims=1)
-        total = ex.node("Max", [ex.node("Add", [ss, ex.const("eps", f64(a["eps_codes"]))], "plus_eps"),
-                                ex.const("one", f64(1))], "at_least_one")
-        x = ex.node("Expand", [ex.const("start", f64(NEWTON_START)), ex.node("Shape", [total], "shape")], "x0")
-        half = ex.const("half", f64(0.5))
-        for _ in range(NEWTON_STEPS):
-            step = ex.node("Floor", [ex.node("Mul", [ex.node("Add", [x, floor_div(total, x)], "newton"), half], "halve")], "floor")
+        total = ex.node("Max", [ex.node("Add", [ss, ex.const("eps", i64(a["eps_codes"]))], "plus_eps"),
+                                ex.const("one", i64(1))], "at_least_one")
+        x = ex.node("Expand", [ex.const("start", i64(NEWTON_START)), ex.node("Shape", [total], "shape")], "x0")
+        two = ex.const("two", i64(2))
+        for _ in range(NEWTON_STEPS):  # every operand positive: Div is the floor
+            step = ex.node("Div", [ex.node("Add", [x, ex.node("Div", [total, x], "t_over_x")], "newton"), two], "halve")
             x = ex.node("Min", [x, step], "isqrt")
-        r = floor_div(ex.node("Mul", [d, ex.const("frac", f64(2**FRACTION_BITS))], "scaled_dev"), x)
-        acc = ex.node("Add", [ex.node("Mul", [r, ex.const("gamma", t["weight"].numpy().astype(f64))], "times_gamma"),
-                              ex.const("beta", t["bias"].numpy().astype(f64))], "plus_beta")
-        return ex.tensor(acc, "acc")
+        r = floor_div(ex.node("Mul", [d, ex.const("frac", i64(2**FRACTION_BITS))], "scaled_dev"), x)
+        acc = ex.node("Add", [ex.node("Mul", [r, ex.const("gamma", t["weight"].numpy().astype(i64))], "times_gamma"),
+                              ex.const("beta", t["bias"].numpy().astype(i64))], "plus_beta")
+        return ex.tensor(ex.node("Cast", [acc], "acc_f64", to=ex.TP.DOUBLE), "acc")
 
     def onnx_fast(self, ex, op, ins):
         # ONNX Runtime's float LayerNormalization on the dequantized codes, with the real γ and β

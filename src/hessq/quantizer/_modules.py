@@ -120,6 +120,7 @@ class ActQuantizer(nn.Module):
                                       ema_momentum)
         self.observing = False
         self.ema_in_training = ema_in_training
+        self.clip_ratio = 1.0  # mse: the chosen clip over the calibrated extreme (see freeze)
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("signed", torch.tensor(True))
         self.register_buffer("calibrated", torch.tensor(False))
@@ -146,6 +147,11 @@ class ActQuantizer(nn.Module):
             raise HessqRuntimeError("an activation quantizer saw no data during calibration; pass calibration batches")
         lo, hi = self.bound if self.bound is not None else (float(self.observer.min_val), float(self.observer.max_val))
         signed = lo < 0
+        if self.bound is None and self.observer.method == "mse" and self.observer.samples:
+            lo, hi = self.observer.mse_range(qrange(self.bits, signed)[1], signed)
+            # QAT follows each batch's extremes scaled by this ratio: the calibrated clipping carries into training
+            top = max(abs(float(self.observer.min_val)), abs(float(self.observer.max_val))) if signed else float(self.observer.max_val)
+            self.clip_ratio = hi / top if top > 0 else 1.0
         absmax = max(abs(lo), abs(hi)) if signed else hi
         self.signed.fill_(signed)
         self.scale.copy_(symmetric_scale(torch.tensor(absmax), self.bits, signed))
@@ -174,6 +180,7 @@ class ActQuantizer(nn.Module):
         percentile = self.observer.percentile if self.observer.method == "percentile" else None
         lo, hi = batch_range(x, percentile, _TRACK_SAMPLES, batch_constant=self.observer.batch_constant)
         absmax = torch.maximum(lo.abs(), hi.abs()) if bool(self.signed) else hi.clamp(min=0)
+        absmax = absmax * self.clip_ratio
         _, qmax = qrange(self.bits, bool(self.signed))
         self.scale.mul_(m).add_((1 - m) * torch.clamp(absmax / qmax, min=1e-12))
 
