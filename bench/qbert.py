@@ -118,11 +118,11 @@ def run_task(task: str, args, done: list[dict[str, Any]]) -> dict[str, Any]:
         row("ONNX Runtime quantize_dynamic int8", None, None, error=f"{type(exc).__name__}: {exc}")
 
     w8 = uniform(t.layers, 8)
-    row("hessq W8A8, 8-bit embeddings", t.accuracy(t.quantize(w8)), t.size_mb(w8))
+    row("hessq W8A8, 8-bit embeddings (16-bit residual stream)", t.accuracy(t.quantize(w8)), t.size_mb(w8))
 
-    for bits in (4, 3):
+    for bits in args.uniform_bits:
         plan = uniform(t.layers, bits)
-        for grouping, kw in GROUPINGS.items():
+        for grouping, kw in ((g, GROUPINGS[g]) for g in args.groupings):
             q = t.quantize(plan, **kw)
             ptq = t.accuracy(q)
             qat = t.accuracy(t.qat(q)) if args.qat_steps and bits in args.qat_uniform_bits else None
@@ -200,6 +200,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--qat-uniform-bits", type=int, nargs="*", default=[3], help="uniform widths also trained with QAT")
     ap.add_argument("--random-plans", type=int, default=5)
+    ap.add_argument("--uniform-bits", type=int, nargs="*", default=[4, 3], help="uniform weight widths tabled")
+    ap.add_argument("--groupings", nargs="*", default=list(GROUPINGS), choices=list(GROUPINGS),
+                    help="weight groupings of the uniform rows")
     ap.add_argument("--random-qat", action="store_true", help="QAT every random plan too (slow)")
     ap.add_argument("--calibration-batches", type=int, default=8)
     ap.add_argument("--sensitivity-batches", type=int, default=2)
