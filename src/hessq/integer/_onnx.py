@@ -85,6 +85,8 @@ class _Exporter:
     def node(self, op_type: str, inputs: list[str], base: str, domain: str = "", **attrs) -> str:
         out = self.fresh(base)
         self.nodes.append(self.helper.make_node(op_type, inputs, [out], name=out, domain=domain, **attrs))
+        if domain == "com.microsoft":
+            self.uses_ms_domain = True
         return out
 
     def prune(self) -> None:
@@ -150,12 +152,7 @@ class _Exporter:
         """A weighted op's int32 products plus its bias: exact integers (exact mode) or real values (fast)."""
         # ONNX Runtime accumulates the products in int32, which holds them (checked below); the bias is added
         # after widening, because a large bias against a small input scale can carry the sum past 2^31.
-        products = op.attrs["bound"] - (int(op.tensors["bias"].abs().max()) if "bias" in op.tensors else 0)
-        if products >= 2**31:
-            raise ConfigError(
-                f"layer `{op.output}` can accumulate up to {products:,} before its bias, beyond ONNX Runtime's int32 "
-                "accumulators; quantize that layer to fewer weight or activation bits, or keep the integer model"
-            )
+        self.check_int32_products(op)
         shape = [1, -1] + [1] * (len(self.model_shapes[op.output]) - 2) if getattr(family_for_kind(op.kind), "channel_dim", 1) == 1 else [-1]
         dtype = (self.TP.DOUBLE, np.float64) if self.exact else (self.TP.FLOAT, np.float32)
         acc = self.node("Cast", [acc], "acc_f64" if self.exact else "acc_f", to=dtype[0])
@@ -165,6 +162,15 @@ class _Exporter:
             return _Tensor(acc, "acc")
         scale = op.scale.numpy().astype(np.float32)
         return _Tensor(self.node("Mul", [acc, self.const("acc_scale", scale)], "acc_real"), "real")
+
+    def check_int32_products(self, op: Op) -> None:
+        """Refuse a weighted op whose products (before the bias) can overflow ONNX Runtime's int32 accumulators."""
+        products = op.attrs["bound"] - (int(op.tensors["bias"].abs().max()) if "bias" in op.tensors else 0)
+        if products >= 2**31:
+            raise ConfigError(
+                f"layer `{op.output}` can accumulate up to {products:,} before its bias, beyond ONNX Runtime's int32 "
+                "accumulators; quantize that layer to fewer weight or activation bits, or keep the integer model"
+            )
 
     def int8_weights(self, op: Op, x: _Tensor) -> tuple[str, str, str]:
         """(weight, weight scale, weight zero-point) constants of a QLinear kernel reading ``x``."""

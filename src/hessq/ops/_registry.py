@@ -111,6 +111,12 @@ class QuantOp:
         is ``"x"`` (uint8 codes for the integer graph, float32 for the float one)."""
         raise ConfigError(f"op family {self.name!r} has no latency probe; it cannot enter a latency table")
 
+    def narrow_latency_models(self, op: Any, input_shape: list[int]) -> dict[int, tuple]:
+        """Weight widths the fast export runs on a kernel of their own (4-bit Linear: MatMulNBits), each with its
+        one-node graph as in :meth:`latency_models` but reading float32 ``"x"``; the widths not listed share the
+        integer graph's time. By default none."""
+        return {}
+
 
 _FAMILIES: dict[str, QuantOp] = {}
 _BY_KIND: dict[str, QuantOp] = {}

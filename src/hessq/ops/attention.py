@@ -28,7 +28,7 @@ from hessq.ops._registry import QuantOp, family_for_kind, register
 from hessq.ops._weighted import WeightCodes
 from hessq.ops.quant import to_grid
 from hessq.ops.shape import _full_scale
-from hessq.ops.softmax import PROBABILITY_MAX, exp_table, onnx_softmax_codes, softmax_codes
+from hessq.ops.softmax import PROBABILITY_MAX, exp_table, onnx_fast_softmax, onnx_softmax_codes, softmax_codes
 
 
 class _Projection(WeightCodes, nn.Module):
@@ -161,8 +161,10 @@ class MultiheadAttention(QuantOp):
     def onnx_fast(self, ex, op, ins):
         if op.kind == "attn_linear":
             return family_for_kind("linear").onnx_fast(ex, op, ins)
-        out = self.onnx(ex, op, ins)
-        if op.kind == "matmul":  # the fast export carries real values between its int8 kernels
-            real = ex.node("Cast", [out.name], "matmul_f32", to=ex.TP.FLOAT)
-            return ex.tensor(ex.node("Mul", [real, ex.const("scale", np.float32(op.scale))], "matmul_real"), "real")
-        return out
+        if op.kind == "matmul":
+            # the exact integer products of the codes, scaled to real values in the same kernel
+            a, b = ins
+            inputs = [a.name, b.name, ex.const("a_scale", np.float32(a.scale)), ex.const("b_scale", np.float32(b.scale)),
+                      ex.const("a_zp", np.uint8(a.zero_point)), ex.const("b_zp", np.uint8(b.zero_point))]
+            return ex.tensor(ex.node("MatMulIntegerToFloat", inputs, "matmul", domain="com.microsoft"), "real")
+        return onnx_fast_softmax(ex, op, ins[0], None)

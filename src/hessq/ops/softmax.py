@@ -12,6 +12,12 @@ one,
 
 so a masked key gets probability code 0 and a row with nothing kept is all zeros, as :func:`masked_softmax` gives.
 Every value is an integer below 2^52, so the exact ONNX export computes it in float64 bit for bit.
+
+The fast export runs ONNX Runtime's float Softmax on the dequantized score codes, a masked key pushed to
+``MASKED_SCORE`` first: probabilities within float32 rounding of exp(s·(c_j − m)) / Σ, against the integer form's
+2^-16 table, quantized onto the 1/255 grid (round half to even, where the integer form floors
+(2·qmax·e + Σe) / (2Σe), i.e. rounds half up). A row with every key masked (a text of padding only) gets
+uniform probabilities instead of zeros.
 """
 
 from __future__ import annotations
@@ -63,6 +69,25 @@ def softmax_codes(c: torch.Tensor, table: torch.Tensor, span: int, qmax: int, ke
         e = table[torch.where(keep, c - top, torch.zeros_like(c)) + span] * keep
     total = e.sum(-1, keepdim=True)
     return torch.div(2 * qmax * e + total, 2 * total.clamp(min=1), rounding_mode="floor")
+
+
+#: The score a masked key gets in the fast export: exp of it minus any real score underflows to 0 in float32.
+MASKED_SCORE = -1.0e9
+
+
+def onnx_fast_softmax(ex, op, scores, keep: str | None) -> object:
+    """Fast ONNX of a (masked) softmax over the last dimension: the probability codes of ``op``'s grid from the score
+    value ``scores``."""
+    x = ex.real(scores)
+    if keep is not None:
+        # an additive mask computed on the small [N, 1, 1, T] keep tensor, broadcast in the Add
+        bias = ex.node("Where", [keep, ex.const("kept", np.float32(0)), ex.const("masked", np.float32(MASKED_SCORE))],
+                       "mask_bias")
+        x = ex.node("Add", [x, bias], "masked_scores")
+    p = ex.node("Softmax", [x], "softmax", axis=-1)
+    if op.attrs["qmax"] > 255:  # a probability grid wider than uint8 codes: real values, the requantize after rounds
+        return ex.tensor(p, "real")
+    return ex.codes(p, float(op.scale), False, "probability")
 
 
 def onnx_softmax_codes(ex, op, c: str, keep: str | None) -> object:
@@ -171,3 +196,6 @@ class Softmax(QuantOp):
 
     def onnx(self, ex, op, ins):
         return onnx_softmax_codes(ex, op, ex.acc(ins[0]), ins[1].name if len(ins) > 1 else None)
+
+    def onnx_fast(self, ex, op, ins):
+        return onnx_fast_softmax(ex, op, ins[0], ins[1].name if len(ins) > 1 else None)
