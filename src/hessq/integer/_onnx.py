@@ -52,6 +52,10 @@ class _Tensor:
     # QLinearConv reading them can take the padding as its own (asymmetric) pads instead
     padded_from: "_Tensor | None" = None
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    # fast mode: a real value that is a Clip of `clipped_from` to `clip_range`, so a second saturation right after
+    # it clips the source once to the intersection
+    clipped_from: str = ""
+    clip_range: tuple[float, float] = (0.0, 0.0)
 
 
 class _Exporter:
@@ -213,6 +217,30 @@ class _Exporter:
             if req is not None:
                 return chain, cur, grid_of(req), None
         return None
+
+    def sole_user(self, op: Op, kind: str) -> Op | None:
+        """The op of ``kind`` that alone reads ``op``'s output, or None."""
+        users = self.users.get(op.output, [])
+        return users[0] if len(users) == 1 and users[0].kind == kind else None
+
+    def read_as_real(self, op: Op) -> bool:
+        """Fast mode: whether every reader of ``op``'s output computes in float32 from real values (a LayerNorm, a
+        softmax, an activation run in float), so that rounding the value onto its grid can be left out."""
+        users = self.users.get(op.output, [])
+        # a requantize read only by such kernels is left out itself, so it counts as one of them
+        return not self.exact and bool(users) and all(
+            self.read_as_real(u) if u.kind == "requantize" else family_for_kind(u.kind).fast_reads_real(u) for u in users)
+
+    def clipped(self, t: _Tensor | str, op: Op) -> _Tensor:
+        """The real value ``t`` clipped to the range of ``op``'s grid (qmin·s … qmax·s): the saturation of the
+        rounding onto the grid that fast mode leaves out (one pass instead of a quantize and a dequantize)."""
+        s = float(op.scale)
+        lo, hi = op.attrs["qmin"] * s, op.attrs["qmax"] * s
+        source = t if isinstance(t, str) else self.real(t)
+        if isinstance(t, _Tensor) and t.clipped_from:  # clip the source once (the first Clip is pruned if unread)
+            source, lo, hi = t.clipped_from, max(lo, t.clip_range[0]), min(hi, t.clip_range[1])
+        name = self.node("Clip", [source, self.const("lo", np.float32(lo)), self.const("hi", np.float32(hi))], "saturate")
+        return _Tensor(name, "real", clipped_from=source, clip_range=(lo, hi))
 
     def requantize_after(self, op: Op) -> Op | None:
         """The single requantize that reads ``op``'s output, past any flatten or reshape; None if there is none."""

@@ -100,6 +100,11 @@ class QuantOp:
         """Fast ONNX emission (ONNX Runtime's fused int8 kernels); by default the exact one."""
         return self.onnx(export, op, inputs)
 
+    def fast_reads_real(self, op: Any) -> bool:
+        """Whether the fast emission of ``op`` computes in float32 from the real value of its (first) input, so the
+        fast export may leave out rounding that input onto its grid (a requantize only it reads). By default no."""
+        return False
+
     # -- plan stage ----------------------------------------------------------------------------------------
     def macs(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
         """Multiply-accumulates of one call of a weighted module, summed over the batch."""

@@ -145,9 +145,16 @@ class LookupTable(QuantOp):
         values = ex.const("table", table.numpy().astype(np.float64))
         return ex.tensor(ex.node("Gather", [values, index], "lut", axis=0), "acc")
 
-    def onnx_fast(self, ex, op, ins):
+    @staticmethod
+    def _onnx_float(op) -> Callable | None:
         family = next((f for f in families() if f.name == op.attrs.get("function")), None)
-        onnx_float = getattr(family, "onnx_float", None)
+        return getattr(family, "onnx_float", None)
+
+    def fast_reads_real(self, op):
+        return self._onnx_float(op) is not None
+
+    def onnx_fast(self, ex, op, ins):
+        onnx_float = self._onnx_float(op)
         if onnx_float is None or ins[0].kind == "acc":
             return self.onnx(ex, op, ins)  # the table (a program from before the function was recorded)
         y = onnx_float(ex, ex.real(ins[0]), op.attrs.get("params", {}))

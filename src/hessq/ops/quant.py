@@ -72,6 +72,10 @@ class Quantize(QuantOp):
             zp = 128 if op.attrs["qmin"] < 0 else 0
             if t.kind == "codes" and t.scale == float(op.scale) and t.zero_point == zp:
                 return t  # a fused kernel already wrote these codes on this grid
+            if ex.read_as_real(op):
+                # only float kernels read it (a LayerNorm, a softmax, GELU): saturated to the grid's range but not
+                # rounded onto it, one pass over the tensor instead of two, within half a step of the integer model's
+                return ex.clipped(t, op)
             return ex.codes(ex.real(t), float(op.scale), op.attrs["qmin"] < 0, "requantize")
         return ex.tensor(ex.real(t), "real")
 

@@ -197,5 +197,8 @@ class Softmax(QuantOp):
     def onnx(self, ex, op, ins):
         return onnx_softmax_codes(ex, op, ex.acc(ins[0]), ins[1].name if len(ins) > 1 else None)
 
+    def fast_reads_real(self, op):
+        return True
+
     def onnx_fast(self, ex, op, ins):
         return onnx_fast_softmax(ex, op, ins[0], ins[1].name if len(ins) > 1 else None)
