@@ -15,6 +15,14 @@ residual adds are QLinearAdd (a ReLU after them folded in), a global average poo
 QLinearGlobalAveragePool. ONNX Runtime requantizes with a float32 multiplier and rounds half
 to even, and a conv feeding an add is rounded onto the add's grid before adding, so values
 can differ from the integer model by a step; the top-1 class almost never does.
+
+On a transformer, fast mode carries real float32 values between int8 kernels with static scales:
+each 8-bit Linear and attention product is com.microsoft MatMulIntegerToFloat on the uint8 codes
+its input grid gives (a ≤4-bit Linear is MatMulNBits), softmax, LayerNorm and GELU are ONNX
+Runtime's float kernels, an embedding is one uint8 Gather of its output codes (bit for bit), and a
+rounding that only float kernels read is a Clip to its grid's range (the saturation kept, the
+rounding left out). Each op is then within about a step of its integer twin given the same input;
+over a deep model the steps compound, so the agreement is measured (bench/ibert.py), not bounded.
 """
 
 from __future__ import annotations
@@ -113,12 +121,25 @@ class _Exporter:
         s, zp = self.scale_zp(t)
         return self.node("DequantizeLinear", [t.name, s, zp], "dq")
 
-    def codes(self, name_in: str, scale: float, signed: bool, base: str) -> _Tensor:
+    def codes(self, name_in: str, scale: float, signed: bool, base: str, bounds: tuple[int, int] | None = None) -> _Tensor:
+        """uint8 codes of the real value ``name_in`` on the grid of step ``scale`` (zero-point 128 if ``signed``).
+
+        QuantizeLinear saturates at the uint8 range; a grid ``bounds`` = (qmin, qmax) narrower than that (4-bit
+        activations) is clipped to first. One code of slack is left at each end, so an 8-bit signed grid (±127)
+        takes no extra pass: a value below its range gets code −128 there, one step beyond the integer model's.
+        """
         zp = 128 if signed else 0
         t = _Tensor("", "codes", scale, zp)
+        if bounds is not None and (bounds[0] + zp > 1 or bounds[1] + zp < 254):
+            lo, hi = self.const("lo", np.float32(bounds[0] * scale)), self.const("hi", np.float32(bounds[1] * scale))
+            name_in = self.node("Clip", [name_in, lo, hi], "grid_range")
         s, z = self.scale_zp(t)
         t.name = self.node("QuantizeLinear", [name_in, s, z], base)
         return t
+
+    def on_grid(self, name_in: str, op: Op, base: str) -> _Tensor:
+        """uint8 codes of the real value ``name_in`` on the output grid of ``op`` (its scale, qmin and qmax)."""
+        return self.codes(name_in, float(op.scale), op.attrs["qmin"] < 0, base, (op.attrs["qmin"], op.attrs["qmax"]))
 
     def as_codes_input(self, t: _Tensor) -> _Tensor:
         if t.kind != "codes":
@@ -284,8 +305,9 @@ def export_onnx(model: IntegerModel, path: str | os.PathLike, *, mode: str = "ex
     """Write ``model`` as an ONNX graph of integer operators for ONNX Runtime.
 
     ``mode="exact"`` matches the integer model bit for bit (ConvInteger + dyadic
-    requantization in float64); ``mode="fast"`` uses ONNX Runtime's fused QLinearConv,
-    within one quantization step of it. ``batch_size=None`` leaves the batch dimension
+    requantization in float64); ``mode="fast"`` uses ONNX Runtime's fused int8 kernels
+    (QLinearConv; MatMulIntegerToFloat and MatMulNBits for Linear layers and attention, float
+    softmax, LayerNorm and GELU), each op within about one quantization step of it. ``batch_size=None`` leaves the batch dimension
     dynamic. The file is written to a temporary name and renamed; a ``path`` that is a directory
     or lies under a file is refused before any work.
     """

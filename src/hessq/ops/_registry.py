@@ -113,7 +113,8 @@ class QuantOp:
     def latency_models(self, op: Any, input_shape: list[int]) -> tuple[tuple, tuple]:
         """How to time this weighted op alone on ONNX Runtime: an integer and a float32 one-node graph, each
         ``(op_type, input names, attributes, {initializer name: array}, output dtype name)``; the graph input
-        is ``"x"`` (uint8 codes for the integer graph, float32 for the float one)."""
+        is ``"x"`` (uint8 codes for the integer graph, float32 for the float one; a sixth entry ``"int64"`` makes it
+        token ids)."""
         raise ConfigError(f"op family {self.name!r} has no latency probe; it cannot enter a latency table")
 
     def narrow_latency_models(self, op: Any, input_shape: list[int]) -> dict[int, tuple]:

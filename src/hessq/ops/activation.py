@@ -158,7 +158,7 @@ class LookupTable(QuantOp):
         if onnx_float is None or ins[0].kind == "acc":
             return self.onnx(ex, op, ins)  # the table (a program from before the function was recorded)
         y = onnx_float(ex, ex.real(ins[0]), op.attrs.get("params", {}))
-        return ex.codes(y, float(op.scale), op.attrs["qmin"] < 0, "activation_q")
+        return ex.on_grid(y, op, "activation_q")
 
 
 def register_elementwise(name: str, fn: Callable, *, modules: tuple[type[nn.Module], ...] = (),

@@ -118,4 +118,4 @@ class Add(QuantOp):
         total = ex.node("Add", [ex.real(ins[0]), ex.real(ins[1])], "add")
         if ex.read_as_real(op):  # only float kernels read the sum (a transformer's LayerNorm): saturated, not rounded
             return ex.clipped(total, op)
-        return ex.codes(total, float(op.scale), op.attrs["qmin"] < 0, "add_q")
+        return ex.on_grid(total, op, "add_q")

@@ -133,6 +133,14 @@ class Embedding(WeightedOp):
         rounded = ex.node("Floor", [ex.node("Add", [scaled, ex.const("half", np.float64(0.5))], "half")], "rounded")
         return ex.to_codes(rounded, a["qmin"], a["qmax"], float(op.scale))
 
+    def latency_models(self, op, input_shape):
+        # a lookup of int64 ids, as the fast export runs it: uint8 output codes, against the float32 table
+        table = op.tensors["weight"].numpy()
+        return (
+            ("Gather", ["w", "x"], {"axis": 0}, {"w": table.astype(np.uint8)}, "uint8", "int64"),
+            ("Gather", ["w", "x"], {"axis": 0}, {"w": table.astype(np.float32)}, "float32", "int64"),
+        )
+
     def onnx_fast(self, ex, op, ins):
         # every id's row of output codes, computed once by the integer lookup itself: one uint8 Gather, bit for bit
         # the integer model's, and a table of one byte per weight
