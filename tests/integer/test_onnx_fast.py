@@ -1,6 +1,6 @@
 """The fast ONNX export of transformer models: 8-bit Linear layers on MatMulIntegerToFloat, at most 4-bit ones on
-MatMulNBits, a tiny BERT run by ONNX Runtime with no float64 and its embedding codes bit for bit, and the latency
-table timing the 4-bit kernel apart from the 8-bit one.
+MatMulNBits, a tiny BERT run by ONNX Runtime with no float64 and its embedding codes bit for bit, a 4-bit table on
+GatherBlockQuantized, and the latency table timing the 4-bit kernels apart from the 8-bit ones.
 
 What each check asserts is what the method guarantees, not a margin seen on one machine:
 - MatMulIntegerToFloat sums the exact int32 products and scales once in float32: the integer model's output up to
@@ -150,7 +150,7 @@ def test_latency_table_times_4bit_linear_on_matmul_nbits(bert_integer, monkeypat
     for row in table.values():
         assert set(row) >= {2, 3, 4, 8, 32}
     # which graph each width was timed on: a stand-in timer reporting the graph's op type
-    seconds = {"MatMulNBits": 1.0, "MatMulInteger": 2.0, "MatMul": 3.0, "Gather": 4.0}
+    seconds = {"MatMulNBits": 1.0, "MatMulInteger": 2.0, "MatMul": 3.0, "Gather": 4.0, "GatherBlockQuantized": 5.0}
     monkeypatch.setattr(_latency, "_session", lambda proto, threads: proto)
     monkeypatch.setattr(_latency, "_median_seconds", lambda proto, feed, repeats: seconds[proto.graph.node[0].op_type])
     table = hessq.integer.measure_latency_table(bert_integer, repeats=1)
@@ -159,7 +159,30 @@ def test_latency_table_times_4bit_linear_on_matmul_nbits(bert_integer, monkeypat
     assert len(table) == len(kinds)
     for name, row in table.items():
         if kinds[name.replace(".", "_")] == "embedding":
-            assert set(row.values()) == {4.0}  # a lookup: the same kernel at every width
+            # a lookup: a Gather, of the packed table at <= 4 bits
+            assert all(row[b] == 5.0 for b in (2, 3, 4)) and all(row[b] == 4.0 for b in (5, 6, 7, 8, 32))
             continue
         assert row[32] == 3.0 and all(row[b] == 2.0 for b in range(5, 9))
         assert all(row[b] == 1.0 for b in (2, 3, 4))  # Linear at <= 4 bits: MatMulNBits, distinct from int8
+
+
+def test_4bit_embedding_table_runs_on_gather_block_quantized(tmp_path):
+    model = tiny_bert(dropout=0.0)
+    plan = {n: 4 if n.endswith("word_embeddings") else 8 for n in hessq.quantizable_layers(model)}
+    imodel = hessq.to_integer(hessq.quantize(model, plan, [token_batch(s) for s in range(3)], pin_first_last=None))
+    path = tmp_path / "fast.onnx"
+    hessq.export_onnx(imodel, path, mode="fast")
+    proto = onnx.load(str(path))
+    node = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
+    table = next(t for t in proto.graph.initializer if t.name == node.input[0])
+    assert list(table.dims) == [100, 16]  # 100 rows of 32 codes, two per byte
+    # the looked-up rows onto the output grid: the integer lookup's codes, but where s_r·q/S lies within float32
+    # rounding of a half step (one code at most)
+    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == node.output[0])
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(q.output[0], onnx.TensorProto.UINT8, None))
+    onnx.save(proto, str(tmp_path / "probe.onnx"))
+    ids = token_batch(9)["input_ids"]
+    codes = _run(tmp_path / "probe.onnx", ids.numpy(), [q.output[0]])[0].astype(np.int64) - 128
+    emb = next(op for op in imodel.ops if op.kind == "embedding")
+    assert emb.attrs["w_bits"] == 4
+    assert np.abs(codes - imodel.run(ids.float(), keep=True)[emb.output].numpy()).max() <= 1

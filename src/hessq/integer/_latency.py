@@ -5,8 +5,8 @@ Each weighted layer of an IntegerModel is exported alone, as its op family's lat
 as in the fast export), and timed at its real input shape. ONNX Runtime executes the weight widths from 2 to 8 bits
 with its int8 kernels (narrower codes are stored packed but computed as int8), so those widths share one measured
 time, except the widths a family runs on a kernel of their own (``narrow_latency_models``: a Linear layer of at most
-4-bit weights is MatMulNBits in the fast export, faster than int8 at few token rows and slower at many), timed
-separately; ``32`` holds the float32 time of the same layer for reference.
+4-bit weights is MatMulNBits in the fast export, faster than int8 at few token rows and slower at many; a table of
+at most 4-bit codes is GatherBlockQuantized), timed separately; ``32`` holds the float32 time of the same layer for reference.
 """
 
 from __future__ import annotations
