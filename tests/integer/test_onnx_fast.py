@@ -186,3 +186,20 @@ def test_4bit_embedding_table_runs_on_gather_block_quantized(tmp_path):
     emb = next(op for op in imodel.ops if op.kind == "embedding")
     assert emb.attrs["w_bits"] == 4
     assert np.abs(codes - imodel.run(ids.float(), keep=True)[emb.output].numpy()).max() <= 1
+
+
+@pytest.mark.parametrize("out_range,needed", [(1.0, False), (2.0, True)])
+def test_gelu_input_saturation_left_out_only_where_the_table_ends_hold(out_range, needed):
+    # GELU on a ±127 grid of step 0.05: with the output grid ending at GELU's value at the input range's end, the
+    # output saturates above the range and rounds to 0 far below it, so clipping the input changes nothing; on an
+    # output grid twice as wide it would (larger inputs give larger codes)
+    from hessq.ops import Op, family_for_kind
+
+    s_in = 0.05
+    s_out = out_range * float(torch.nn.functional.gelu(torch.tensor(127 * s_in, dtype=torch.float64))) / 127
+    codes = torch.arange(-127, 128, dtype=torch.float64)
+    table = torch.clamp(torch.round(torch.nn.functional.gelu(codes * s_in) / s_out), -127, 127).to(torch.int64)
+    attrs = {"in_qmin": -127, "qmin": -127, "qmax": 127, "function": "gelu", "params": {"approximate": "none"}}
+    lut = Op("lut", ["x"], "y", attrs, {"table": table}, torch.tensor(s_out, dtype=torch.float64))
+    grid = Op("requantize", ["a"], "x", {"qmin": -127, "qmax": 127}, {}, torch.tensor(s_in, dtype=torch.float64))
+    assert family_for_kind("lut").fast_saturates_input(lut, grid) is needed

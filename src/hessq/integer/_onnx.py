@@ -252,6 +252,12 @@ class _Exporter:
         return not self.exact and bool(users) and all(
             self.read_as_real(u) if u.kind == "requantize" else family_for_kind(u.kind).fast_reads_real(u) for u in users)
 
+    def saturation_needed(self, op: Op) -> bool:
+        """Fast mode: whether a reader of ``op``'s output (a rounding left out) needs the value clipped to the grid's
+        range; a requantize reading it does."""
+        return any(u.kind == "requantize" or family_for_kind(u.kind).fast_saturates_input(u, op)
+                   for u in self.users.get(op.output, []))
+
     def clipped(self, t: _Tensor | str, op: Op) -> _Tensor:
         """The real value ``t`` clipped to the range of ``op``'s grid (qmin·s … qmax·s): the saturation of the
         rounding onto the grid that fast mode leaves out (one pass instead of a quantize and a dequantize)."""

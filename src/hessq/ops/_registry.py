@@ -105,6 +105,11 @@ class QuantOp:
         fast export may leave out rounding that input onto its grid (a requantize only it reads). By default no."""
         return False
 
+    def fast_saturates_input(self, op: Any, grid: Any) -> bool:
+        """Whether the fast emission of ``op`` (one that :meth:`fast_reads_real`) needs its input clipped to the range
+        of ``grid`` (the requantize it reads), or gives the same output without. By default it needs it."""
+        return True
+
     # -- plan stage ----------------------------------------------------------------------------------------
     def macs(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
         """Multiply-accumulates of one call of a weighted module, summed over the batch."""

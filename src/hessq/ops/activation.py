@@ -146,12 +146,27 @@ class LookupTable(QuantOp):
         return ex.tensor(ex.node("Gather", [values, index], "lut", axis=0), "acc")
 
     @staticmethod
-    def _onnx_float(op) -> Callable | None:
-        family = next((f for f in families() if f.name == op.attrs.get("function")), None)
-        return getattr(family, "onnx_float", None)
+    def _family(op) -> ElementwiseOp | None:
+        return next((f for f in families() if f.name == op.attrs.get("function")), None)
+
+    def _onnx_float(self, op) -> Callable | None:
+        return getattr(self._family(op), "onnx_float", None)
 
     def fast_reads_real(self, op):
         return self._onnx_float(op) is not None
+
+    def fast_saturates_input(self, op, grid):
+        # Left out where the function holds the table's end codes beyond the input grid's range: GELU's output
+        # saturating above the range and rounding to the same code far below it. Checked on the function at export,
+        # on a sweep out to 1000 times the range beyond each end.
+        fn, table = type(self._family(op)).fn, op.tensors["table"]
+        s_in, lo, hi = float(grid.scale), grid.attrs["qmin"], grid.attrs["qmax"]
+        if (lo, hi) != (op.attrs["in_qmin"], op.attrs["in_qmin"] + len(table) - 1):
+            return True
+        reach = (hi - lo) * s_in * torch.logspace(-4, 3, 400, dtype=torch.float64)
+        y = fn(torch.cat([hi * s_in + reach, lo * s_in - reach]), **op.attrs.get("params", {}))
+        codes = torch.clamp(torch.round(y / float(op.scale)), op.attrs["qmin"], op.attrs["qmax"])
+        return not (bool((codes[:400] == table[-1]).all()) and bool((codes[400:] == table[0]).all()))
 
     def onnx_fast(self, ex, op, ins):
         onnx_float = self._onnx_float(op)

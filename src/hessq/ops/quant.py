@@ -75,7 +75,7 @@ class Quantize(QuantOp):
             if ex.read_as_real(op):
                 # only float kernels read it (a LayerNorm, a softmax, GELU): saturated to the grid's range but not
                 # rounded onto it, one pass over the tensor instead of two, within half a step of the integer model's
-                return ex.clipped(t, op)
+                return ex.clipped(t, op) if ex.saturation_needed(op) else ex.tensor(ex.real(t), "real")
             return ex.on_grid(ex.real(t), op, "requantize")
         return ex.tensor(ex.real(t), "real")
 
