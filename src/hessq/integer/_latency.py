@@ -2,9 +2,11 @@
 
 Each weighted layer of an IntegerModel is exported alone, as its op family's latency probe says
 (uint8 activations, int8 per-channel weights: QLinearConv for a conv, MatMulInteger for a linear,
-as in the fast export), and timed at its real input shape. ONNX Runtime executes every weight width from 2 to 8 bits with its int8
-kernels (narrower codes are stored packed but computed as int8), so those widths share one
-measured time; ``32`` holds the float32 time of the same layer for reference.
+as in the fast export), and timed at its real input shape. ONNX Runtime executes the weight widths from 2 to 8 bits
+with its int8 kernels (narrower codes are stored packed but computed as int8), so those widths share one measured
+time, except the widths a family runs on a kernel of their own (``narrow_latency_models``: a Linear layer of at most
+4-bit weights is MatMulNBits in the fast export, faster than int8 at few token rows and slower at many; a table of
+at most 4-bit codes is GatherBlockQuantized), timed separately; ``32`` holds the float32 time of the same layer for reference.
 """
 
 from __future__ import annotations
@@ -44,17 +46,19 @@ def _median_seconds(session, feed, repeats: int) -> float:
 
 
 def _one_node_model(spec: tuple, input_shape: list[int], input_dtype: str):
-    """A one-node ONNX model from a family's latency spec (op type, inputs, attributes, initializers, output dtype)."""
+    """A one-node ONNX model from a family's latency spec (op type, inputs, attributes, initializers, output dtype,
+    and optionally the input's dtype when it is not ``input_dtype``: ``"int64"`` token ids)."""
     onnx, TP, helper, nh = require_onnx()
-    op_type, inputs, attrs, inits, out_dtype = spec
-    types = {"uint8": TP.UINT8, "int32": TP.INT32, "float32": TP.FLOAT}
+    op_type, inputs, attrs, inits, out_dtype = spec[:5]
+    input_dtype = spec[5] if len(spec) > 5 else input_dtype
+    types = {"uint8": TP.UINT8, "int32": TP.INT32, "float32": TP.FLOAT, "int64": TP.INT64}
     graph = helper.make_graph(
         [helper.make_node(op_type, inputs, ["y"], **attrs)], "layer",
         [helper.make_tensor_value_info("x", types[input_dtype], input_shape)],
         [helper.make_tensor_value_info("y", types[out_dtype], None)],
         [nh.from_array(np.asarray(v), k) for k, v in inits.items()],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
 def measure_latency_table(
@@ -65,7 +69,8 @@ def measure_latency_table(
     threads: int | None = None,
     layer_names: dict[str, str] | None = None,
 ) -> LatencyTable:
-    """Median ONNX Runtime seconds per layer and weight width (2–8 share the int8 time; 32 is float).
+    """Median ONNX Runtime seconds per layer and weight width (2–8 share the int8 time but for the widths a family
+    runs on a kernel of its own, such as 4-bit Linear on MatMulNBits; 32 is float).
 
     ``layer_names`` maps the program's value names to layer names when they differ
     (the fx node name ``layer1_0_conv1`` vs the module path ``layer1.0.conv1``); by
@@ -80,17 +85,30 @@ def measure_latency_table(
     rows = {}
     for op in model.layers():
         in_shape = list(env[op.inputs[0]].shape)
-        int_spec, flt_spec = family_for_kind(op.kind).latency_models(op, in_shape)
-        int_model, flt_model = _one_node_model(int_spec, in_shape, "uint8"), _one_node_model(flt_spec, in_shape, "float32")
+        family = family_for_kind(op.kind)
+        int_spec, flt_spec = family.latency_models(op, in_shape)
         rng = np.random.default_rng(0)
         x_u8 = rng.integers(0, 256, in_shape, dtype=np.uint8)
-        t_int = _median_seconds(_session(int_model, threads), {"x": x_u8}, repeats)
-        t_flt = _median_seconds(_session(flt_model, threads), {"x": x_u8.astype(np.float32)}, repeats)
+        x_f32 = {"x": x_u8.astype(np.float32)}
+
+        def seconds(spec: tuple, dtype: str) -> float:
+            dtype = spec[5] if len(spec) > 5 else dtype
+            # token ids: row 0 throughout (a lookup's time does not depend on which rows it reads)
+            feed = {"x": x_u8} if dtype == "uint8" else x_f32 if dtype == "float32" else {"x": np.zeros(in_shape, np.int64)}
+            return _median_seconds(_session(_one_node_model(spec, in_shape, dtype), threads), feed, repeats)
+
+        t_int = seconds(int_spec, "uint8")
         row = {b: t_int for b in range(2, 9)}
-        row[32] = t_flt
+        narrow: dict[int, float] = {}  # one timing per distinct graph (2-, 3- and 4-bit share MatMulNBits)
+        for bits, spec in family.narrow_latency_models(op, in_shape).items():
+            if id(spec) not in narrow:
+                narrow[id(spec)] = seconds(spec, "float32")
+            row[bits] = narrow[id(spec)]
+        row[32] = seconds(flt_spec, "float32")
         rows[names.get(op.output, op.output)] = row
     meta = {"runtime": "onnxruntime", "batch_size": batch_size, "repeats": repeats, "statistic": "median seconds",
-            "note": "weight widths 2-8 run on the same int8 kernels; 32 is float32"}
+            "note": "weight widths 2-8 run on the same int8 kernels but where a family runs them on its own "
+                    "(Linear at <= 4 bits: MatMulNBits); 32 is float32"}
     return LatencyTable(rows, meta)
 
 

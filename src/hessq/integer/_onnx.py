@@ -15,6 +15,14 @@ residual adds are QLinearAdd (a ReLU after them folded in), a global average poo
 QLinearGlobalAveragePool. ONNX Runtime requantizes with a float32 multiplier and rounds half
 to even, and a conv feeding an add is rounded onto the add's grid before adding, so values
 can differ from the integer model by a step; the top-1 class almost never does.
+
+On a transformer, fast mode carries real float32 values between int8 kernels with static scales:
+each 8-bit Linear and attention product is com.microsoft MatMulIntegerToFloat on the uint8 codes
+its input grid gives (a ≤4-bit Linear is MatMulNBits), softmax, LayerNorm and GELU are ONNX
+Runtime's float kernels, an embedding is one uint8 Gather of its output codes (bit for bit), and a
+rounding that only float kernels read is a Clip to its grid's range (the saturation kept, the
+rounding left out). Each op is then within about a step of its integer twin given the same input;
+over a deep model the steps compound, so the agreement is measured (bench/ibert.py), not bounded.
 """
 
 from __future__ import annotations
@@ -52,6 +60,10 @@ class _Tensor:
     # QLinearConv reading them can take the padding as its own (asymmetric) pads instead
     padded_from: "_Tensor | None" = None
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    # fast mode: a real value that is a Clip of `clipped_from` to `clip_range`, so a second saturation right after
+    # it clips the source once to the intersection
+    clipped_from: str = ""
+    clip_range: tuple[float, float] = (0.0, 0.0)
 
 
 class _Exporter:
@@ -85,6 +97,8 @@ class _Exporter:
     def node(self, op_type: str, inputs: list[str], base: str, domain: str = "", **attrs) -> str:
         out = self.fresh(base)
         self.nodes.append(self.helper.make_node(op_type, inputs, [out], name=out, domain=domain, **attrs))
+        if domain == "com.microsoft":
+            self.uses_ms_domain = True
         return out
 
     def prune(self) -> None:
@@ -107,12 +121,25 @@ class _Exporter:
         s, zp = self.scale_zp(t)
         return self.node("DequantizeLinear", [t.name, s, zp], "dq")
 
-    def codes(self, name_in: str, scale: float, signed: bool, base: str) -> _Tensor:
+    def codes(self, name_in: str, scale: float, signed: bool, base: str, bounds: tuple[int, int] | None = None) -> _Tensor:
+        """uint8 codes of the real value ``name_in`` on the grid of step ``scale`` (zero-point 128 if ``signed``).
+
+        QuantizeLinear saturates at the uint8 range; a grid ``bounds`` = (qmin, qmax) narrower than that (4-bit
+        activations) is clipped to first. One code of slack is left at each end, so an 8-bit signed grid (±127)
+        takes no extra pass: a value below its range gets code −128 there, one step beyond the integer model's.
+        """
         zp = 128 if signed else 0
         t = _Tensor("", "codes", scale, zp)
+        if bounds is not None and (bounds[0] + zp > 1 or bounds[1] + zp < 254):
+            lo, hi = self.const("lo", np.float32(bounds[0] * scale)), self.const("hi", np.float32(bounds[1] * scale))
+            name_in = self.node("Clip", [name_in, lo, hi], "grid_range")
         s, z = self.scale_zp(t)
         t.name = self.node("QuantizeLinear", [name_in, s, z], base)
         return t
+
+    def on_grid(self, name_in: str, op: Op, base: str) -> _Tensor:
+        """uint8 codes of the real value ``name_in`` on the output grid of ``op`` (its scale, qmin and qmax)."""
+        return self.codes(name_in, float(op.scale), op.attrs["qmin"] < 0, base, (op.attrs["qmin"], op.attrs["qmax"]))
 
     def as_codes_input(self, t: _Tensor) -> _Tensor:
         if t.kind != "codes":
@@ -153,12 +180,7 @@ class _Exporter:
         """A weighted op's int32 products plus its bias: exact integers (exact mode) or real values (fast)."""
         # ONNX Runtime accumulates the products in int32, which holds them (checked below); the bias is added
         # after widening, because a large bias against a small input scale can carry the sum past 2^31.
-        products = op.attrs["bound"] - (int(op.tensors["bias"].abs().max()) if "bias" in op.tensors else 0)
-        if products >= 2**31:
-            raise ConfigError(
-                f"layer `{op.output}` can accumulate up to {products:,} before its bias, beyond ONNX Runtime's int32 "
-                "accumulators; quantize that layer to fewer weight or activation bits, or keep the integer model"
-            )
+        self.check_int32_products(op)
         shape = [1, -1] + [1] * (len(self.model_shapes[op.output]) - 2) if getattr(family_for_kind(op.kind), "channel_dim", 1) == 1 else [-1]
         dtype = (self.TP.DOUBLE, np.float64) if self.exact else (self.TP.FLOAT, np.float32)
         acc = self.node("Cast", [acc], "acc_f64" if self.exact else "acc_f", to=dtype[0])
@@ -168,6 +190,15 @@ class _Exporter:
             return _Tensor(acc, "acc")
         scale = op.scale.numpy().astype(np.float32)
         return _Tensor(self.node("Mul", [acc, self.const("acc_scale", scale)], "acc_real"), "real")
+
+    def check_int32_products(self, op: Op) -> None:
+        """Refuse a weighted op whose products (before the bias) can overflow ONNX Runtime's int32 accumulators."""
+        products = op.attrs["bound"] - (int(op.tensors["bias"].abs().max()) if "bias" in op.tensors else 0)
+        if products >= 2**31:
+            raise ConfigError(
+                f"layer `{op.output}` can accumulate up to {products:,} before its bias, beyond ONNX Runtime's int32 "
+                "accumulators; quantize that layer to fewer weight or activation bits, or keep the integer model"
+            )
 
     def int8_weights(self, op: Op, x: _Tensor) -> tuple[str, str, str]:
         """(weight, weight scale, weight zero-point) constants of a QLinear kernel reading ``x``."""
@@ -211,6 +242,36 @@ class _Exporter:
                 return chain, cur, grid_of(req), None
         return None
 
+    def sole_user(self, op: Op, kind: str) -> Op | None:
+        """The op of ``kind`` that alone reads ``op``'s output, or None."""
+        users = self.users.get(op.output, [])
+        return users[0] if len(users) == 1 and users[0].kind == kind else None
+
+    def read_as_real(self, op: Op) -> bool:
+        """Fast mode: whether every reader of ``op``'s output computes in float32 from real values (a LayerNorm, a
+        softmax, an activation run in float), so that rounding the value onto its grid can be left out."""
+        users = self.users.get(op.output, [])
+        # a requantize read only by such kernels is left out itself, so it counts as one of them
+        return not self.exact and bool(users) and all(
+            self.read_as_real(u) if u.kind == "requantize" else family_for_kind(u.kind).fast_reads_real(u) for u in users)
+
+    def saturation_needed(self, op: Op) -> bool:
+        """Fast mode: whether a reader of ``op``'s output (a rounding left out) needs the value clipped to the grid's
+        range; a requantize reading it does."""
+        return any(u.kind == "requantize" or family_for_kind(u.kind).fast_saturates_input(u, op)
+                   for u in self.users.get(op.output, []))
+
+    def clipped(self, t: _Tensor | str, op: Op) -> _Tensor:
+        """The real value ``t`` clipped to the range of ``op``'s grid (qmin·s … qmax·s): the saturation of the
+        rounding onto the grid that fast mode leaves out (one pass instead of a quantize and a dequantize)."""
+        s = float(op.scale)
+        lo, hi = op.attrs["qmin"] * s, op.attrs["qmax"] * s
+        source = t if isinstance(t, str) else self.real(t)
+        if isinstance(t, _Tensor) and t.clipped_from:  # clip the source once (the first Clip is pruned if unread)
+            source, lo, hi = t.clipped_from, max(lo, t.clip_range[0]), min(hi, t.clip_range[1])
+        name = self.node("Clip", [source, self.const("lo", np.float32(lo)), self.const("hi", np.float32(hi))], "saturate")
+        return _Tensor(name, "real", clipped_from=source, clip_range=(lo, hi))
+
     def requantize_after(self, op: Op) -> Op | None:
         """The single requantize that reads ``op``'s output, past any flatten or reshape; None if there is none."""
         follow = self.users.get(op.output, [])
@@ -253,8 +314,9 @@ def export_onnx(model: IntegerModel, path: str | os.PathLike, *, mode: str = "ex
     """Write ``model`` as an ONNX graph of integer operators for ONNX Runtime.
 
     ``mode="exact"`` matches the integer model bit for bit (ConvInteger + dyadic
-    requantization in float64); ``mode="fast"`` uses ONNX Runtime's fused QLinearConv,
-    within one quantization step of it. ``batch_size=None`` leaves the batch dimension
+    requantization in float64); ``mode="fast"`` uses ONNX Runtime's fused int8 kernels
+    (QLinearConv; MatMulIntegerToFloat and MatMulNBits for Linear layers and attention, float
+    softmax, LayerNorm and GELU), each op within about one quantization step of it. ``batch_size=None`` leaves the batch dimension
     dynamic. The file is written to a temporary name and renamed; a ``path`` that is a directory
     or lies under a file is refused before any work.
     """

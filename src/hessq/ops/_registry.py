@@ -105,6 +105,16 @@ class QuantOp:
         """Fast ONNX emission (ONNX Runtime's fused int8 kernels); by default the exact one."""
         return self.onnx(export, op, inputs)
 
+    def fast_reads_real(self, op: Any) -> bool:
+        """Whether the fast emission of ``op`` computes in float32 from the real value of its (first) input, so the
+        fast export may leave out rounding that input onto its grid (a requantize only it reads). By default no."""
+        return False
+
+    def fast_saturates_input(self, op: Any, grid: Any) -> bool:
+        """Whether the fast emission of ``op`` (one that :meth:`fast_reads_real`) needs its input clipped to the range
+        of ``grid`` (the requantize it reads), or gives the same output without. By default it needs it."""
+        return True
+
     # -- plan stage ----------------------------------------------------------------------------------------
     def macs(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
         """Multiply-accumulates of one call of a weighted module, summed over the batch."""
@@ -113,8 +123,15 @@ class QuantOp:
     def latency_models(self, op: Any, input_shape: list[int]) -> tuple[tuple, tuple]:
         """How to time this weighted op alone on ONNX Runtime: an integer and a float32 one-node graph, each
         ``(op_type, input names, attributes, {initializer name: array}, output dtype name)``; the graph input
-        is ``"x"`` (uint8 codes for the integer graph, float32 for the float one)."""
+        is ``"x"`` (uint8 codes for the integer graph, float32 for the float one; a sixth entry ``"int64"`` makes it
+        token ids)."""
         raise ConfigError(f"op family {self.name!r} has no latency probe; it cannot enter a latency table")
+
+    def narrow_latency_models(self, op: Any, input_shape: list[int]) -> dict[int, tuple]:
+        """Weight widths the fast export runs on a kernel of their own (4-bit Linear: MatMulNBits), each with its
+        one-node graph as in :meth:`latency_models` but reading float32 ``"x"``; the widths not listed share the
+        integer graph's time. By default none."""
+        return {}
 
 
 _FAMILIES: dict[str, QuantOp] = {}

@@ -28,7 +28,7 @@ from hessq.ops._registry import QuantOp, family_for_kind, register
 from hessq.ops._weighted import WeightCodes
 from hessq.ops.quant import to_grid
 from hessq.ops.shape import _full_scale
-from hessq.ops.softmax import PROBABILITY_MAX, exp_table, onnx_softmax_codes, softmax_codes
+from hessq.ops.softmax import PROBABILITY_MAX, exp_table, onnx_fast_softmax, onnx_softmax_codes, softmax_codes
 
 
 class _Projection(WeightCodes, nn.Module):
@@ -158,11 +158,24 @@ class MultiheadAttention(QuantOp):
             return ex.tensor(ex.node("Cast", [product], "matmul_f64", to=ex.TP.DOUBLE), "acc")
         return onnx_softmax_codes(ex, op, ex.acc(ins[0]), None)
 
+    def fast_reads_real(self, op):
+        return op.kind == "softmax"
+
     def onnx_fast(self, ex, op, ins):
         if op.kind == "attn_linear":
             return family_for_kind("linear").onnx_fast(ex, op, ins)
-        out = self.onnx(ex, op, ins)
-        if op.kind == "matmul":  # the fast export carries real values between its int8 kernels
-            real = ex.node("Cast", [out.name], "matmul_f32", to=ex.TP.FLOAT)
-            return ex.tensor(ex.node("Mul", [real, ex.const("scale", np.float32(op.scale))], "matmul_real"), "real")
-        return out
+        if op.kind == "matmul":
+            # the exact integer products of the codes, scaled to real values in the same kernel, which also takes
+            # the scores' 1/√d (a rescale that alone reads them) into its scale
+            a, b = ins
+            rescale = ex.sole_user(op, "rescale")
+            factor = float(rescale.tensors["factor"]) if rescale is not None and rescale.tensors["factor"].dim() == 0 else 1.0
+            inputs = [a.name, b.name, ex.const("a_scale", np.float32(a.scale)),
+                      ex.const("b_scale", np.float32(b.scale * factor)),
+                      ex.const("a_zp", np.uint8(a.zero_point)), ex.const("b_zp", np.uint8(b.zero_point))]
+            y = ex.tensor(ex.node("MatMulIntegerToFloat", inputs, "matmul", domain="com.microsoft"), "real")
+            if factor != 1.0:
+                ex.fused.add(rescale.output)
+                ex.values[rescale.output] = y
+            return y
+        return onnx_fast_softmax(ex, op, ins[0], None)

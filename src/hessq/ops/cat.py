@@ -73,5 +73,5 @@ class Cat(QuantOp):
         return ex.tensor(ex.node("Concat", [p.name for p in parts], "cat", axis=op.attrs["dim"]), "codes", float(op.scale), parts[0].zero_point)
 
     def onnx_fast(self, ex, op, ins):
-        parts = [ex.codes(ex.real(t), float(op.scale), op.attrs["qmin"] < 0, "cat_q") for t in ins]
+        parts = [ex.on_grid(ex.real(t), op, "cat_q") for t in ins]
         return ex.tensor(ex.node("Concat", [p.name for p in parts], "cat", axis=op.attrs["dim"]), "codes", float(op.scale), parts[0].zero_point)

@@ -10,6 +10,9 @@ gathers the codes of each id's row with that row's dyadic multiplier b_r / 2^c_r
 
 Lookups with constant ids (BERT's positions ``arange(T)`` and token types ``zeros``) are computed while compiling
 by the same arithmetic, and enter the program as constant codes.
+
+The fast ONNX export gathers precomputed output codes (uint8, bit for bit), or for a table of at most 4-bit codes
+keeps it packed and looks it up with com.microsoft's GatherBlockQuantized.
 """
 
 from __future__ import annotations
@@ -85,6 +88,12 @@ def lookup(ids: torch.Tensor, codes: torch.Tensor, b: torch.Tensor, c: torch.Ten
     return requantize(codes[ids], b[ids], c[ids], qmin, qmax)
 
 
+def _gather_block(width: int) -> int:
+    """GatherBlockQuantized's block along a row of ``width``: the largest power of two from 16 to 128 dividing it, or
+    0 when none does (the fast export then stores the table as uint8 output codes)."""
+    return next((b for b in (128, 64, 32, 16) if width % b == 0), 0)
+
+
 @register
 class Embedding(WeightedOp):
     name = "embedding"
@@ -132,3 +141,48 @@ class Embedding(WeightedOp):
         scaled = ex.node("Mul", [rows, ex.node("Gather", [ex.const("dyadic", factor), ids], "row_dyadic", axis=0)], "scaled")
         rounded = ex.node("Floor", [ex.node("Add", [scaled, ex.const("half", np.float64(0.5))], "half")], "rounded")
         return ex.to_codes(rounded, a["qmin"], a["qmax"], float(op.scale))
+
+    def latency_models(self, op, input_shape):
+        # a lookup of int64 ids, as the fast export runs it: uint8 output codes, against the float32 table
+        table = op.tensors["weight"].numpy()
+        return (
+            ("Gather", ["w", "x"], {"axis": 0}, {"w": table.astype(np.uint8)}, "uint8", "int64"),
+            ("Gather", ["w", "x"], {"axis": 0}, {"w": table.astype(np.float32)}, "float32", "int64"),
+        )
+
+    def narrow_latency_models(self, op, input_shape):
+        # a table of at most 4-bit codes is looked up packed (GatherBlockQuantized), as the fast export does
+        v, d = op.tensors["weight"].shape
+        block = _gather_block(d)
+        if not block:
+            return {}
+        attrs = {"bits": 4, "block_size": block, "gather_axis": 0, "quantize_axis": 1, "domain": "com.microsoft"}
+        inits = {"w": np.full((v, d // 2), 0x88, np.uint8), "s": np.full((v, d // block), 0.01, np.float32)}
+        spec = ("GatherBlockQuantized", ["w", "x", "s"], attrs, inits, "float32", "int64")
+        return {bits: spec for bits in (2, 3, 4)}
+
+    def onnx_fast(self, ex, op, ins):
+        t, a = op.tensors, op.attrs
+        ids = ex.node("Cast", [ins[0].name], "ids", to=ex.TP.INT64)
+        block = _gather_block(t["weight"].shape[1])
+        if a["w_bits"] <= 4 and block:
+            # a table of at most 4-bit codes stays packed (half a byte per weight): com.microsoft GatherBlockQuantized
+            # dequantizes each looked-up row with its scale (the same for every block of a row), then the rows go
+            # onto the output grid: the integer lookup's codes but where s_r·q/S lies within float32 rounding of a
+            # half step (the integer model multiplies by the dyadic b_r/2^c_r)
+            codes = t["weight"].to(torch.int16) + 8  # GatherBlockQuantized's default zero point for packed uint8
+            v, d = codes.shape
+            pairs = codes.reshape(v, d // 2, 2)
+            packed = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8).numpy()
+            row_scale = torch.ldexp(t["b"].double(), -t["c"]).reshape(-1) * float(op.scale)  # s_r, as b_r/2^c_r·S
+            scales = row_scale.reshape(-1, 1).expand(v, d // block).numpy().astype(np.float32)
+            rows = ex.node("GatherBlockQuantized", [ex.const("table4", packed), ids, ex.const("row_scale", scales)],
+                           "rows", domain="com.microsoft", bits=4, block_size=block, gather_axis=0, quantize_axis=1)
+            return ex.on_grid(rows, op, "rows_q")
+        # every id's row of output codes, computed once by the integer lookup itself: one uint8 Gather, bit for bit
+        # the integer model's, and a table of one byte per weight
+        zp = 128 if a["qmin"] < 0 else 0
+        every_id = torch.arange(t["weight"].shape[0])
+        table = lookup(every_id, t["weight"].to(torch.int64), t["b"], t["c"], a["qmin"], a["qmax"]) + zp
+        rows = ex.node("Gather", [ex.const("table", table.numpy().astype(np.uint8)), ids], "rows", axis=0)
+        return ex.tensor(rows, "codes", float(op.scale), zp)

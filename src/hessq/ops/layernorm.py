@@ -176,6 +176,9 @@ class LayerNorm(QuantOp):
                               ex.const("beta", t["bias"].numpy().astype(i64))], "plus_beta")
         return ex.tensor(ex.node("Cast", [acc], "acc_f64", to=ex.TP.DOUBLE), "acc")
 
+    def fast_reads_real(self, op):
+        return True
+
     def onnx_fast(self, ex, op, ins):
         # ONNX Runtime's float LayerNormalization on the dequantized codes, with the real γ and β
         t, a = op.tensors, op.attrs

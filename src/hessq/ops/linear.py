@@ -1,4 +1,12 @@
-"""Linear: quantized twin, integer accumulator (x @ Wᵀ), ONNX MatMulInteger."""
+"""Linear: quantized twin, integer accumulator (x @ Wᵀ), ONNX MatMulInteger.
+
+The fast ONNX export runs an 8-bit layer as ONNX Runtime's MatMulIntegerToFloat (uint8 codes at the input's static
+scale × int8 weights with one scale per output row, int32 accumulation, then scale and float bias in the same kernel),
+and a layer of at most 4-bit weights as MatMulNBits (the codes packed two per byte with ONNX Runtime's default zero
+point 8, the row's scale repeated over its blocks of ``NBITS_BLOCK`` input columns, ``accuracy_level=4``: the float
+input is quantized to int8 per block inside the kernel). Both give real values; the requantize after them puts those
+on the next grid.
+"""
 
 from __future__ import annotations
 
@@ -47,9 +55,53 @@ class Linear(WeightedOp):
         acc = ex.node("MatMulInteger", [x.name, wt, ex.const("x_zp", np.uint8(x.zero_point))], "matmulint")
         return ex.accumulator(op, acc)
 
+    def onnx_fast(self, ex, op, ins):
+        x = ex.as_codes_input(ins[0])
+        scale = op.scale.reshape(-1).double()  # the accumulator's: S_w · S_in per output row
+        rows = op.tensors["weight"].shape[0]
+        bias = [ex.const("bias", (op.tensors["bias"].double() * scale).numpy().astype(np.float32))] if "bias" in op.tensors else []
+        w_scale = (scale / x.scale).expand(rows).numpy().astype(np.float32)
+        if op.attrs["w_bits"] <= NBITS:
+            packed, attrs = nbits_weight(op.tensors["weight"])
+            scales = np.repeat(w_scale, attrs["K"] // attrs["block_size"] + bool(attrs["K"] % attrs["block_size"]))
+            inputs = [ex.real(x), ex.const("w4", packed), ex.const("w_scale", scales)] + (["", "", bias[0]] if bias else [])
+            return ex.tensor(ex.node("MatMulNBits", inputs, "matmul4", domain="com.microsoft", **attrs), "real")
+        ex.check_int32_products(op)
+        wt = ex.const("wT", op.tensors["weight"].numpy().astype(np.int8).T.copy())
+        inputs = [x.name, wt, ex.const("x_scale", np.float32(x.scale)), ex.const("w_scale", w_scale),
+                  ex.const("x_zp", np.uint8(x.zero_point)), ""] + bias
+        return ex.tensor(ex.node("MatMulIntegerToFloat", inputs, "matmul8", domain="com.microsoft"), "real")
+
     def latency_models(self, op, input_shape):
         wt = op.tensors["weight"].numpy().astype(np.int8).T.copy()
         return (
             ("MatMulInteger", ["x", "w", "xz"], {}, {"w": wt, "xz": np.uint8(0)}, "int32"),
             ("MatMul", ["x", "w"], {}, {"w": wt.astype(np.float32)}, "float32"),
         )
+
+    def narrow_latency_models(self, op, input_shape):
+        # weights of at most 4 bits run on MatMulNBits (float input), as the fast export emits them
+        codes = torch.clamp(op.tensors["weight"], -(2 ** (NBITS - 1) - 1), 2 ** (NBITS - 1) - 1)
+        packed, attrs = nbits_weight(codes)
+        blocks = packed.shape[1]
+        spec = ("MatMulNBits", ["x", "w", "s"], {**attrs, "domain": "com.microsoft"},
+                {"w": packed, "s": np.full(packed.shape[0] * blocks, 0.01, np.float32)}, "float32")
+        return {bits: spec for bits in range(2, NBITS + 1)}
+
+
+#: Widest weights the fast export runs on MatMulNBits, and its block of input columns.
+NBITS = 4
+NBITS_BLOCK = 128
+
+
+def nbits_weight(codes: torch.Tensor) -> tuple[np.ndarray, dict]:
+    """MatMulNBits' B of signed 4-bit weight codes [N, K] in [-8, 7]: uint8 [N, ⌈K/block⌉, block/2], each code + 8
+    (the kernel's default zero point) packed two per byte, low nibble first, the last block padded with code 0;
+    and the node's attributes."""
+    n, k = codes.shape
+    blocks = -(-k // NBITS_BLOCK)
+    u = torch.full((n, blocks * NBITS_BLOCK), 8, dtype=torch.int16)
+    u[:, :k] = codes.to(torch.int16) + 8
+    u = u.reshape(n, blocks, NBITS_BLOCK // 2, 2)
+    packed = (u[..., 0] | (u[..., 1] << 4)).to(torch.uint8).numpy()
+    return packed, {"K": k, "N": n, "bits": NBITS, "block_size": NBITS_BLOCK, "accuracy_level": 4}

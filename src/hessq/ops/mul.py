@@ -114,4 +114,4 @@ class Mul(QuantOp):
             ex.uses_ms_domain = True
             return y
         product = ex.node("Mul", [ex.real(ins[0]), ex.real(ins[1])], "mul")
-        return ex.codes(product, float(op.scale), op.attrs["qmin"] < 0, "mul_q")
+        return ex.on_grid(product, op, "mul_q")

@@ -67,12 +67,16 @@ class Quantize(QuantOp):
     def onnx_fast(self, ex, op, ins):
         t = ins[0]
         if op.kind == "quantize":
-            return ex.codes(t.name, float(op.tensors["scale"]), op.attrs["qmin"] < 0, "quantize")
+            return ex.on_grid(t.name, op, "quantize")
         if op.kind == "requantize":
             zp = 128 if op.attrs["qmin"] < 0 else 0
             if t.kind == "codes" and t.scale == float(op.scale) and t.zero_point == zp:
                 return t  # a fused kernel already wrote these codes on this grid
-            return ex.codes(ex.real(t), float(op.scale), op.attrs["qmin"] < 0, "requantize")
+            if ex.read_as_real(op):
+                # only float kernels read it (a LayerNorm, a softmax, GELU): saturated to the grid's range but not
+                # rounded onto it, one pass over the tensor instead of two, within half a step of the integer model's
+                return ex.clipped(t, op) if ex.saturation_needed(op) else ex.tensor(ex.real(t), "real")
+            return ex.on_grid(ex.real(t), op, "requantize")
         return ex.tensor(ex.real(t), "real")
 
 

@@ -12,6 +12,12 @@ one,
 
 so a masked key gets probability code 0 and a row with nothing kept is all zeros, as :func:`masked_softmax` gives.
 Every value is an integer below 2^52, so the exact ONNX export computes it in float64 bit for bit.
+
+The fast export runs ONNX Runtime's float Softmax on the dequantized score codes, a masked key's score put
+``MASKED_BELOW`` below the grid's lowest first: probabilities within float32 rounding of exp(s·(c_j − m)) / Σ,
+against the integer form's 2^-16 table, quantized onto the 1/255 grid (round half to even, where the integer form
+floors (2·qmax·e + Σe) / (2Σe), i.e. rounds half up), and a masked key weighs at most e^-30 of the largest instead
+of 0. A row with every key masked (a text of padding only) gets uniform probabilities instead of zeros.
 """
 
 from __future__ import annotations
@@ -63,6 +69,32 @@ def softmax_codes(c: torch.Tensor, table: torch.Tensor, span: int, qmax: int, ke
         e = table[torch.where(keep, c - top, torch.zeros_like(c)) + span] * keep
     total = e.sum(-1, keepdim=True)
     return torch.div(2 * qmax * e + total, 2 * total.clamp(min=1), rounding_mode="floor")
+
+
+#: How far below the lowest score on the grid a masked key's score is put in the fast export: its weight is at most
+#: e^-30 ≈ 1e-13 of the row's largest, so with up to 4096 keys no probability code moves but where a kept probability
+#: lies within 1e-9 of a rounding boundary. Far lower scores would be exactly 0 but send ONNX Runtime's Softmax down
+#: a path ten times slower (exp of arguments below about -80).
+MASKED_BELOW = 30.0
+#: A masked key's score when the scores' range is not known (a value not clipped to its grid).
+MASKED_SCORE = -1.0e9
+
+
+def onnx_fast_softmax(ex, op, scores, keep: str | None) -> object:
+    """Fast ONNX of a (masked) softmax over the last dimension: the probability codes of ``op``'s grid from the score
+    value ``scores``."""
+    x = ex.real(scores)
+    if keep is not None:
+        # the scores' range: the grid's, or the Clip's that put them in it
+        low = scores.clip_range[0] if scores.clipped_from else None
+        if scores.kind == "codes":
+            low = -scores.zero_point * scores.scale
+        masked = MASKED_SCORE if low is None else low - MASKED_BELOW
+        x = ex.node("Where", [keep, x, ex.const("masked", np.float32(masked))], "masked_scores")
+    p = ex.node("Softmax", [x], "softmax", axis=-1)
+    if op.attrs["qmax"] > 255:  # a probability grid wider than uint8 codes: real values, the requantize after rounds
+        return ex.tensor(p, "real")
+    return ex.codes(p, float(op.scale), False, "probability")
 
 
 def onnx_softmax_codes(ex, op, c: str, keep: str | None) -> object:
@@ -171,3 +203,9 @@ class Softmax(QuantOp):
 
     def onnx(self, ex, op, ins):
         return onnx_softmax_codes(ex, op, ex.acc(ins[0]), ins[1].name if len(ins) > 1 else None)
+
+    def fast_reads_real(self, op):
+        return True
+
+    def onnx_fast(self, ex, op, ins):
+        return onnx_fast_softmax(ex, op, ins[0], ins[1].name if len(ins) > 1 else None)
