@@ -138,7 +138,10 @@ class _Exporter:
         return t
 
     def on_grid(self, name_in: str, op: Op, base: str) -> _Tensor:
-        """uint8 codes of the real value ``name_in`` on the output grid of ``op`` (its scale, qmin and qmax)."""
+        """uint8 codes of the real value ``name_in`` on the output grid of ``op`` (its scale, qmin and qmax); a grid
+        wider than uint8 (a 16-bit residual stream) stays real, clipped to its range: within half a step of it."""
+        if op.attrs["qmax"] - op.attrs["qmin"] > 255:
+            return self.clipped(name_in, op)
         return self.codes(name_in, float(op.scale), op.attrs["qmin"] < 0, base, (op.attrs["qmin"], op.attrs["qmax"]))
 
     def as_codes_input(self, t: _Tensor) -> _Tensor:
