@@ -269,3 +269,29 @@ def test_average_of_plain_relu_is_calibrated():
         hessq.quantizer.ActQuantizer(8, bound=6.0)
     with pytest.raises(ValueError, match="must contain 0"):
         hessq.quantizer.ActQuantizer(8, bound=(0.0, float("nan")))
+
+
+def test_residual_stream_widens_only_adds_that_no_layer_reads():
+    import hessq
+    from torch import nn
+
+    class Block(nn.Module):  # ConvNeXt's and a pre-LN transformer's shape: the sum feeds a layer and a LayerNorm
+        def __init__(self):
+            super().__init__()
+            self.fc_in, self.fc0, self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, x):
+            x = self.fc_in(x)
+            s = self.fc0(x) + x            # read by fc1: stays 8-bit
+            t = self.fc1(s) + s            # read only by the LayerNorm: the residual stream
+            return self.fc2(self.norm(t))
+
+    torch.manual_seed(0)
+    q = hessq.quantize(Block().eval(), 8, [torch.randn(16, 8) for _ in range(2)], pin_first_last=None)
+    bits = {n: a.bits for n, a in hessq.graph.act_quantizers(q).items()}
+    assert bits["quant_add_0.output_quantizer"] == 8
+    assert bits["quant_add_1.output_quantizer"] == 16 and bits["quant_layer_norm_0.input_quantizer"] == 16
+    assert bits["quant_layer_norm_0.output_quantizer"] == 8
+    x = torch.randn(4, 8)
+    assert torch.equal(q(x), hessq.to_integer(q)(x))

@@ -286,6 +286,8 @@ def _widen_residual_stream(gm: fx.GraphModule, quantizer_nodes: Mapping[fx.Node,
     modules = dict(gm.named_modules())
 
     def role(node: fx.Node) -> str | None:
+        if node.op == "call_module" and isinstance(modules[node.target], QuantLayer):
+            return "other"  # a quantized layer reads 8-bit codes (its twin is no family's float module)
         family = family_of_module(modules[node.target]) if node.op == "call_module" else None
         if family is None:
             return None
