@@ -23,7 +23,7 @@ from hessq.graph._fold import fold_batchnorm
 from hessq.graph._normalize import normalize
 from hessq.graph._trace import UnsupportedOpError, trace
 from hessq.ops import QuantLayer, describe, family_of, family_of_module, is_shape_arithmetic, node_location, weighted_module_types
-from hessq.quantizer import ActQuantizer, Granularity, RangeMethod, check_granularity
+from hessq.quantizer import RANGE_METHODS, ActQuantizer, Granularity, RangeMethod, check_granularity
 
 
 def traced(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
@@ -133,6 +133,8 @@ def rewrite(
     """
     # ``graph_module``: the model's normalised trace (:func:`traced`) when the caller has it already; rewritten in place
     check_granularity(weight_granularity, num_groups, block_size)
+    if act_range != "auto" and act_range not in RANGE_METHODS:
+        raise ConfigError(f"act_range must be 'auto' or one of {RANGE_METHODS}, got {act_range!r}")
     if residual_bits not in (8, 16):
         raise ConfigError(f"residual_bits must be 8 or 16, got {residual_bits!r}")
     gm = graph_module if graph_module is not None else traced(model, leaf_modules)

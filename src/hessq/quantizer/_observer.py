@@ -9,6 +9,7 @@ from torch import nn
 
 from hessq._distributed import LOCAL, extremes, gather_strided, range_group
 from hessq._errors import ConfigError
+from hessq.quantizer._functional import fake_quantize
 
 RangeMethod = Literal["minmax", "percentile", "ema", "mse"]
 RANGE_METHODS = ("minmax", "percentile", "ema", "mse")
@@ -63,7 +64,7 @@ def mse_clip(sample: torch.Tensor, qmax: int, signed: bool) -> float:
         return 0.0
     clips = top * _MSE_FRACTIONS
     qmin = -qmax if signed else 0
-    errors = torch.stack([((torch.clamp(torch.round(x / (c / qmax)), qmin, qmax) * (c / qmax) - x) ** 2).sum() for c in clips])
+    errors = torch.stack([((fake_quantize(x, c / qmax, qmin, qmax) - x) ** 2).sum() for c in clips])
     return float(clips[int(errors.argmin())])
 
 
