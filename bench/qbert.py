@@ -213,11 +213,15 @@ def main() -> int:
     ap.add_argument("--test-limit", type=int, default=None, help="score on the first N test texts (rounded up to "
                                                                  "whole batches of 64)")
     ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args()
+    return run_tasks(run_task, ap.parse_args())
+
+
+def run_tasks(run_one, args) -> int:
+    """``run_one(task, args, done)`` for each of ``args.tasks`` in turn (seed 0), each seeing the results before it."""
     torch.manual_seed(0)
     results: list[dict[str, Any]] = []
     for task in args.tasks:
-        results.append(run_task(task, args, results))
+        results.append(run_one(task, args, results))
     return 0
 
 

@@ -11,35 +11,63 @@ from torch import nn
 
 import hessq
 from hessq.ops.embedding import QuantEmbedding
+from hessq.quantizer._functional import CLIP_RATIOS
 
 
-def _reference(weight: torch.Tensor, bits: int, groups: list[range]) -> torch.Tensor:
-    """Symmetric quantization with one scale per group of rows, written from the formula."""
+def _reference(weight: torch.Tensor, bits: int, groups: list[range], ratios=None) -> torch.Tensor:
+    """Symmetric quantization with one scale per group of rows, written from the formula: each group's scale is
+    c·max|w|/qmax with the clip c (of ``ratios``; default 1) of least squared error, the first one on a tie."""
     qmax = 2 ** (bits - 1) - 1
     out = torch.empty_like(weight)
     for rows in groups:
-        block = weight[rows.start:rows.stop]
-        s = block.abs().max() / qmax
-        out[rows.start:rows.stop] = torch.clamp(torch.round(block / s), -qmax, qmax) * s
+        block = weight[rows.start:rows.stop].detach()
+        best = None
+        for c in ratios or (1.0,):
+            s = (c * block.abs().max() / qmax).clamp(min=1e-12)
+            q = torch.clamp(torch.round(block / s), -qmax, qmax) * s
+            err = float((q - block).pow(2).sum())
+            if best is None or err < best[0]:
+                best = (err, q)
+        out[rows.start:rows.stop] = best[1]
     return out
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_rows_and_row_groups_follow_the_formula(bits):
     torch.manual_seed(bits)
-    emb = nn.Embedding(10, 6)
+    emb = nn.Embedding(10, 64)
     with torch.no_grad():
         emb.weight.mul_(torch.linspace(0.1, 3, 10).unsqueeze(1))  # rows of very different ranges
     per_row = QuantEmbedding(emb, bits, 8)
-    assert torch.equal(per_row.weight_quantizer(per_row.weight), _reference(emb.weight, bits, [range(r, r + 1) for r in range(10)]))
-    # 3 groups of 10 rows: 4, 4 and the 2 left over
-    grouped = QuantEmbedding(emb, bits, 8, "group", 3)
-    assert torch.equal(grouped.weight_quantizer(grouped.weight), _reference(emb.weight, bits, [range(0, 4), range(4, 8), range(8, 10)]))
+    grouped = QuantEmbedding(emb, bits, 8, "group", 3)  # 3 groups of 10 rows: 4, 4 and the 2 left over
     whole = QuantEmbedding(emb, bits, 8, "tensor")
-    assert torch.equal(whole.weight_quantizer(whole.weight), _reference(emb.weight, bits, [range(0, 10)]))
-    # per row is never worse than one range for the table
-    err = [(q.weight_quantizer(q.weight) - emb.weight).pow(2).sum() for q in (per_row, grouped, whole)]
-    assert err[0] <= err[1] <= err[2]
+    layouts = [(per_row, [range(r, r + 1) for r in range(10)]), (grouped, [range(0, 4), range(4, 8), range(8, 10)]),
+               (whole, [range(0, 10)])]
+    for q, groups in layouts:
+        got = q.weight_quantizer(q.weight)
+        assert torch.allclose(got, _reference(emb.weight, bits, groups, CLIP_RATIOS), rtol=1e-6, atol=0)
+        # the clip never rounds worse than max |w| (ratio 1 is a candidate), and at 2 bits much better
+        err = float((got - emb.weight).detach().pow(2).sum())
+        err_max = float((_reference(emb.weight, bits, groups) - emb.weight).pow(2).sum())
+        assert err <= err_max
+        if bits == 2:
+            assert err < 0.8 * err_max
+    # the integer codes and scales are the fake-quant table's, bit for bit
+    codes, scale = per_row.integer_weight()
+    assert torch.equal((codes.double() * scale.unsqueeze(1)).float(), per_row.weight_quantizer(per_row.weight).detach())
+
+
+def test_row_clip_is_searched_again_for_a_new_weight_in_eval_mode():
+    torch.manual_seed(0)
+    q = QuantEmbedding(nn.Embedding(20, 32), 2, 8).eval()
+    first = q.weight_quantizer.scale(q.weight).clone()
+    with torch.no_grad():
+        q.weight[:, :4].mul_(10)  # an in-place step: new outliers in every row
+    again = q.weight_quantizer.scale(q.weight)
+    fresh = QuantEmbedding(nn.Embedding(20, 32), 2, 8).eval()
+    fresh.weight = nn.Parameter(q.weight.detach().clone())
+    assert not torch.equal(first, again)
+    assert torch.equal(again, fresh.weight_quantizer.scale(fresh.weight))
 
 
 class TinyText(nn.Module):
@@ -78,9 +106,8 @@ def test_integer_lookup_is_the_fake_quant_lookup(tmp_path, w_bits):
     # the lookup, from the formula: each row's codes at its own scale, rounded onto the output grid
     words = q.words
     # (the padding row is zeros: its scale is floored at 1e-12, as every scale is)
-    s_rows = (words.weight.detach().abs().amax(1, keepdim=True) / (2 ** (w_bits - 1) - 1)).clamp(min=1e-12)
-    codes = torch.round(words.weight.detach() / s_rows)
-    exact = (codes * s_rows).double()[ids] / words.output_quantizer.scale.double()
+    rows = _reference(words.weight, w_bits, [range(r, r + 1) for r in range(words.weight.shape[0])], CLIP_RATIOS)
+    exact = rows.double()[ids] / words.output_quantizer.scale.double()
     expected = torch.clamp(torch.round(exact), words.output_quantizer.qmin, words.output_quantizer.qmax)
     op = next(o for o in imodel.ops if o.kind == "embedding")
     got = imodel.run(ids, keep=True)[op.output]

@@ -72,6 +72,78 @@ def test_perturbation_is_mean_trace_times_quantization_error(tiny, tiny_sens):
         perturbations(tiny, tiny_sens, (4,), variant="eigenvalue")
 
 
+class _Table(torch.nn.Module):
+    """A word table and a linear head: Ω of a table uses the table's own (row-clipped) quantizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.words = torch.nn.Embedding(40, 16)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, ids):
+        return self.head(self.words(ids.long()).mean(1))
+
+
+def test_perturbation_of_a_table_uses_its_row_clip():
+    from hessq.ops.embedding import RowQuantizer
+
+    model = _Table()
+    sens = make_sensitivity(model, signature=False)
+    om = perturbations(model, sens, (2, 4))
+    w = model.words.weight.detach()
+    for b in (2, 4):
+        clipped = RowQuantizer(b).squared_error(w)
+        assert om["words"][b] == pytest.approx(sens["words"].mean_trace * clipped)
+        assert clipped <= quantization_error(w, b)  # the clip never rounds a row worse than max |w|
+        assert om["head"][b] == pytest.approx(sens["head"].mean_trace * quantization_error(model.head.weight, b))
+    assert RowQuantizer(2).squared_error(w) < 0.8 * quantization_error(w, 2)
+
+
+def test_bert_embedding_tables_are_not_tied():
+    # the word, position and token-type lookups meet at an add, each on its own grid: each keeps its own bits
+    from tests._bert import tiny_bert
+
+    model = tiny_bert()
+    assert graph_facts(model).ties == []
+    sens = make_sensitivity(model, signature=False)
+    tables = [n for n in quantizable_layers(model) if "embeddings" in n]
+    plan = plan_bits(model, sens, weight_bits=(2, 8), pins={tables[0]: 2}, pin_first_last=None)
+    assert plan[tables[0]] == 2 and any(plan[t] == 8 for t in tables[1:])  # no limit: the free tables get 8
+
+
+def test_stderr_margin_plans_on_an_upper_bound_of_each_trace(tiny):
+    # c1's trace is estimated below zero, but within two standard errors of a large one: not "least sensitive"
+    from hessq.sensitivity import LayerSensitivity, Sensitivity
+
+    base = make_sensitivity(tiny)
+    layers = {n: LayerSensitivity(trace=r.trace, trace_stderr=0.05 * abs(r.trace), top_eigenvalue=None,
+                                  num_params=r.num_params) for n, r in base.items()}
+    big = max(r.trace / r.num_params for r in base.values())
+    n_c1 = layers["c1"].num_params
+    layers["c1"] = LayerSensitivity(trace=-0.1 * big * n_c1, trace_stderr=big * n_c1, top_eigenvalue=None, num_params=n_c1)
+    sens = Sensitivity(layers, base.signature, {})
+    w = quantizable_layers(tiny)["c1"].weight
+    with pytest.warns(UserWarning, match="non-positive trace"):  # at margin 0 the estimate itself is used
+        om0 = perturbations(tiny, sens, (4,), stderr_margin=0)
+    om2 = perturbations(tiny, sens, (4,))  # the default margin: 2 standard errors
+    assert om2["c1"][4] == pytest.approx(1.9 * big * quantization_error(w, 4))
+    assert om0["c1"][4] < om2["c1"][4]
+    for name, r in layers.items():
+        if name != "c1":
+            m = quantizable_layers(tiny)[name]
+            assert om2[name][4] == pytest.approx(1.1 * r.trace / r.num_params * quantization_error(m.weight, 4))
+    # room for all at 8 bits but c1 at 2: the estimate gives c1 the 2 bits, the upper bound gives them elsewhere
+    limit = evaluate_plan(tiny, {n: 2 if n == "c1" else 8 for n in layers}).size_bytes
+    with pytest.warns(UserWarning, match="non-positive trace"):
+        low = plan_bits(tiny, sens, weight_bits=(2, 8), size_limit=limit, pin_first_last=None, auto_ties=False,
+                        stderr_margin=0)
+    high = plan_bits(tiny, sens, weight_bits=(2, 8), size_limit=limit, pin_first_last=None, auto_ties=False)
+    assert low["c1"] == 2 and high["c1"] == 8 and high.meta["stderr_margin"] == 2.0
+    with pytest.raises(ValueError, match="stderr_margin"):
+        plan_bits(tiny, sens, weight_bits=(2, 8), stderr_margin=-1)
+
+
 def brute_best(tiny, sens, bits, pins, ties, limits, act_bits=8, latency_table=None):
     """The least-Ω assignment meeting the limits, by enumerating evaluate_plan over all of them."""
     best = None

@@ -43,6 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_config_flag(p, "--pin-first-last", PlanConfig, "pin_first_last", help="bits for the first and last layer, or 'none'")
     p.add_argument("--variant", choices=("trace", "eigenvalue"), default=None,
                    help="Tr(H)/n (HAWQ-V2/V3, the default) or λ/n (HAWQ); not for a KL sensitivity")
+    p.add_argument("--stderr-margin", type=float, default=2.0,
+                   help="standard errors added to each estimated trace, so that only a trace measured small "
+                        "counts as insensitive (default 2; 0: the estimates themselves)")
     p.add_argument("--input-shape", help="example input shape without batch, for counting MACs, e.g. 3,224,224 "
                                          "(default: the bundled model's, else (C,28,28))")
     p.add_argument("-o", "--output", default="plan.json", help="where to write the plan (default plan.json)")
@@ -97,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         pin_first_last=pfl,
         variant=args.variant or "trace",
         input_shape=input_shape,
+        stderr_margin=args.stderr_margin,
     )
     plan.save(args.output)
     print(plan.table(markdown=False), end="")

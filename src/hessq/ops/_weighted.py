@@ -89,6 +89,8 @@ class WeightedOp(QuantOp):
     twin: type[QuantLayer]
     #: The dimension of the output channels (per-channel scales and bias): 1 (NCHW), or -1 (the last: Linear)
     channel_dim: int = 1
+    #: Shares its bits with the other layers whose outputs meet at the same residual add (HAWQ-V3's ties).
+    tied_at_add: bool = True
 
     def per_channel(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         """A per-output-channel [C] tensor shaped to broadcast on :attr:`channel_dim` of an ``ndim`` tensor."""
@@ -108,6 +110,11 @@ class WeightedOp(QuantOp):
         if granularity == "block":  # the twins' constructors take no block size: their quantizer is replaced
             twin.weight_quantizer = WeightQuantizer(w_bits, "block", block_size=block_size)
         return twin
+
+    def weight_quantizer(self, bits: int, granularity: str = "channel", num_groups: int = 1,
+                         block_size: int = 128) -> WeightQuantizer:
+        """A quantizer of this family's weights, as its twins hold them: what Ω and ZeroQ's KL measure."""
+        return WeightQuantizer(bits, granularity, num_groups, block_size)
 
     def macs(self, module, inputs, output):
         # each output element is one dot product over a weight row: (in/groups)·kh·kw for a conv

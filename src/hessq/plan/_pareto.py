@@ -14,7 +14,7 @@ from torch import nn
 from hessq._errors import ConfigError
 from hessq.plan._bitplan import BitPlan
 from hessq.plan._files import SealedJSONFile, mapping_or_empty, real_number, required
-from hessq.plan._cost import LatencyTable, Variant
+from hessq.plan._cost import STDERR_MARGIN, LatencyTable, Variant
 from hessq.plan._ilp import InfeasibleLimitsError
 from hessq.plan._plan import Limit, build_problem
 from hessq.sensitivity import Sensitivity
@@ -120,6 +120,7 @@ def pareto_frontier(
     variant: Variant = "trace",
     example_input: torch.Tensor | None = None,
     input_shape: Sequence[int] | None = None,
+    stderr_margin: float = STDERR_MARGIN,
 ) -> ParetoFrontier:
     """The size–Ω frontier: the ILP at ``num_points`` size limits evenly spaced from the smallest to the
     largest reachable size (other limits held), keeping each distinct non-dominated plan.
@@ -131,7 +132,7 @@ def pareto_frontier(
     problem = build_problem(
         model, sens, weight_bits=weight_bits, act_bits=act_bits, latency_table=latency_table, ties=ties,
         auto_ties=auto_ties, pins=pins, pin_first_last=pin_first_last, variant=variant,
-        example_input=example_input, input_shape=input_shape,
+        example_input=example_input, input_shape=input_shape, stderr_margin=stderr_margin,
     )
     others = problem.resolve_limits(None, bops_limit, latency_limit)
     lo, hi = problem.reachable("size")

@@ -20,6 +20,7 @@ from hessq.plan._cost import (
     LatencyTable,
     activation_matmul_macs,
     LayerCost,
+    STDERR_MARGIN,
     Variant,
     as_latency_table,
     check_act,
@@ -111,6 +112,8 @@ class Problem:
     latency_table: LatencyTable | None = None
     #: Costs no bit choice changes, per limit: the BOPs of matmuls between two activations (attention).
     fixed: dict[str, float] = field(default_factory=dict)
+    #: Standard errors added to each trace in Ω (None: Ω not from traces).
+    stderr_margin: float | None = None
 
     def group_matrix(self, per_layer: np.ndarray) -> np.ndarray:
         index = {n: i for i, n in enumerate(self.names)}
@@ -185,6 +188,7 @@ class Problem:
             **({"fixed_costs": dict(self.fixed)} if self.fixed else {}),
             "weight_bits": list(self.weight_bits),
             "variant": self.variant,
+            **({"stderr_margin": self.stderr_margin} if self.stderr_margin is not None else {}),
             "pins": self.pins,
             "ties": [g for g in self.ties],
         }
@@ -193,13 +197,14 @@ class Problem:
                        signature=self.signature, meta=m)
 
 
-def sensitivity_omega(model: nn.Module, sens: Sensitivity, bits: Iterable[int], *, variant: Variant = "trace") -> dict[str, dict[int, float]]:
+def sensitivity_omega(model: nn.Module, sens: Sensitivity, bits: Iterable[int], *, variant: Variant = "trace",
+                      stderr_margin: float = STDERR_MARGIN) -> dict[str, dict[int, float]]:
     """Ω per layer and bit width from a sensitivity: ZeroQ's KL table for a :func:`hessq.kl_sensitivity`
     result, else HAWQ's (Tr(H_i)/n_i or λ_i/n_i)·‖Q_b(W_i) − W_i‖²."""
     if is_kl_sensitivity(sens):
         check_sensitivity(model, sens)
         return kl_omega(sens)
-    return perturbations(model, sens, bits, variant=variant)
+    return perturbations(model, sens, bits, variant=variant, stderr_margin=stderr_margin)
 
 
 def build_problem(
@@ -218,6 +223,7 @@ def build_problem(
     input_shape: Sequence[int] | None = None,
     omega: Mapping[str, Mapping[int, float]] | None = None,
     lenient: bool = False,
+    stderr_margin: float = STDERR_MARGIN,
 ) -> Problem:
     model = capture(check_model(model))
     layers = quantizable_layers(model)
@@ -271,7 +277,7 @@ def build_problem(
     if omega is None:
         if sens is None:
             raise ConfigError("give a sensitivity (or an omega table)")
-        omega = sensitivity_omega(model, sens, cols, variant=variant)
+        omega = sensitivity_omega(model, sens, cols, variant=variant, stderr_margin=stderr_margin)
     else:
         check_names("omega", omega, names)
         missing = [n for n in names if n not in omega]
@@ -330,6 +336,7 @@ def build_problem(
         weight_bits=wbits,
         latency_table=table,
         fixed=fixed,
+        stderr_margin=float(stderr_margin) if sens is not None and variant == "trace" and not is_kl_sensitivity(sens) else None,
     )
 
 
@@ -352,6 +359,7 @@ def plan_bits(
     input_shape: Sequence[int] | None = None,
     time_limit: float | None = None,
     omega: Mapping[str, Mapping[int, float]] | None = None,
+    stderr_margin: float = STDERR_MARGIN,
 ) -> BitPlan:
     """Choose a weight bit width per layer minimising Σ Ω_i(b_i) under any of three limits (HAWQ-V3's ILP).
 
@@ -360,7 +368,8 @@ def plan_bits(
     ``act_bits`` is every layer's activation width (enters BOPs). Layers whose outputs meet at a
     residual add share bits (``auto_ties``), as do the groups in ``ties``; ``pins`` fixes layers'
     bits, and the first and last layer are pinned to ``pin_first_last`` bits unless it is None.
-    ``variant="eigenvalue"`` uses λ_i/n_i instead of Tr(H_i)/n_i. MACs are counted on
+    ``variant="eigenvalue"`` uses λ_i/n_i instead of Tr(H_i)/n_i; with traces, each is taken ``stderr_margin``
+    standard errors above its estimate (0: the estimate itself). MACs are counted on
     ``example_input`` or zeros of ``(1, *input_shape)`` (default (C, 28, 28)).
     A ZeroQ KL sensitivity (:func:`hessq.kl_sensitivity`) gives Ω_i(b) = KL directly; ``omega``
     (layer -> {bits: Ω}) overrides Ω from any source.
@@ -371,7 +380,7 @@ def plan_bits(
     problem = build_problem(
         model, sens, weight_bits=weight_bits, act_bits=act_bits, latency_table=latency_table, ties=ties,
         auto_ties=auto_ties, pins=pins, pin_first_last=pin_first_last, variant=variant,
-        example_input=example_input, input_shape=input_shape, omega=omega,
+        example_input=example_input, input_shape=input_shape, omega=omega, stderr_margin=stderr_margin,
     )
     limits = problem.resolve_limits(size_limit, bops_limit, latency_limit)
     return problem.solve(limits, time_limit=time_limit)
@@ -387,6 +396,7 @@ def evaluate_plan(
     variant: Variant = "trace",
     example_input: torch.Tensor | None = None,
     input_shape: Sequence[int] | None = None,
+    stderr_margin: float = STDERR_MARGIN,
 ) -> BitPlan:
     """The BitPlan of a given assignment (an int for a uniform one), with its size, BOPs, latency and Ω (if ``sens``)."""
     names = list(quantizable_layers(model))
@@ -401,7 +411,7 @@ def evaluate_plan(
     cols = sorted(set(bits.values()))
     if sens is not None:
         check_sensitivity(model, sens)
-        omega = sensitivity_omega(model, sens, cols, variant=variant)
+        omega = sensitivity_omega(model, sens, cols, variant=variant, stderr_margin=stderr_margin)
     else:
         omega = {n: {} for n in names}
     problem = build_problem(

@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from hessq._errors import ConfigError
 from hessq.graph import quantizable_layers, traced
-from hessq.ops import family_of, is_shape_arithmetic
+from hessq.ops import family_of, family_of_module, is_shape_arithmetic
 
 
 @dataclass
@@ -27,7 +27,8 @@ def graph_facts(model: nn.Module) -> GraphFacts:
 
     Two quantizable layers are tied when their outputs reach the same residual add through
     BatchNorm / identity / dropout (and further adds) only — e.g. a ResNet block's last conv
-    and its 1×1 shortcut conv. An untraceable model gives a warning and no automatic ties.
+    and its 1×1 shortcut conv — unless their family is not ``tied_at_add`` (embedding tables,
+    whose lookups go onto grids of their own). An untraceable model gives a warning and no automatic ties.
     """
     layers = quantizable_layers(model)
     try:
@@ -60,7 +61,9 @@ def graph_facts(model: nn.Module) -> GraphFacts:
             return []
         seen.add(node)
         if node.op == "call_module" and node.target in layers:
-            return [node.target]
+            # a family whose output is on a grid of its own before the add keeps its own bits (embedding lookups)
+            family = family_of_module(layers[node.target])
+            return [node.target] if family is None or getattr(family, "tied_at_add", True) else []
         if is_transparent(node) or is_add(node):
             found = []
             for arg in node.args:

@@ -122,6 +122,38 @@ def symmetric_scale(absmax: torch.Tensor, bits: int, signed: bool = True) -> tor
     return torch.clamp(absmax / qmax, min=_MIN_SCALE)
 
 
+#: Clip ratios (of max |w|) that :func:`least_squares_clip` tries: 1, 0.96, ..., 0.08.
+CLIP_RATIOS = tuple(1 - k / 25 for k in range(24))
+
+
+@torch.no_grad()
+def least_squares_clip(rows: torch.Tensor, absmax: torch.Tensor, bits: int, unit: torch.Tensor | None = None) -> torch.Tensor:
+    """The clip ratio r of each unit (a row, or a group of rows) whose symmetric scale r·max|w| / qmax rounds the
+    unit with the least squared error.
+
+    ``rows`` [R, D] are the values, ``absmax`` [U] each unit's max |w| and ``unit`` [R] the unit of each row
+    (None: one unit per row). Every ratio in :data:`CLIP_RATIOS` is tried, 1 (no clipping) included, so the error
+    is never above that of the max |w| scale. At 2 bits a max |w| scale rounds most of a row to 0 (its levels are
+    0 and ±max|w|); the best clip keeps the row's shape.
+    """
+    qmin, qmax = qrange(bits, signed=True)
+    rows = rows.detach().float()
+    absmax = absmax.detach().float()
+    index = unit if unit is not None else torch.arange(rows.shape[0], device=rows.device)
+    best_err = best_ratio = None
+    for ratio in CLIP_RATIOS:
+        s = symmetric_scale(absmax * ratio, bits)[index].unsqueeze(1)
+        err_rows = (torch.clamp(torch.round(rows / s), qmin, qmax) * s - rows).pow(2).sum(1)
+        err = err_rows if unit is None else torch.zeros_like(absmax).index_add_(0, index, err_rows)
+        if best_err is None:
+            best_err, best_ratio = err, torch.ones_like(err)
+        else:  # strictly better only: a tie keeps the wider range
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_ratio = torch.where(better, torch.full_like(err, ratio), best_ratio)
+    return best_ratio
+
+
 def quantize_weight(
     weight: torch.Tensor,
     bits: int,

@@ -56,6 +56,11 @@ class WeightQuantizer(nn.Module):
         qmin, qmax = qrange(self.bits, signed=True)
         return fake_quantize(weight, self.expand(self.scale(weight), weight), qmin, qmax)
 
+    def squared_error(self, weight: torch.Tensor) -> float:
+        """‖Q(W) − W‖², the squared error HAWQ-V2/V3's perturbation Ω multiplies by Tr(H)/n."""
+        with torch.no_grad():
+            return float((self(weight) - weight).pow(2).sum())
+
     def extra_repr(self) -> str:
         extra = {"group": f", num_groups={self.num_groups}", "block": f", block_size={self.block_size}"}
         return f"bits={self.bits}, granularity={self.granularity}" + extra.get(self.granularity, "")

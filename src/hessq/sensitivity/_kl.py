@@ -24,6 +24,7 @@ from hessq._checks import check_inputs, check_model
 from hessq._utils import batch_inputs
 from hessq._errors import ConfigError, ConfigTypeError, InputDataError
 from hessq.graph import capture, fold_batchnorm, quantizable_layers, trace
+from hessq.ops import family_of_module
 from hessq.quantizer import WeightQuantizer, check_weight_bits
 from hessq.quantizer._functional import Granularity
 from hessq.sensitivity._engine import first_forward
@@ -110,9 +111,14 @@ def kl_sensitivity(
             bar.update(len(bits))
         else:
             original = layer.weight.data
+            family = family_of_module(layer)  # the family's own quantizer (an embedding table's rows are clipped)
+
+            def quantizer(b: int) -> WeightQuantizer:
+                return family.weight_quantizer(b, weight_granularity, num_groups)
+
             try:
                 for b in bits:
-                    layer.weight.data = WeightQuantizer(b, weight_granularity, num_groups)(original)
+                    layer.weight.data = quantizer(b)(original)
                     total = sum(float(_kl(ref, gm(x))) for ref, x in zip(refs, inputs))
                     kl[str(b)] = max(total / num_samples, 0.0)
                     bar.update(1)
