@@ -14,21 +14,33 @@ from hessq.ops.embedding import QuantEmbedding
 from hessq.quantizer._functional import CLIP_RATIOS
 
 
-def _reference(weight: torch.Tensor, bits: int, groups: list[range], ratios=None) -> torch.Tensor:
-    """Symmetric quantization with one scale per group of rows, written from the formula: each group's scale is
-    c·max|w|/qmax with the clip c (of ``ratios``; default 1) of least squared error, the first one on a tie."""
+def _candidates(block: torch.Tensor, bits: int, ratios) -> list[torch.Tensor]:
+    """The block quantized with one scale c·max|w|/qmax for each clip c (of ``ratios``) whose squared error is the
+    least, to within float rounding: where two clips tie to the last bits, either is the method's answer."""
     qmax = 2 ** (bits - 1) - 1
+    tried = []
+    for c in ratios:
+        s = (c * block.abs().max() / qmax).clamp(min=1e-12)
+        q = torch.clamp(torch.round(block / s), -qmax, qmax) * s
+        tried.append((float((q - block).pow(2).sum()), q))
+    least = min(err for err, _ in tried)
+    return [q for err, q in tried if err <= least * (1 + 1e-5) + 1e-12]
+
+
+def _reference(weight: torch.Tensor, bits: int, groups: list[range], ratios=(1.0,), got: torch.Tensor | None = None):
+    """Symmetric quantization with one scale per group of rows, written from the formula: each group's scale is
+    c·max|w|/qmax with the clip c (of ``ratios``; default 1) of least squared error. With ``got``, each group is
+    checked to be one of its near-optimal candidates, and the reference takes that one."""
     out = torch.empty_like(weight)
     for rows in groups:
         block = weight[rows.start:rows.stop].detach()
-        best = None
-        for c in ratios or (1.0,):
-            s = (c * block.abs().max() / qmax).clamp(min=1e-12)
-            q = torch.clamp(torch.round(block / s), -qmax, qmax) * s
-            err = float((q - block).pow(2).sum())
-            if best is None or err < best[0]:
-                best = (err, q)
-        out[rows.start:rows.stop] = best[1]
+        options = _candidates(block, bits, ratios)
+        pick = options[0]
+        if got is not None:
+            close = [q for q in options if torch.allclose(got[rows.start:rows.stop], q, rtol=1e-6, atol=0)]
+            assert close, f"rows {rows} are not quantized with a least-error clip"
+            pick = close[0]
+        out[rows.start:rows.stop] = pick
     return out
 
 
@@ -44,8 +56,8 @@ def test_rows_and_row_groups_follow_the_formula(bits):
     layouts = [(per_row, [range(r, r + 1) for r in range(10)]), (grouped, [range(0, 4), range(4, 8), range(8, 10)]),
                (whole, [range(0, 10)])]
     for q, groups in layouts:
-        got = q.weight_quantizer(q.weight)
-        assert torch.allclose(got, _reference(emb.weight, bits, groups, CLIP_RATIOS), rtol=1e-6, atol=0)
+        got = q.weight_quantizer(q.weight).detach()
+        assert torch.allclose(got, _reference(emb.weight, bits, groups, CLIP_RATIOS, got), rtol=1e-6, atol=0)
         # the clip never rounds worse than max |w| (ratio 1 is a candidate), and at 2 bits much better
         err = float((got - emb.weight).detach().pow(2).sum())
         err_max = float((_reference(emb.weight, bits, groups) - emb.weight).pow(2).sum())
@@ -106,7 +118,8 @@ def test_integer_lookup_is_the_fake_quant_lookup(tmp_path, w_bits):
     # the lookup, from the formula: each row's codes at its own scale, rounded onto the output grid
     words = q.words
     # (the padding row is zeros: its scale is floored at 1e-12, as every scale is)
-    rows = _reference(words.weight, w_bits, [range(r, r + 1) for r in range(words.weight.shape[0])], CLIP_RATIOS)
+    per_row = [range(r, r + 1) for r in range(words.weight.shape[0])]
+    rows = _reference(words.weight, w_bits, per_row, CLIP_RATIOS, words.weight_quantizer(words.weight).detach())
     exact = rows.double()[ids] / words.output_quantizer.scale.double()
     expected = torch.clamp(torch.round(exact), words.output_quantizer.qmin, words.output_quantizer.qmax)
     op = next(o for o in imodel.ops if o.kind == "embedding")

@@ -106,9 +106,16 @@ def measure_latency_table(
             row[bits] = narrow[id(spec)]
         row[32] = seconds(flt_spec, "float32")
         rows[names.get(op.output, op.output)] = row
+    layer_bits = model.meta.get("layer_bits", {})
+    folded = []
+    if rows and set(rows) <= set(layer_bits):
+        # a layer with no op left at run time (a BERT's position and token-type lookups: one constant of the
+        # input length) costs nothing at any width
+        folded = [name for name in layer_bits if name not in rows]
+        rows.update({name: {b: 0.0 for b in (*range(2, 9), 32)} for name in folded})
     meta = {"runtime": "onnxruntime", "batch_size": batch_size, "repeats": repeats, "statistic": "median seconds",
             "note": "weight widths 2-8 run on the same int8 kernels but where a family runs them on its own "
-                    "(Linear at <= 4 bits: MatMulNBits); 32 is float32"}
+                    "(Linear at <= 4 bits: MatMulNBits); 32 is float32", "folded_into_constants": folded}
     return LatencyTable(rows, meta)
 
 

@@ -14,44 +14,91 @@ import torch
 from hessq._checks import check_inputs, check_int, check_model
 from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, InputDataError, ModelError
 from hessq._io import load_torch_safely, write_atomic
-from hessq.ops import Op, family_for_kind, run_program
+from hessq.ops import IntegerConversionError, Op, family_for_kind, run_program
 from hessq.quantizer import KERNELS
 
 FORMAT = "hessq.integer-model"
-#: 2: tensors whose values repeat along a dimension are stored once along it ("expand"). Version 1 files still load.
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: 2: tensors whose values repeat along a dimension are stored once along it ("expand").
+#: 3: weights of b < 8 bits are stored as a stream of b-bit codes ("packed": [bits, shape]), not as nibbles; output
+#: scales are compacted too; int64 constants that fit a narrower type are stored in it ("widen").
+#: Files of versions 1 and 2 still load.
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
-def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes in [-8, 7] → uint8, two per byte (low nibble first), two's complement."""
-    flat = codes.flatten().to(torch.int16) & 0xF
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    return (flat[0::2] | (flat[1::2] << 4)).to(torch.uint8)
+def _pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes in [-2^(bits-1), 2^(bits-1)) → uint8, a little-endian stream of ``bits`` bits per code.
 
-
-def _compact(t: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
-    """``t`` stored once along every dimension its values repeat on, and its full shape (None: nothing repeats).
-
-    A per-channel multiplier requantizing a tensor laid out as heads × tokens × head width is (1, 12, 64, 32) values
-    of which 384 differ: 13 MB of the tweets MiniLM's W8A8 file before this.
+    Each code is stored offset by 2^(bits-1) (so unsigned), its low bit first; the last byte is padded with zeros.
+    A 2-bit table takes a quarter of its int8 bytes, a 3-bit one 3/8.
     """
+    low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    flat = codes.flatten().to(torch.int64)
+    if flat.numel() and (int(flat.min()) < low or int(flat.max()) > high):
+        raise IntegerConversionError(
+            f"weight codes span [{int(flat.min())}, {int(flat.max())}], outside the {bits}-bit range [{low}, {high}]: "
+            "the op's w_bits does not match its weights")
+    place = torch.arange(bits, dtype=torch.int64)
+    stream = ((flat - low).unsqueeze(1) >> place & 1).to(torch.uint8).flatten()
+    stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8))
+    return (stream.view(-1, 8) << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, bits: int, shape: list[int]) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    if not 1 <= bits < 8 or packed.dtype != torch.uint8 or packed.numel() != -(-n * bits // 8):
+        raise ValueError(f"a packed weight of {packed.numel()} bytes does not hold {n} codes of {bits} bits")
+    stream = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8) & 1).flatten()[: n * bits]
+    place = torch.arange(bits, dtype=torch.int64)
+    codes = (stream.view(n, bits).to(torch.int64) << place).sum(1) - (1 << (bits - 1))
+    return codes.reshape(shape).to(torch.int8)
+
+
+def _compact(t: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``t`` as stored, and what :func:`_restore` needs to rebuild it exactly.
+
+    - Stored once along every dimension its values repeat on (``"expand"``: the full shape). A per-channel multiplier
+      or output scale requantizing a tensor laid out as heads × tokens × head width is (1, 12, 64, 32) values of
+      which 384 differ: 21 MB of the tweets MiniLM's W8A8 file before version 3.
+    - int64 values that fit a narrower integer type are stored in it (``"widen"``): a per-row multiplier b < 2^31
+      takes 4 bytes, its shift c one.
+    """
+    extras: dict[str, Any] = {}
     if t.dim() == 0 or t.numel() < 64:  # small tensors: not worth an entry
-        return t, None
+        return t, extras
     r = t
     for d in range(t.dim()):
         if r.shape[d] > 1:
             first = r.narrow(d, 0, 1)
             if torch.equal(r, first.expand_as(r)):
                 r = first
-    if r.numel() == t.numel():
-        return t, None
+    if r.numel() < t.numel():
+        extras["expand"] = list(t.shape)
+    if r.dtype == torch.int64 and r.numel():
+        low, high = int(r.min()), int(r.max())
+        for narrow in (torch.int8, torch.int16, torch.int32):
+            if torch.iinfo(narrow).min <= low and high <= torch.iinfo(narrow).max:
+                r, extras["widen"] = r.to(narrow), "int64"
+                break
     # a fresh tensor with row-major strides (a narrowed one can keep its parent's strides, even "contiguous")
-    return torch.empty(r.shape, dtype=r.dtype).copy_(r), list(t.shape)
+    return (torch.empty(r.shape, dtype=r.dtype).copy_(r), extras) if extras else (t, extras)
+
+
+def _restore(t: torch.Tensor, ref: dict[str, Any]) -> torch.Tensor:
+    """The tensor :func:`_compact` stored as ``t`` with ``ref``'s entries (version 2 files: ``"expand"`` alone)."""
+    if "widen" in ref:
+        if ref["widen"] != "int64":
+            raise ValueError(f"a stored tensor asks to be widened to {ref['widen']!r}")
+        t = t.to(torch.int64)
+    if "expand" in ref:
+        t = t.expand(ref["expand"]).contiguous()
+    return t
 
 
 def _unpack_nibbles(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """Weights of version 1 and 2 files: int8 codes in [-8, 7], two per byte (low nibble first), two's complement."""
     p = packed.to(torch.int16)
     flat = torch.stack([p & 0xF, p >> 4], 1).flatten()
     flat = torch.where(flat >= 8, flat - 16, flat)
@@ -123,16 +170,18 @@ class IntegerModel:
             entry = {"kind": op.kind, "inputs": op.inputs, "output": op.output, "attrs": op.attrs, "tensors": {}}
             for key, t in op.tensors.items():
                 name = f"{i}.{key}"
-                if key == "weight" and op.attrs.get("w_bits", 8) <= 4:
-                    tensors[name] = _pack_nibbles(t)
-                    entry["tensors"][key] = {"name": name, "packed4": list(t.shape)}
+                bits = op.attrs.get("w_bits", 8)
+                if key == "weight" and bits < 8:
+                    tensors[name] = _pack_bits(t, bits)
+                    entry["tensors"][key] = {"name": name, "packed": [bits, list(t.shape)]}
                 else:
-                    stored, shape = _compact(t)
+                    stored, extras = _compact(t)
                     tensors[name] = stored.contiguous()
-                    entry["tensors"][key] = {"name": name} if shape is None else {"name": name, "expand": shape}
+                    entry["tensors"][key] = {"name": name, **extras}
             if op.scale is not None:
-                tensors[f"{i}.scale_out"] = op.scale
-                entry["scale"] = f"{i}.scale_out"
+                stored, extras = _compact(op.scale)
+                tensors[f"{i}.scale_out"] = stored.contiguous()
+                entry["scale"] = {"name": f"{i}.scale_out", **extras}
             program.append(entry)
         header = {
             "format": FORMAT,
@@ -196,12 +245,17 @@ class IntegerModel:
                 op_tensors = {}
                 for key, ref in entry["tensors"].items():
                     t = tensors[ref["name"]]
-                    if "packed4" in ref:
+                    if "packed" in ref:
+                        t = _unpack_bits(t, *ref["packed"])
+                    elif "packed4" in ref:
                         t = _unpack_nibbles(t, ref["packed4"])
-                    elif "expand" in ref:
-                        t = t.expand(ref["expand"]).contiguous()
+                    else:
+                        t = _restore(t, ref)
                     op_tensors[key] = t
-                scale = tensors[entry["scale"]] if "scale" in entry else None
+                scale = None
+                if "scale" in entry:  # versions 1 and 2: the tensor's name
+                    ref = entry["scale"] if isinstance(entry["scale"], dict) else {"name": entry["scale"]}
+                    scale = _restore(tensors[ref["name"]], ref)
                 ops.append(Op(entry["kind"], entry["inputs"], entry["output"], entry["attrs"], op_tensors, scale))
             return cls(ops, header["input_name"], header["output_name"], tuple(header["input_shape"]), header["meta"])
         except ArtifactError:

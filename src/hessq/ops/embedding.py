@@ -48,7 +48,7 @@ class RowQuantizer(WeightQuantizer):
         super().__init__(bits, "channel" if granularity == "block" else granularity, num_groups)
         self._clip: tuple[tuple, torch.Tensor] | None = None  # (weight key, ratio per unit): derived, not state
 
-    def _units(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def _units(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
         """(max |w| per unit, unit of each row or None for one per row, rows per group or None)."""
         row_max = weight.detach().abs().amax(1)
         rows = weight.shape[0]
