@@ -26,6 +26,7 @@ Writes bench/results/ibert_latency.json and .md (tweets) or ibert_latency_bbc.js
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import tempfile
@@ -65,16 +66,19 @@ def feeds(session, batch: int, length: int) -> dict[str, np.ndarray]:
 
 
 def interleaved_ms(sessions: dict[str, object], batch: int, length: int, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each session, one run of each in turn per round (shared-machine noise hits all alike)."""
+    """Median milliseconds of each session, one run of each per round in an order shuffled every round
+    (shared-machine noise hits all alike, and no session always follows the same one)."""
     fs = {k: feeds(s, batch, length) for k, s in sessions.items()}
     for k, s in sessions.items():  # warm-up
         s.run(None, fs[k])
         s.run(None, fs[k])
     times: dict[str, list[float]] = {k: [] for k in sessions}
+    order, rng = list(sessions), random.Random(batch)
     for _ in range(repeats):
-        for k, s in sessions.items():
+        rng.shuffle(order)
+        for k in order:
             start = time.perf_counter()
-            s.run(None, fs[k])
+            sessions[k].run(None, fs[k])
             times[k].append(time.perf_counter() - start)
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
@@ -108,7 +112,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = hessq.models.minilm_finetuned(task, progress=True)
     calib = [b for _, b in zip(range(args.calibration_batches), data(task, "train", batch_size=train_batch, shuffle=False))]
-    test = [b for _, b in zip(range(-(-args.test_limit // 64)), data(task, "test", batch_size=64))]
+    test_batch = 64 if length <= 64 else 16  # the integer model holds int64 attention scores: B × 12 × T²
+    test = [b for _, b in zip(range(-(-args.test_limit // test_batch)), data(task, "test", batch_size=test_batch))]
     labels = np.concatenate([b["labels"].numpy() for b in test])
     layers = quantizable_layers(model)
     linears = [n for n, m in layers.items() if isinstance(m, torch.nn.Linear)]
@@ -141,26 +146,36 @@ def main() -> None:
         chosen = {n: 4 if n in table and table[n][4] < table[n][8] else 8 for n in linears}
         four = sorted(n for n, b in chosen.items() if b == 4)
         log(f"fastest plan: {len(four)} of {len(linears)} Linear layers at 4 bits")
-        if 0 < len(four) < len(linears):
-            build("hessq fast, fastest plan (latency only)", {n: chosen.get(n, 8) for n in layers})
+        table_ms = {b: 1e3 * sum(table[n][b] for n in linears) for b in (4, 8, 32)}
+        log("the Linear layers summed in the table: " + ", ".join(f"{b} bits {v:.2f} ms" for b, v in table_ms.items()))
+        fastest = {n: chosen.get(n, 8) for n in layers}
         # the Hessian plan under a latency limit: halfway from W8A8's summed table time to the fastest plan's
         w8_s = sum(table[n][8] for n in layers if n in table)
-        fastest_s = sum(min(table[n][4], table[n][8]) if n in linears else table[n][8] for n in layers if n in table)
+        fastest_s = sum(table[n][fastest[n]] for n in layers if n in table)
+        lat_bits = None
         if Path(args.sensitivity).is_file() and fastest_s < w8_s:
             limit = fastest_s + 0.5 * (w8_s - fastest_s)
             sens = Sensitivity.load(args.sensitivity)
             lat_plan = plan_bits(model, sens, weight_bits=(4, 8), latency_limit=limit, latency_table=table,
                                  pins={n: 8 for n in layers if n not in linears}, pin_first_last=None,
                                  input_shape=(length,))
+            lat_bits = {n: lat_plan[n] for n in layers}
             plans["Hessian latency-limited"] = {"limit_ms": 1e3 * limit, "w8a8_table_ms": 1e3 * w8_s,
                                                 "fastest_table_ms": 1e3 * fastest_s,
                                                 "table_ms": 1e3 * lat_plan.latency,
-                                                "bits_4": sorted(n for n in linears if lat_plan[n] == 4)}
+                                                "bits_4": sorted(n for n in linears if lat_plan[n] == 4),
+                                                "same_as_fastest": lat_bits == fastest}
             log(f"latency-limited Hessian plan: {len(plans['Hessian latency-limited']['bits_4'])} Linear layers at 4 "
-                f"bits, {1e3 * lat_plan.latency:.2f} ms in the table (limit {1e3 * limit:.2f}, W8A8 {1e3 * w8_s:.2f})")
-            build("hessq fast, Hessian latency-limited plan", {n: lat_plan[n] for n in layers})
+                f"bits, {1e3 * lat_plan.latency:.3f} ms in the table (limit {1e3 * limit:.3f}, W8A8 {1e3 * w8_s:.3f})")
         else:
             log(f"no latency-limited Hessian plan: {args.sensitivity} missing or no layer faster at 4 bits")
+        if lat_bits is not None and lat_bits == fastest:
+            build("hessq fast, Hessian latency-limited plan (= fastest plan)", fastest)
+        else:
+            if 0 < len(four) < len(linears):
+                build("hessq fast, fastest plan (latency only)", fastest)
+            if lat_bits is not None:
+                build("hessq fast, Hessian latency-limited plan", lat_bits)
         size_bits = mixed_bits(Path(args.mixed_plan), task)
         if size_bits is not None:
             plans["Hessian size-limited"] = {"average_bits_from": args.mixed_plan,
@@ -193,7 +208,8 @@ def main() -> None:
     meta = {"machine": machine(args.threads), "threads": args.threads, "onnxruntime": ort.__version__,
             "hessq": hessq.__version__, "commit": git_commit(), "command": command_line(), "task": task,
             "length": length, "test_texts": int(len(labels)), "statistic": "median milliseconds, interleaved",
-            "latency_plan_4bit_layers": four, "latency_table_batch": 1, "plans": plans}
+            "latency_plan_4bit_layers": four, "latency_table_batch": 1, "plans": plans,
+            "linear_layers_table_ms": table_ms, "repeats": args.repeats, "repeats_b32": max(5, args.repeats // 4)}
     stem = RESULTS / ("ibert_latency" if task == "tweets" else f"ibert_latency_{task}")
     write_results(stem.with_suffix(".json"), {"meta": meta, "rows": list(rows.values())}, markdown(meta, rows))
     log(f"wrote {stem}.json and .md")
@@ -208,16 +224,21 @@ def markdown(meta: dict, rows: dict[str, dict]) -> str:
     lines = [f"# Integer-only MiniLM on ONNX Runtime: latency ({meta['task']}, T={meta['length']})", "",
              f"{meta['machine']}; onnxruntime {meta['onnxruntime']}, hessq {meta['hessq']} (commit {meta['commit']}). "
              f"`{meta['command']}`", "",
-             f"Median milliseconds of one run, the sessions timed in turn within each round; speed-up = "
+             f"Median milliseconds of one run, the sessions timed in turn within each round, in an order shuffled "
+             f"every round ({meta['repeats']} rounds at batch 1, {meta['repeats_b32']} at batch 32); speed-up = "
              f"quantize_dynamic's time / the row's (above 1: faster). Agreement: the fast export against its integer "
              f"model on {meta['test_texts']} test texts; accuracies post-training, on those texts. The fastest plan "
              f"put {len(meta['latency_plan_4bit_layers'])} Linear layers at 4 bits (MatMulNBits faster than int8 in "
              "the batch-1 latency table)."]
+    t = {int(b): v for b, v in meta["linear_layers_table_ms"].items()}
+    lines.append(f"Summed over every Linear layer, the batch-1 latency table gives {t[8]:.2f} ms at 8 bits (int8 "
+                 f"kernel), {t[4]:.2f} ms at 4 bits (MatMulNBits) and {t[32]:.2f} ms in float32.")
     if lat:
         lines.append(f"The Hessian latency-limited plan (`plan_bits(latency_limit=...)`, 4 or 8 bits per Linear) has "
-                     f"{len(lat['bits_4'])} Linear layers at 4 bits: {lat['table_ms']:.2f} ms summed in the table "
-                     f"under a limit of {lat['limit_ms']:.2f} ms (W8A8 {lat['w8a8_table_ms']:.2f} ms, fastest plan "
-                     f"{lat['fastest_table_ms']:.2f} ms).")
+                     f"{len(lat['bits_4'])} Linear layers at 4 bits ({', '.join(lat['bits_4'])}): {lat['table_ms']:.3f} ms "
+                     f"summed in the table under a limit of {lat['limit_ms']:.3f} ms (W8A8 {lat['w8a8_table_ms']:.3f} ms, "
+                     f"fastest plan {lat['fastest_table_ms']:.3f} ms)"
+                     + ("; it is the fastest plan itself." if lat.get("same_as_fastest") else "."))
     if size:
         counts = ", ".join(f"{n} at {b}" for b, n in size["bits"].items() if n)
         lines.append(f"The Hessian size-limited plan (average 3 weight bits, from bench/qbert.py) has layers {counts} "

@@ -69,8 +69,12 @@ def score(name: str, q, test: list[dict[str, torch.Tensor]], length: int, tmp: P
     eval_equal = onnx_equal = top1_fake = total = 0
     max_fake_diff = 0.0
     q.eval()
-    for b in test:
-        ids, labels = padded(b["input_ids"], length), b["labels"]
+    # texts per forward: as many token pairs in the attention scores as 64 tweets at T=64 (the exact ONNX graph
+    # holds float64 copies of them)
+    chunk = max(1, 64 * 64 * 64 // (length * length))
+    pieces = [(ids, labels) for b in test
+              for ids, labels in zip(padded(b["input_ids"], length).split(chunk), b["labels"].split(chunk))]
+    for ids, labels in pieces:
         with torch.no_grad():
             fake = q.float_forward(ids)
             in_eval = q(ids)

@@ -133,7 +133,13 @@ def run_program(ops: list[Op], input_name: str, output_name: str, x: torch.Tenso
                 keep: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
     """Execute ``ops`` on the float input ``x``: the output (float32), or every named value with ``keep``."""
     env: dict[str, torch.Tensor] = {input_name: x}
-    for op in ops:
+    # without keep, each value is dropped after its last reader: a BERT at T=256 and batch 64 holds a few of its
+    # 400 MB int64 attention tensors at a time, not all of them
+    last_use = {} if keep else {name: i for i, op in enumerate(ops) for name in op.inputs}
+    for i, op in enumerate(ops):
         env[op.output] = family_for_kind(op.kind).execute(op, [env[name] for name in op.inputs], kernel)
+        for name in op.inputs:
+            if last_use.get(name) == i and name != output_name and name in env:
+                del env[name]
     return env if keep else env[output_name]
 

@@ -446,14 +446,18 @@ def _float_onnx_latency(model: nn.Module, shape: tuple[int, ...], batch_size: in
     import warnings
 
     path = workdir / "fp32.onnx"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, torch.zeros(1, *shape), str(path), input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17, dynamo=False)
-    except Exception:  # the FP32 baseline is context, never a reason to fail the run
-        return None
-    return measure_onnx_latency(path, shape, batch_size=batch_size, repeats=repeats)
+    # an image model takes a float tensor, a text model (its first op a lookup) int64 token ids
+    for example in (torch.zeros(1, *shape), torch.ones(1, *shape, dtype=torch.long)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["output"],
+                                  dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17,
+                                  dynamo=False)
+            return measure_onnx_latency(path, shape, batch_size=batch_size, repeats=repeats)
+        except Exception:  # the FP32 baseline is context, never a reason to fail the run
+            continue
+    return None
 
 
 def compress(
