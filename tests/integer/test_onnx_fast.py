@@ -117,6 +117,13 @@ def test_tiny_bert_fast_export_runs_on_int8_kernels(bert_integer, tmp_path):
     elem_types = {v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
     assert onnx.TensorProto.DOUBLE not in elem_types
     assert all(t.data_type != onnx.TensorProto.DOUBLE for t in proto.graph.initializer)
+    # the padding mask is an additive bias built on the (B, 1, 1, T) keep: no op but the Softmax itself passes over
+    # the masked scores a second time
+    made_by = {o: n for n in proto.graph.node for o in n.output}
+    for softmax in (n for n in proto.graph.node if n.op_type == "Softmax" and n.input[0] in made_by):
+        masked = made_by[softmax.input[0]]
+        assert masked.op_type == "Add" and made_by[masked.input[1]].op_type == "Where"
+    assert types.count("Where") == sum(op.kind == "masked_softmax" for op in imodel.ops)
 
     ids = token_batch(7)["input_ids"]
     values = imodel.run(ids.float(), keep=True)
