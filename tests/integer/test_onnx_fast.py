@@ -124,8 +124,20 @@ def test_tiny_bert_fast_export_runs_on_int8_kernels(bert_integer, tmp_path):
         masked = made_by[softmax.input[0]]
         assert masked.op_type == "Add" and made_by[masked.input[1]].op_type == "Where"
     assert types.count("Where") == sum(op.kind == "masked_softmax" for op in imodel.ops)
-
+    # and it drops the padding keys: their probabilities are below e^-30 of the row's largest (codes of 0)
     ids = token_batch(7)["input_ids"]
+    probe = onnx.load(str(path))
+    softmaxes = [n.output[0] for n in probe.graph.node if n.op_type == "Softmax"]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in softmaxes)
+    onnx.save(probe, str(tmp_path / "softmax_probe.onnx"))
+    pad = (ids == 0).numpy()[:, None, None, :]
+    assert pad.any() and (~pad).any()
+    for p in _run(tmp_path / "softmax_probe.onnx", ids.numpy(), softmaxes):
+        assert p.shape[-1] == ids.shape[1]
+        dropped = np.broadcast_to(pad, p.shape)
+        assert (p[dropped] <= np.exp(-30.0) * np.broadcast_to(p.max(-1, keepdims=True), p.shape)[dropped]).all()
+        np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
+
     values = imodel.run(ids.float(), keep=True)
     y_int = values[imodel.output_name].numpy()
     # the embedding lookup is one uint8 Gather of precomputed output codes: bit for bit the integer model's
