@@ -11,8 +11,11 @@ One table per task, side by side in one run, test accuracy and model size:
   order reversed, and the median of random plans (traces permuted over the layers), post-training and after QAT.
 
 Accuracy is that of hessq's fake-quantized model (float fake quantization, ``integer_eval=False``: the integer
-program recompiles for every padded length, and the tests check it equals fake quant); QAT is ``hessq.finetune``
-(AdamW) with distillation from the FP32 model, ``--qat-steps`` steps. The table is rewritten after every row.
+program recompiles for every padded length; bench/ibert_exact.py scores the integer model, and
+bench/ibert_agreement.py shows where the two part); QAT is ``hessq.finetune``
+(AdamW) with distillation from the FP32 model, ``--qat-steps`` steps, the activation ranges kept as calibrated
+(``--qat-ranges frozen``, the default; ``track`` follows each batch: bench/qat_ranges.py compares the two). The
+table is rewritten after every row.
 
     .venv/bin/python bench/qbert.py [--tasks bbc tweets] [--qat-steps 150] [--random-plans 5] [--seeds 3]
 
@@ -86,7 +89,7 @@ class Task:
         epochs = min(1.0, self.args.qat_steps / len(self.train))
         hessq.finetune(q, self.train, teacher=self.model, epochs=epochs, lr=self.args.qat_lr,
                        optimizer="adamw",
-                       seed=seed, checkpoint=None, progress=False)
+                       seed=seed, checkpoint=None, progress=False, track_ranges=self.args.qat_ranges == "track")
         return q.eval()
 
 
@@ -173,7 +176,7 @@ def save(args, results: list[dict[str, Any]]) -> None:
 def markdown(results: list[dict[str, Any]], args) -> str:
     out = ["# Q-BERT on all-MiniLM-L6-v2: BBC News and tweets", "",
            f"`{command_line()}` on {machine()}; QAT = {args.qat_steps} steps of hessq.finetune with distillation "
-           "from FP32. Accuracy: test split"
+           f"from FP32, activation ranges {'as calibrated' if args.qat_ranges == 'frozen' else 'following each batch'}. Accuracy: test split"
            + ("" if args.test_limit is None else f" (its first {-(-args.test_limit // 64) * 64} texts, in the split's order)")
            + ", hessq's fake-quantized model.", ""]
     for res in results:
@@ -198,6 +201,8 @@ def main() -> int:
     ap.add_argument("--qat-steps", type=int, default=150)
     ap.add_argument("--qat-lr", type=float, default=2e-5, help="AdamW learning rate of QAT")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--qat-ranges", choices=("track", "frozen"), default="frozen",
+                    help="activation ranges in QAT: follow each batch (EMA) or stay as calibrated")
     ap.add_argument("--qat-uniform-bits", type=int, nargs="*", default=[3], help="uniform widths also trained with QAT")
     ap.add_argument("--random-plans", type=int, default=5)
     ap.add_argument("--uniform-bits", type=int, nargs="*", default=[4, 3], help="uniform weight widths tabled")

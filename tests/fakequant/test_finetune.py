@@ -101,6 +101,23 @@ def test_fractional_epochs_run_a_whole_shorter_schedule(trained):
         hessq.finetune(q, train, epochs=0, progress=False)
 
 
+def test_ranges_follow_the_batches_unless_track_ranges_is_false(trained):
+    train = digits("train")
+    scales = {}
+    for track in (True, False):
+        q = _fresh_quantized(trained)
+        calibrated = {n: m.scale.clone() for n, m in q.named_modules() if isinstance(m, hessq.quantizer.ActQuantizer)}
+        weight = q.fc.weight.detach().clone()
+        hessq.finetune(q, train, epochs=0.25, lr=0.01, progress=False, track_ranges=track)
+        after = {n: m.scale for n, m in q.named_modules() if isinstance(m, hessq.quantizer.ActQuantizer)}
+        scales[track] = [torch.equal(calibrated[n], after[n]) for n in calibrated]
+        assert not torch.equal(weight, q.fc.weight)  # it trained either way
+        # the switch lasts for the run only: the quantizers track again in a later one
+        assert all(m.ema_in_training for m in q.modules() if isinstance(m, hessq.quantizer.ActQuantizer))
+    assert scales[False] and all(scales[False])
+    assert not all(scales[True])  # (the input pixels have the same range in every batch)
+
+
 # --- bad inputs: each a clear HessqError before the first step -----------------------------------------------
 
 GOOD_X = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -150,6 +167,7 @@ BAD_INPUTS = {
     "checkpoint_every 0": (dict(checkpoint_every=0), hessq.ConfigError, "checkpoint_every must be >= 1"),
     "seed a string": (dict(seed="0"), hessq.ConfigTypeError, "seed must be an integer"),
     "loss_fn not callable": (dict(loss_fn="cross_entropy"), hessq.ConfigTypeError, "loss_fn must be callable"),
+    "track_ranges a string": (dict(track_ranges="no"), hessq.ConfigTypeError, "track_ranges must be True or False"),
     "checkpoint a directory": (dict(checkpoint="DIR", resume=False), hessq.ConfigError, "is a directory"),
     "checkpoint under a file": (dict(checkpoint="FILE/qat.ckpt"), hessq.ConfigError, "which is a file, not a folder"),
     "no batches": (dict(train_batches=[]), hessq.InputDataError, "holds no batches"),

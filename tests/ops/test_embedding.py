@@ -157,3 +157,18 @@ def test_lookups_cost_no_macs_and_train_by_ste():
     used[0] = False  # the padding row takes no gradient, as in nn.Embedding
     assert (grad[used].abs().sum(1) > 0).all() and (grad[~used] == 0).all()
     assert q.positions.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("granularity", ["channel", "group", "tensor"])
+def test_eval_lookup_rounds_only_the_rows_read_with_the_same_numbers(granularity):
+    # without a graph, only the looked-up rows are quantized; that must equal quantizing the whole table first
+    torch.manual_seed(0)
+    model = TinyText()
+    q = hessq.quantize(model, 3, [(_ids(i),) for i in range(2)], pin_first_last=None,
+                       weight_granularity=granularity, num_groups=4)
+    q.eval()
+    ids = _ids(5)
+    with torch.no_grad():
+        fast = q.words(ids)
+    whole = q.words(ids)  # the weight needs a gradient here: the whole table is fake-quantized, then looked up
+    assert whole.requires_grad and torch.equal(fast, whole.detach())

@@ -76,3 +76,16 @@ def test_ste_gradient_is_one_inside_and_zero_when_clamped():
 def test_weight_bits_out_of_range(bad):
     with pytest.raises(ValueError, match="from 2 to 8"):
         quantize_weight(torch.ones(2, 2), bad)
+
+
+@pytest.mark.parametrize("scale", [torch.tensor(0.0371), torch.tensor([[0.02], [0.5], [1e-3]], dtype=torch.float64)])
+def test_fake_quantize_without_a_graph_equals_the_ste_forward(scale):
+    # evaluation takes an in-place path; its numbers must be the straight-through forward's, bit for bit,
+    # ties (x / s = k + 0.5) and clamped values included
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(3, 500) * 3, (torch.arange(-9, 9).repeat(3, 1) + 0.5) * scale.float()], 1)
+    with_graph = fake_quantize(x.clone().requires_grad_(), scale, -7, 7)
+    with torch.no_grad():
+        without = fake_quantize(x, scale, -7, 7)
+    assert with_graph.dtype == without.dtype and torch.equal(with_graph.detach(), without)
+    assert torch.equal(fake_quantize(x, scale, -7, 7), without)  # no grad needed: the same path

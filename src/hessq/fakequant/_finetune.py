@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -60,6 +61,20 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 
 
 # --- argument checks --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _ranges_tracked(qmodel: nn.Module, track: bool) -> Iterator[None]:
+    """Every activation quantizer follows (or not) each training batch's range while the block runs."""
+    quantizers = [m for m in qmodel.modules() if isinstance(m, ActQuantizer)]
+    before = [q.ema_in_training for q in quantizers]
+    for q in quantizers:
+        q.ema_in_training = q.ema_in_training and track
+    try:
+        yield
+    finally:
+        for q, was in zip(quantizers, before):
+            q.ema_in_training = was
 
 
 def _check_quantized(qmodel: nn.Module) -> None:
@@ -353,6 +368,7 @@ def finetune(
     progress: bool = True,
     distributed_batches: DistributedBatches = "global",
     group: Any = None,
+    track_ranges: bool = True,
 ) -> dict[str, Any]:
     """Quantization-aware training of a model from :func:`hessq.quantize`, in place.
 
@@ -360,7 +376,8 @@ def finetune(
     a per-step cosine schedule from ``lr`` to 0 over ``epochs`` (which may be
     fractional: ``epochs=0.5`` trains half an epoch with the whole schedule).
     Gradients pass the rounding by the straight-through estimator; activation ranges
-    follow an EMA of each batch. With ``teacher`` the loss is
+    follow an EMA of each batch (HAWQ's rule), or stay as calibrated with ``track_ranges=False``.
+    With ``teacher`` the loss is
     ``distill_weight·KL(teacher‖student)·T² + (1 − distill_weight)·task loss``.
     ``seed`` seeds torch's, Python's ``random`` and NumPy's global generators.
 
@@ -429,6 +446,8 @@ def finetune(
     if checkpoint_every is not None:
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every", low=1)
     seed = check_int(seed, "seed")
+    if not isinstance(track_ranges, bool):
+        raise ConfigTypeError(f"track_ranges must be True or False, got {track_ranges!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigTypeError(f"loss_fn must be callable (outputs, targets) -> loss, got {type(loss_fn).__name__}")
     if distributed_batches not in DISTRIBUTED_BATCHES:
@@ -465,7 +484,8 @@ def finetune(
                   **({"optimizer": optimizer} if optimizer != "sgd" else {}),
                   "temperature": temperature, "distill_weight": distill_weight, "teacher": teacher is not None,
                   "steps_per_epoch": steps_per_epoch, "seed": seed,
-                  "loss_fn": _loss_name(None if default_loss else loss_fn), "data_generators": len(generators)}
+                  "loss_fn": _loss_name(None if default_loss else loss_fn), "data_generators": len(generators),
+                  **({"track_ranges": False} if not track_ranges else {})}
         if resuming:
             assert ckpt_path is not None
             state = _load_checkpoint(ckpt_path, qmodel, plan, signature, config)
@@ -537,7 +557,7 @@ def finetune(
     num_classes: int | None = None
     bar = tqdm(total=limit, initial=min(step, limit), desc="finetune", disable=not show)
     try:
-        with D.synced_ranges(ranks.group):
+        with D.synced_ranges(ranks.group), _ranges_tracked(qmodel, track_ranges):
             while step < limit:
                 epoch, skip = divmod(step, steps_per_epoch)
                 if resumed is not None and skip:

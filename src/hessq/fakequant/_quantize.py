@@ -107,7 +107,8 @@ def calibrate(qmodel: nn.Module, batches: Iterable, *, progress: bool = False) -
         q.observing = True
     device = model_device(qmodel)
     count = 0
-    with training_mode(qmodel, False):
+    # no autograd: calibration only reads ranges, and a graph kept per batch cost a BERT at T=256 gigabytes
+    with training_mode(qmodel, False), torch.no_grad():
         try:
             for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
                 x = check_inputs(batch_inputs(batch), qmodel, where=f"calibration batch {count} inputs")

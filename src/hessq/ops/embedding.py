@@ -27,7 +27,8 @@ from hessq.ops._program import Value
 from hessq.ops._registry import register
 from hessq.ops._weighted import QuantLayer, WeightedOp
 from hessq.ops.mask import is_index
-from hessq.quantizer import ActQuantizer, WeightQuantizer, dyadic, least_squares_clip, requantize, symmetric_scale
+from hessq.quantizer import (ActQuantizer, WeightQuantizer, dyadic, fake_quantize, least_squares_clip, qrange, requantize,
+                             symmetric_scale)
 
 
 class RowQuantizer(WeightQuantizer):
@@ -102,7 +103,16 @@ class QuantEmbedding(QuantLayer):
         self.output_quantizer = ActQuantizer(a_bits)  # the rewrite gives it its range settings
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.output_quantizer(F.embedding(ids, self.weight_quantizer(self.weight), self.padding_idx))
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return self.output_quantizer(F.embedding(ids, self.weight_quantizer(self.weight), self.padding_idx))
+        # Without a graph, only the rows looked up are rounded (each row on its own scale, so the numbers are the
+        # same): a batch of BERT reads a few thousand of the word table's 30,522 rows.
+        wq = self.weight_quantizer
+        scale = wq.scale(self.weight)
+        row_scale = (scale.expand(self.num_embeddings) if scale.dim() == 0 else scale).unsqueeze(1)
+        qmin, qmax = qrange(wq.bits, signed=True)
+        rows = fake_quantize(F.embedding(ids, self.weight), F.embedding(ids, row_scale), qmin, qmax)
+        return self.output_quantizer(rows)
 
     @torch.no_grad()
     def integer_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
