@@ -237,6 +237,8 @@ def test_interrupted_compress_leaves_the_old_folder_as_it_was(signum, code, tmp_
          "--calibration-batches", "1", "--finetune-epochs", "1000", "--out", str(out)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        # a suite started in the background (`make test &`) ignores SIGINT, and a child would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         for line in proc.stdout:  # wait until QAT (a stage after plan and calibration) has started

@@ -107,19 +107,20 @@ class QuantEmbedding(QuantLayer):
             return self.output_quantizer(F.embedding(ids, self.weight_quantizer(self.weight), self.padding_idx))
         # Without a graph, only the rows looked up are rounded (each row on its own scale, so the numbers are the
         # same): a batch of BERT reads a few thousand of the word table's 30,522 rows.
-        wq = self.weight_quantizer
-        scale = wq.scale(self.weight)
-        row_scale = (scale.expand(self.num_embeddings) if scale.dim() == 0 else scale).unsqueeze(1)
-        qmin, qmax = qrange(wq.bits, signed=True)
+        qmin, qmax = qrange(self.weight_quantizer.bits, signed=True)
+        row_scale = self._row_scales(self.weight_quantizer.scale(self.weight)).unsqueeze(1)
         rows = fake_quantize(F.embedding(ids, self.weight), F.embedding(ids, row_scale), qmin, qmax)
         return self.output_quantizer(rows)
+
+    def _row_scales(self, scale: torch.Tensor) -> torch.Tensor:
+        """One scale per table row ([V]) from the weight quantizer's ([] per table, [V] per row or row group)."""
+        return scale.expand(self.num_embeddings) if scale.dim() == 0 else scale
 
     @torch.no_grad()
     def integer_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(int64 codes [V, D], b [V, 1], c [V, 1]): each row's codes and its dyadic multiplier onto the output grid."""
         codes, scale = self.integer_weight()
-        row_scale = scale.expand(self.num_embeddings) if scale.dim() == 0 else scale
-        b, c = dyadic(row_scale / self.output_quantizer.scale.double())
+        b, c = dyadic(self._row_scales(scale) / self.output_quantizer.scale.double())
         return codes, b.unsqueeze(1), c.unsqueeze(1)
 
     def extra_repr(self) -> str:
