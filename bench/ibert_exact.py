@@ -14,7 +14,7 @@ against the integer model, and the exact ONNX export against the integer model (
 against integer is the same arithmetic up to the dyadic roundings, so there the table gives the top-1 agreement and
 the largest logit difference. Sizes: the integer model's ``.hq`` file (2-4-bit weights packed) and the ONNX file.
 
-    .venv/bin/python bench/ibert_exact.py [--tasks tweets bbc] [--mixed-plan bench/results/qbert.json]
+    .venv/bin/python bench/ibert_exact.py [--tasks tweets bbc] [--mixed-plan bench/results/qbert_TASK.json]
 
 Writes ibert_exact.json and ibert_exact.md to --out (default bench/results).
 """
@@ -100,7 +100,8 @@ def score(name: str, q, test: list[dict[str, torch.Tensor]], length: int, tmp: P
 def run_task(task: str, args, done: list[dict[str, Any]]) -> dict[str, Any]:
     length = TASKS[task][0]
     setup = SimpleNamespace(calibration_batches=args.calibration_batches, sensitivity_batches=1, test_limit=args.test_limit,
-                            qat_steps=args.qat_steps, qat_lr=args.qat_lr)
+                            qat_steps=args.qat_steps, qat_lr=args.qat_lr, qat_ranges=args.qat_ranges,
+                            qat_hidden_weight=args.qat_hidden_weight)
     t = Task(task, setup)
     test = list(t.test)
     result: dict[str, Any] = {"task": task, "length": length, "rows": {}}
@@ -122,9 +123,10 @@ def run_task(task: str, args, done: list[dict[str, Any]]) -> dict[str, Any]:
         tmp = Path(tmp)
         result["rows"]["W8A8"] = score(f"[{task}] W8A8", t.quantize({n: 8 for n in t.layers}), test, length, tmp)
         save_now()
-        bits = mixed_bits(Path(args.mixed_plan), task)
+        plan_file = Path(args.mixed_plan or RESULTS / f"qbert_{task}.json")
+        bits = mixed_bits(plan_file, task)
         if bits is None:
-            log(f"[{task}] no Hessian mixed plan in {args.mixed_plan}: run bench/qbert.py --tasks {task} first")
+            log(f"[{task}] no Hessian mixed plan in {plan_file}: run bench/qbert.py --tasks {task} first")
         else:
             q = t.qat(t.quantize(bits), seed=0)
             result["rows"]["Hessian mixed (after QAT)"] = {
@@ -169,9 +171,13 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["tweets"], choices=list(TASKS))
-    ap.add_argument("--mixed-plan", default=str(RESULTS / "qbert.json"), help="a qbert.json holding the mixed plan")
+    ap.add_argument("--mixed-plan", default=None,
+                    help="a qbert.json holding the mixed plan (default bench/results/qbert_TASK.json, per task)")
     ap.add_argument("--qat-steps", type=int, default=80)
     ap.add_argument("--qat-lr", type=float, default=2e-5)
+    ap.add_argument("--qat-ranges", choices=("track", "frozen"), default="frozen",
+                    help="activation ranges in QAT: follow each batch (EMA) or stay as calibrated (as bench/qbert.py)")
+    ap.add_argument("--qat-hidden-weight", type=float, default=0.0, help="hidden-state distillation weight in QAT")
     ap.add_argument("--calibration-batches", type=int, default=8)
     ap.add_argument("--test-limit", type=int, default=None, help="score the first N test texts only (a quick check)")
     ap.add_argument("--out", default=str(RESULTS))

@@ -7,7 +7,8 @@ One table per task, side by side in one run, test accuracy and model size:
 * uniform W4 and W3 (activations 8 bits, embeddings at the same bits per row) per output channel, in Q-BERT's
   row groups (128 groups) and in input-dimension blocks (128 columns), post-training and after QAT;
 * the Hessian mixed plan over 2-8 bits at an average of 3 weight bits (embeddings included: the same bytes as
-  uniform W3 per channel) after QAT, mean and 95% interval over 3 QAT seeds; the same size with the sensitivity
+  uniform W3 per channel) after QAT, mean and 95% interval over 3 QAT seeds (each its own order of the training
+  texts); the same size with the sensitivity
   order reversed, and the median of random plans (traces permuted over the layers), post-training and after QAT.
 
 Accuracy is that of hessq's fake-quantized model (float fake quantization, ``integer_eval=False``: the integer
@@ -64,6 +65,7 @@ class Task:
         self.name = task
         length, batch = TASKS[task]
         self.model = hessq.models.minilm_finetuned(task, progress=True)
+        self.batch = batch
         self.train = data(task, "train", batch_size=batch, shuffle=True, seed=0)
         calib_source = data(task, "train", batch_size=batch, shuffle=False)
         self.calib = [b for _, b in zip(range(args.calibration_batches), calib_source)]
@@ -85,11 +87,14 @@ class Task:
         return hessq.quantize(self.model, plan, self.calib, pin_first_last=None, **kw)
 
     def qat(self, q, seed: int = 0):
-        # a whole cosine schedule over --qat-steps steps (a fraction of an epoch)
-        epochs = min(1.0, self.args.qat_steps / len(self.train))
-        hessq.finetune(q, self.train, teacher=self.model, epochs=epochs, lr=self.args.qat_lr,
+        # a whole cosine schedule over --qat-steps steps (a fraction of an epoch); each seed draws its own
+        # order of the training texts (the loader's generator), not only its own global RNG state
+        train = self.train if seed == 0 else data(self.name, "train", batch_size=self.batch, shuffle=True, seed=seed)
+        epochs = min(1.0, self.args.qat_steps / len(train))
+        hessq.finetune(q, train, teacher=self.model, epochs=epochs, lr=self.args.qat_lr,
                        optimizer="adamw",
-                       seed=seed, checkpoint=None, progress=False, track_ranges=self.args.qat_ranges == "track")
+                       seed=seed, checkpoint=None, progress=False, track_ranges=self.args.qat_ranges == "track",
+                       hidden_weight=self.args.qat_hidden_weight)
         return q.eval()
 
 
@@ -176,7 +181,8 @@ def save(args, results: list[dict[str, Any]]) -> None:
 def markdown(results: list[dict[str, Any]], args) -> str:
     out = ["# Q-BERT on all-MiniLM-L6-v2: BBC News and tweets", "",
            f"`{command_line()}` on {machine()}; QAT = {args.qat_steps} steps of hessq.finetune with distillation "
-           f"from FP32, activation ranges {'as calibrated' if args.qat_ranges == 'frozen' else 'following each batch'}. Accuracy: test split"
+           f"from FP32{f' (and its hidden states, weight {args.qat_hidden_weight:g})' if args.qat_hidden_weight else ''}, "
+           f"activation ranges {'as calibrated' if args.qat_ranges == 'frozen' else 'following each batch'}. Accuracy: test split"
            + ("" if args.test_limit is None else f" (its first {-(-args.test_limit // 64) * 64} texts, in the split's order)")
            + ", hessq's fake-quantized model.", ""]
     for res in results:
@@ -203,6 +209,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--qat-ranges", choices=("track", "frozen"), default="frozen",
                     help="activation ranges in QAT: follow each batch (EMA) or stay as calibrated")
+    ap.add_argument("--qat-hidden-weight", type=float, default=0.0,
+                    help="weight of hidden-state distillation in QAT (every LayerNorm's output; 0: logits only)")
     ap.add_argument("--qat-uniform-bits", type=int, nargs="*", default=[3], help="uniform widths also trained with QAT")
     ap.add_argument("--random-plans", type=int, default=5)
     ap.add_argument("--uniform-bits", type=int, nargs="*", default=[4, 3], help="uniform weight widths tabled")

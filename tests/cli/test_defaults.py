@@ -81,3 +81,6 @@ def test_a_bad_flag_is_named_as_typed():
     configs = configs_from_args(args)
     assert configs["plan"].pin_first_last is None and configs["plan"].weight_bits == (2, 8)
     assert configs["quantize"].baselines == ()
+    args = build_parser().parse_args(["compress", "--finetune-epochs", "1", "--no-range-tracking", "--hidden-weight", "2"])
+    ft = configs_from_args(args)["finetune"]
+    assert ft.track_ranges is False and ft.hidden_weight == 2.0

@@ -137,6 +137,12 @@ def test_integer_lookup_is_the_fake_quant_lookup(tmp_path, w_bits):
     session = ort.InferenceSession(str(tmp_path / "text.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].type == "tensor(int64)"
     assert np.array_equal(session.run(None, {"input": ids.numpy()})[0], y.numpy())
+    # ... with the table as int8 codes, one byte per weight (a float64 table made BERT's exact file 5× larger)
+    import onnx
+
+    inits = {i.name: i for i in onnx.load(str(tmp_path / "text.onnx")).graph.initializer}
+    tables = [i for i in inits.values() if list(i.dims) == list(words.weight.shape)]
+    assert [t.data_type for t in tables] == [onnx.TensorProto.INT8]
     # 4-bit tables are stored packed
     imodel.save(tmp_path / "text.hq")
     assert torch.equal(hessq.load_integer(tmp_path / "text.hq")(ids), y)

@@ -29,6 +29,7 @@ CONFIGS = [
     hessq.QuantizeConfig(calibration_batches=3, baselines=(8, (4, 4))),
     hessq.DistillConfig(num_samples=8, steps=10, lr=0.1, batch_size=4, input_range=(-1, 1), label_weight=0.5),
     hessq.FinetuneConfig(epochs=0.5, lr=0.001, max_steps=20, distill=False, checkpoint=False, resume=False),
+    hessq.FinetuneConfig(optimizer="adamw", track_ranges=False, hidden_weight=2.5),
     hessq.ExportConfig(onnx_mode="fast", report=False),
 ]
 
@@ -41,6 +42,14 @@ def test_a_config_round_trips_through_a_json_dict(config):
     again = json.loads(json.dumps(data))  # plain JSON: no tuples, no objects
     assert type(config).from_dict(again) == config
     assert config_from_dict(again) == config
+
+
+def test_hidden_state_distillation_needs_the_teacher():
+    with pytest.raises(hessq.ConfigError, match="distill is False: set distill=True, or hidden_weight=0"):
+        hessq.FinetuneConfig(hidden_weight=1.0, distill=False)
+    with pytest.raises(hessq.ConfigError, match="FinetuneConfig.hidden_weight must be a finite number >= 0"):
+        hessq.FinetuneConfig(hidden_weight=-1)
+    assert hessq.FinetuneConfig(hidden_weight=1).hidden_weight == 1.0
 
 
 def test_values_are_normalised_when_a_config_is_made():

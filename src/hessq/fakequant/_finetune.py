@@ -7,7 +7,7 @@ import inspect
 import math
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +34,8 @@ from hessq._io import check_writable, load_sealed_torch, save_sealed_torch
 from hessq._utils import move_to
 from hessq.graph import capture
 from hessq.quantizer import ActQuantizer, WeightQuantizer
+
+from ._hidden import HiddenStates, hidden_layer_names
 
 #: QAT optimizers: SGD with momentum (CNNs), AdamW (transformers)
 OPTIMIZERS = ("sgd", "adamw")
@@ -369,6 +371,8 @@ def finetune(
     distributed_batches: DistributedBatches = "global",
     group: Any = None,
     track_ranges: bool = True,
+    hidden_weight: float = 0.0,
+    hidden_layers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Quantization-aware training of a model from :func:`hessq.quantize`, in place.
 
@@ -378,7 +382,12 @@ def finetune(
     Gradients pass the rounding by the straight-through estimator; activation ranges
     follow an EMA of each batch (HAWQ's rule), or stay as calibrated with ``track_ranges=False``.
     With ``teacher`` the loss is
-    ``distill_weight·KL(teacher‖student)·T² + (1 − distill_weight)·task loss``.
+    ``distill_weight·KL(teacher‖student)·T² + (1 − distill_weight)·task loss``, plus, with ``hidden_weight`` > 0,
+    ``hidden_weight`` times the mean over ``hidden_layers`` of the mean squared difference between the student's and
+    the teacher's outputs of that module (hidden-state distillation, as TinyBERT; every position, padding included).
+    ``hidden_layers`` are module paths of the original model (``bert.encoder.layer.0.output.LayerNorm``), default
+    every LayerNorm (a BERT's embeddings and both norms of every layer); a quantized LayerNorm's output is its
+    quantized one.
     ``seed`` seeds torch's, Python's ``random`` and NumPy's global generators.
 
     ``train_batches``: (inputs, targets) pairs. Data with a length (a list, a DataLoader, hessq's
@@ -448,6 +457,16 @@ def finetune(
     seed = check_int(seed, "seed")
     if not isinstance(track_ranges, bool):
         raise ConfigTypeError(f"track_ranges must be True or False, got {track_ranges!r}")
+    hidden_weight = check_number(hidden_weight, "hidden_weight", low=0)
+    hidden: HiddenStates | None = None
+    if hidden_weight > 0:
+        if teacher is None:
+            raise ConfigError("hidden_weight > 0 distills hidden states from a teacher: pass teacher=<the float model>")
+        hidden_layers = hidden_layer_names(teacher, hidden_layers)
+        hidden = HiddenStates(qmodel, teacher, hidden_layers)
+    elif hidden_layers is not None:
+        raise ConfigError("hidden_layers is given but hidden_weight is 0, so nothing would be distilled: "
+                          "pass hidden_weight > 0 (e.g. 1.0) too")
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigTypeError(f"loss_fn must be callable (outputs, targets) -> loss, got {type(loss_fn).__name__}")
     if distributed_batches not in DISTRIBUTED_BATCHES:
@@ -485,7 +504,8 @@ def finetune(
                   "temperature": temperature, "distill_weight": distill_weight, "teacher": teacher is not None,
                   "steps_per_epoch": steps_per_epoch, "seed": seed,
                   "loss_fn": _loss_name(None if default_loss else loss_fn), "data_generators": len(generators),
-                  **({"track_ranges": False} if not track_ranges else {})}
+                  **({"track_ranges": False} if not track_ranges else {}),
+                  **({"hidden_weight": hidden_weight, "hidden_layers": list(hidden.names)} if hidden is not None else {})}
         if resuming:
             assert ckpt_path is not None
             state = _load_checkpoint(ckpt_path, qmodel, plan, signature, config)
@@ -557,7 +577,8 @@ def finetune(
     num_classes: int | None = None
     bar = tqdm(total=limit, initial=min(step, limit), desc="finetune", disable=not show)
     try:
-        with D.synced_ranges(ranks.group), _ranges_tracked(qmodel, track_ranges):
+        with (D.synced_ranges(ranks.group), _ranges_tracked(qmodel, track_ranges),
+              hidden.recording() if hidden is not None else contextlib.nullcontext()):
             while step < limit:
                 epoch, skip = divmod(step, steps_per_epoch)
                 if resumed is not None and skip:
@@ -593,6 +614,10 @@ def finetune(
                             with torch.no_grad():
                                 target = teacher(x)
                             loss = distill_weight * distillation_loss(out, target, temperature) + (1 - distill_weight) * loss
+                            if hidden is not None:
+                                loss = loss + hidden_weight * hidden.loss()
+                        elif hidden is not None:
+                            hidden.clear()
                         # the global batch's mean loss: each rank's mean weighted by its share of the rows
                         global_loss = float(ranks.agree(failed, [float(loss.detach()) * share],
                                                         "checking training targets").sum())

@@ -189,7 +189,9 @@ class Embedding(WeightedOp):
     def onnx(self, ex, op, ins):
         t, a = op.tensors, op.attrs
         ids = ex.node("Cast", [ins[0].name], "ids", to=ex.TP.INT64)
-        rows = ex.node("Gather", [ex.const("table", t["weight"].numpy().astype(np.float64)), ids], "rows", axis=0)
+        # the table stays int8 (one byte per weight); only the looked-up rows become float64 integers
+        codes = ex.node("Gather", [ex.const("table", t["weight"].numpy().astype(np.int8)), ids], "row_codes", axis=0)
+        rows = ex.node("Cast", [codes], "rows", to=ex.TP.DOUBLE)
         factor = torch.ldexp(t["b"].double(), -t["c"]).numpy()  # b/2^c, exact in float64
         scaled = ex.node("Mul", [rows, ex.node("Gather", [ex.const("dyadic", factor), ids], "row_dyadic", axis=0)], "scaled")
         rounded = ex.node("Floor", [ex.node("Add", [scaled, ex.const("half", np.float64(0.5))], "half")], "rounded")

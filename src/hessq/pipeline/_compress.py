@@ -623,7 +623,8 @@ def compress(
         try:
             history = run_finetune(qmodel, train, teacher=model if ft.distill else None, epochs=ft.epochs, lr=ft.lr, optimizer=ft.optimizer,
                                    max_steps=ft.max_steps, checkpoint=ckpt, resume=ft.resume, seed=seed,
-                                   progress=progress, loss_fn=loss_fn)
+                                   progress=progress, loss_fn=loss_fn, track_ranges=ft.track_ranges,
+                                   hidden_weight=ft.hidden_weight)
         except ArtifactError as exc:  # a damaged checkpoint, or one of other settings (CheckpointMismatchError)
             if resumed_from is not None and resumed_from != ckpt:
                 ckpt.unlink(missing_ok=True)  # only a link to the folder's qat.ckpt: leave nothing behind

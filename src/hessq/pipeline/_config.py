@@ -327,7 +327,9 @@ class FinetuneConfig(_Config):
     ``distill``: learn from the FP32 model's outputs (the teacher); ``checkpoint``: a resumable checkpoint
     beside the output folder while training, ``qat.ckpt`` in it after; ``resume``: continue from that
     checkpoint when one is there (it must match model, plan and settings); ``optimizer``: ``"sgd"`` with
-    momentum (CNNs) or ``"adamw"`` (transformers).
+    momentum (CNNs) or ``"adamw"`` (transformers); ``track_ranges``: activation ranges follow each batch (False:
+    they stay as calibrated); ``hidden_weight``: weight of hidden-state distillation (every LayerNorm's output
+    matched to the teacher's; 0: logits alone), which needs ``distill``.
     """
 
     KIND: ClassVar[str] = "finetune"
@@ -339,8 +341,19 @@ class FinetuneConfig(_Config):
     distill: bool = True
     checkpoint: bool = True
     resume: bool = True
+    track_ranges: bool = True
+    hidden_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hidden_weight > 0 and not self.distill:
+            raise ConfigError("FinetuneConfig.hidden_weight > 0 distills the FP32 model's hidden states, but distill is "
+                              "False: set distill=True, or hidden_weight=0")
 
     def _check(self, name: str, value: Any, label: str) -> Any:
+        if name == "hidden_weight":
+            check_number(value, label, low=0)
+            return float(value)
         if name in ("epochs", "lr"):
             check_number(value, label, low=0, strict=True)
             return value
