@@ -232,11 +232,14 @@ def run(args: argparse.Namespace) -> int:
 
     options = _options(args)  # every option checked before anything is loaded or analysed
     args.interrupt_note = _interrupt_note(args.out)
-    task = load_task(args.model, args.data, seed=args.seed)
+    task = load_task(args.model, args.data, seed=args.seed, progress=not args.no_progress)
     if task is not None:
         model, train, evaluation = task.model, task.train, task.evaluation
         options.update(metric=task.metric, metric_name=task.metric_name, model_name=task.name, loss_fn=task.loss_fn)
         if task.loss_fn is not None and options.get("finetune") is not None:
+            if options["finetune"].hidden_weight > 0:
+                raise ConfigError(f"--hidden-weight distills from the FP32 model, but {task.name} trains on its own "
+                                  "loss, without distillation: leave --hidden-weight out")
             options["finetune"] = options["finetune"].replace(distill=False)  # not class scores: train on the task loss
         if options.get("input_shape") is None:
             options["input_shape"] = task.input_shape

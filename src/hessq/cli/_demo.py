@@ -113,7 +113,7 @@ def run_task_demo(args: argparse.Namespace, progress: bool) -> int:
     from hessq.pipeline import FinetuneConfig, PlanConfig, QuantizeConfig, SensitivityConfig
     from hessq.report import results_table
 
-    task = load_task(args.model, "default", seed=args.seed, default_data="default")
+    task = load_task(args.model, "default", seed=args.seed, default_data="default", progress=progress)
     text = args.model.startswith("minilm")
     test = _limited(task.evaluation, args.test_limit, 64)
     plan = PlanConfig(size_limit=args.size_limit, weight_bits=(2, 3, 4, 8) if text else (4, 8),

@@ -56,7 +56,7 @@ def text_data(name: str, *, seed: int = 0) -> tuple[Iterable, Iterable, int]:
     return (fn("train", batch_size=_TRAIN_BATCH[name], shuffle=True, seed=seed), fn("test", batch_size=64), length)
 
 
-def hf_model(spec: str, num_labels: int | None = None) -> nn.Module:
+def hf_model(spec: str, num_labels: int | None = None, progress: bool = True) -> nn.Module:
     """The Hugging Face model ``hf:<folder>`` (eager attention: the Hessian needs double backward)."""
     from hessq._compat import import_transformers
 
@@ -64,20 +64,22 @@ def hf_model(spec: str, num_labels: int | None = None) -> nn.Module:
     if target in ("minilm-bbc", "minilm-tweets"):
         from hessq.models import minilm_finetuned
 
-        return minilm_finetuned(target.split("-", 1)[1])
+        return minilm_finetuned(target.split("-", 1)[1], progress=progress)
     tr = import_transformers()
     kwargs = {"num_labels": num_labels} if num_labels is not None else {}
     return tr.AutoModelForSequenceClassification.from_pretrained(target, attn_implementation="eager", **kwargs).eval()
 
 
-def load_task(model_spec: str, data_spec: str, *, seed: int = 0, default_data: str = "fashion-mnist") -> Task | None:
+def load_task(model_spec: str, data_spec: str, *, seed: int = 0, default_data: str = "fashion-mnist",
+              progress: bool = True) -> Task | None:
     """The task of a model that brings its data (``minilm-tweets``, ``codenet``), or of a Hugging Face model with
-    a bundled text data set (``--model hf:<folder> --data bbc``); None for the image models' own path."""
+    a bundled text data set (``--model hf:<folder> --data bbc``); None for the image models' own path. ``progress``
+    shows the first-use training of a bundled model (MiniLM's fine-tune, CoDeNet's)."""
     name = model_spec[3:] if is_hf_spec(model_spec) else model_spec
     if name == "codenet":
         from hessq.models import codenet_task
 
-        t = codenet_task(progress=True)
+        t = codenet_task(progress=progress)
         return Task(f"codenet ({t.info['variant']} deformable decoder)", t.model, t.train_batches, t.test_batches,
                     input_shape=(3, 128, 128), metric=lambda model, _data: t.evaluate(model)["AP50"] / 100,
                     metric_name="AP50", loss_fn=t.loss_fn)
@@ -88,7 +90,8 @@ def load_task(model_spec: str, data_spec: str, *, seed: int = 0, default_data: s
         data_spec = task
     if data_spec in TEXT_DATA:
         train, test, length = text_data(data_spec, seed=seed)
-        model = hf_model(model_spec if (is_hf_spec(model_spec) or name.startswith("minilm-")) else f"hf:{model_spec}")
+        model = hf_model(model_spec if (is_hf_spec(model_spec) or name.startswith("minilm-")) else f"hf:{model_spec}",
+                         progress=progress)
         return Task(f"{name} on {data_spec}", model, train, test, input_shape=(length,))
     if is_hf_spec(model_spec) and ":" not in data_spec:
         raise ConfigError(f"--model {model_spec} needs text data: --data bbc, tweets or package.module:function "
