@@ -8,8 +8,8 @@ One table per task, side by side in one run, test accuracy and model size:
   row groups (128 groups) and in input-dimension blocks (128 columns), post-training and after QAT;
 * the Hessian mixed plan over 2-8 bits at an average of 3 weight bits (embeddings included: the same bytes as
   uniform W3 per channel) after QAT, mean and 95% interval over 3 QAT seeds (each its own order of the training
-  texts); the same size with the sensitivity
-  order reversed, and the median of random plans (traces permuted over the layers), post-training and after QAT.
+  texts); the same size with the sensitivity order reversed, and the median of random plans (traces permuted over
+  the layers), post-training and after QAT.
 
 Accuracy is that of hessq's fake-quantized model (float fake quantization, ``integer_eval=False``: the integer
 program recompiles for every padded length; bench/ibert_exact.py scores the integer model, and
