@@ -121,7 +121,10 @@ def run_task(task: str, args, done: list[dict[str, Any]]) -> dict[str, Any]:
     save_now()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        result["rows"]["W8A8"] = score(f"[{task}] W8A8", t.quantize({n: 8 for n in t.layers}), test, length, tmp)
+        w8 = t.quantize({n: 8 for n in t.layers})
+        if args.w8a8_qat:
+            w8 = t.qat(w8, seed=0)
+        result["rows"]["W8A8 (after QAT)" if args.w8a8_qat else "W8A8"] = score(f"[{task}] W8A8", w8, test, length, tmp)
         save_now()
         plan_file = Path(args.mixed_plan or RESULTS / f"qbert_{task}.json")
         bits = mixed_bits(plan_file, task)
@@ -177,6 +180,8 @@ def main() -> int:
     ap.add_argument("--qat-lr", type=float, default=2e-5)
     ap.add_argument("--qat-ranges", choices=("track", "frozen"), default="frozen",
                     help="activation ranges in QAT: follow each batch (EMA) or stay as calibrated (as bench/qbert.py)")
+    ap.add_argument("--w8a8-qat", action="store_true",
+                    help="train the W8A8 model too (--qat-steps, seed 0) before scoring it, as HAWQ-V3's INT8 rows are")
     ap.add_argument("--qat-hidden-weight", type=float, default=0.0, help="hidden-state distillation weight in QAT")
     ap.add_argument("--calibration-batches", type=int, default=8)
     ap.add_argument("--test-limit", type=int, default=None, help="score the first N test texts only (a quick check)")

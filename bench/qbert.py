@@ -126,7 +126,10 @@ def run_task(task: str, args, done: list[dict[str, Any]]) -> dict[str, Any]:
         row("ONNX Runtime quantize_dynamic int8", None, None, error=f"{type(exc).__name__}: {exc}")
 
     w8 = uniform(t.layers, 8)
-    row("hessq W8A8, 8-bit embeddings (16-bit residual stream)", t.accuracy(t.quantize(w8)), t.size_mb(w8))
+    q = t.quantize(w8)
+    ptq = t.accuracy(q)
+    qat = t.accuracy(t.qat(q)) if args.qat_steps and 8 in args.qat_uniform_bits else None
+    row("hessq W8A8, 8-bit embeddings (16-bit residual stream)", ptq, t.size_mb(w8), after_qat=qat)
 
     for bits in args.uniform_bits:
         plan = uniform(t.layers, bits)
@@ -211,7 +214,8 @@ def main() -> int:
                     help="activation ranges in QAT: follow each batch (EMA) or stay as calibrated")
     ap.add_argument("--qat-hidden-weight", type=float, default=0.0,
                     help="weight of hidden-state distillation in QAT (every LayerNorm's output; 0: logits only)")
-    ap.add_argument("--qat-uniform-bits", type=int, nargs="*", default=[3], help="uniform widths also trained with QAT")
+    ap.add_argument("--qat-uniform-bits", type=int, nargs="*", default=[3],
+                    help="uniform widths also trained with QAT (8: the W8A8 row)")
     ap.add_argument("--random-plans", type=int, default=5)
     ap.add_argument("--uniform-bits", type=int, nargs="*", default=[4, 3], help="uniform weight widths tabled")
     ap.add_argument("--groupings", nargs="*", default=list(GROUPINGS), choices=list(GROUPINGS),

@@ -41,6 +41,7 @@ GROUPS = {  # name -> patterns of activation-quantizer paths
     "embedding outputs": [r"embeddings\."],
     "attention context": [r"attention\.output\.dense\.input"],
     "residual stream + GELU output": [RESIDUAL, r"quant_gelu_\d+\.output"],
+    "every activation (8-bit weights alone)": [r"."],
 }
 
 
@@ -49,6 +50,14 @@ def main() -> int:
     ap.add_argument("--task", choices=("tweets", "bbc"), default="tweets")
     ap.add_argument("--test-limit", type=int, default=1024)
     ap.add_argument("--calibration-batches", type=int, default=8)
+    ap.add_argument("--act-range", choices=("percentile", "mse"), default="percentile",
+                    help="ranges of the W8A8 model the groups are widened from")
+    ap.add_argument("--residual-bits", type=int, choices=(8, 16), default=8,
+                    help="residual stream of the W8A8 model the groups are widened from")
+    ap.add_argument("--groups", nargs="*", default=list(GROUPS), choices=list(GROUPS), metavar="GROUP",
+                    help="the groups to widen, by name (default: all)")
+    ap.add_argument("--no-range-rows", dest="range_rows", action="store_false",
+                    help="skip the last four rows (percentile/mse ranges × 8/16-bit residual stream)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -65,11 +74,12 @@ def main() -> int:
 
     rows = [{"setting": "FP32", "accuracy": accuracy(model)}]
     plan = {n: 8 for n in quantizable_layers(model)}
-    q = hessq.quantize(model, plan, calib, pin_first_last=None, act_range="percentile", residual_bits=8)
+    q = hessq.quantize(model, plan, calib, pin_first_last=None, act_range=args.act_range,
+                       residual_bits=args.residual_bits)
     quantizers = act_quantizers(q)
-    rows.append({"setting": "W8A8", "accuracy": accuracy(q), "quantizers": len(quantizers)})
+    rows.append({"setting": f"W8A8, {args.act_range} ranges, {args.residual_bits}-bit residual stream", "accuracy": accuracy(q), "quantizers": len(quantizers)})
     log(f"{rows}")
-    for name, patterns in GROUPS.items():
+    for name, patterns in ((g, GROUPS[g]) for g in args.groups):
         wide = [n for n in quantizers if any(re.search(p, n) for p in patterns)]
         for n in wide:
             quantizers[n].set_bits(16)
@@ -78,7 +88,7 @@ def main() -> int:
         log(rows[-1])
         for n in wide:
             quantizers[n].set_bits(8)
-    for act_range in ("percentile", "mse"):
+    for act_range in ("percentile", "mse") if args.range_rows else ():
         for residual_bits in (8, 16):
             q = hessq.quantize(model, plan, calib, pin_first_last=None, act_range=act_range, residual_bits=residual_bits)
             rows.append({"setting": f"W8A8, {act_range} ranges, {residual_bits}-bit residual stream", "accuracy": accuracy(q)})

@@ -104,6 +104,22 @@ def gather_strided(flat: torch.Tensor, max_samples: int, group: Any = None) -> t
     return torch.cat([rows[r, : counts[r]] for r in range(world)])
 
 
+def gather_top_magnitudes(flat: torch.Tensor, k: int, group: Any = None) -> tuple[torch.Tensor, int]:
+    """The (at most) ``k`` values of largest magnitude in ``cat(every rank's flat)``, and that whole's length.
+
+    The whole's top k lie among the ranks' own top k, so each rank sends only those: every rank gets the
+    values one process holding the whole tensor would (ties of equal magnitude aside)."""
+    local = flat[flat.abs().topk(min(k, flat.numel())).indices]
+    if not is_distributed(group):
+        return local.clone(), flat.numel()
+    counts = all_gather_rows(torch.tensor([local.numel(), flat.numel()], dtype=torch.int64, device=flat.device), group)
+    padded = torch.zeros(k, dtype=flat.dtype, device=flat.device)
+    padded[: local.numel()] = local
+    rows = all_gather_rows(padded, group)
+    union = torch.cat([rows[r, : int(counts[r, 0])] for r in range(rows.shape[0])])
+    return union[union.abs().topk(min(k, union.numel())).indices], int(counts[:, 1].sum())
+
+
 # --- a rank's part of a global batch ------------------------------------------------------------------------
 
 

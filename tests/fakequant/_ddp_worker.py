@@ -168,6 +168,10 @@ def _range_checks(rank: int, world: int) -> dict[str, bool]:
         ours = percentile_bounds(mine, 99.0, max_samples, group=None)
         ref = percentile_bounds(whole, 99.0, max_samples)
         out[f"percentile_{max_samples}"] = all(torch.equal(a, b) for a, b in zip(ours, ref))
+    for k in (5, 1000):  # the mse observer's extremes: fewer than one rank holds, then more than all hold
+        top, total = D.gather_top_magnitudes(mine.reshape(-1), k, group=None)
+        ref_top, ref_total = D.gather_top_magnitudes(whole.reshape(-1), k, group=D.LOCAL)
+        out[f"top_{k}"] = torch.equal(top, ref_top) and total == ref_total == whole.numel()
     lo, hi = D.extremes(mine.amin(), mine.amax())
     out["extremes"] = bool(lo == whole.amin()) and bool(hi == whole.amax())
     return out

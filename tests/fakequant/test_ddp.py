@@ -97,10 +97,11 @@ def test_rank0_alone_writes_the_checkpoint_and_resuming_is_bit_exact(runs):
 
 
 def test_synced_ranges_are_those_of_the_whole_tensor(runs):
-    # percentiles of a tensor split 4/3 rows over the ranks, with and without strided subsampling, and min/max
+    # percentiles of a tensor split 4/3 rows over the ranks, with and without strided subsampling, the values of
+    # largest magnitude (the mse observer's), and min/max
     for rank in (0, 1):
         assert runs[rank][1]["ranges"] == {"percentile_1000000": True, "percentile_50": True, "percentile_7": True,
-                                           "extremes": True}
+                                           "top_5": True, "top_1000": True, "extremes": True}
 
 
 def test_a_mistake_on_any_rank_stops_every_rank_with_a_message(runs):

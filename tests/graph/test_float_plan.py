@@ -44,6 +44,20 @@ def test_a_float_layer_feeding_a_quantized_op_keeps_it_quantized():
     assert {"QuantAdd", "QuantCat", "QuantMul"} <= kinds  # each has an input from a quantized layer
 
 
+def test_a_plan_of_all_none_is_the_fp32_bert():
+    from tests._bert import tiny_bert, token_batch
+
+    model = tiny_bert(layers=1, dropout=0.0)
+    names = hessq.graph.quantizable_layers(model)
+    # it used to fail widening the residual stream: a float LayerNorm has no input quantizer
+    q = hessq.quantize(model, {name: None for name in names}, [token_batch(0)], pin_first_last=None)
+    assert not hessq.graph.act_quantizers(q)
+    batch = token_batch(1)
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert torch.allclose(q(batch["input_ids"]), want, rtol=1e-5, atol=1e-6)  # the mask derives from the pad id
+
+
 class Attention(nn.Module):
     def __init__(self):
         super().__init__()

@@ -242,8 +242,12 @@ def rewrite(
 
 
 def _float_only_values(graph: fx.Graph, modules: Mapping[str, nn.Module], layer_bits: Mapping) -> set[fx.Node]:
-    """Nodes whose tensor inputs all come from weighted layers the plan leaves in float (and nothing quantized)."""
+    """Nodes whose tensor inputs all come from weighted layers the plan leaves in float (and nothing quantized).
+
+    Values no weighted layer reaches (a BERT's attention-mask bias, its position ids) do not decide: scores of float
+    layers plus the mask bias stay float, so a plan of all None is the FP32 model for a transformer too."""
     float_only: set[fx.Node] = set()
+    layer_free: set[fx.Node] = set()  # computed from the inputs and constants alone
     for node in graph.nodes:
         family = family_of_module(modules[node.target]) if node.op == "call_module" else None
         if family is not None and family.weighted:
@@ -251,7 +255,10 @@ def _float_only_values(graph: fx.Graph, modules: Mapping[str, nn.Module], layer_
                 float_only.add(node)
             continue
         inputs = [n for n in node.all_input_nodes if n.op != "get_attr"]
-        if inputs and all(n in float_only for n in inputs):
+        if all(n in layer_free for n in inputs):
+            layer_free.add(node)
+            continue
+        if all(n in float_only or n in layer_free for n in inputs):
             float_only.add(node)
     return float_only
 
@@ -314,7 +321,9 @@ def _widen_residual_stream(gm: fx.GraphModule, quantizer_nodes: Mapping[fx.Node,
     for node in gm.graph.nodes:
         r = role(node)
         if r == "reads":
-            modules[node.target].input_quantizer.set_bits(bits)
+            # a LayerNorm of float-only values (the plan left every layer before it in float) has no quantizer
+            if hasattr(modules[node.target], "input_quantizer"):
+                modules[node.target].input_quantizer.set_bits(bits)
         elif r == "carries" and node in quantizer_nodes and only_residual_consumers(node):
             quantizer_nodes[node].set_bits(bits)
 

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from hessq._distributed import LOCAL, extremes, gather_strided, range_group
+from hessq._distributed import LOCAL, extremes, gather_strided, gather_top_magnitudes, range_group
 from hessq._errors import ConfigError
 from hessq.quantizer._functional import fake_quantize
 
@@ -18,7 +18,10 @@ RANGE_METHODS = ("minmax", "percentile", "ema", "mse")
 _QUANTILE_MAX = 1 << 24
 # The mse method keeps a strided sample of every batch (at most this many values in all) to search its clip on.
 _MSE_SAMPLES = 1 << 17
-# Candidate clips: these fractions of the sample's largest magnitude.
+# ... and the values of largest magnitude of every batch, exactly: a transformer's few massive activations (a handful
+# of tokens in one or two channels) fall between a stride's samples, and a clip searched without them cuts them off.
+_MSE_EXTREMES = 256
+# Candidate clips: these fractions of the largest magnitude seen.
 _MSE_FRACTIONS = torch.linspace(0.1, 1.0, 46, dtype=torch.float64)
 
 
@@ -53,18 +56,25 @@ def batch_range(x: torch.Tensor, percentile: float | None, max_samples: int = _Q
     return extremes(_full_float(x.detach().amin()), _full_float(x.detach().amax()), group)
 
 
-def mse_clip(sample: torch.Tensor, qmax: int, signed: bool) -> float:
-    """The clip c minimising Σ (x − q(x))² over ``sample``, q the grid of step c/qmax on [−c, c] (``signed``) or
-    [0, c]: the bound that trades rounding error against clipping error, searched over fractions 0.1–1 of the
-    largest magnitude. With a few outlier channels (a transformer's LayerNorm outputs) a percentile sits in their
-    tail and leaves everything else a few steps; the squared error weighs both."""
+def mse_clip(sample: torch.Tensor, qmax: int, signed: bool, weights: torch.Tensor | None = None,
+             extremes: torch.Tensor | None = None) -> float:
+    """The clip c minimising Σ w·(x − q(x))² over ``sample`` (each value standing for ``weights`` values, default
+    1) and ``extremes`` (each itself), q the grid of step c/qmax on [−c, c] (``signed``) or [0, c]: the bound that
+    trades rounding error against clipping error, searched over fractions 0.1–1 of the largest magnitude. With a
+    few outlier channels (a transformer's LayerNorm outputs) a percentile sits in their tail and leaves everything
+    else a few steps; the squared error weighs both."""
     x = sample.double()
+    w = torch.ones_like(x) if weights is None else weights.double()
+    if extremes is not None:
+        x, w = torch.cat([x, extremes.double()]), torch.cat([w, torch.ones(extremes.numel(), dtype=torch.float64)])
+    if x.numel() == 0:
+        return 0.0
     top = float(x.abs().max() if signed else x.clamp(min=0).max())
     if top == 0.0:
         return 0.0
     clips = top * _MSE_FRACTIONS
     qmin = -qmax if signed else 0
-    errors = torch.stack([((fake_quantize(x, c / qmax, qmin, qmax) - x) ** 2).sum() for c in clips])
+    errors = torch.stack([(w * (fake_quantize(x, c / qmax, qmin, qmax) - x) ** 2).sum() for c in clips])
     return float(clips[int(errors.argmin())])
 
 
@@ -74,8 +84,8 @@ class RangeObserver(nn.Module):
     ``minmax``: the running extremes. ``percentile``: the mean over batches of each
     batch's ``percentile`` and ``100 - percentile`` quantiles (robust to outliers).
     ``ema``: an exponential moving average of each batch's extremes with ``momentum``.
-    ``mse``: the extremes, and a strided sample of the values seen, on which the quantizer searches the clip of
-    least squared error for its bits (:func:`mse_clip`) when it freezes.
+    ``mse``: the extremes, each batch's values of largest magnitude and a strided sample of the rest, on which the
+    quantizer searches the clip of least squared error for its bits (:func:`mse_clip`) when it freezes.
     """
 
     def __init__(self, method: RangeMethod = "minmax", percentile: float = 99.99, momentum: float = 0.9) -> None:
@@ -95,10 +105,13 @@ class RangeObserver(nn.Module):
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.register_buffer("num_batches", torch.tensor(0, dtype=torch.long))
-        self.samples: list[torch.Tensor] = []  # mse: not state (a frozen scale is), so not a buffer
+        # mse: not state (a frozen scale is), so not buffers
+        self.samples: list[torch.Tensor] = []
+        self.sample_weights: list[float] = []
+        self.extremes: list[torch.Tensor] = []
 
     def reset(self) -> None:
-        self.samples = []
+        self.samples, self.sample_weights, self.extremes = [], [], []
         self.min_val.fill_(float("inf"))
         self.max_val.fill_(float("-inf"))
         self.num_batches.zero_()
@@ -115,10 +128,7 @@ class RangeObserver(nn.Module):
         lo, hi = batch_range(x, self.percentile if self.method == "percentile" else None,
                              batch_constant=self.batch_constant)
         if self.method == "mse":
-            group = LOCAL if self.batch_constant else range_group()
-            self.samples.append(gather_strided(_full_float(x.reshape(-1)), _MSE_SAMPLES // 8, group).cpu())
-            if sum(t.numel() for t in self.samples) > _MSE_SAMPLES:  # keep every other value: the sample stays spread
-                self.samples = [t[::2] for t in self.samples]
+            self._sample(_full_float(x.reshape(-1)))
         n = int(self.num_batches)
         if n == 0:
             self.min_val.copy_(lo)
@@ -135,9 +145,31 @@ class RangeObserver(nn.Module):
         self.num_batches += 1
         return x
 
+    def _sample(self, flat: torch.Tensor) -> None:
+        """Keep a batch's largest-magnitude values exactly and a strided sample of the rest, each sampled value
+        standing for as many values as the stride skips (a stratified estimate of the squared error)."""
+        group = LOCAL if self.batch_constant else range_group()
+        top, total = gather_top_magnitudes(flat, _MSE_EXTREMES, group)
+        sample = gather_strided(flat, _MSE_SAMPLES // 8, group)
+        weight = total / max(sample.numel(), 1)
+        # the sampled values at or above the smallest kept extreme are counted among the extremes already
+        below = sample.abs() < top.abs().min() if top.numel() else torch.ones_like(sample, dtype=torch.bool)
+        self.samples.append(sample[below].cpu())
+        self.sample_weights.append(weight)
+        self.extremes.append(top.cpu())
+        if sum(t.numel() for t in self.samples) > _MSE_SAMPLES:  # keep every other value: the sample stays spread
+            self.sample_weights = [w * t.numel() / max(t[::2].numel(), 1)
+                                   for t, w in zip(self.samples, self.sample_weights)]
+            self.samples = [t[::2] for t in self.samples]
+
     def mse_range(self, qmax: int, signed: bool) -> tuple[float, float]:
-        """(low, high) clipped for least squared error on the sampled values (``mse``)."""
-        c = mse_clip(torch.cat(self.samples), qmax, signed) if self.samples else float(self.max_val)
+        """(low, high) clipped for least squared error on the sampled values and the extremes (``mse``)."""
+        if not self.samples:
+            c = float(self.max_val)
+        else:
+            weights = torch.cat([torch.full((t.numel(),), w, dtype=torch.float64)
+                                 for t, w in zip(self.samples, self.sample_weights)])
+            c = mse_clip(torch.cat(self.samples), qmax, signed, weights, torch.cat(self.extremes))
         return (-c, c) if signed else (0.0, c)
 
     def extra_repr(self) -> str:
