@@ -124,7 +124,8 @@ def run_task(task: str, args, done: list[dict[str, Any]]) -> dict[str, Any]:
         w8 = t.quantize({n: 8 for n in t.layers})
         if args.w8a8_qat:
             w8 = t.qat(w8, seed=0)
-        result["rows"]["W8A8 (after QAT)" if args.w8a8_qat else "W8A8"] = score(f"[{task}] W8A8", w8, test, length, tmp)
+        name = "W8A8 (after QAT)" if args.w8a8_qat else "W8A8"
+        result["rows"][name] = score(f"[{task}] {name}", w8, test, length, tmp)
         save_now()
         plan_file = Path(args.mixed_plan or RESULTS / f"qbert_{task}.json")
         bits = mixed_bits(plan_file, task)

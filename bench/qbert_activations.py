@@ -9,7 +9,8 @@ attention matmuls (QKᵀ, attention·V), softmax, GELU (input, output, both), th
 attention context (the input of each attention output projection). Accuracy is the fake-quantized model's
 (float fake quantization) on the first ``--test-limit`` test texts.
 
-    .venv/bin/python bench/qbert_activations.py [--task tweets] [--test-limit 1024]
+    .venv/bin/python bench/qbert_activations.py [--task tweets] [--test-limit 1024] [--act-range mse]
+        [--residual-bits 16] [--groups GROUP ...] [--no-range-rows]
 
 Writes qbert_activations.json and .md to --out (default bench/results).
 """
@@ -77,7 +78,8 @@ def main() -> int:
     q = hessq.quantize(model, plan, calib, pin_first_last=None, act_range=args.act_range,
                        residual_bits=args.residual_bits)
     quantizers = act_quantizers(q)
-    rows.append({"setting": f"W8A8, {args.act_range} ranges, {args.residual_bits}-bit residual stream", "accuracy": accuracy(q), "quantizers": len(quantizers)})
+    rows.append({"setting": f"W8A8, {args.act_range} ranges, {args.residual_bits}-bit residual stream",
+                 "accuracy": accuracy(q), "quantizers": len(quantizers)})
     log(f"{rows}")
     for name, patterns in ((g, GROUPS[g]) for g in args.groups):
         wide = [n for n in quantizers if any(re.search(p, n) for p in patterns)]
