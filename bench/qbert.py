@@ -52,6 +52,7 @@ GROUPINGS = {  # name -> quantize() keywords
     "128-column blocks": dict(weight_granularity="block", block_size=128),
 }
 MIXED_BITS = (2, 3, 4, 5, 6, 8)
+SCALE_BYTES = 4  # a float32 weight scale, as hessq.plan's cost model counts one per output channel
 
 
 def data(task: str, split: str, **kw):
@@ -80,8 +81,10 @@ class Task:
             model.integer_eval = False
         return float(hessq.accuracy(model, self.test))
 
-    def size_mb(self, plan) -> float:
-        return float(evaluate_plan(self.model, plan).size_bytes) / 1e6
+    def size_mb(self, plan, q=None) -> float:
+        """The plan's bytes; given its quantized model ``q``, with the scales its weight grouping stores (the
+        cost model counts one per output channel: Q-BERT's 128 row groups store fewer, 128-column blocks more)."""
+        return (evaluate_plan(self.model, plan).size_bytes + SCALE_BYTES * (0 if q is None else extra_scales(q))) / 1e6
 
     def quantize(self, plan, **kw):
         return hessq.quantize(self.model, plan, self.calib, pin_first_last=None, **kw)
@@ -96,6 +99,13 @@ class Task:
                        seed=seed, checkpoint=None, progress=False, track_ranges=self.args.qat_ranges == "track",
                        hidden_weight=self.args.qat_hidden_weight)
         return q.eval()
+
+
+def extra_scales(q) -> int:
+    """Weight scales of ``q`` beyond one per output channel (negative where a grouping stores fewer)."""
+    return sum(m.weight_quantizer.scale(m.weight.detach()).numel() - m.weight.shape[0] for m in q.modules()
+               if isinstance(getattr(m, "weight_quantizer", None), torch.nn.Module)
+               and isinstance(getattr(m, "weight", None), torch.Tensor))
 
 
 def uniform(names: list[str], bits: int) -> dict[str, int]:
@@ -135,9 +145,10 @@ def run_task(task: str, args, done: list[dict[str, Any]]) -> dict[str, Any]:
         plan = uniform(t.layers, bits)
         for grouping, kw in ((g, GROUPINGS[g]) for g in args.groupings):
             q = t.quantize(plan, **kw)
+            size = t.size_mb(plan, q)
             ptq = t.accuracy(q)
             qat = t.accuracy(t.qat(q)) if args.qat_steps and bits in args.qat_uniform_bits else None
-            row(f"W{bits}A8 {grouping}", ptq, t.size_mb(plan), after_qat=qat)
+            row(f"W{bits}A8 {grouping}", ptq, size, after_qat=qat)
 
     log(f"[{task}] Hessian traces")
     ts = time.time()
