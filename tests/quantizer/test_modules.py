@@ -158,3 +158,21 @@ def test_mse_samples_do_not_keep_the_batches_alive():
     sample = q.observer.samples[0]
     assert 0 < sample.numel() < big.numel() // 100
     assert sample.untyped_storage().nbytes() == sample.numel() * sample.element_size()
+
+
+def test_mse_sample_weights_count_every_value_once():
+    # the stratified estimate: the kept extremes stand for themselves and the sampled rest for the batch's other
+    # values, so the weights add up to the number of values seen (summing over the sample counted the extremes
+    # twice), and still do after the sample is thinned
+    from hessq.quantizer._observer import _MSE_EXTREMES, _MSE_SAMPLES
+
+    q = ActQuantizer(8, "mse")
+    q.observing = True
+    sizes = (300_000, 123_457, _MSE_SAMPLES)  # the total passes _MSE_SAMPLES: the sample is thinned once
+    gen = torch.Generator().manual_seed(0)
+    for n in sizes:
+        q(torch.randn(n, generator=gen) * 3)
+    obs = q.observer
+    counted = sum(w * t.numel() for t, w in zip(obs.samples, obs.sample_weights))
+    assert counted + sum(e.numel() for e in obs.extremes) == pytest.approx(sum(sizes), rel=1e-12)
+    assert all(e.numel() == _MSE_EXTREMES for e in obs.extremes)

@@ -151,11 +151,12 @@ class RangeObserver(nn.Module):
         group = LOCAL if self.batch_constant else range_group()
         top, total = gather_top_magnitudes(flat, _MSE_EXTREMES, group)
         sample = gather_strided(flat, _MSE_SAMPLES // 8, group)
-        weight = total / max(sample.numel(), 1)
-        # the sampled values at or above the smallest kept extreme are counted among the extremes already
+        # the sampled values at or above the smallest kept extreme are counted among the extremes already; the
+        # rest stand for the batch's other values, so their weights sum to the count of values not kept exactly
         below = sample.abs() < top.abs().min() if top.numel() else torch.ones_like(sample, dtype=torch.bool)
-        self.samples.append(sample[below].cpu())
-        self.sample_weights.append(weight)
+        kept = sample[below]
+        self.samples.append(kept.cpu())
+        self.sample_weights.append((total - top.numel()) / max(kept.numel(), 1))
         self.extremes.append(top.cpu())
         if sum(t.numel() for t in self.samples) > _MSE_SAMPLES:  # keep every other value: the sample stays spread
             self.sample_weights = [w * t.numel() / max(t[::2].numel(), 1)
