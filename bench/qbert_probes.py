@@ -29,8 +29,7 @@ from _common import RESULTS  # noqa: E402
 from qbert import MIXED_BITS, Task, uniform  # noqa: E402
 
 from hessq.plan import evaluate_plan, plan_bits  # noqa: E402
-from hessq.quantizer import qrange, symmetric_scale  # noqa: E402
-from hessq.quantizer._modules import WeightQuantizer  # noqa: E402
+from hessq.quantizer import WeightQuantizer, qrange, symmetric_scale  # noqa: E402
 from hessq.sensitivity import Sensitivity  # noqa: E402
 
 WORD = "bert.embeddings.word_embeddings"

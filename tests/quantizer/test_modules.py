@@ -168,11 +168,17 @@ def test_mse_sample_weights_count_every_value_once():
 
     q = ActQuantizer(8, "mse")
     q.observing = True
-    sizes = (300_000, 123_457, _MSE_SAMPLES)  # the total passes _MSE_SAMPLES: the sample is thinned once
+    per_batch = _MSE_SAMPLES // 8  # a batch this size is sampled whole
+    sizes = (300_000, 123_457) + (per_batch,) * 8  # the samples pass _MSE_SAMPLES: they are thinned
     gen = torch.Generator().manual_seed(0)
-    for n in sizes:
-        q(torch.randn(n, generator=gen) * 3)
+    batches = [torch.randn(n, generator=gen) * 3 for n in sizes]
+    for x in batches:
+        q(x)
     obs = q.observer
+    first = ActQuantizer(8, "mse")
+    first.observing = True
+    first(batches[0])
+    assert obs.samples[0].numel() < first.observer.samples[0].numel()  # the first batch's sample was thinned
     counted = sum(w * t.numel() for t, w in zip(obs.samples, obs.sample_weights))
     assert counted + sum(e.numel() for e in obs.extremes) == pytest.approx(sum(sizes), rel=1e-12)
     assert all(e.numel() == _MSE_EXTREMES for e in obs.extremes)
