@@ -37,7 +37,7 @@ import torch
 
 import hessq
 from hessq.graph import quantizable_layers
-from hessq.plan import evaluate_plan, plan_bits
+from hessq.plan import evaluate_plan, lookup_counts, plan_bits
 from hessq.sensitivity import Sensitivity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,6 +52,7 @@ GROUPINGS = {  # name -> quantize() keywords
     "128-column blocks": dict(weight_granularity="block", block_size=128),
 }
 MIXED_BITS = (2, 3, 4, 5, 6, 8)
+WORD = "bert.embeddings.word_embeddings"
 SCALE_BYTES = 4  # a float32 weight scale, as hessq.plan's cost model counts one per output channel
 
 
@@ -150,33 +151,41 @@ def run_task(task: str, args, done: list[dict[str, Any]]) -> dict[str, Any]:
             qat = t.accuracy(t.qat(q)) if args.qat_steps and bits in args.qat_uniform_bits else None
             row(f"W{bits}A8 {grouping}", ptq, size, after_qat=qat)
 
-    log(f"[{task}] Hessian traces")
     ts = time.time()
-    sens = hessq.hessian_sensitivity(t.model, t.sens_batches, method=args.trace_method, rtol=args.rtol,
-                                     max_samples=args.max_samples, time_budget=args.time_budget, eigenvalues=False,
-                                     progress=True)
+    if args.sensitivity:  # a saved analysis of this same checkpoint (it is refused for another model)
+        log(f"[{task}] Hessian traces from {args.sensitivity.format(task=task)}")
+        sens = Sensitivity.load(args.sensitivity.format(task=task))
+        sens.check_model(t.model)
+    else:
+        log(f"[{task}] Hessian traces")
+        sens = hessq.hessian_sensitivity(t.model, t.sens_batches, method=args.trace_method, rtol=args.rtol,
+                                         max_samples=args.max_samples, time_budget=args.time_budget,
+                                         eigenvalues=False, progress=True)
+        sens.save(Path(args.out) / f"qbert_sensitivity_{task}.json")
     sens_seconds = time.time() - ts
-    sens.save(Path(args.out) / f"qbert_sensitivity_{task}.json")
     limit = evaluate_plan(t.model, uniform(t.layers, 3)).size_bytes
+    # the word table in row tiers by lookups on the training split (every plan below: the same planner)
+    usage = {WORD: lookup_counts(t.model, t.train)[WORD]} if args.row_tiers else None
 
     def planned(s: Sensitivity):
-        return plan_bits(t.model, s, weight_bits=MIXED_BITS, size_limit=limit, pin_first_last=None)
+        return plan_bits(t.model, s, weight_bits=MIXED_BITS, size_limit=limit, pin_first_last=None,
+                         row_usage=usage, row_tiers=args.row_tiers or 1)
 
     mixed = planned(sens)
-    seeds = [t.accuracy(t.qat(t.quantize(dict(mixed)), seed=s)) for s in range(args.seeds)]
+    seeds = [t.accuracy(t.qat(t.quantize(mixed), seed=s)) for s in range(args.seeds)]
     mean = float(np.mean(seeds))
     half = float(1.96 * np.std(seeds, ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else None
-    row("Hessian mixed 2-8 bits (avg 3)", t.accuracy(t.quantize(dict(mixed))), mixed.size_bytes / 1e6,
+    row("Hessian mixed 2-8 bits (avg 3)", t.accuracy(t.quantize(mixed)), mixed.size_bytes / 1e6,
         after_qat=mean, qat_seeds=seeds, qat_ci95=half, average_bits=mixed.average_bits,
-        bits={n: mixed[n] for n in mixed})
+        bits={n: mixed[n] for n in mixed}, word_row_tiers=mixed.layers[WORD].get("row_tiers"))
     rev = planned(reverse_sensitivity(sens))
-    q = t.quantize(dict(rev))
+    q = t.quantize(rev)
     row("reversed sensitivity order", t.accuracy(q), rev.size_bytes / 1e6, after_qat=t.accuracy(t.qat(q)),
         average_bits=rev.average_bits)
     rand_ptq, rand_qat = [], []
     for seed in range(args.random_plans):
         rp = planned(random_sensitivity(sens, seed))
-        q = t.quantize(dict(rp))
+        q = t.quantize(rp)
         rand_ptq.append(t.accuracy(q))
         rand_qat.append(t.accuracy(t.qat(q)) if args.random_qat else None)
     row(f"random plans (median of {args.random_plans})", float(np.median(rand_ptq)), limit / 1e6,
@@ -234,6 +243,10 @@ def main() -> int:
     ap.add_argument("--random-qat", action="store_true", help="QAT every random plan too (slow)")
     ap.add_argument("--calibration-batches", type=int, default=8)
     ap.add_argument("--sensitivity-batches", type=int, default=2)
+    ap.add_argument("--row-tiers", type=int, default=4,
+                    help="the word table's row tiers by lookups in every plan (0: one width per table)")
+    ap.add_argument("--sensitivity", default=None,
+                    help="load the Hessian traces from this file ({task} is replaced) instead of computing them")
     ap.add_argument("--trace-method", default="hutchinson")
     ap.add_argument("--rtol", type=float, default=0.1)
     ap.add_argument("--max-samples", type=int, default=100)

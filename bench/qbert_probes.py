@@ -8,6 +8,12 @@
 * ``word-grid mid|tern``: the word table rounded beforehand, per row at its least-squares clip, on 4 levels
   ±0.5s, ±1.5s (``mid``, what 2 bits can hold) or on 3 levels 0, ±s (``tern``, hessq's symmetric 2 bits), then
   kept at 8 bits in the plan; post-training.
+* ``word-rows BITS N [N ...]``: the word table's rows of the N most frequent training tokens rounded beforehand at
+  BITS, the other rows at 2 bits (each row at its least-squares clip), then kept at 8 bits in the plan; also the
+  plan with the whole table at 8 bits (N = all); post-training, not at equal size: how much of the gap the
+  frequent rows hold.
+* ``row-tiers K [K ...]``: the plan re-solved at the same size with the word table in K row tiers by lookups on
+  the training split (``plan_bits(row_usage=...)``); post-training.
 * ``qat-lr LR STEPS [SEED]``: QAT of the plan with AdamW at LR for STEPS steps (bench/qbert.py's default 2e-5).
 
     .venv/bin/python bench/qbert_probes.py bbc linear-clip wls
@@ -26,10 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS  # noqa: E402
-from qbert import MIXED_BITS, Task, uniform  # noqa: E402
+from qbert import MIXED_BITS, Task, data, uniform  # noqa: E402
 
-from hessq.plan import evaluate_plan, plan_bits  # noqa: E402
-from hessq.quantizer import WeightQuantizer, qrange, symmetric_scale  # noqa: E402
+from hessq.plan import evaluate_plan, lookup_counts, plan_bits  # noqa: E402
+from hessq.quantizer import WeightQuantizer, least_squares_clip, qrange, symmetric_scale  # noqa: E402
 from hessq.sensitivity import Sensitivity  # noqa: E402
 
 WORD = "bert.embeddings.word_embeddings"
@@ -120,10 +126,55 @@ def word_grid(t: Task, plan: dict[str, int], mode: str) -> float:
     return t.accuracy(t.quantize({**plan, WORD: 8}).eval())
 
 
+def token_counts(t: Task) -> torch.Tensor:
+    """How often each id occurs (unpadded) in the training split."""
+    counts = torch.zeros(t.model.get_submodule(WORD).num_embeddings, dtype=torch.long)
+    for b in data(t.name, "train", batch_size=64):
+        counts += torch.bincount(b["input_ids"][b["attention_mask"].bool()], minlength=counts.numel())
+    return counts
+
+
+def rounded_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
+    absmax = w.abs().amax(1)
+    s = symmetric_scale(absmax * least_squares_clip(w, absmax, bits), bits).unsqueeze(1)
+    qmin, qmax = qrange(bits, True)
+    return torch.clamp(torch.round(w / s), qmin, qmax) * s
+
+
+def word_rows(t: Task, plan: dict[str, int], bits: int, ns: list[str]) -> list[str]:
+    table = t.model.get_submodule(WORD).weight
+    original = table.data.clone()
+    order = token_counts(t).argsort(descending=True)
+    low, high = rounded_rows(original, 2), rounded_rows(original, bits)
+    out = [f"whole table at 8 bits: {100 * t.accuracy(t.quantize({**plan, WORD: 8}).eval()):.2f}%"]
+    for n in map(int, ns):
+        table.data.copy_(low)
+        table.data[order[:n]] = high[order[:n]]
+        out.append(f"top {n} rows at {bits} bits (+{n * table.shape[1] * (bits - 2) / 8e6:.3f} MB): "
+                   f"{100 * t.accuracy(t.quantize({**plan, WORD: 8}).eval()):.2f}%")
+        print(out[-1], flush=True)
+    table.data.copy_(original)
+    return out
+
+
+def row_tiers(t: Task, tiers: list[str]) -> list[str]:
+    sens = Sensitivity.load(RESULTS / f"qbert_sensitivity_{t.name}.json")
+    limit = evaluate_plan(t.model, uniform(t.layers, 3)).size_bytes
+    usage = {WORD: lookup_counts(t.model, t.train)[WORD]}
+    out = []
+    for k in map(int, tiers):
+        plan = plan_bits(t.model, sens, weight_bits=MIXED_BITS, size_limit=limit, pin_first_last=None,
+                         row_usage=usage, row_tiers=k)
+        out.append(f"{k} tiers {plan.layers[WORD]['row_tiers']}, layers {dict(Counter(dict(plan).values()))}, "
+                   f"{plan.size_bytes / 1e6:.3f} MB: {100 * t.accuracy(t.quantize(plan).eval()):.2f}%")
+        print(out[-1], flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("task", choices=("bbc", "tweets"))
-    ap.add_argument("probe", choices=("linear-clip", "pin-word", "word-grid", "qat-lr"))
+    ap.add_argument("probe", choices=("linear-clip", "pin-word", "word-grid", "word-rows", "row-tiers", "qat-lr"))
     ap.add_argument("values", nargs="+")
     a = ap.parse_args()
     qat = a.probe == "qat-lr"
@@ -136,6 +187,12 @@ def main() -> int:
         acc = linear_clip(t, tabled_plan(a.task), a.values[0])
     elif a.probe == "pin-word":
         acc = pin_word(t, int(a.values[0]))
+    elif a.probe == "word-rows":
+        print("\n".join(word_rows(t, tabled_plan(a.task), int(a.values[0]), a.values[1:])))
+        return 0
+    elif a.probe == "row-tiers":
+        print("\n".join(row_tiers(t, a.values)))
+        return 0
     elif a.probe == "word-grid":
         acc = word_grid(t, tabled_plan(a.task), a.values[0])
     else:

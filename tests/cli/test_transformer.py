@@ -8,17 +8,21 @@ from hessq.cli import main
 from tests._bert import tiny_bert
 
 
-def test_compress_takes_a_hugging_face_folder_and_reports_bits_per_encoder_layer(tmp_path, capsys):
+def test_compress_takes_a_hugging_face_folder_plans_row_tiers_and_reports_bits_per_encoder_layer(tmp_path, capsys):
     folder = tmp_path / "bert"
     tiny_bert().save_pretrained(folder)
     out = tmp_path / "out"
     code = main(["compress", "--model", f"hf:{folder}", "--data", "tests._bert:tiny_text_data", "--size-limit", "50%",
                  "--weight-bits", "2,4,8", "--pin-first-last", "none", "--no-latency", "--pareto-points", "4",
-                 "--max-samples", "4", "--baselines", "8", "--out", str(out), "--no-progress"])
+                 "--max-samples", "4", "--baselines", "8", "--row-tiers", "3", "--out", str(out), "--no-progress"])
     assert code == 0
     plan = json.loads((out / "plan.json").read_text())
     names = list(plan["bits"])
     assert "bert.encoder.layer.1.attention.self.query" in names and "bert.embeddings.word_embeddings" in names
+    # each table planned in row tiers by its lookups in the data: the tiers cover every row once
+    tiers = plan["layers"]["bert.embeddings.word_embeddings"]["row_tiers"]
+    assert plan["meta"]["row_tiers"]["bert.embeddings.word_embeddings"] == len(tiers) == 3
+    assert sum(t["rows"] for t in tiers) == 100
     page = (out / "report.html").read_text()
     assert "id=block-bits" in page
     results = json.loads((out / "results.json").read_text())

@@ -120,7 +120,7 @@ def test_damaged_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="checksum"):
         hessq.load_integer(tmp_path / "flipped.hq")
     data = torch.load(path, weights_only=True)
-    data["header"] = data["header"].replace('"version": 3', '"version": 99')
+    data["header"] = data["header"].replace('"version": 4', '"version": 99')
     torch.save(data, tmp_path / "future.hq")
     with pytest.raises(ValueError, match="version 99"):
         hessq.load_integer(tmp_path / "future.hq")

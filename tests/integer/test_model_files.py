@@ -100,15 +100,15 @@ def test_repeated_multipliers_are_stored_once_and_load_bit_exact(tmp_path):
         if "scale" in entry:
             tensors[entry["scale"]["name"]] = _restore(tensors[entry["scale"]["name"]], entry["scale"])
             entry["scale"] = entry["scale"]["name"]
-    for version in (1, 4):
+    for version in (1, 5):
         header["version"] = version
         blob = {"header": __import__("json").dumps(header), "tensors": tensors,
                 "sha256": IntegerModel._digest(header, tensors)}
         torch.save(blob, tmp_path / f"v{version}.hq")
     assert header["format"] == FORMAT
     assert torch.equal(hessq.load_integer(tmp_path / "v1.hq")(ids), im(ids))
-    with pytest.raises(ArtifactError, match="version 4"):
-        hessq.load_integer(tmp_path / "v4.hq")
+    with pytest.raises(ArtifactError, match="version 5"):
+        hessq.load_integer(tmp_path / "v5.hq")
 
 
 @pytest.mark.parametrize("bits", range(1, 8))

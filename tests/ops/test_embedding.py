@@ -178,3 +178,56 @@ def test_eval_lookup_rounds_only_the_rows_read_with_the_same_numbers(granularity
         fast = q.words(ids)
     whole = q.words(ids)  # the weight needs a gradient here: the whole table is fake-quantized, then looked up
     assert whole.requires_grad and torch.equal(fast, whole.detach())
+
+
+def test_rows_of_their_own_widths_follow_the_formula_and_the_integer_lookup_matches(tmp_path):
+    # a plan's row tiers: each row quantized at its own width, with its own least-error clip at that width
+    torch.manual_seed(0)
+    model = TinyText().eval()
+    widths = torch.tensor([2, 8, 4, 2, 3] * 6, dtype=torch.int8)
+    plan = hessq.BitPlan({"words": 2, "positions": 8, "head": 8},
+                         row_bits={"words": {b: [r for r in range(30) if widths[r] == b] for b in (3, 4, 8)}})
+    q = hessq.quantize(model, plan, [(_ids(i),) for i in range(3)])
+    words = q.words
+    assert torch.equal(words.weight_quantizer.row_bits, widths)
+    got = words.weight_quantizer(words.weight).detach()
+    for r in range(30):  # row by row, from the formula at the row's width
+        _reference(words.weight[r:r + 1], int(widths[r]), [range(0, 1)], CLIP_RATIOS, got[r:r + 1])
+    codes, scale = words.integer_weight()
+    assert all(int(codes[r].abs().max()) <= 2 ** (int(widths[r]) - 1) - 1 for r in range(30))
+    assert int(codes[widths == 8].abs().max()) > 7  # wide rows do use their wider grid
+    assert torch.equal((codes.double() * scale.unsqueeze(1)).float(), got)
+    ids = _ids(9)
+    with torch.no_grad():  # the eval lookup (only the rows read) equals the whole table's
+        assert torch.equal(words(ids), words.output_quantizer(torch.nn.functional.embedding(ids, got)))
+    imodel = hessq.to_integer(q)
+    assert torch.equal(q(ids), imodel(ids))
+    # the .hq file packs each width's rows at that width, and loads back the same program
+    imodel.save(tmp_path / "rows.hq")
+    again = hessq.load_integer(tmp_path / "rows.hq")
+    assert torch.equal(again(ids), imodel(ids))
+    op = next(o for o in again.ops if o.kind == "embedding")
+    assert torch.equal(op.tensors["weight"], codes.to(torch.int8)) and torch.equal(op.tensors["row_bits"], widths)
+    _, stored = imodel._payload()
+    index = next(i for i, o in enumerate(imodel.ops) if o.kind == "embedding")
+    table_bytes = sum(t.numel() for name, t in stored.items() if name.startswith(f"{index}.weight."))
+    assert table_bytes == sum(-(-int((widths == b).sum()) * 8 * b // 8) for b in (2, 3, 4, 8))  # 8 columns
+    hessq.export_onnx(imodel, tmp_path / "rows.onnx")
+    session = ort.InferenceSession(str(tmp_path / "rows.onnx"), providers=["CPUExecutionProvider"])
+    assert np.array_equal(session.run(None, {"input": ids.numpy()})[0], imodel(ids).numpy())
+
+
+def test_row_widths_out_of_range_or_for_the_wrong_table_are_refused():
+    from hessq.ops.embedding import RowQuantizer
+
+    with pytest.raises(hessq.ConfigError, match="from 2 to 8"):
+        RowQuantizer(2).set_row_bits(torch.tensor([2, 9]))
+    with pytest.raises(hessq.ConfigError, match="one scale per row"):
+        RowQuantizer(2, "group", 2).set_row_bits(torch.tensor([2, 4]))
+    model = TinyText().eval()
+    with pytest.raises(hessq.ConfigError, match="not a quantized embedding table"):
+        hessq.quantize(model, hessq.BitPlan({"words": 2, "positions": 8, "head": 8}, row_bits={"head": {4: [0]}}),
+                       [(_ids(0),)])
+    with pytest.raises(hessq.ConfigError, match="row 30 of 'words'"):
+        hessq.quantize(model, hessq.BitPlan({"words": 2, "positions": 8, "head": 8}, row_bits={"words": {4: [30]}}),
+                       [(_ids(0),)])

@@ -39,6 +39,8 @@ CONFIG_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--latency-table", "plan", "latency_table", dict(help="a latency.json (`hessq export --latency-table`) to plan with")),
     ("--no-latency", "plan", "measure_latency", dict(action="store_false", help="skip the ONNX Runtime latency measurements")),
     ("--latency-repeats", "plan", "latency_repeats", dict(type=int, help="timed runs per latency measurement")),
+    ("--row-tiers", "plan", "row_tiers", dict(type=int, help="plan each embedding table's rows in this many tiers "
+                                                             "by their lookups in the data (0: one width per table)")),
     ("--sensitivity-batches", "sensitivity", "batches", dict(type=int, help="data batches the Hessian reads")),
     ("--max-samples", "sensitivity", "max_samples", dict(type=int, help="at most this many Hutchinson samples")),
     ("--rtol", "sensitivity", "rtol", dict(type=float, help="stop when every layer's trace stderr <= rtol*|trace|")),

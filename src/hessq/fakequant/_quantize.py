@@ -138,6 +138,24 @@ def calibrate(qmodel: nn.Module, batches: Iterable, *, progress: bool = False) -
     return count
 
 
+def _apply_row_bits(gm: nn.Module, plan: Plan, layer_bits: Mapping[str, tuple[int, int] | None]) -> None:
+    """A plan's ``row_bits`` (tables whose rows have widths of their own) given to the tables' quantizers."""
+    for name, widths in (getattr(plan, "row_bits", None) or {}).items():
+        wq = getattr(gm.get_submodule(name), "weight_quantizer", None)
+        if not hasattr(wq, "set_row_bits") or layer_bits.get(name) is None:
+            raise ConfigError(f"the plan gives rows of {name!r} widths of their own, but it is not a quantized "
+                              "embedding table: only tables have rows of their own widths")
+        rows_total = gm.get_submodule(name).weight.shape[0]
+        per_row = torch.full((rows_total,), layer_bits[name][0], dtype=torch.int8)
+        for b, rows in widths.items():
+            rows = torch.as_tensor(rows, dtype=torch.long)
+            if rows.numel() and int(rows.max()) >= rows_total:
+                raise ConfigError(f"the plan's row bits name row {int(rows.max())} of {name!r}, which has "
+                                  f"{rows_total} rows: the plan was made for another table")
+            per_row[rows] = b
+        wq.set_row_bits(per_row)
+
+
 def quantize(
     model: nn.Module,
     plan: Plan,
@@ -226,6 +244,7 @@ def quantize(
         activation_bounds=activation_bounds,
         residual_bits=residual_bits,
     ).to(device=device, dtype=dtype)
+    _apply_row_bits(gm, plan, layer_bits)
     qmodel = QuantizedModel(gm, layer_bits, gm.hessq_float_ops)
     # a captured text model's padding token: its integer model pads shorter inputs to its compiled length
     qmodel.pad_token_id = getattr(model, "pad_token_id", None)

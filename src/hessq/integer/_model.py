@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,10 @@ FORMAT = "hessq.integer-model"
 #: 2: tensors whose values repeat along a dimension are stored once along it ("expand").
 #: 3: weights of b < 8 bits are stored as a stream of b-bit codes ("packed": [bits, shape]), not as nibbles; output
 #: scales are compacted too; int64 constants that fit a narrower type are stored in it ("widen").
-#: Files of versions 1 and 2 still load.
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+#: 4: a table whose rows have widths of their own (a plan's row tiers) stores each width's rows packed at that width
+#: ("packed_rows"). Files of versions 1 to 3 still load.
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 
 def _pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -55,6 +56,19 @@ def _unpack_bits(packed: torch.Tensor, bits: int, shape: list[int]) -> torch.Ten
     place = torch.arange(bits, dtype=torch.uint8)
     codes = (stream.view(n, bits) << place).sum(1, dtype=torch.int16) - (1 << (bits - 1))
     return codes.reshape(shape).to(torch.int8)
+
+
+def _unpack_rows(tensors: Mapping[str, torch.Tensor], refs: Mapping[str, Any], parts: list, shape: list[int],
+                 row_bits_name: str) -> torch.Tensor:
+    """A table stored as each width's rows packed at that width (version 4), back as int8 codes."""
+    ref = next(r for r in refs.values() if r.get("name") == row_bits_name)
+    widths = _restore(tensors[row_bits_name], ref)
+    table = torch.empty(shape, dtype=torch.int8)
+    for bits, name in parts:
+        rows = widths == bits
+        shape_b = [int(rows.sum())] + list(shape[1:])
+        table[rows] = _unpack_bits(tensors[name], bits, shape_b) if bits < 8 else tensors[name].reshape(shape_b)
+    return table
 
 
 def _compact(t: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -172,7 +186,14 @@ class IntegerModel:
             for key, t in op.tensors.items():
                 name = f"{i}.{key}"
                 bits = op.attrs.get("w_bits", 8)
-                if key == "weight" and bits < 8:
+                if key == "weight" and "row_bits" in op.tensors:  # each width's rows packed at that width
+                    parts = []
+                    for b in op.tensors["row_bits"].unique().tolist():
+                        rows = t[op.tensors["row_bits"] == b]
+                        tensors[f"{name}.{b}"] = _pack_bits(rows, b) if b < 8 else rows.to(torch.int8).contiguous()
+                        parts.append([b, f"{name}.{b}"])
+                    entry["tensors"][key] = {"name": name, "packed_rows": [parts, list(t.shape), f"{i}.row_bits"]}
+                elif key == "weight" and bits < 8:
                     tensors[name] = _pack_bits(t, bits)
                     entry["tensors"][key] = {"name": name, "packed": [bits, list(t.shape)]}
                 else:
@@ -245,6 +266,9 @@ class IntegerModel:
             for entry in header["program"]:
                 op_tensors = {}
                 for key, ref in entry["tensors"].items():
+                    if "packed_rows" in ref:
+                        op_tensors[key] = _unpack_rows(tensors, entry["tensors"], *ref["packed_rows"])
+                        continue
                     t = tensors[ref["name"]]
                     if "packed" in ref:
                         t = _unpack_bits(t, *ref["packed"])

@@ -63,7 +63,7 @@ class WeightCodes:
         """(int64 codes, float64 scale per channel / group / tensor) of the quantized weight."""
         wq = self.weight_quantizer
         scale = wq.scale(self.weight).double()
-        lo, hi = qrange(wq.bits, signed=True)
+        lo, hi = wq.code_bounds(self.weight)
         codes = torch.clamp(torch.round(self.weight.double() / wq.expand(scale, self.weight)), lo, hi)
         return codes.to(torch.int64), scale
 

@@ -8,6 +8,9 @@ gathers the codes of each id's row with that row's dyadic multiplier b_r / 2^c_r
 
     out = clamp((q_r · b_r + 2^(c_r − 1)) >> c_r)
 
+A plan's row tiers (:func:`hessq.plan_bits` with ``row_usage``) give rows widths of their own (b_r bits for row r,
+:meth:`RowQuantizer.set_row_bits`): each row is still one scale and one row of codes, so nothing below changes.
+
 Lookups with constant ids (BERT's positions ``arange(T)`` and token types ``zeros``) are computed while compiling
 by the same arithmetic, and enter the program as constant codes.
 
@@ -48,6 +51,39 @@ class RowQuantizer(WeightQuantizer):
     def __init__(self, bits: int, granularity: str = "channel", num_groups: int = 1) -> None:
         super().__init__(bits, "channel" if granularity == "block" else granularity, num_groups)
         self._clip: tuple[tuple, torch.Tensor] | None = None  # (weight key, ratio per unit): derived, not state
+        #: Each row's own width ([V] int8), or None: every row at ``bits`` (see :meth:`set_row_bits`).
+        self.register_buffer("row_bits", None)
+
+    def set_row_bits(self, row_bits: torch.Tensor | None) -> None:
+        """Give each row its own width (a plan's row tiers: the rows of frequent tokens wider than the rest).
+
+        Each row keeps its own scale, at its own width, so a lookup still copies one row's codes and scale.
+        """
+        if row_bits is not None:
+            if self.granularity != "channel":
+                raise ConfigError(f"rows of their own widths need one scale per row (granularity 'channel'), not "
+                                  f"{self.granularity!r}")
+            row_bits = torch.as_tensor(row_bits).detach()
+            if row_bits.dim() != 1 or row_bits.is_floating_point() or not bool(((row_bits >= 2) & (row_bits <= 8)).all()):
+                raise ConfigError("row bits must be a vector of integer widths from 2 to 8, one per table row")
+            row_bits = row_bits.to(torch.int8)
+        self.row_bits = row_bits
+        self._clip = None
+
+    def _widths(self, weight: torch.Tensor) -> torch.Tensor | None:
+        if self.row_bits is None:
+            return None
+        if self.row_bits.numel() != weight.shape[0]:
+            raise ConfigError(f"row bits for {self.row_bits.numel()} rows given to a table of {weight.shape[0]} rows")
+        return self.row_bits.to(weight.device)
+
+    def code_bounds(self, weight: torch.Tensor) -> tuple[int | torch.Tensor, int | torch.Tensor]:
+        widths = self._widths(weight)
+        if widths is None:
+            return qrange(self.bits, signed=True)
+        qmax = (torch.ones((), dtype=torch.long, device=weight.device) << (widths.long() - 1)) - 1
+        qmax = qmax.to(weight.dtype).unsqueeze(1)  # symmetric: [-(2^(b-1) - 1), 2^(b-1) - 1], as qrange
+        return -qmax, qmax
 
     def _units(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
         """(max |w| per unit, unit of each row or None for one per row, rows per group or None)."""
@@ -62,21 +98,39 @@ class RowQuantizer(WeightQuantizer):
         unit = torch.arange(rows, device=weight.device) // per
         return padded.reshape(-1, per).amax(1), unit, per
 
+    def _search(self, weight: torch.Tensor, absmax: torch.Tensor, unit: torch.Tensor | None) -> torch.Tensor:
+        widths = self._widths(weight)
+        if widths is None:
+            return least_squares_clip(weight.flatten(1), absmax, self.bits, unit)
+        ratio = torch.ones_like(absmax, dtype=torch.float32)
+        for b in widths.unique().tolist():  # each width's rows searched on its own grid
+            rows = widths == b
+            ratio[rows] = least_squares_clip(weight.flatten(1)[rows], absmax[rows], b)
+        return ratio
+
     def _ratio(self, weight: torch.Tensor, absmax: torch.Tensor, unit: torch.Tensor | None) -> torch.Tensor:
         try:
+            widths = self.row_bits  # (a state-dict load writes the row widths in place: their version moves)
             key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device, self.bits,
-                   self.granularity, self.num_groups)
+                   self.granularity, self.num_groups, None if widths is None else (widths.data_ptr(), widths._version))
         except RuntimeError:  # an inference-mode tensor has no version: search every time
-            return least_squares_clip(weight.flatten(1), absmax, self.bits, unit)
+            return self._search(weight, absmax, unit)
         cached = self._clip
         if cached is not None and (cached[0] == key or (self.training and cached[0][2:] == key[2:])):
             return cached[1]
-        ratio = least_squares_clip(weight.flatten(1), absmax, self.bits, unit)
+        ratio = self._search(weight, absmax, unit)
         self._clip = (key, ratio)
         return ratio
 
     def scale(self, weight: torch.Tensor) -> torch.Tensor:
         absmax, unit, per = self._units(weight)
+        widths = self._widths(weight)
+        if widths is not None:  # each row's scale at its own width
+            clipped = absmax * self._ratio(weight, absmax, unit)
+            scale = torch.empty_like(clipped)
+            for b in widths.unique().tolist():
+                scale[widths == b] = symmetric_scale(clipped[widths == b], b)
+            return scale
         scale = symmetric_scale(absmax * self._ratio(weight, absmax, unit), self.bits)
         if self.granularity == "tensor":
             return scale.reshape(())
@@ -107,7 +161,9 @@ class QuantEmbedding(QuantLayer):
             return self.output_quantizer(F.embedding(ids, self.weight_quantizer(self.weight), self.padding_idx))
         # Without a graph, only the rows looked up are rounded (each row on its own scale, so the numbers are the
         # same): a batch of BERT reads a few thousand of the word table's 30,522 rows.
-        qmin, qmax = qrange(self.weight_quantizer.bits, signed=True)
+        qmin, qmax = self.weight_quantizer.code_bounds(self.weight)
+        if isinstance(qmax, torch.Tensor):  # rows of their own widths: each looked-up row's own bounds
+            qmin, qmax = F.embedding(ids, qmin), F.embedding(ids, qmax)
         row_scale = self._row_scales(self.weight_quantizer.scale(self.weight)).unsqueeze(1)
         rows = fake_quantize(F.embedding(ids, self.weight), F.embedding(ids, row_scale), qmin, qmax)
         return self.output_quantizer(rows)
@@ -178,9 +234,12 @@ class Embedding(WeightedOp):
         if not isinstance(ids, Value) or not (is_index(ids) or program.input_name == ids.name):
             program.fail(node, "an embedding lookup of ids that are not integers")
         dummy = lookup(ids.dummy, codes, b, c, q.qmin, q.qmax)
-        attrs = {"w_bits": m.w_bits, "qmin": q.qmin, "qmax": q.qmax}
-        return program.emit(node.name, "embedding", [ids], dummy, q.scale.double(), bound, attrs,
-                            {"weight": codes.to(torch.int8), "b": b, "c": c})
+        widths = m.weight_quantizer.row_bits  # the widest row decides whether the fast export can pack the table
+        attrs = {"w_bits": m.w_bits if widths is None else int(widths.max()), "qmin": q.qmin, "qmax": q.qmax}
+        tensors = {"weight": codes.to(torch.int8), "b": b, "c": c}
+        if widths is not None:  # a saved file packs each width's rows at that width
+            tensors["row_bits"] = widths.to(torch.int8).cpu()
+        return program.emit(node.name, "embedding", [ids], dummy, q.scale.double(), bound, attrs, tensors)
 
     def execute(self, op, inputs, kernel):
         t, a = op.tensors, op.attrs

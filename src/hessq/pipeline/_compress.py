@@ -28,7 +28,7 @@ from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, HessqRunt
 from hessq._io import pid_alive, check_writable, write_text_atomic
 from hessq.data import accuracy
 from hessq.distill import DistilledData, distill_data
-from hessq.graph import capture
+from hessq.graph import capture, quantizable_layers
 from hessq.integer import IntegerModel, export_onnx, measure_latency_table, measure_onnx_latency, to_integer
 from hessq.plan import (
     BitPlan,
@@ -36,6 +36,7 @@ from hessq.plan import (
     ParetoFrontier,
     as_latency_table,
     evaluate_plan,
+    lookup_counts,
     pareto_frontier,
     plan_bits,
 )
@@ -605,7 +606,11 @@ def compress(
 
     stages("bit plan (ILP) and Pareto frontier")
     common = dict(weight_bits=weight_bits, act_bits=act_bits, pin_first_last=pin_first_last, input_shape=shape)
-    plan = plan_bits(model, sens, latency_table=table, omega=omega, **limits, **common)
+    tiers = {}
+    if plan_cfg.row_tiers and data is not None and omega is None and any(
+            isinstance(m, torch.nn.Embedding) for m in quantizable_layers(model).values()):
+        tiers = dict(row_usage=lookup_counts(model, train), row_tiers=plan_cfg.row_tiers)
+    plan = plan_bits(model, sens, latency_table=table, omega=omega, **limits, **common, **tiers)
     frontier = None
     if plan_cfg.pareto_points > 0 and omega is None:
         frontier = pareto_frontier(model, sens, num_points=plan_cfg.pareto_points, latency_table=table, **common)

@@ -206,7 +206,8 @@ class SensitivityConfig(_Config):
 @dataclass(frozen=True)
 class PlanConfig(_Config):
     """Choosing bits (see :func:`hessq.plan_bits`): candidate widths, limits, pinned first and last layer,
-    the Pareto frontier, and the ONNX Runtime latency measurements.
+    the Pareto frontier, the ONNX Runtime latency measurements, and ``row_tiers``: each embedding table's rows
+    planned in that many tiers by their lookups on the training data (:func:`hessq.plan_bits`'s ``row_usage``).
 
     Limits are bytes, BOPs or seconds, or ``"NN%"`` of the way from the all-lowest to the all-highest
     setting; with none of the three, the plan is held to ``size_limit="50%"``. ``latency_table`` (a
@@ -226,8 +227,12 @@ class PlanConfig(_Config):
     latency_table: Any = None
     measure_latency: bool = True
     latency_repeats: int = 30
+    #: Embedding tables split into this many row tiers by lookups on the training data (0: one width per table).
+    row_tiers: int = 0
 
     def _check(self, name: str, value: Any, label: str) -> Any:
+        if name == "row_tiers":
+            return check_int(value, label, low=0)
         if name == "weight_bits":
             return check_bits_list(value)
         if name == "act_bits":

@@ -30,6 +30,26 @@ def _weight_bits(value: Any, name: str) -> int | None:
                           f"it in floating point), got {value!r}") from None
 
 
+def _row_bits(row_bits: Any, bits: Mapping[str, int | None]) -> dict[str, dict[int, list[int]]]:
+    """Checked row widths: table -> {bits: [row, ...]} for the rows not at the table's own width."""
+    out: dict[str, dict[int, list[int]]] = {}
+    for name, widths in mapping_or_empty(row_bits, "a bit plan's row bits (table -> bits -> rows)").items():
+        if name not in bits or bits[name] is None:
+            raise ConfigError(f"row bits given for {name!r}, which the plan gives no bits")
+        seen: set[int] = set()
+        out[str(name)] = {}
+        for b, rows in mapping_or_empty(widths, f"the row bits of {name!r}").items():
+            b = _weight_bits(int(b) if isinstance(b, str) and b.strip().isdigit() else b, f"{name} rows")
+            if not isinstance(rows, (list, tuple)) or not all(
+                    isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 0 for r in rows):
+                raise ConfigError(f"the rows of {name!r} at {b} bits must be a list of row indices")
+            if seen & set(rows) or len(set(rows)) != len(rows):
+                raise ConfigError(f"a row of {name!r} is given more than one width")
+            seen |= set(rows)
+            out[str(name)][b] = [int(r) for r in rows]
+    return out
+
+
 class BitPlan(SealedJSONFile, Mapping[str, int]):
     """Weight bits per quantizable layer (layer name -> bits, in network order; None keeps a layer in float).
 
@@ -38,6 +58,9 @@ class BitPlan(SealedJSONFile, Mapping[str, int]):
     planner; the totals (:attr:`size_bytes`, :attr:`bops`, :attr:`latency`, :attr:`omega`) sum them
     and are None where unknown. ``limits`` records the absolute limits it was solved under,
     ``signature`` the model it is for (layer -> weight shape) and ``meta`` how it was made.
+
+    ``row_bits`` (table -> bits -> rows) lists the rows of an embedding table planned at other widths than the
+    table's (:func:`hessq.plan_bits` with ``row_usage``); :func:`hessq.quantize` gives them those widths.
 
     Being a plain mapping, a BitPlan can be given to :func:`hessq.quantize` as is; quantize refuses
     it for a model whose layers or weight shapes differ from its ``signature``. Bits that are not
@@ -58,6 +81,7 @@ class BitPlan(SealedJSONFile, Mapping[str, int]):
         limits: Mapping[str, float] | None = None,
         signature: Mapping[str, list[int]] | None = None,
         meta: Mapping[str, Any] | None = None,
+        row_bits: Mapping[str, Mapping[Any, Any]] | None = None,
     ) -> None:
         if not isinstance(bits, Mapping):
             raise ConfigTypeError(f"a bit plan's bits must map layer names to weight bits, got {type(bits).__name__}")
@@ -85,6 +109,7 @@ class BitPlan(SealedJSONFile, Mapping[str, int]):
                 raise ConfigError(f"the signature of layer {n!r} must be a weight shape (a list of sizes), got {shape!r}")
             self.signature[str(n)] = list(shape)
         self.meta = dict(mapping_or_empty(meta, "a bit plan's meta"))
+        self.row_bits = _row_bits(row_bits, self._bits)
 
     # Mapping
     def __getitem__(self, name: str) -> int:
@@ -98,7 +123,7 @@ class BitPlan(SealedJSONFile, Mapping[str, int]):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, BitPlan):
-            return self._bits == other._bits and self.act_bits == other.act_bits
+            return self._bits == other._bits and self.act_bits == other.act_bits and self.row_bits == other.row_bits
         return super().__eq__(other)
 
     __hash__ = None  # mutable-looking mapping; compare by value
@@ -153,7 +178,13 @@ class BitPlan(SealedJSONFile, Mapping[str, int]):
         n = self.num_params
         if not n or any(b is None for b in self._bits.values()):
             return None
-        return sum(self._bits[k] * d["num_params"] for k, d in self.layers.items()) / n
+        total = sum(self._bits[k] * d["num_params"] for k, d in self.layers.items())
+        for name, widths in self.row_bits.items():  # a table's rows of other widths
+            if name not in self.signature:
+                return None
+            width = self.layers[name]["num_params"] // self.signature[name][0]
+            total += sum(len(rows) * width * (b - self._bits[name]) for b, rows in widths.items())
+        return total / n
 
     def totals(self) -> dict[str, float | None]:
         return {
@@ -176,6 +207,7 @@ class BitPlan(SealedJSONFile, Mapping[str, int]):
             "limits": self.limits,
             "signature": self.signature,
             "meta": self.meta,
+            "row_bits": {n: {str(b): rows for b, rows in w.items()} for n, w in self.row_bits.items()},
         }
 
     @classmethod
@@ -189,6 +221,7 @@ class BitPlan(SealedJSONFile, Mapping[str, int]):
             limits=data.get("limits"),
             signature=data.get("signature"),
             meta=data.get("meta"),
+            row_bits=data.get("row_bits"),
         )
 
     def check_model(self, model) -> None:
@@ -235,7 +268,10 @@ class BitPlan(SealedJSONFile, Mapping[str, int]):
 
         for name, b in self._bits.items():
             d = self.layers.get(name, {})
-            rows.append([name, "float" if b is None else str(b), f(d.get("num_params"), "int"), f(d.get("size_bytes"), "int"),
+            shown = "float" if b is None else str(b)
+            if self.row_bits.get(name):  # a table with rows of other widths: "2 (121 rows at 6, 1,013 at 3)"
+                shown += " (" + ", ".join(f"{len(r):,} rows at {w}" for w, r in sorted(self.row_bits[name].items(), reverse=True)) + ")"
+            rows.append([name, shown, f(d.get("num_params"), "int"), f(d.get("size_bytes"), "int"),
                          f(d.get("bops"), "mbops"), f(d.get("latency"), "us"), f(d.get("omega"), "g")])
         avg = self.average_bits
         rows.append(["**total**" if markdown else "total", f"{avg:.3f} avg" if avg is not None else "–",

@@ -180,12 +180,14 @@ DEFAULT_SEQUENCE_LENGTH = 128
 
 
 def default_input_shape(model: nn.Module) -> tuple[int, ...]:
-    """(T,) token ids for a captured transformer (T = 128), (C, 28, 28) for a model whose first layer takes
+    """(T,) token ids for a captured transformer or a model whose first layer is a table (T = 128), (C, 28, 28) for a model whose first layer takes
     image channels (the bundled ResNet-20 is 1×28×28), else (in_features,)."""
     captured = capture(model)
     if isinstance(captured, CapturedModel):
         return (min(DEFAULT_SEQUENCE_LENGTH, captured.max_length),)
     first = next(iter(quantizable_layers(model).values()))
+    if isinstance(first, nn.Embedding):  # a text model of its own: token ids
+        return (DEFAULT_SEQUENCE_LENGTH,)
     if hasattr(first, "in_channels"):
         return (first.in_channels, 28, 28)
     return (first.in_features,)
@@ -197,7 +199,8 @@ def _example_input(model: nn.Module, example_input: torch.Tensor | None, input_s
     if example_input is not None:
         return example_input
     shape = tuple(int(s) for s in (input_shape if input_shape is not None else default_input_shape(model)))
-    if isinstance(capture(model), CapturedModel):  # token ids: one real token everywhere, nothing masked
+    if isinstance(capture(model), CapturedModel) or isinstance(next(iter(quantizable_layers(model).values())), nn.Embedding):
+        # token ids: one real token everywhere, nothing masked
         return torch.ones((1, *shape), device=model_device(model), dtype=torch.long)
     return torch.zeros((1, *shape), device=model_device(model), dtype=model_float_dtype(model))
 
@@ -342,6 +345,21 @@ def perturbations(
     model = capture(check_model(model))
     bits = check_bits_list(weight_bits)
     layers = quantizable_layers(model)
+    factors = perturbation_factors(model, sens, layers, variant=variant, stderr_margin=stderr_margin)
+    out: dict[str, dict[int, float]] = {}
+    for name, m in layers.items():
+        factor = factors[name]
+        w = m.weight.detach()
+        family = family_of_module(m)
+        with _one_thread() if w.numel() < 1 << 20 else contextlib.nullcontext():
+            # the family's own quantizer: an embedding table's rows are clipped for least error
+            out[name] = {b: factor * family.weight_quantizer(b).squared_error(w) for b in bits}
+    return out
+
+
+def perturbation_factors(model: nn.Module, sens: Sensitivity, layers: Mapping[str, nn.Module], *,
+                         variant: Variant = "trace", stderr_margin: float = STDERR_MARGIN) -> dict[str, float]:
+    """Each layer's factor of ‖Q_b(W_i) − W_i‖² in Ω_i(b) (see :func:`perturbations`)."""
     check_sensitivity(model, sens, layers)
     if variant not in ("trace", "eigenvalue"):
         raise ConfigError(f"variant must be 'trace' or 'eigenvalue', got {variant!r}")
@@ -371,19 +389,11 @@ def perturbations(
             f"{len(negative)} layer(s) have a non-positive {'trace' if variant == 'trace' else 'top eigenvalue'} "
             f"({negative[:4]}{' …' if len(negative) > 4 else ''}); treated as least sensitive "
             f"({floor:.3g} per weight). Estimate with more samples or data if that is unexpected.",
-            stacklevel=2,
+            stacklevel=3,
         )
         for n in negative:
             factors[n] = floor
-    out: dict[str, dict[int, float]] = {}
-    for name, m in layers.items():
-        factor = factors[name]
-        w = m.weight.detach()
-        family = family_of_module(m)
-        with _one_thread() if w.numel() < 1 << 20 else contextlib.nullcontext():
-            # the family's own quantizer: an embedding table's rows are clipped for least error
-            out[name] = {b: factor * family.weight_quantizer(b).squared_error(w) for b in bits}
-    return out
+    return factors
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -27,9 +28,11 @@ from hessq.plan._cost import (
     check_bits_list,
     check_sensitivity,
     layer_costs,
+    perturbation_factors,
     perturbations,
 )
 from hessq.plan._ilp import LIMIT_NAMES, reachable_range, solve
+from hessq.plan._rows import ROW_TIERS, fold_tiers, split_tables
 from hessq.plan._ties import check_names, graph_facts, merge_ties
 from hessq.quantizer import check_weight_bits
 from hessq.sensitivity import Sensitivity, model_signature
@@ -360,6 +363,8 @@ def plan_bits(
     time_limit: float | None = None,
     omega: Mapping[str, Mapping[int, float]] | None = None,
     stderr_margin: float = STDERR_MARGIN,
+    row_usage: Mapping[str, torch.Tensor] | None = None,
+    row_tiers: int = ROW_TIERS,
 ) -> BitPlan:
     """Choose a weight bit width per layer minimising Σ Ω_i(b_i) under any of three limits (HAWQ-V3's ILP).
 
@@ -374,6 +379,12 @@ def plan_bits(
     A ZeroQ KL sensitivity (:func:`hessq.kl_sensitivity`) gives Ω_i(b) = KL directly; ``omega``
     (layer -> {bits: Ω}) overrides Ω from any source.
 
+    ``row_usage`` (table name -> lookups of each row, from :func:`hessq.plan.lookup_counts` on the training
+    data) splits those embedding tables into ``row_tiers`` tiers of rows by lookups, each planned like a layer
+    with its share of the table's trace (:mod:`hessq.plan._rows`): the returned plan gives each such table the
+    width of its largest tier and lists the rows of other widths in ``plan.row_bits``. Pinned or tied tables keep
+    one width; a tier's latency is the table's, times its share of the rows.
+
     Raises :class:`InfeasibleLimitsError` (a ValueError) naming the smallest reachable value of
     each limit when no plan meets them. With no limit, every free layer gets its highest width.
     """
@@ -382,8 +393,19 @@ def plan_bits(
         auto_ties=auto_ties, pins=pins, pin_first_last=pin_first_last, variant=variant,
         example_input=example_input, input_shape=input_shape, omega=omega, stderr_margin=stderr_margin,
     )
+    names, split = list(problem.names), {}
+    if row_usage:
+        if omega is not None or is_kl_sensitivity(sens) or variant != "trace":
+            raise ConfigError("row tiers split a table's Hessian trace by lookups: they need a Hessian trace "
+                              "sensitivity (variant='trace'), not a given omega or a KL sensitivity")
+        captured = capture(model)
+        with warnings.catch_warnings():  # build_problem has warned of non-positive traces already
+            warnings.simplefilter("ignore")
+            factors = perturbation_factors(captured, sens, quantizable_layers(captured), stderr_margin=stderr_margin)
+        problem, split = split_tables(problem, model, factors, row_usage, row_tiers)
     limits = problem.resolve_limits(size_limit, bops_limit, latency_limit)
-    return problem.solve(limits, time_limit=time_limit)
+    plan = problem.solve(limits, time_limit=time_limit)
+    return fold_tiers(plan, split, names) if split else plan
 
 
 def evaluate_plan(
@@ -414,8 +436,25 @@ def evaluate_plan(
         omega = sensitivity_omega(model, sens, cols, variant=variant, stderr_margin=stderr_margin)
     else:
         omega = {n: {} for n in names}
+    row_bits = dict(getattr(bits, "row_bits", None) or {})
+    cols = sorted(set(cols) | {b for widths in row_bits.values() for b in widths})
     problem = build_problem(
         model, None, weight_bits=cols, act_bits=act_bits, latency_table=latency_table, auto_ties=False,
         pin_first_last=None, example_input=example_input, input_shape=input_shape, omega=omega, lenient=True,
     )
-    return problem.plan(bits, meta={"made_by": "evaluate_plan"})
+    plan = problem.plan(bits, meta={"made_by": "evaluate_plan"})
+    if not row_bits:
+        return plan
+    # a table whose rows have widths of their own: its size by width; its Ω needs the lookups the planner split
+    # its trace by (plan_bits(row_usage=...)), so it is left unknown here
+    layers = {n: dict(d) for n, d in plan.layers.items()}
+    for name, widths in row_bits.items():
+        cost, rows = problem.costs[name], problem.signature[name][0]
+        per_row = cost.num_params // rows
+        counts = {b: len(r) for b, r in widths.items()}
+        counts[bits[name]] = rows - sum(counts.values())
+        layers[name]["size_bytes"] = float(sum(
+            LayerCost(name, cost.kind, n * per_row, n, False, 0).size_bytes(b) for b, n in counts.items() if n))
+        layers[name]["omega"] = None
+    return BitPlan(dict(plan), plan.act_bits, layers=layers, signature=plan.signature, meta=plan.meta,
+                   row_bits=row_bits)

@@ -52,8 +52,13 @@ class WeightQuantizer(nn.Module):
             return scale.amax(1)
         return expand_scale(scale, torch.empty(rows), 0).reshape(-1) if scale.dim() else scale
 
+    def code_bounds(self, weight: torch.Tensor) -> tuple[int | torch.Tensor, int | torch.Tensor]:
+        """(qmin, qmax) of the codes, broadcastable against ``weight`` (a table with rows of their own widths
+        gives one pair per row)."""
+        return qrange(self.bits, signed=True)
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        qmin, qmax = qrange(self.bits, signed=True)
+        qmin, qmax = self.code_bounds(weight)
         return fake_quantize(weight, self.expand(self.scale(weight), weight), qmin, qmax)
 
     def squared_error(self, weight: torch.Tensor) -> float:
