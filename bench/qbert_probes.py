@@ -1,5 +1,7 @@
 """Probes of the Q-BERT mixed plan's accuracy gap: each changes one thing on the plan tabled in
-``bench/results/qbert_<task>.json`` and prints the test accuracy (fake quant, as bench/qbert.py scores it).
+``bench/results/qbert_<task>.json`` (its per-layer bits; the README's figures were taken on the per-layer plans of
+commit 57969a8, before the tables planned the word table in row tiers) and prints the test accuracy (fake quant,
+as bench/qbert.py scores it).
 
 * ``linear-clip ls|wls``: every per-channel Linear's weight scale clipped for least squared error, plain (``ls``)
   or each input column weighted by its mean squared FP32 input on the calibration batches (``wls``; a diagonal
