@@ -46,14 +46,16 @@ def padded(ids: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def mixed_bits(path: Path, task: str) -> dict[str, int] | None:
-    """The Hessian mixed plan's bits for ``task`` from a qbert.json, or None when it has none."""
+    """The Hessian mixed plan's bits for ``task`` from a qbert.json (a BitPlan with the word table's row widths when
+    the plan had row tiers), or None when it has none."""
     if not path.is_file():
         return None
     for res in json.loads(path.read_text())["results"]:
         if res["task"] == task:
             for row in res["rows"]:
                 if row["setting"].startswith("Hessian mixed") and row.get("bits"):
-                    return {k: int(v) for k, v in row["bits"].items()}
+                    bits = {k: int(v) for k, v in row["bits"].items()}
+                    return hessq.BitPlan(bits, row_bits=row["row_bits"]) if row.get("row_bits") else bits
     return None
 
 

@@ -177,7 +177,8 @@ def run_task(task: str, args, done: list[dict[str, Any]]) -> dict[str, Any]:
     half = float(1.96 * np.std(seeds, ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else None
     row("Hessian mixed 2-8 bits (avg 3)", t.accuracy(t.quantize(mixed)), mixed.size_bytes / 1e6,
         after_qat=mean, qat_seeds=seeds, qat_ci95=half, average_bits=mixed.average_bits,
-        bits={n: mixed[n] for n in mixed}, word_row_tiers=mixed.layers[WORD].get("row_tiers"))
+        bits={n: mixed[n] for n in mixed}, word_row_tiers=mixed.layers[WORD].get("row_tiers"),
+        row_bits={n: {str(b): r for b, r in w.items()} for n, w in mixed.row_bits.items()})
     rev = planned(reverse_sensitivity(sens))
     q = t.quantize(rev)
     row("reversed sensitivity order", t.accuracy(q), rev.size_bytes / 1e6, after_qat=t.accuracy(t.qat(q)),
