@@ -61,8 +61,12 @@ def _unpack_bits(packed: torch.Tensor, bits: int, shape: list[int]) -> torch.Ten
 def _unpack_rows(tensors: Mapping[str, torch.Tensor], refs: Mapping[str, Any], parts: list, shape: list[int],
                  row_bits_name: str) -> torch.Tensor:
     """A table stored as each width's rows packed at that width (version 4), back as int8 codes."""
-    ref = next(r for r in refs.values() if r.get("name") == row_bits_name)
+    ref = next((r for r in refs.values() if r.get("name") == row_bits_name), None)
+    if ref is None:
+        raise ValueError(f"a table packed by row widths without its row widths ({row_bits_name})")
     widths = _restore(tensors[row_bits_name], ref)
+    if widths.shape != (shape[0],) or sorted(b for b, _ in parts) != sorted(widths.unique().tolist()):
+        raise ValueError("a table's packed rows do not cover its row widths")
     table = torch.empty(shape, dtype=torch.int8)
     for bits, name in parts:
         rows = widths == bits

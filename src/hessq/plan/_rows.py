@@ -16,6 +16,7 @@ worth a point of accuracy for 0.19 MB (bench/qbert_probes.py word-rows).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -82,8 +83,8 @@ def lookup_counts(model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor
 def tiers_of(counts: torch.Tensor, tiers: int = ROW_TIERS) -> list[torch.Tensor]:
     """The rows of each tier (most looked-up first): tier k < tiers − 1 ends where the lookups so far reach
     1 − 2^−(k+1) of all; the last holds the rest. Ties go by row index; empty tiers are dropped."""
-    if tiers < 1:
-        raise ConfigError(f"row tiers must be at least 1, got {tiers}")
+    if isinstance(tiers, bool) or not isinstance(tiers, int) or tiers < 1:
+        raise ConfigError(f"row tiers must be an integer of at least 1, got {tiers!r}")
     counts = torch.as_tensor(counts).long()
     if counts.dim() != 1 or bool((counts < 0).any()):
         raise ConfigError("lookup counts must be a vector of non-negative counts, one per table row")
@@ -103,8 +104,6 @@ def tier_name(table: str, k: int) -> str:
 
 def split_tables(problem, model: nn.Module, factors: Mapping[str, float], usage: Mapping[str, Any], tiers: int):
     """``problem`` with each table in ``usage`` replaced by its tiers; returns (problem, {table: rows per tier})."""
-    from dataclasses import replace
-
     if not isinstance(usage, Mapping):
         raise ConfigTypeError(f"row_usage must map table names to lookup counts, got {type(usage).__name__}")
     layers = quantizable_layers(capture(model))
