@@ -35,6 +35,7 @@ import onnxruntime as ort
 import torch
 
 import hessq
+from hessq.plan import evaluate_plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, git_commit, log, machine, write_results  # noqa: E402
@@ -136,8 +137,7 @@ def run_task(task: str, args, done: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             q = t.qat(t.quantize(bits), seed=0)
             result["rows"]["Hessian mixed (after QAT)"] = {
-                "average_bits": sum(bits[n] * t.model.get_submodule(n).weight.numel() for n in bits)
-                / sum(t.model.get_submodule(n).weight.numel() for n in bits),
+                "average_bits": evaluate_plan(t.model, bits).average_bits,  # the row tiers counted
                 **score(f"[{task}] mixed", q, test, length, tmp)}
             save_now()
     result["complete"] = True

@@ -26,9 +26,11 @@ Writes qbert.json and qbert.md to --out (default bench/results).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ import torch
 import hessq
 from hessq.graph import quantizable_layers
 from hessq.plan import evaluate_plan, lookup_counts, plan_bits
-from hessq.sensitivity import Sensitivity
+from hessq.sensitivity import RowTrace, Sensitivity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, log, machine, write_results  # noqa: E402
@@ -100,6 +102,18 @@ class Task:
                        seed=seed, checkpoint=None, progress=False, track_ranges=self.args.qat_ranges == "track",
                        hidden_weight=self.args.qat_hidden_weight)
         return q.eval()
+
+
+def measured_row_traces(args, task: str, sens: Sensitivity) -> list[RowTrace] | None:
+    """The word table's tier traces from ``--row-traces`` (``bench/qbert_probes.py TASK row-traces K``), or None."""
+    if not args.row_traces:
+        return None
+    saved = json.loads(Path(args.row_traces.format(task=task)).read_text())
+    if saved["tiers"] != args.row_tiers or saved["table_trace"] != sens[WORD].trace:
+        raise SystemExit(f"{args.row_traces}: measured on {saved['tiers']} tiers of a table of trace "
+                         f"{saved['table_trace']:.4g}; this run has {args.row_tiers} tiers and {sens[WORD].trace:.4g}")
+    log(f"[{task}] the word table's {saved['tiers']} tier traces from {args.row_traces.format(task=task)}")
+    return [RowTrace(torch.tensor(r["rows"]), r["trace"], r["stderr"], r["samples"]) for r in saved["traces"]]
 
 
 def extra_scales(q) -> int:
@@ -166,10 +180,16 @@ def run_task(task: str, args, done: list[dict[str, Any]]) -> dict[str, Any]:
     limit = evaluate_plan(t.model, uniform(t.layers, 3)).size_bytes
     # the word table in row tiers by lookups on the training split (every plan below: the same planner)
     usage = {WORD: lookup_counts(t.model, t.train)[WORD]} if args.row_tiers else None
+    measured = measured_row_traces(args, task, sens) if usage else None
 
     def planned(s: Sensitivity):
+        # measured tier traces, scaled by the table's trace in ``s`` (a reversed or random plan moves the
+        # table's trace; its split among the tiers stays the measured one)
+        traces = None if measured is None else {WORD: [
+            replace(m, trace=m.trace * s[WORD].mean_trace / sens[WORD].mean_trace,
+                    stderr=m.stderr * s[WORD].mean_trace / sens[WORD].mean_trace) for m in measured]}
         return plan_bits(t.model, s, weight_bits=MIXED_BITS, size_limit=limit, pin_first_last=None,
-                         row_usage=usage, row_tiers=args.row_tiers or 1)
+                         row_usage=usage, row_tiers=args.row_tiers or 1, row_traces=traces)
 
     mixed = planned(sens)
     seeds = [t.accuracy(t.qat(t.quantize(mixed), seed=s)) for s in range(args.seeds)]
@@ -246,6 +266,9 @@ def main() -> int:
     ap.add_argument("--sensitivity-batches", type=int, default=2)
     ap.add_argument("--row-tiers", type=int, default=4,
                     help="the word table's row tiers by lookups in every plan (0: one width per table)")
+    ap.add_argument("--row-traces", default=None,
+                    help="the word table's tier traces measured by `bench/qbert_probes.py TASK row-traces K` (a "
+                         "JSON; {task} is replaced): the plans take them instead of the table's trace shared by lookups")
     ap.add_argument("--sensitivity", default=None,
                     help="load the Hessian traces from this file ({task} is replaced) instead of computing them")
     ap.add_argument("--trace-method", default="hutchinson")

@@ -16,7 +16,12 @@ as bench/qbert.py scores it).
   frequent rows hold.
 * ``row-tiers K [K ...]``: the plan re-solved at the same size with the word table in K row tiers by lookups on
   the training split (``plan_bits(row_usage=...)``); post-training.
-* ``qat-lr LR STEPS [SEED]``: QAT of the plan with AdamW at LR for STEPS steps (bench/qbert.py's default 2e-5).
+* ``row-traces K [SECONDS]``: each of the K row tiers' Hessian trace measured on its own block
+  (``hessq.hessian_row_traces`` on the sensitivity batches, rtol 0.1, at most SECONDS, default 900) against the
+  table's trace shared by lookups; then the plan re-solved with the measured traces; post-training. Writes
+  ``qbert_row_traces_<task>.json`` (bench/qbert.py ``--row-traces``).
+* ``qat-lr LR STEPS [SEED]``: QAT with AdamW at LR for STEPS steps (bench/qbert.py's default 2e-5) of the plan
+  bench/qbert.py tables now: the word table in 4 row tiers by training lookups.
 
     .venv/bin/python bench/qbert_probes.py bbc linear-clip wls
 """
@@ -36,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS  # noqa: E402
 from qbert import MIXED_BITS, Task, data, uniform  # noqa: E402
 
-from hessq.plan import evaluate_plan, lookup_counts, plan_bits  # noqa: E402
+import hessq  # noqa: E402
+from hessq.plan import evaluate_plan, lookup_counts, plan_bits, tiers_of  # noqa: E402
 from hessq.quantizer import WeightQuantizer, least_squares_clip, qrange, symmetric_scale  # noqa: E402
 from hessq.sensitivity import Sensitivity  # noqa: E402
 
@@ -159,14 +165,48 @@ def word_rows(t: Task, plan: dict[str, int], bits: int, ns: list[str]) -> list[s
     return out
 
 
-def row_tiers(t: Task, tiers: list[str]) -> list[str]:
+def tiered_plan(t: Task, tiers: int):
+    """The plan at W3 per channel's size with the word table in ``tiers`` row tiers, as bench/qbert.py plans it."""
     sens = Sensitivity.load(RESULTS / f"qbert_sensitivity_{t.name}.json")
     limit = evaluate_plan(t.model, uniform(t.layers, 3)).size_bytes
     usage = {WORD: lookup_counts(t.model, t.train)[WORD]}
+    return plan_bits(t.model, sens, weight_bits=MIXED_BITS, size_limit=limit, pin_first_last=None,
+                     row_usage=usage, row_tiers=tiers)
+
+
+def row_traces(t: Task, k: int, seconds: float) -> list[str]:
+    usage = lookup_counts(t.model, t.train)[WORD]
+    tiers = tiers_of(usage, k)
+    sens = Sensitivity.load(RESULTS / f"qbert_sensitivity_{t.name}.json")
+    t0 = time.time()
+    measured = hessq.hessian_row_traces(t.model, t.sens_batches, {WORD: tiers}, rtol=0.1, max_samples=200,
+                                        time_budget=seconds, progress=True)[WORD]
+    took = time.time() - t0
+    total = float(usage.sum())
+    out = [f"table Tr(H) {sens[WORD].trace:.4g} ± {sens[WORD].trace_stderr:.2g}; measured tiers sum to "
+           f"{sum(m.trace for m in measured):.4g} ({took:.0f} s)"]
+    for i, (rows, m) in enumerate(zip(tiers, measured)):
+        share = float(usage[rows].sum()) / total
+        out.append(f"tier {i}: {rows.numel()} rows, {100 * share:.1f}% of lookups: shared {sens[WORD].trace * share:.4g}, "
+                   f"measured {m.trace:.4g} ± {m.stderr:.2g} ({m.samples} draws)")
+    (RESULTS / f"qbert_row_traces_{t.name}.json").write_text(json.dumps({
+        "table": WORD, "tiers": k, "rtol": 0.1, "seconds": took, "table_trace": sens[WORD].trace,
+        "traces": [{"rows": m.rows.tolist(), "trace": m.trace, "stderr": m.stderr, "samples": m.samples,
+                    "lookups": int(usage[m.rows].sum())} for m in measured]}))
+    limit = evaluate_plan(t.model, uniform(t.layers, 3)).size_bytes
+    for name, traces in (("shared by lookups", None), ("measured", {WORD: measured})):
+        plan = plan_bits(t.model, sens, weight_bits=MIXED_BITS, size_limit=limit, pin_first_last=None,
+                         row_usage={WORD: usage}, row_tiers=k, row_traces=traces)
+        out.append(f"{name}: tiers {plan.layers[WORD]['row_tiers']}, layers {dict(Counter(dict(plan).values()))}, "
+                   f"{plan.size_bytes / 1e6:.3f} MB: {100 * t.accuracy(t.quantize(plan).eval()):.2f}%")
+        print(out[-1], flush=True)
+    return out
+
+
+def row_tiers(t: Task, tiers: list[str]) -> list[str]:
     out = []
     for k in map(int, tiers):
-        plan = plan_bits(t.model, sens, weight_bits=MIXED_BITS, size_limit=limit, pin_first_last=None,
-                         row_usage=usage, row_tiers=k)
+        plan = tiered_plan(t, k)
         out.append(f"{k} tiers {plan.layers[WORD]['row_tiers']}, layers {dict(Counter(dict(plan).values()))}, "
                    f"{plan.size_bytes / 1e6:.3f} MB: {100 * t.accuracy(t.quantize(plan).eval()):.2f}%")
         print(out[-1], flush=True)
@@ -176,7 +216,8 @@ def row_tiers(t: Task, tiers: list[str]) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("task", choices=("bbc", "tweets"))
-    ap.add_argument("probe", choices=("linear-clip", "pin-word", "word-grid", "word-rows", "row-tiers", "qat-lr"))
+    ap.add_argument("probe", choices=("linear-clip", "pin-word", "word-grid", "word-rows", "row-tiers", "row-traces",
+                                          "qat-lr"))
     ap.add_argument("values", nargs="+")
     a = ap.parse_args()
     qat = a.probe == "qat-lr"
@@ -195,10 +236,13 @@ def main() -> int:
     elif a.probe == "row-tiers":
         print("\n".join(row_tiers(t, a.values)))
         return 0
+    elif a.probe == "row-traces":
+        print("\n".join(row_traces(t, int(a.values[0]), float(a.values[1]) if len(a.values) > 1 else 900.0)))
+        return 0
     elif a.probe == "word-grid":
         acc = word_grid(t, tabled_plan(a.task), a.values[0])
     else:
-        acc = t.accuracy(t.qat(t.quantize(tabled_plan(a.task)), seed=int(a.values[2]) if len(a.values) > 2 else 0))
+        acc = t.accuracy(t.qat(t.quantize(tiered_plan(t, 4)), seed=int(a.values[2]) if len(a.values) > 2 else 0))
     print(f"{a.task} {a.probe} {' '.join(a.values)}: {100 * acc:.2f}% ({time.time() - t0:.0f} s)", flush=True)
     return 0
 

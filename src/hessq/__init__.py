@@ -35,6 +35,7 @@ from hessq.sensitivity import (
     Sensitivity,
     SpectralDensity,
     TraceEstimate,
+    hessian_row_traces,
     hessian_sensitivity,
     hessian_trace,
     kl_sensitivity,
@@ -54,7 +55,7 @@ __all__ = [
     "FinetuneConfig", "ExportConfig",
     # stages
     "distill_data", "DistilledData",
-    "hessian_sensitivity", "hessian_trace", "kl_sensitivity", "spectral_density", "top_eigenvalues",
+    "hessian_sensitivity", "hessian_row_traces", "hessian_trace", "kl_sensitivity", "spectral_density", "top_eigenvalues",
     "Sensitivity", "LayerSensitivity", "SpectralDensity", "TraceEstimate",
     "plan_bits", "pareto_frontier", "BitPlan", "LatencyTable", "ParetoFrontier", "Relative",
     "quantize", "calibrate", "finetune", "quantizable_layers",

@@ -71,3 +71,17 @@ def test_hessian_sensitivity_takes_the_hugging_face_model_and_dict_batches():
                                      min_samples=4, eigenvalues=False)
     assert list(sens) == list(quantizable_layers(model))
     assert all(sens[n].extra["samples"] == 4 and torch.isfinite(torch.tensor(sens[n].trace)) for n in sens)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_pass_over_the_captured_model_leaves_the_users_modes_as_they_were(training):
+    # The wrapper is a new module: had it kept nn.Module's default (training), a pass that restores the mode it
+    # found (eval for the Hessian, then back) would switch the eval-mode model's dropout on.
+    model = tiny_bert(layers=1, hidden=8, heads=2).train(training)
+    assert capture(model).training is training
+    batch = token_batch(0, batch=4, length=8)
+    hessq.hessian_sensitivity(model, [batch], layers=["classifier"], eigenvalues=False, max_samples=2)
+    assert {m.training for m in model.modules()} == {training}
+    if not training:  # dropout off: the same logits twice
+        ids = batch["input_ids"]
+        torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)

@@ -10,6 +10,7 @@ import torch
 import hessq
 from hessq.ops.embedding import RowQuantizer
 from hessq.plan import BitPlan, lookup_counts, plan_bits
+from hessq.plan._cost import NEGATIVE_FLOOR
 from hessq.plan._rows import tiers_of
 from hessq.quantizer._functional import quantization_error
 from tests._models import make_sensitivity
@@ -138,3 +139,69 @@ def test_row_usage_errors_and_tables_that_keep_one_width():
         BitPlan({"words": 2, "head": 8}, row_bits={"emb": {4: [1]}})
     with pytest.raises(hessq.ConfigError, match="from 2 to 8"):
         BitPlan({"words": 2, "head": 8}, row_bits={"words": {9: [1]}})
+
+
+def _three_tiers():
+    """The table, its sensitivity, its lookups and its 3 tiers."""
+    model = _Table()
+    counts = lookup_counts(model, _batches())["words"]
+    return model, make_sensitivity(model, signature=False), counts, tiers_of(counts, 3)
+
+
+def test_pareto_frontier_over_row_tiers():
+    model, sens, counts, tiers = _three_tiers()
+    usage = {"words": counts}
+    frontier = hessq.pareto_frontier(model, sens, weight_bits=(2, 4, 8), num_points=12, pin_first_last=None,
+                                     row_usage=usage, row_tiers=3)
+    # from all rows at 2 bits to all at 8: the sizes of the tier assignments at the two ends
+    assert frontier[0].size_bytes == _size(tiers, (2,) * 3, 2) and frontier[-1].size_bytes == _size(tiers, (8,) * 3, 8)
+    assert any(p.plan.row_bits.get("words") for p in frontier)  # some point splits the table
+    for a, b in zip(frontier, frontier[1:]):
+        assert a.size_bytes < b.size_bytes and a.omega > b.omega
+    for p in frontier:  # each point is plan_bits at its limit, folded the same way
+        alone = plan_bits(model, sens, weight_bits=(2, 4, 8), size_limit=p.size_limit, pin_first_last=None,
+                          row_usage=usage, row_tiers=3)
+        assert p.omega == pytest.approx(alone.omega, rel=1e-9) and p.size_bytes <= p.size_limit
+        assert p.plan.size_bytes == p.size_bytes and p.plan.average_bits is not None
+
+
+def test_measured_tier_traces_replace_the_lookup_share():
+    from hessq.sensitivity import RowTrace
+
+    model, sens, counts, tiers = _three_tiers()
+    usage = {"words": counts}
+    common = dict(weight_bits=(2, 4, 8), size_limit=_size(tiers, (2, 4, 8), 4), pin_first_last=None,
+                  row_usage=usage, row_tiers=3, stderr_margin=0)
+    shared = plan_bits(model, sens, **common)
+    # traces equal to the lookup share give the same plan and the same Ω
+    trace = sens["words"].trace
+    as_shared = [RowTrace(rows, trace * float(counts[rows].sum() / counts.sum()), 0.0, 1) for rows in tiers]
+    same = plan_bits(model, sens, **common, row_traces={"words": as_shared})
+    assert same == shared and same.omega == pytest.approx(shared.omega, rel=1e-6)
+    # the least looked-up tier measured as the most curved: it gets the widest rows the limit allows
+    flipped = [RowTrace(rows, t, 0.0, 1) for rows, t in zip(tiers, (trace * 1e-3, trace * 1e-3, trace * 10))]
+    plan = plan_bits(model, sens, **common, row_traces={"words": flipped})
+    widths = [t["bits"] for t in plan.layers["words"]["row_tiers"]]
+    assert widths[2] == max(widths) > min(widths)
+    assert plan.omega == pytest.approx(_omega_traces(model, sens, tiers, [t.trace for t in flipped], widths,
+                                                      plan["head"]), rel=1e-6)
+    # a non-positive measured trace is taken as least sensitive, not as rewarding error
+    negative = plan_bits(model, sens, **common, row_traces={"words": [RowTrace(r, -1.0, 0.0, 1) for r in tiers]})
+    floor = NEGATIVE_FLOOR * max(abs(sens[n].mean_trace) for n in ("words", "head"))  # per weight, as a layer's
+    neg_widths = [t["bits"] for t in negative.layers["words"]["row_tiers"]]
+    w = model.words.weight.detach()
+    assert negative.layers["words"]["omega"] == pytest.approx(
+        sum(floor * RowQuantizer(b).squared_error(w[rows]) for rows, b in zip(tiers, neg_widths)), rel=1e-6)
+    with pytest.raises(hessq.ConfigError, match="other row groups"):
+        plan_bits(model, sens, **common, row_traces={"words": flipped[:2]})
+    with pytest.raises(hessq.ConfigError, match="needs row_usage"):
+        plan_bits(model, sens, weight_bits=(2, 8), pin_first_last=None, row_traces={"words": flipped})
+    with pytest.raises(hessq.ConfigError, match="row_usage does not"):
+        plan_bits(model, sens, **{**common, "row_traces": {"words": flipped, "head": flipped}})
+
+
+def _omega_traces(model, sens, tiers, traces, tier_bits, head_bits):
+    w = model.words.weight.detach()
+    return (sum(t / (len(rows) * w.shape[1]) * RowQuantizer(b).squared_error(w[rows])
+                for rows, t, b in zip(tiers, traces, tier_bits))
+            + sens["head"].mean_trace * quantization_error(model.head.weight, head_bits))

@@ -207,3 +207,24 @@ def test_a_stack_of_blocks_gets_a_grid_of_bits_per_block_and_matrix():
     assert "bert.embeddings.word_embeddings: 3" in grid and "classifier: 8" in grid
     # a network without repeated blocks gets none
     assert _block_grid(BitPlan({"conv1": 8, "layer1.0.conv1": 4, "fc": 8}, 8)) == ""
+
+
+def test_a_table_in_row_tiers_is_shown_with_its_rows_widths():
+    from hessq.plan import BitPlan
+    from hessq.report._html import _block_grid
+
+    bits = {f"bert.encoder.layer.{i}.output.dense": 3 for i in range(2)} | {"bert.embeddings.word_embeddings": 2}
+    signature = {n: [10, 4] for n in bits}
+    plan = BitPlan(bits, 8, signature=signature, row_bits={"bert.embeddings.word_embeddings": {8: [0, 1], 4: [5]}})
+    # 7 rows at 2 bits, 2 at 8, 1 at 4: the mean width over the table's rows
+    assert plan.layer_average_bits("bert.embeddings.word_embeddings") == pytest.approx((7 * 2 + 2 * 8 + 4) / 10)
+    assert plan.layer_average_bits("bert.encoder.layer.0.output.dense") == 3.0
+    assert plan.layer_bits_text("bert.embeddings.word_embeddings") == "2 (2 rows at 8, 1 row at 4)"
+    page = render_report(title="t", rows=[], plan=plan)
+    shown = "2 (2 rows at 8, 1 row at 4)"
+    assert f"<tr><td>bert.embeddings.word_embeddings</td><td class=num>{shown}</td>" in page
+    assert f"bert.embeddings.word_embeddings: {shown}" in _block_grid(plan)
+    # the bar is drawn at the mean width, in the base width's colour (a 2-bit bar 3.4 high, not 2)
+    tall = _images(page)["bits"]
+    flat = _images(render_report(title="t", rows=[], plan=BitPlan(bits, 8, signature=signature)))["bits"]
+    assert _pixels_of(tall, BIT_COLOURS[2]) > 1.3 * _pixels_of(flat, BIT_COLOURS[2]) > 0

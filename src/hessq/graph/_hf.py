@@ -83,6 +83,9 @@ class CapturedBertForSequenceClassification(CapturedModel):
         self.max_length = int(config.max_position_embeddings)
         self.num_heads = int(config.num_attention_heads)
         self.head_size = int(config.hidden_size // config.num_attention_heads)
+        # the wrapper's own flag as the model's (its children are the model's): a pass that restores the mode it
+        # found must not put the user's eval-mode model's dropout back in training
+        self.training = model.training
 
     def _attention(self, layer: nn.Module, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         attn = layer.attention.self

@@ -613,7 +613,8 @@ def compress(
     plan = plan_bits(model, sens, latency_table=table, omega=omega, **limits, **common, **tiers)
     frontier = None
     if plan_cfg.pareto_points > 0 and omega is None:
-        frontier = pareto_frontier(model, sens, num_points=plan_cfg.pareto_points, latency_table=table, **common)
+        frontier = pareto_frontier(model, sens, num_points=plan_cfg.pareto_points, latency_table=table, **common,
+                                   **tiers)
     if progress:
         print(f"      plan: average weight bits {plan.average_bits:.2f}, {plan.size_bytes / 1024:,.1f} KB", flush=True)
 

@@ -9,7 +9,7 @@ from hessq.plan._cost import LatencyTable, LayerCost, as_latency_table, check_bi
 from hessq.plan._ilp import InfeasibleLimitsError
 from hessq.plan._pareto import ParetoFrontier, ParetoPoint, pareto_frontier
 from hessq.plan._plan import Relative, evaluate_plan, parse_limit, plan_bits
-from hessq.plan._rows import lookup_counts
+from hessq.plan._rows import lookup_counts, tiers_of
 from hessq.plan._ties import graph_facts
 
 __all__ = [
@@ -30,4 +30,5 @@ __all__ = [
     "pareto_frontier",
     "perturbations",
     "plan_bits",
+    "tiers_of",
 ]

@@ -250,6 +250,27 @@ class BitPlan(SealedJSONFile, Mapping[str, int]):
         raise ModelError(f"this bit plan was made for another model: {'; '.join(parts)}. Re-plan for this model "
                          "(hessq.plan_bits on its sensitivity, or `hessq plan`)")
 
+    def layer_bits_text(self, name: str) -> str:
+        """The layer's width as tables show it: ``"2 (121 rows at 6, 1,013 at 3)"`` for a table with rows of other
+        widths, ``"float"`` for a layer left unquantized."""
+        b = self._bits[name]
+        shown = "float" if b is None else str(b)
+        if self.row_bits.get(name):
+            shown += " (" + ", ".join(f"{len(r):,} row{'' if len(r) == 1 else 's'} at {w}"
+                                      for w, r in sorted(self.row_bits[name].items(), reverse=True)) + ")"
+        return shown
+
+    def layer_average_bits(self, name: str) -> float | None:
+        """The layer's weight bits averaged over its weights: its width, or for a table with rows of other widths
+        the rows' mean width (None when unquantized, or when the plan lacks the table's row count)."""
+        b = self._bits[name]
+        if b is None or not self.row_bits.get(name):
+            return None if b is None else float(b)
+        if name not in self.signature:
+            return None
+        rows = self.signature[name][0]
+        return b + sum(len(r) * (w - b) for w, r in self.row_bits[name].items()) / rows
+
     def table(self, markdown: bool = True) -> str:
         """A per-layer table (bits, weights, size, BOPs, latency, Ω) with a total row."""
         header = ["layer", "bits", "weights", "size (B)", "MBOPs", "latency (µs)", "Ω"]
@@ -268,10 +289,7 @@ class BitPlan(SealedJSONFile, Mapping[str, int]):
 
         for name, b in self._bits.items():
             d = self.layers.get(name, {})
-            shown = "float" if b is None else str(b)
-            if self.row_bits.get(name):  # a table with rows of other widths: "2 (121 rows at 6, 1,013 at 3)"
-                shown += " (" + ", ".join(f"{len(r):,} rows at {w}" for w, r in sorted(self.row_bits[name].items(), reverse=True)) + ")"
-            rows.append([name, shown, f(d.get("num_params"), "int"), f(d.get("size_bytes"), "int"),
+            rows.append([name, self.layer_bits_text(name), f(d.get("num_params"), "int"), f(d.get("size_bytes"), "int"),
                          f(d.get("bops"), "mbops"), f(d.get("latency"), "us"), f(d.get("omega"), "g")])
         avg = self.average_bits
         rows.append(["**total**" if markdown else "total", f"{avg:.3f} avg" if avg is not None else "–",

@@ -16,7 +16,8 @@ from hessq.plan._bitplan import BitPlan
 from hessq.plan._files import SealedJSONFile, mapping_or_empty, real_number, required
 from hessq.plan._cost import STDERR_MARGIN, LatencyTable, Variant
 from hessq.plan._ilp import InfeasibleLimitsError
-from hessq.plan._plan import Limit, build_problem
+from hessq.plan._plan import Limit, build_problem, tiered_problem
+from hessq.plan._rows import ROW_TIERS
 from hessq.sensitivity import Sensitivity
 
 FORMAT = "hessq.pareto"
@@ -121,11 +122,15 @@ def pareto_frontier(
     example_input: torch.Tensor | None = None,
     input_shape: Sequence[int] | None = None,
     stderr_margin: float = STDERR_MARGIN,
+    row_usage: Mapping[str, torch.Tensor] | None = None,
+    row_tiers: int = ROW_TIERS,
+    row_traces: Mapping[str, Sequence[Any]] | None = None,
 ) -> ParetoFrontier:
     """The size–Ω frontier: the ILP at ``num_points`` size limits evenly spaced from the smallest to the
     largest reachable size (other limits held), keeping each distinct non-dominated plan.
 
-    The same arguments as :func:`plan_bits`; Ω and the costs are computed once for all points.
+    The same arguments as :func:`plan_bits` (``row_usage``, ``row_traces``: embedding tables in row tiers, each point's plan
+    folded back with its ``row_bits``); Ω and the costs are computed once for all points.
     """
     if not isinstance(num_points, int) or isinstance(num_points, bool) or num_points < 2:
         raise ConfigError(f"num_points must be an integer ≥ 2, got {num_points!r}")
@@ -134,6 +139,8 @@ def pareto_frontier(
         auto_ties=auto_ties, pins=pins, pin_first_last=pin_first_last, variant=variant,
         example_input=example_input, input_shape=input_shape, stderr_margin=stderr_margin,
     )
+    problem, fold = tiered_problem(problem, model, sens, row_usage, row_tiers, variant=variant,
+                                   stderr_margin=stderr_margin, row_traces=row_traces)
     others = problem.resolve_limits(None, bops_limit, latency_limit)
     lo, hi = problem.reachable("size")
     t0 = time.perf_counter()
@@ -142,11 +149,11 @@ def pareto_frontier(
     for i in range(num_points):
         limit = lo + (hi - lo) * i / (num_points - 1)
         try:
-            plan = problem.solve({"size": limit, **others}, meta={"size_limit": limit})
+            plan = fold(problem.solve({"size": limit, **others}, meta={"size_limit": limit}))
         except InfeasibleLimitsError:
             infeasible += 1
             continue
-        key = tuple(plan.values())
+        key = (tuple(plan.values()), repr(plan.row_bits))
         if key not in found:
             found[key] = ParetoPoint(limit, float(plan.size_bytes), float(plan.omega), plan)
     if not found:

@@ -27,6 +27,7 @@ from hessq.plan._cost import (
     check_act,
     check_bits_list,
     check_sensitivity,
+    check_stderr_margin,
     layer_costs,
     perturbation_factors,
     perturbations,
@@ -365,6 +366,7 @@ def plan_bits(
     stderr_margin: float = STDERR_MARGIN,
     row_usage: Mapping[str, torch.Tensor] | None = None,
     row_tiers: int = ROW_TIERS,
+    row_traces: Mapping[str, Sequence[Any]] | None = None,
 ) -> BitPlan:
     """Choose a weight bit width per layer minimising Σ Ω_i(b_i) under any of three limits (HAWQ-V3's ILP).
 
@@ -383,7 +385,9 @@ def plan_bits(
     data) splits those embedding tables into ``row_tiers`` tiers of rows by lookups, each planned like a layer
     with its share of the table's trace (:mod:`hessq.plan._rows`): the returned plan gives each such table the
     width of its largest tier and lists the rows of other widths in ``plan.row_bits``. Pinned or tied tables keep
-    one width; a tier's latency is the table's, times its share of the rows.
+    one width; a tier's latency is the table's, times its share of the rows. ``row_traces`` (table ->
+    :func:`hessq.sensitivity.hessian_row_traces` on :func:`hessq.plan.tiers_of` of its lookups) gives tiers
+    their measured traces instead of the table's trace shared by lookups.
 
     Raises :class:`InfeasibleLimitsError` (a ValueError) naming the smallest reachable value of
     each limit when no plan meets them. With no limit, every free layer gets its highest width.
@@ -393,19 +397,32 @@ def plan_bits(
         auto_ties=auto_ties, pins=pins, pin_first_last=pin_first_last, variant=variant,
         example_input=example_input, input_shape=input_shape, omega=omega, stderr_margin=stderr_margin,
     )
-    names, split = list(problem.names), {}
-    if row_usage:
-        if omega is not None or is_kl_sensitivity(sens) or variant != "trace":
-            raise ConfigError("row tiers split a table's Hessian trace by lookups: they need a Hessian trace "
-                              "sensitivity (variant='trace'), not a given omega or a KL sensitivity")
-        captured = capture(model)
-        with warnings.catch_warnings():  # build_problem has warned of non-positive traces already
-            warnings.simplefilter("ignore")
-            factors = perturbation_factors(captured, sens, quantizable_layers(captured), stderr_margin=stderr_margin)
-        problem, split = split_tables(problem, model, factors, row_usage, row_tiers)
+    problem, fold = tiered_problem(problem, model, sens, row_usage, row_tiers, omega=omega, variant=variant,
+                                   stderr_margin=stderr_margin, row_traces=row_traces)
     limits = problem.resolve_limits(size_limit, bops_limit, latency_limit)
-    plan = problem.solve(limits, time_limit=time_limit)
-    return fold_tiers(plan, split, names) if split else plan
+    return fold(problem.solve(limits, time_limit=time_limit))
+
+
+def tiered_problem(problem: Problem, model: nn.Module, sens: Sensitivity, row_usage: Mapping[str, torch.Tensor] | None,
+                   row_tiers: int, *, omega=None, variant: Variant = "trace", stderr_margin: float = STDERR_MARGIN,
+                   row_traces: Mapping[str, Sequence[Any]] | None = None):
+    """``problem`` with the tables of ``row_usage`` split into row tiers, and the function that folds a plan of it
+    back into a plan of the model's layers (the identity when ``row_usage`` is empty)."""
+    if not row_usage:
+        if row_traces:
+            raise ConfigError("row_traces needs row_usage: the tiers are made from each table's lookups")
+        return problem, lambda plan: plan
+    if omega is not None or is_kl_sensitivity(sens) or variant != "trace":
+        raise ConfigError("row tiers split a table's Hessian trace by lookups: they need a Hessian trace "
+                          "sensitivity (variant='trace'), not a given omega or a KL sensitivity")
+    names = list(problem.names)
+    captured = capture(model)
+    with warnings.catch_warnings():  # build_problem has warned of non-positive traces already
+        warnings.simplefilter("ignore")
+        factors = perturbation_factors(captured, sens, quantizable_layers(captured), stderr_margin=stderr_margin)
+    tiered, split = split_tables(problem, model, factors, row_usage, row_tiers, row_traces,
+                                 check_stderr_margin(stderr_margin))
+    return tiered, (lambda plan: fold_tiers(plan, split, names) if split else plan)
 
 
 def evaluate_plan(

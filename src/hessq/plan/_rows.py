@@ -9,12 +9,14 @@ rest (every row never looked up among them). Each tier is planned like a layer,
     Ω_k(b) = Tr(H) · (lookups in tier k / all lookups) / n_k · ‖Q_b(W_k) − W_k‖²,
 
 so the ILP can keep the few thousand rows of a corpus's frequent tokens wide and send the 30,000 others to
-2 bits. On the BBC MiniLM at an average of 3 weight bits, the 2,000 most frequent rows at 4 bits instead of 2 are
+2 bits. Given ``row_traces`` (:func:`hessq.sensitivity.hessian_row_traces` on these tiers), a tier's Tr(H) is
+measured instead: Ω_k(b) = Tr(H_kk) / n_k · ‖Q_b(W_k) − W_k‖². On the BBC MiniLM at an average of 3 weight bits, the 2,000 most frequent rows at 4 bits instead of 2 are
 worth a point of accuracy for 0.19 MB (bench/qbert_probes.py word-rows).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -29,7 +31,7 @@ from hessq._utils import batch_inputs, model_device, move_to, training_mode
 from hessq.graph import capture, quantizable_layers
 from hessq.ops import family_of_module
 from hessq.plan._bitplan import BitPlan
-from hessq.plan._cost import LayerCost
+from hessq.plan._cost import NEGATIVE_FLOOR, LayerCost
 
 #: The default number of tiers per table.
 ROW_TIERS = 4
@@ -102,8 +104,40 @@ def tier_name(table: str, k: int) -> str:
     return f"{table}[rows {k}]"
 
 
-def split_tables(problem, model: nn.Module, factors: Mapping[str, float], usage: Mapping[str, Any], tiers: int):
-    """``problem`` with each table in ``usage`` replaced by its tiers; returns (problem, {table: rows per tier})."""
+def measured_tier_traces(name: str, tiers: list[torch.Tensor], measured: Any, margin: float,
+                         floor_per_row: float) -> list[float]:
+    """Each tier's Tr(H) from :func:`hessq.sensitivity.hessian_row_traces` on exactly these tiers (with
+    ``margin`` standard errors added); a non-positive one becomes ``floor_per_row`` per row, as a layer's does."""
+    if isinstance(measured, (str, bytes)) or not isinstance(measured, Iterable):
+        raise ConfigTypeError(f"row_traces[{name!r}] must be the list hessian_row_traces gives for the table")
+    measured = list(measured)
+    same = len(measured) == len(tiers) and all(
+        hasattr(m, "rows") and torch.equal(torch.as_tensor(m.rows).long().sort().values, t.sort().values)
+        for m, t in zip(measured, tiers))
+    if not same:
+        raise ConfigError(f"row_traces[{name!r}] was measured on other row groups than the table's {len(tiers)} "
+                          "tiers: measure it on hessq.plan.tiers_of(row_usage[table], row_tiers)")
+    out = []
+    for m, rows in zip(measured, tiers):
+        stderr = m.stderr if math.isfinite(m.stderr) else 0.0
+        trace = m.trace + margin * stderr
+        if not math.isfinite(trace):
+            raise ConfigError(f"row_traces[{name!r}] holds a trace that is not finite ({m.trace}); measure it again")
+        out.append(trace if trace > 0 else floor_per_row * rows.numel())
+    return out
+
+
+def split_tables(problem, model: nn.Module, factors: Mapping[str, float], usage: Mapping[str, Any], tiers: int,
+                 row_traces: Mapping[str, Any] | None = None, margin: float = 0.0):
+    """``problem`` with each table in ``usage`` replaced by its tiers; returns (problem, {table: rows per tier}).
+
+    A table in ``row_traces`` takes its tiers' measured traces; the others share the table's trace by lookups."""
+    row_traces = {} if row_traces is None else row_traces
+    if not isinstance(row_traces, Mapping):
+        raise ConfigTypeError(f"row_traces must map table names to hessian_row_traces lists, got {type(row_traces).__name__}")
+    extra = [n for n in row_traces if n not in usage]
+    if extra:
+        raise ConfigError(f"row_traces names tables {extra} that row_usage does not; pass their lookups too")
     if not isinstance(usage, Mapping):
         raise ConfigTypeError(f"row_usage must map table names to lookup counts, got {type(usage).__name__}")
     layers = quantizable_layers(capture(model))
@@ -134,13 +168,18 @@ def split_tables(problem, model: nn.Module, factors: Mapping[str, float], usage:
         w = layers[name].weight.detach()
         counts = torch.as_tensor(usage[name]).double()
         trace = factors[name] * w.numel()  # Tr(H) (with its margin), shared by lookups
+        if name in row_traces:
+            floor = NEGATIVE_FLOOR * max([abs(f) for f in factors.values()] + [1e-30]) * w.shape[1]
+            tier_traces = measured_tier_traces(name, split[name], row_traces[name], margin, floor)
+        else:
+            total = counts.sum()
+            tier_traces = [trace * (float(counts[rows].sum() / total) if total > 0 else 1.0) for rows in split[name]]
         quantizer = family_of_module(layers[name]).weight_quantizer
         for k, rows in enumerate(split[name]):
             tier = tier_name(name, k)
-            share = float(counts[rows].sum() / counts.sum()) if counts.sum() > 0 else 1.0
             n = rows.numel() * w.shape[1]
             names.append(tier)
-            omega.append(np.array([trace * share / n * quantizer(b).squared_error(w[rows]) for b in problem.bits]))
+            omega.append(np.array([tier_traces[k] / n * quantizer(b).squared_error(w[rows]) for b in problem.bits]))
             all_costs[tier] = LayerCost(tier, problem.costs[name].kind, n, rows.numel(), False, 0)
             costs["size"].append(np.array([all_costs[tier].size_bytes(b) for b in problem.bits], dtype=np.float64))
             costs["bops"].append(np.zeros(len(problem.bits)))

@@ -106,7 +106,7 @@ def _plan_table(plan: BitPlan) -> str:
     for name, bits in plan.items():
         d = plan.layers.get(name, {})
         out.append(
-            f"<tr><td>{_esc(name)}</td><td class=num>{bits}</td><td class=num>{_num(d.get('num_params'), ',d')}</td>"
+            f"<tr><td>{_esc(name)}</td><td class=num>{_esc(plan.layer_bits_text(name))}</td><td class=num>{_num(d.get('num_params'), ',d')}</td>"
             f"<td class=num>{_num(d.get('size_bytes'), ',.0f')}</td>"
             f"<td class=num>{_num(None if d.get('bops') is None else d['bops'] / 1e6, ',.2f')}</td>"
             f"<td class=num>{_num(d.get('omega'), '.3g')}</td></tr>"
@@ -171,7 +171,7 @@ def render_report(
         limits = ", ".join(f"{k} ≤ {v:,.4g}" for k, v in plan.limits.items()) or "none"
         parts += [
             "<h2>Bits per layer</h2>",
-            f"<img id=bits alt='bits per layer' src='{_plots.bits_along_network(names, [plan[n] for n in names], act, params)}'>",
+            f"<img id=bits alt='bits per layer' src='{_plots.bits_along_network(names, [plan[n] for n in names], act, params, [plan.layer_average_bits(n) for n in names])}'>",
             f"<p>Limits solved under: {_esc(limits)}. Average weight bits: {_num(plan.average_bits, '.3f')}.</p>",
             _block_grid(plan),
             _plan_table(plan),
@@ -207,7 +207,7 @@ def _block_grid(plan: BitPlan) -> str:
     head = "".join(f"<th>{_esc(p)}</th>" for p in parts)
     body = "".join(f"<tr><td>{_esc(i)}</td>" + "".join(f"<td class=num>{_num(cols.get(p), 'd')}</td>" for p in parts)
                    + "</tr>" for i, cols in grid.items())
-    rest = ", ".join(f"{_esc(n)}: {plan[n]}" for n in others)
+    rest = ", ".join(f"{_esc(n)}: {_esc(plan.layer_bits_text(n))}" for n in others)
     return (f"<h3>Bits per block and matrix</h3><table id=block-bits><tr><th>block</th>{head}</tr>{body}</table>"
             + (f"<p>Outside the blocks: {rest}.</p>" if rest else ""))
 

@@ -98,12 +98,20 @@ def pareto_curve(points: Sequence[tuple[float, float]], chosen: tuple[float, flo
 
 
 def bits_along_network(names: Sequence[str], weight_bits: Sequence[int], act_bits: Sequence[int | None],
-                       num_params: Sequence[int | None]) -> str:
-    """Weight bits per layer drawn in network order, coloured by width; activation bits as a line."""
+                       num_params: Sequence[int | None], mean_bits: Sequence[float | None] | None = None) -> str:
+    """Weight bits per layer drawn in network order, coloured by width; activation bits as a line.
+
+    ``mean_bits``: a layer whose rows have several widths (an embedding table in row tiers) is drawn at its mean
+    width, hatched, in the colour of its base width."""
     fig = _figure(max(6.0, 0.32 * len(names) + 2), 3.4)
     ax = fig.subplots()
     colours = [BIT_COLOURS.get(int(b), "#888") for b in weight_bits]
-    ax.bar(range(len(names)), weight_bits, color=colours, edgecolor="#333", linewidth=0.5, label="weight bits")
+    heights = [m if m is not None else b for b, m in zip(weight_bits, mean_bits or [None] * len(names))]
+    bars = ax.bar(range(len(names)), heights, color=colours, edgecolor="#333", linewidth=0.5, label="weight bits")
+    for bar, b, h in zip(bars, weight_bits, heights):
+        if h != b:
+            bar.set_hatch("//")
+            ax.text(bar.get_x() + bar.get_width() / 2, h + 0.05, f"{h:.2f}", ha="center", va="bottom", fontsize=6)
     if any(a is not None for a in act_bits):
         ax.plot(range(len(names)), [a if a is not None else math.nan for a in act_bits], "k_", markersize=14,
                 markeredgewidth=2, label="activation bits")
@@ -111,9 +119,10 @@ def bits_along_network(names: Sequence[str], weight_bits: Sequence[int], act_bit
         if n:
             ax.text(i, 0.3, f"{n / 1000:.1f}k" if n >= 1000 else str(n), ha="center", va="bottom", fontsize=6, rotation=90)
     _layer_axis(ax, names)
-    ax.set_ylim(0, max(list(weight_bits) + [a or 0 for a in act_bits]) + 1)
+    ax.set_ylim(0, max(list(weight_bits) + heights + [a or 0 for a in act_bits]) + 1)
     ax.set_ylabel("bits")
-    ax.set_title("bits per layer along the network (labels: parameters)")
+    ax.set_title("bits per layer along the network (labels: parameters; hatched: mean of rows in tiers)"
+                 if heights != list(weight_bits) else "bits per layer along the network (labels: parameters)")
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     return to_data_uri(fig)

@@ -4,14 +4,17 @@ from hessq.sensitivity._density import SpectralDensity
 from hessq.sensitivity._engine import hessian_sensitivity, hessian_trace, spectral_density, top_eigenvalues
 from hessq.sensitivity._hutchinson import TraceEstimate
 from hessq.sensitivity._result import LayerSensitivity, Sensitivity, model_signature
+from hessq.sensitivity._row_traces import RowTrace, hessian_row_traces
 from hessq.sensitivity._traces import METHODS as TRACE_METHODS
 
 __all__ = [
     "LayerSensitivity",
+    "RowTrace",
     "Sensitivity",
     "SpectralDensity",
     "TRACE_METHODS",
     "TraceEstimate",
+    "hessian_row_traces",
     "hessian_sensitivity",
     "hessian_trace",
     "model_signature",

@@ -203,15 +203,18 @@ class HessianOperator:
         """vᵢᵀHᵢᵢvᵢ for each parameter i in ``indices``, each from a double backward restricted to its block.
 
         No cross-block terms: the sample's variance is that of the layer's own block (PyHessian per
-        layer), while the first-order graph of each batch is built once for all of them.
+        layer), while the first-order graph of each batch is built once for all of them. An index may
+        repeat, with vectors on parts of its block (rows of an embedding table).
         Float64, over all data and ranks.
         """
         acc = torch.zeros(len(indices), dtype=torch.float64, device=self.device)
+        unique = list(dict.fromkeys(indices))
         for index, batch in self.batches:
-            grads, _, _ = self._grads(index, batch, list(indices))
+            grads, _, _ = self._grads(index, batch, unique)
+            grad_of = dict(zip(unique, grads))
             w = float(batch_size(batch[0]))
             for k, (i, v) in enumerate(zip(indices, vectors)):
-                (h,) = self._second([grads[k]], [self.params[i]], [v], retain=k < len(indices) - 1)
+                (h,) = self._second([grad_of[i]], [self.params[i]], [v], retain=k < len(indices) - 1)
                 acc[k] += w * torch.dot(v.reshape(-1).double(), h.reshape(-1).double())
         D.all_reduce_sum(acc, self.group)
         acc /= self.num_data
