@@ -20,8 +20,9 @@ as bench/qbert.py scores it).
   (``hessq.hessian_row_traces`` on the sensitivity batches, rtol 0.1, at most SECONDS, default 900) against the
   table's trace shared by lookups; then the plan re-solved with the measured traces; post-training. Writes
   ``qbert_row_traces_<task>.json`` (bench/qbert.py ``--row-traces``).
-* ``qat-lr LR STEPS [SEED]``: QAT with AdamW at LR for STEPS steps (bench/qbert.py's default 2e-5) of the plan
-  bench/qbert.py tables now: the word table in 4 row tiers by training lookups.
+* ``qat-lr LR STEPS [SEED [reversed]]``: QAT with AdamW at LR for STEPS steps (bench/qbert.py's default 2e-5) of
+  the plan bench/qbert.py tables now: the word table in 4 row tiers by training lookups (``reversed``: its
+  reversed-order plan).
 
     .venv/bin/python bench/qbert_probes.py bbc linear-clip wls
 """
@@ -39,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS  # noqa: E402
+from plan import reverse_sensitivity  # noqa: E402
 from qbert import MIXED_BITS, Task, data, uniform  # noqa: E402
 
 import hessq  # noqa: E402
@@ -165,9 +167,11 @@ def word_rows(t: Task, plan: dict[str, int], bits: int, ns: list[str]) -> list[s
     return out
 
 
-def tiered_plan(t: Task, tiers: int):
-    """The plan at W3 per channel's size with the word table in ``tiers`` row tiers, as bench/qbert.py plans it."""
+def tiered_plan(t: Task, tiers: int, reversed_order: bool = False):
+    """The plan at W3 per channel's size with the word table in ``tiers`` row tiers, as bench/qbert.py plans it
+    (with the sensitivity order reversed, as its reversed row)."""
     sens = Sensitivity.load(RESULTS / f"qbert_sensitivity_{t.name}.json")
+    sens = reverse_sensitivity(sens) if reversed_order else sens
     limit = evaluate_plan(t.model, uniform(t.layers, 3)).size_bytes
     usage = {WORD: lookup_counts(t.model, t.train)[WORD]}
     return plan_bits(t.model, sens, weight_bits=MIXED_BITS, size_limit=limit, pin_first_last=None,
@@ -242,7 +246,9 @@ def main() -> int:
     elif a.probe == "word-grid":
         acc = word_grid(t, tabled_plan(a.task), a.values[0])
     else:
-        acc = t.accuracy(t.qat(t.quantize(tiered_plan(t, 4)), seed=int(a.values[2]) if len(a.values) > 2 else 0))
+        reversed_order = a.values[3:4] == ["reversed"]
+        acc = t.accuracy(t.qat(t.quantize(tiered_plan(t, 4, reversed_order)),
+                               seed=int(a.values[2]) if len(a.values) > 2 else 0))
     print(f"{a.task} {a.probe} {' '.join(a.values)}: {100 * acc:.2f}% ({time.time() - t0:.0f} s)", flush=True)
     return 0
 
