@@ -224,7 +224,8 @@ def test_a_table_in_row_tiers_is_shown_with_its_rows_widths():
     shown = "2 (2 rows at 8, 1 row at 4)"
     assert f"<tr><td>bert.embeddings.word_embeddings</td><td class=num>{shown}</td>" in page
     assert f"bert.embeddings.word_embeddings: {shown}" in _block_grid(plan)
-    # the bar is drawn at the mean width, in the base width's colour (a 2-bit bar 3.4 high, not 2)
+    # the bar is drawn at the mean width, in the base width's colour (a 2-bit bar 3.4 high, not 2; its hatch covers
+    # part of it: about 1.33 times the flat bar's pixels, against at most 1 if drawn at 2)
     tall = _images(page)["bits"]
     flat = _images(render_report(title="t", rows=[], plan=BitPlan(bits, 8, signature=signature)))["bits"]
-    assert _pixels_of(tall, BIT_COLOURS[2]) > 1.3 * _pixels_of(flat, BIT_COLOURS[2]) > 0
+    assert _pixels_of(tall, BIT_COLOURS[2]) > 1.15 * _pixels_of(flat, BIT_COLOURS[2]) > 0

@@ -251,7 +251,7 @@ class BitPlan(SealedJSONFile, Mapping[str, int]):
                          "(hessq.plan_bits on its sensitivity, or `hessq plan`)")
 
     def layer_bits_text(self, name: str) -> str:
-        """The layer's width as tables show it: ``"2 (121 rows at 6, 1,013 at 3)"`` for a table with rows of other
+        """The layer's width as tables show it: ``"2 (121 rows at 6, 1,013 rows at 3)"`` for a table with rows of other
         widths, ``"float"`` for a layer left unquantized."""
         b = self._bits[name]
         shown = "float" if b is None else str(b)

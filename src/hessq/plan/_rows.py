@@ -9,9 +9,10 @@ rest (every row never looked up among them). Each tier is planned like a layer,
     Ω_k(b) = Tr(H) · (lookups in tier k / all lookups) / n_k · ‖Q_b(W_k) − W_k‖²,
 
 so the ILP can keep the few thousand rows of a corpus's frequent tokens wide and send the 30,000 others to
-2 bits. Given ``row_traces`` (:func:`hessq.sensitivity.hessian_row_traces` on these tiers), a tier's Tr(H) is
-measured instead: Ω_k(b) = Tr(H_kk) / n_k · ‖Q_b(W_k) − W_k‖². On the BBC MiniLM at an average of 3 weight bits, the 2,000 most frequent rows at 4 bits instead of 2 are
-worth a point of accuracy for 0.19 MB (bench/qbert_probes.py word-rows).
+2 bits. On the BBC MiniLM at an average of 3 weight bits, the 2,000 most frequent rows at 4 bits instead of 2 are
+worth a point of accuracy for 0.19 MB (bench/qbert_probes.py word-rows). Given ``row_traces``
+(:func:`hessq.sensitivity.hessian_row_traces` on these tiers), a tier's Tr(H) is measured instead:
+Ω_k(b) = Tr(H_kk) / n_k · ‖Q_b(W_k) − W_k‖².
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def measured_tier_traces(name: str, tiers: list[torch.Tensor], measured: Any, ma
         raise ConfigTypeError(f"row_traces[{name!r}] must be the list hessian_row_traces gives for the table")
     measured = list(measured)
     same = len(measured) == len(tiers) and all(
-        hasattr(m, "rows") and torch.equal(torch.as_tensor(m.rows).long().sort().values, t.sort().values)
+        all(hasattr(m, a) for a in ("rows", "trace", "stderr")) and torch.equal(torch.as_tensor(m.rows).long().sort().values, t.sort().values)
         for m, t in zip(measured, tiers))
     if not same:
         raise ConfigError(f"row_traces[{name!r}] was measured on other row groups than the table's {len(tiers)} "
@@ -132,14 +133,14 @@ def split_tables(problem, model: nn.Module, factors: Mapping[str, float], usage:
     """``problem`` with each table in ``usage`` replaced by its tiers; returns (problem, {table: rows per tier}).
 
     A table in ``row_traces`` takes its tiers' measured traces; the others share the table's trace by lookups."""
+    if not isinstance(usage, Mapping):
+        raise ConfigTypeError(f"row_usage must map table names to lookup counts, got {type(usage).__name__}")
     row_traces = {} if row_traces is None else row_traces
     if not isinstance(row_traces, Mapping):
         raise ConfigTypeError(f"row_traces must map table names to hessian_row_traces lists, got {type(row_traces).__name__}")
     extra = [n for n in row_traces if n not in usage]
     if extra:
         raise ConfigError(f"row_traces names tables {extra} that row_usage does not; pass their lookups too")
-    if not isinstance(usage, Mapping):
-        raise ConfigTypeError(f"row_usage must map table names to lookup counts, got {type(usage).__name__}")
     layers = quantizable_layers(capture(model))
     split: dict[str, list[torch.Tensor]] = {}
     for name, counts in usage.items():
