@@ -11,6 +11,8 @@ Rows, each an ONNX Runtime session on ``--threads`` intra-op threads, timed inte
   table latency to the fastest plan's, Ω from the Hessian traces of ``--sensitivity`` (bench/qbert.py's file);
 - Hessian size-limited plan: the 2–8-bit plan at an average of 3 weight bits from ``--mixed-plan`` (bench/qbert.py's
   qbert.json), post-training here (its accuracy after QAT is in qbert.md and ibert_exact.md);
+- the same size-limited plan exported with ``narrow_kernels=`` the latency table: each layer on the kernel the
+  table times faster (a 2–4-bit layer on the int8 kernel where MatMulNBits is slower), the same ``.hq`` file;
 - ONNX Runtime ``quantize_dynamic`` int8 and FP32 of the same fine-tuned model (bench/_text.py).
 
 Agreement of each hessq fast export with its integer model (``hessq.IntegerModel``) on the first ``--test-limit``
@@ -180,7 +182,13 @@ def main() -> None:
         if size_bits is not None:
             plans["Hessian size-limited"] = {"average_bits_from": args.mixed_plan,
                                              "bits": {b: sum(v == b for v in size_bits.values()) for b in range(2, 9)}}
-            build("hessq fast, Hessian size-limited plan (avg 3 bits)", size_bits)
+            sized = build("hessq fast, Hessian size-limited plan (avg 3 bits)", size_bits)
+            # the same integer model, each layer on the kernel the latency table times faster (here int8 wherever
+            # MatMulNBits is slower): the small .hq file at the int8 kernels' speed
+            name = "hessq fast, Hessian size-limited plan, kernels by the latency table"
+            paths[name] = tmp / "size_by_table.onnx"
+            hessq.export_onnx(sized, paths[name], mode="fast", narrow_kernels=table)
+            imodels[name], hq_mb[name] = sized, hq_mb["hessq fast, Hessian size-limited plan (avg 3 bits)"]
         else:
             log(f"no size-limited Hessian plan in {args.mixed_plan}: run bench/qbert.py --tasks {task} first")
         sessions = {k: ort_session(p, args.threads) for k, p in paths.items()}

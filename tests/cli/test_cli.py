@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -28,6 +29,25 @@ def test_quantize_then_export_with_latency_table(tmp_path, capsys):
     from hessq.plan import LatencyTable
 
     assert len(LatencyTable.load(table)) == 22
+
+
+def test_export_narrow_kernels(tmp_path, capsys):
+    model = hessq.models.resnet20()
+    q = hessq.quantize(model, 4, [(torch.randn(8, 1, 28, 28),) for _ in range(2)], pin_first_last=None)
+    hq = tmp_path / "m.hq"
+    hessq.to_integer(q).save(hq)
+
+    def export(*flags: str) -> list[str]:
+        path = tmp_path / "m.onnx"
+        assert main(["export", str(hq), "-o", str(path), "--mode", "fast", *flags]) == 0
+        return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+    assert export().count("MatMulNBits") == 1  # the 4-bit Linear head; convs have no kernel of their own
+    assert "MatMulNBits" not in export("--narrow-kernels", "none")
+    table = tmp_path / "latency.json"
+    types = export("--narrow-kernels", "measured", "--latency-table", str(table), "--repeats", "3")
+    head = json.loads(table.read_text())["layers"]["fc"]
+    assert types.count("MatMulNBits") == int(head["4"] < head["8"])  # the kernel the table times faster
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -215,6 +215,45 @@ def test_4bit_embedding_table_runs_on_gather_block_quantized(tmp_path):
     assert np.abs(codes - imodel.run(ids.float(), keep=True)[emb.output].numpy()).max() <= 1
 
 
+def test_4bit_linear_on_the_int8_kernel_when_narrow_kernels_are_off(tmp_path):
+    imodel, x = _one_linear(4)
+    hessq.export_onnx(imodel, tmp_path / "fast.onnx", mode="fast", narrow_kernels=False)
+    types = _op_types(tmp_path / "fast.onnx")
+    assert "MatMulNBits" not in types and "MatMulIntegerToFloat" in types
+    # the integer model's own int32 accumulator (the 4-bit codes fit int8), scaled in float32: a few ulps
+    linear = next(op for op in imodel.ops if op.kind == "linear")
+    largest = (linear.attrs["bound"] * linear.scale.double().max()).item()
+    assert np.abs(_run(tmp_path / "fast.onnx", x.numpy())[0] - imodel(x).numpy()).max() <= 1e-5 * largest
+
+
+def test_narrow_kernels_follow_the_latency_table(tmp_path):
+    model = tiny_bert(dropout=0.0)
+    narrow = {"bert.embeddings.word_embeddings", "bert.encoder.layer.0.attention.self.query",
+              "bert.encoder.layer.1.intermediate.dense"}
+    plan = {n: 4 if n in narrow else 8 for n in hessq.quantizable_layers(model)}
+    imodel = hessq.to_integer(hessq.quantize(model, plan, [token_batch(s) for s in range(3)], pin_first_last=None))
+    names = {imodel.layer_name(op): op for op in imodel.layers()}
+    assert narrow <= set(names)
+
+    def count(**kw) -> tuple[int, int]:
+        hessq.export_onnx(imodel, tmp_path / "fast.onnx", mode="fast", **kw)
+        types = _op_types(tmp_path / "fast.onnx")
+        return types.count("MatMulNBits"), types.count("GatherBlockQuantized")
+
+    assert count() == (2, 1) and count(narrow_kernels=True) == (2, 1)
+    assert count(narrow_kernels=False) == (0, 0)
+    # the table says 4 bits pays for the query layer alone: the other 4-bit Linear and the table stay on int8
+    table = {name: {4: 1e-5, 8: 2e-5} if name.endswith("query") else {4: 3e-5, 8: 2e-5} for name in names}
+    assert count(narrow_kernels=hessq.plan.LatencyTable(table)) == (1, 0)
+    table["bert.embeddings.word_embeddings"] = {4: 1e-6, 8: 2e-6}
+    assert count(narrow_kernels=table) == (1, 1)  # a plain mapping is taken as a table too
+    del table["bert.encoder.layer.1.intermediate.dense"]
+    with pytest.raises(hessq.ConfigError, match="layer.1.intermediate.dense"):
+        count(narrow_kernels=table)
+    with pytest.raises(hessq.ConfigTypeError, match="narrow_kernels must be True, False or a latency table"):
+        count(narrow_kernels=None)
+
+
 @pytest.mark.parametrize("out_range,needed", [(1.0, False), (2.0, True)])
 def test_gelu_input_saturation_left_out_only_where_the_table_ends_hold(out_range, needed):
     # GELU on a ±127 grid of step 0.05: with the output grid ending at GELU's value at the input range's end, the

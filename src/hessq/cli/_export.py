@@ -14,6 +14,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default="model.onnx", help="ONNX file (default model.onnx)")
     add_config_flag(p, "--mode", ExportConfig, "onnx_mode", choices=("exact", "fast"),
                     help="exact: bit-exact with the integer model; fast: ONNX Runtime's fused QLinearConv")
+    p.add_argument("--narrow-kernels", choices=("all", "none", "measured"), default="all",
+                   help="fast mode: where a Linear of at most 4-bit weights runs on MatMulNBits (and such a table on "
+                        "GatherBlockQuantized): all (the smallest file), none (every layer on the int8 kernels), or "
+                        "measured (each layer on the kernel the latency table, measured first, times faster)")
     p.add_argument("--latency-table", help="also measure each layer on ONNX Runtime and write the table (JSON) here")
     p.add_argument("--batch-size", type=int, default=1, help="batch size for the latency table (default 1)")
     p.add_argument("--repeats", type=int, default=50, help="timed runs per layer (default 50; the median is kept)")
@@ -33,10 +37,13 @@ def run(args: argparse.Namespace) -> int:
     check_int(args.batch_size, "--batch-size", low=1, allow_none=True)
     check_int(args.repeats, "--repeats", low=1, allow_none=True)
     imodel = load_integer(args.model)
-    export_onnx(imodel, args.output, mode=args.mode)
+    table = None
+    if args.latency_table or args.narrow_kernels == "measured":
+        table = measure_latency_table(imodel, batch_size=args.batch_size, repeats=args.repeats)
+    narrow = {"all": True, "none": False, "measured": table}[args.narrow_kernels]
+    export_onnx(imodel, args.output, mode=args.mode, narrow_kernels=narrow)
     print(f"wrote {args.output} ({args.mode})")
     if args.latency_table:
-        table = measure_latency_table(imodel, batch_size=args.batch_size, repeats=args.repeats)
         table.save(args.latency_table)
         print(f"wrote {args.latency_table}: {len(table)} layers, int8 total "
               f"{1e3 * sum(row[8] for row in table.values()):.3f} ms at batch {args.batch_size}")

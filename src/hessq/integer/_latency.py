@@ -5,7 +5,8 @@ Each weighted layer of an IntegerModel is exported alone, as its op family's lat
 as in the fast export), and timed at its real input shape. ONNX Runtime executes the weight widths from 2 to 8 bits
 with its int8 kernels (narrower codes are stored packed but computed as int8), so those widths share one measured
 time, except the widths a family runs on a kernel of their own (``narrow_latency_models``: a Linear layer of at most
-4-bit weights is MatMulNBits in the fast export, faster than int8 at few token rows and slower at many; a table of
+4-bit weights is MatMulNBits in the fast export, which only pays at very few token rows (on MiniLM's Linears
+on an AVX512-VNNI CPU: 0.93× int8's time at one row, 2.4× at 64; bench/nbits_rows.py); a table of
 at most 4-bit codes is GatherBlockQuantized), timed separately; ``32`` holds the float32 time of the same layer for reference.
 """
 
@@ -80,8 +81,6 @@ def measure_latency_table(
     if batch_size < 1 or repeats < 1:
         raise ConfigError("batch_size and repeats must be >= 1")
     env = model.run(torch.zeros(batch_size, *model.input_shape), keep=True)
-    known = {name.replace(".", "_"): name for name in model.meta.get("layer_bits", {})}
-    names = layer_names or known
     rows = {}
     for op in model.layers():
         in_shape = list(env[op.inputs[0]].shape)
@@ -105,7 +104,7 @@ def measure_latency_table(
                 narrow[id(spec)] = seconds(spec, "float32")
             row[bits] = narrow[id(spec)]
         row[32] = seconds(flt_spec, "float32")
-        rows[names.get(op.output, op.output)] = row
+        rows[layer_names.get(op.output, op.output) if layer_names else model.layer_name(op)] = row
     layer_bits = model.meta.get("layer_bits", {})
     folded = []
     if rows and set(rows) <= set(layer_bits):

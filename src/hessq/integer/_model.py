@@ -150,6 +150,12 @@ class IntegerModel:
             kinds[op.kind] = kinds.get(op.kind, 0) + 1
         return f"IntegerModel(input {self.input_shape}, {len(self.ops)} ops: {kinds})"
 
+    def layer_name(self, op: Op) -> str:
+        """A weighted op's layer as plans and latency tables name it: its module path (``layer1.0.conv1`` for the
+        value ``layer1_0_conv1``), or its value name when the model records no such layer."""
+        known = {name.replace(".", "_"): name for name in self.meta.get("layer_bits", {})}
+        return known.get(op.output, op.output)
+
     def layers(self) -> Iterator[Op]:
         """The ops of weighted layers (conv, linear, ...), in program order."""
         return (op for op in self.ops if family_for_kind(op.kind).weighted)

@@ -28,6 +28,7 @@ over a deep model the steps compound, so the agreement is measured (bench/ibert.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,7 @@ from hessq._errors import ConfigError, ConfigTypeError, MissingDependencyError
 from hessq._io import check_writable, write_atomic
 from hessq.integer._model import IntegerModel
 from hessq.ops import Op, family_for_kind
+from hessq.plan import LatencyTable, as_latency_table
 
 OPSET = 17
 
@@ -67,10 +69,11 @@ class _Tensor:
 
 
 class _Exporter:
-    def __init__(self, model: IntegerModel, mode: str = "exact") -> None:
+    def __init__(self, model: IntegerModel, mode: str = "exact", narrow_kernels: bool | LatencyTable = True) -> None:
         self.onnx, self.TP, self.helper, self.nh = require_onnx()
         self.model = model
         self.exact = mode == "exact"
+        self.narrow_kernels = narrow_kernels
         self.nodes, self.inits = [], []
         self.values: dict[str, _Tensor] = {}
         self.grid_signed: dict[str, bool] = {}
@@ -84,6 +87,20 @@ class _Exporter:
         # every value's shape at batch 1, for shape-dependent choices (a pool that covers the whole map)
         env = model.run(torch.zeros(1, *model.input_shape), keep=True)
         self.model_shapes = {k: tuple(v.shape) for k, v in env.items()}
+
+    def narrow_kernel(self, op: Op) -> bool:
+        """Whether the fast export runs a weighted op whose width has a kernel of its own (a Linear of at most 4-bit
+        weights: MatMulNBits; such a table: GatherBlockQuantized) on that kernel rather than the int8 one: always,
+        never, or where the latency table times it faster than the same layer at 8 bits."""
+        if isinstance(self.narrow_kernels, bool):
+            return self.narrow_kernels
+        name, bits = self.model.layer_name(op), int(op.attrs["w_bits"])
+        row = self.narrow_kernels.get(name)
+        if row is None or bits not in row or 8 not in row:
+            raise ConfigError(f"narrow_kernels: the latency table has no time for layer {name!r} at {bits} and 8 bits; "
+                              "measure it on this integer model (hessq.integer.measure_latency_table), or pass "
+                              "narrow_kernels=True or False")
+        return row[bits] < row[8]
 
     def fresh(self, base: str) -> str:
         self._n += 1
@@ -313,7 +330,14 @@ class _Exporter:
             self.values[op.output] = emit(self, op, [self.values[n] for n in op.inputs])
 
 
-def export_onnx(model: IntegerModel, path: str | os.PathLike, *, mode: str = "exact", batch_size: int | None = None) -> None:
+def export_onnx(
+    model: IntegerModel,
+    path: str | os.PathLike,
+    *,
+    mode: str = "exact",
+    batch_size: int | None = None,
+    narrow_kernels: bool | LatencyTable | dict = True,
+) -> None:
     """Write ``model`` as an ONNX graph of integer operators for ONNX Runtime.
 
     ``mode="exact"`` matches the integer model bit for bit (ConvInteger + dyadic
@@ -322,6 +346,12 @@ def export_onnx(model: IntegerModel, path: str | os.PathLike, *, mode: str = "ex
     softmax, LayerNorm and GELU), each op within about one quantization step of it. ``batch_size=None`` leaves the batch dimension
     dynamic. The file is written to a temporary name and renamed; a ``path`` that is a directory
     or lies under a file is refused before any work.
+
+    ``narrow_kernels`` (fast mode) says where a layer at a width with a kernel of its own runs on it (a Linear of at
+    most 4-bit weights on MatMulNBits, a table of at most 4-bit codes on GatherBlockQuantized): ``True`` everywhere
+    (the smallest file), ``False`` nowhere (every layer on the int8 kernels: MatMulNBits is slower than int8 at more
+    than about one token row on many CPUs), or a latency table (:func:`hessq.integer.measure_latency_table` of this
+    model, or its file) to run each layer on the kernel it times faster.
     """
     if not isinstance(model, IntegerModel):
         raise ConfigTypeError(f"export_onnx takes an IntegerModel (hessq.to_integer(qmodel)), got {type(model).__name__}")
@@ -329,8 +359,13 @@ def export_onnx(model: IntegerModel, path: str | os.PathLike, *, mode: str = "ex
         raise ConfigError(f"mode must be 'exact' or 'fast', got {mode!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"batch_size must be a positive integer, or None for a dynamic batch dimension; got {batch_size!r}")
+    if not isinstance(narrow_kernels, (bool, Mapping, str, os.PathLike)):
+        raise ConfigTypeError("narrow_kernels must be True, False or a latency table (or its latency.json), got "
+                              f"{type(narrow_kernels).__name__}")
+    if not isinstance(narrow_kernels, bool):
+        narrow_kernels = as_latency_table(narrow_kernels)
     check_writable(path, "ONNX file")  # a directory or a path under a file: refused before the export's work
-    exporter = _Exporter(model, mode)
+    exporter = _Exporter(model, mode, narrow_kernels)
     onnx, TP, helper = exporter.onnx, exporter.TP, exporter.helper
     for op in model.ops:
         if op.kind == "flatten" and op.attrs["end_dim"] != -1:

@@ -279,7 +279,7 @@ class Embedding(WeightedOp):
         t, a = op.tensors, op.attrs
         ids = ex.node("Cast", [ins[0].name], "ids", to=ex.TP.INT64)
         block = _gather_block(t["weight"].shape[1])
-        if a["w_bits"] <= 4 and block:
+        if a["w_bits"] <= 4 and block and ex.narrow_kernel(op):
             # a table of at most 4-bit codes stays packed (half a byte per weight): com.microsoft GatherBlockQuantized
             # dequantizes each looked-up row with its scale (the same for every block of a row), then the rows go
             # onto the output grid: the integer lookup's codes but where s_r·q/S lies within float32 rounding of a

@@ -61,7 +61,7 @@ class Linear(WeightedOp):
         rows = op.tensors["weight"].shape[0]
         bias = [ex.const("bias", (op.tensors["bias"].double() * scale).numpy().astype(np.float32))] if "bias" in op.tensors else []
         w_scale = (scale / x.scale).expand(rows).numpy().astype(np.float32)
-        if op.attrs["w_bits"] <= NBITS:
+        if op.attrs["w_bits"] <= NBITS and ex.narrow_kernel(op):
             packed, attrs = nbits_weight(op.tensors["weight"])
             scales = np.repeat(w_scale, attrs["K"] // attrs["block_size"] + bool(attrs["K"] % attrs["block_size"]))
             inputs = [ex.real(x), ex.const("w4", packed), ex.const("w_scale", scales)] + (["", "", bias[0]] if bias else [])

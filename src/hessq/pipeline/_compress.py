@@ -124,7 +124,7 @@ class CompressResult:
             if self.latency_table is not None:
                 self.latency_table.save(at["latency_table"])
             self.imodel.save(at["integer_model"])
-            export_onnx(self.imodel, at["onnx"], mode=onnx_mode)
+            export_onnx(self.imodel, at["onnx"], mode=onnx_mode, narrow_kernels=_narrow_kernels(self.latency_table))
             if qat_checkpoint is not None:
                 _link_or_copy(Path(qat_checkpoint), at["qat_checkpoint"])
             self.files = {k: str(v) for k, v in files.items()}
@@ -666,7 +666,7 @@ def compress(
     def add_row(name: str, bits: str, costs: BitPlan | None, imod: IntegerModel, **extra: Any) -> None:
         rows.append(evaluate_setting(name, bits, imod, eval_data, costs=costs, input_shape=shape,
                                      latency_repeats=latency_repeats if measure_latency else 0, progress=progress,
-                                     metric=metric, **extra))
+                                     metric=metric, narrow_kernels=_narrow_kernels(table), **extra))
 
     fp32_row: dict[str, Any] = {"name": "FP32", "bits": "32 / 32"}
     if eval_data is not None:
@@ -755,13 +755,15 @@ def evaluate_setting(
     latency_repeats: int = 30,
     progress: bool = False,
     metric: Callable[[nn.Module, Iterable], float] | None = None,
+    narrow_kernels: bool | LatencyTable = True,
     **extra: Any,
 ) -> dict[str, Any]:
     """One row of the results table: the integer model's top-1, the plan's size/BOPs, its ONNX Runtime latency.
 
     The latency is the median at batch 1 of the "fast" ONNX export (ONNX Runtime's fused int8 kernels: the
     graph to deploy for speed; the bit-exact graph spends its time in float64 rounding arithmetic).
-    ``latency_repeats=0`` skips it; ``extra`` items are copied into the row.
+    ``latency_repeats=0`` skips it; ``narrow_kernels`` is :func:`hessq.export_onnx`'s; ``extra`` items are copied
+    into the row.
     """
     import tempfile
 
@@ -774,10 +776,19 @@ def evaluate_setting(
     if latency_repeats > 0:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "m.onnx"
-            export_onnx(imodel, path, mode="fast")
+            export_onnx(imodel, path, mode="fast", narrow_kernels=narrow_kernels)
             shape = tuple(input_shape) if input_shape is not None else imodel.input_shape
             row["latency_ms"] = 1000 * measure_onnx_latency(path, shape, batch_size=1, repeats=latency_repeats)
     return row
+
+
+def _narrow_kernels(table: LatencyTable | None) -> bool | LatencyTable:
+    """What the fast export runs on a width's own kernel (4-bit Linear: MatMulNBits): where ``table`` times it
+    faster when the table has every width from 2 to 8 of every layer (as measure_latency_table writes it), else
+    everywhere."""
+    if table is not None and all(all(b in row for b in range(2, 9)) for row in table.values()):
+        return table
+    return True
 
 
 def _uniform(plan: BitPlan, bits: int, first_last: int | None) -> dict[str, int]:
