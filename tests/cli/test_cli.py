@@ -31,7 +31,7 @@ def test_quantize_then_export_with_latency_table(tmp_path, capsys):
     assert len(LatencyTable.load(table)) == 22
 
 
-def test_export_narrow_kernels(tmp_path, capsys):
+def test_export_narrow_kernels(tmp_path):
     model = hessq.models.resnet20()
     q = hessq.quantize(model, 4, [(torch.randn(8, 1, 28, 28),) for _ in range(2)], pin_first_last=None)
     hq = tmp_path / "m.hq"

@@ -336,7 +336,7 @@ def export_onnx(
     *,
     mode: str = "exact",
     batch_size: int | None = None,
-    narrow_kernels: bool | LatencyTable | dict = True,
+    narrow_kernels: bool | LatencyTable | Mapping | str | os.PathLike = True,
 ) -> None:
     """Write ``model`` as an ONNX graph of integer operators for ONNX Runtime.
 
