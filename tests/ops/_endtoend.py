@@ -12,6 +12,45 @@ import torch
 from torch import nn
 
 import hessq
+from hessq.quantizer import ActQuantizer
+
+#: Within this fraction of its value (at least 1e-6 code units) of a half step, the float and the dyadic
+#: requantization may round an activation to neighbouring codes: the float value carries a few float32 roundings
+#: (each 6e-8 of the value at most), the dyadic one an error below 2^-30.
+NEAR_TIE = 1e-6
+
+
+def assert_float_forward_close(qmodel: nn.Module, imodel: hessq.IntegerModel, x: torch.Tensor, y_int: torch.Tensor,
+                               steps: float = 4) -> None:
+    """The float fake quantization (``qmodel.float_forward``) is within ``steps`` steps of the integer model's
+    output grid on every sample whose activations all lie away from a rounding tie of their grids.
+
+    Where one lies within float rounding of a tie, the two arithmetics may pick neighbouring codes, and one code
+    moves everything after it by far more than an output step: those samples are not compared, and at least half
+    of the samples must be. Each sample runs alone (a sample's float forward does not depend on the rest
+    of its batch), so a tie is charged to its own sample.
+    """
+    step = float(imodel.ops[-1].tensors["scale"].max())
+    near = [False]
+
+    def look(module: ActQuantizer, args: tuple) -> None:
+        v = args[0].detach().double() / module.scale.double()
+        near[0] |= bool(((v - v.floor() - 0.5).abs() < NEAR_TIE * v.abs().clamp(min=1)).any())
+
+    hooks = [m.register_forward_pre_hook(look) for m in qmodel.modules() if isinstance(m, ActQuantizer)]
+    compared = 0
+    try:
+        for i in range(len(x)):
+            near[0] = False
+            with torch.no_grad():
+                y = qmodel.float_forward(x[i : i + 1])
+            if not near[0]:
+                compared += 1
+                assert (y_int[i : i + 1] - y).abs().max() <= steps * step, i
+    finally:
+        for h in hooks:
+            h.remove()
+    assert compared >= len(x) / 2, f"only {compared} of {len(x)} samples lie away from rounding ties"
 
 
 @dataclass

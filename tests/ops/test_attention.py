@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from tests.ops._endtoend import end_to_end
+from tests.ops._endtoend import assert_float_forward_close, end_to_end
 
 
 class Encoder(nn.Module):
@@ -26,8 +26,7 @@ class Encoder(nn.Module):
 
 def test_self_attention_runs_in_integers(tmp_path):
     e = end_to_end(Encoder().eval(), (6, 4), tmp_path, kinds={"matmul", "softmax", "attn_linear"})
-    step = float(e.imodel.ops[-1].tensors["scale"].max())
-    assert (e.y_int - e.qmodel.float_forward(e.x)).abs().max() <= 4 * step
+    assert_float_forward_close(e.qmodel, e.imodel, e.x, e.y_int)
     # each probability is the softmax of the score codes' real values on the grid of step 1/255, within one step:
     # the exponential table holds 16 fraction bits, the division rounds half up
     values = e.values()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessq.ops.layernorm import FRACTION_BITS, isqrt
-from tests.ops._endtoend import end_to_end
+from tests.ops._endtoend import assert_float_forward_close, end_to_end
 
 
 def test_integer_square_root_is_the_floor_of_the_square_root():
@@ -65,8 +65,7 @@ def test_layernorm_and_channels_last_linear_end_to_end(tmp_path, residual_bits):
         # these 8-bit grids leave float32 fake quantization no rounding to flip here: the same logits but for the
         # last requantization. (A 16-bit grid is finer than float32's error in x/s at its ends, so only the bound
         # below, the method's own, holds there.)
-        step = float(e.imodel.ops[-1].tensors["scale"].max())
-        assert (e.y_int - e.qmodel.float_forward(e.x)).abs().max() <= 4 * step
+        assert_float_forward_close(e.qmodel, e.imodel, e.x, e.y_int)
     # each integer LayerNorm is the float LayerNorm of its input codes' real values, up to the method's two floors:
     # r = ⌊D·2^k/σ⌋ is within 2^-k of D·2^k/σ, and σ = ⌊√T⌋ within 1 of √T (so z within |z|/σ), plus half a step of β
     values = e.values()

@@ -21,6 +21,11 @@ from hessq.quantizer import ActQuantizer, WeightQuantizer, choose_kernel, expand
 INT32_MAX = 2**31 - 1
 
 
+def _round(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest with the straight-through estimator, in place where no gradient is recorded."""
+    return round_ste(x) if torch.is_grad_enabled() and x.requires_grad else x.round_()
+
+
 class WeightCodes:
     """A weight quantizer, the input's activation quantizer and an int32 bias (a mixin for an ``nn.Module``
     with ``weight`` and ``bias``): what a quantized twin and any module with integer weights share."""
@@ -57,6 +62,31 @@ class WeightCodes:
         bias_scale = wq.row_scale(wq.scale(self.weight), self.bias.shape[0]) * q_in.scale
         b_q = torch.clamp(round_ste(self.bias / bias_scale), -INT32_MAX, INT32_MAX) * bias_scale
         return w_q, b_q
+
+    def integer_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+        """(input codes, weight codes, bias codes or None, one scale per output row) of this layer on ``x``, the
+        codes as floats with the straight-through estimator, or None where the products share no scale per output
+        row (one scale per block of input columns) or the input quantizer is not calibrated yet.
+
+        The twins' training forward sums these codes and scales the sum once: ``(Σ c_x·c_w + c_b)·S_in·S_w``.
+        Integer products summed in floating point are exact (below 2^24 in float32), so an output is the same
+        whatever the batch split, the thread count or the summation order, and an accumulator the integer model
+        gives 0 is exactly 0: were it summed from the scaled values instead, it would be ±1e-17 rounding noise, and
+        the ReLU after it would pass or stop its gradient by that noise (two ranks of a QAT run then part at a
+        random step).
+        """
+        q_in = self.act_quantizer
+        if q_in is None or q_in.observing or not bool(q_in.calibrated):
+            return None
+        wq = self.weight_quantizer
+        w_scale = wq.scale(self.weight)
+        if w_scale.dim() == 2:
+            return None
+        qmin, qmax = wq.code_bounds(self.weight)
+        w_codes = torch.clamp(_round(self.weight / wq.expand(w_scale, self.weight)), qmin, qmax)
+        out_scale = wq.row_scale(w_scale, self.weight.shape[0]) * q_in.scale
+        b_codes = None if self.bias is None else torch.clamp(_round(self.bias / out_scale), -INT32_MAX, INT32_MAX)
+        return _round(x / q_in.scale), w_codes, b_codes, out_scale
 
     @torch.no_grad()
     def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessq._errors import ConfigError
+from hessq.ops._program import channel
 from hessq.ops._registry import register
 from hessq.ops._weighted import QuantLayer, WeightedOp
 from hessq.quantizer import integer_conv2d
@@ -29,8 +30,13 @@ class QuantConv2d(QuantLayer):
         self._init_quant(w_bits, a_bits, granularity, num_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.quantized_weight_and_bias()
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        exact = self.integer_operands(x)
+        if exact is None:
+            w, b = self.quantized_weight_and_bias()
+            return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        x_codes, w_codes, b_codes, scale = exact  # summed as integers (WeightCodes.integer_operands says why)
+        acc = F.conv2d(x_codes, w_codes, b_codes, self.stride, self.padding, self.dilation, self.groups)
+        return acc * channel(scale, acc.dim())
 
     def extra_repr(self) -> str:
         return (

@@ -31,8 +31,12 @@ class QuantLinear(QuantLayer):
         self._init_quant(w_bits, a_bits, granularity, num_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.quantized_weight_and_bias()
-        return F.linear(x, w, b)
+        exact = self.integer_operands(x)
+        if exact is None:
+            w, b = self.quantized_weight_and_bias()
+            return F.linear(x, w, b)
+        x_codes, w_codes, b_codes, scale = exact  # summed as integers (WeightCodes.integer_operands says why)
+        return F.linear(x_codes, w_codes, b_codes) * scale
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, w_bits={self.w_bits}, a_bits={self.a_bits}"
