@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -134,6 +135,24 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def interleaved_ms(runs: Mapping[str, Callable[[], Any]], repeats: int, seed: int, warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds of each of ``runs``, one call of each per round in an order shuffled every round (from
+    ``seed``): shared-machine noise hits all alike, and no run always follows the same one. Like against like:
+    the callers give every run the same inputs and threads."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    order, rng = list(runs), random.Random(seed)
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for k in order:
+            start = time.perf_counter()
+            runs[k]()
+            times[k].append(time.perf_counter() - start)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
 def ort_ms(path: str | os.PathLike, input_shape: tuple[int, ...], batch: int, repeats: int, threads: int | None) -> float:

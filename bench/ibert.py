@@ -28,11 +28,8 @@ Writes bench/results/ibert_latency.json and .md (tweets) or ibert_latency_bbc.js
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +43,8 @@ from hessq.plan import plan_bits
 from hessq.sensitivity import Sensitivity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command_line, git_commit, log, machine, ort_session, ratio, write_results  # noqa: E402
+from _common import (RESULTS, command_line, git_commit, interleaved_ms, log, machine, ort_session, ratio,  # noqa: E402
+                     write_results)
 from _text import INPUT_NAMES, example_inputs, export_classifier_onnx, ort_quantize_dynamic  # noqa: E402
 from ibert_exact import mixed_bits  # noqa: E402
 from qbert import TASKS, data  # noqa: E402
@@ -67,22 +65,11 @@ def feeds(session, batch: int, length: int) -> dict[str, np.ndarray]:
     return {n: inputs[n].numpy() for n in INPUT_NAMES}
 
 
-def interleaved_ms(sessions: dict[str, object], batch: int, length: int, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each session, one run of each per round in an order shuffled every round
-    (shared-machine noise hits all alike, and no session always follows the same one)."""
+def sessions_ms(sessions: dict[str, object], batch: int, length: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each ONNX Runtime session at ``batch`` × ``length``, interleaved
+    (:func:`_common.interleaved_ms`)."""
     fs = {k: feeds(s, batch, length) for k, s in sessions.items()}
-    for k, s in sessions.items():  # warm-up
-        s.run(None, fs[k])
-        s.run(None, fs[k])
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    order, rng = list(sessions), random.Random(batch)
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for k in order:
-            start = time.perf_counter()
-            sessions[k].run(None, fs[k])
-            times[k].append(time.perf_counter() - start)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+    return interleaved_ms({k: (lambda s=s, f=fs[k]: s.run(None, f)) for k, s in sessions.items()}, repeats, seed=batch)
 
 
 def logits(session, batches, length: int) -> np.ndarray:
@@ -196,7 +183,7 @@ def main() -> None:
             rows[k] = {"setting": k, "onnx_mb": p.stat().st_size / 1e6, "hq_mb": hq_mb.get(k)}
         for batch in BATCHES:
             log(f"latency at batch {batch}")
-            ms = interleaved_ms(sessions, batch, length, args.repeats if batch == 1 else max(5, args.repeats // 4))
+            ms = sessions_ms(sessions, batch, length, args.repeats if batch == 1 else max(5, args.repeats // 4))
             for k, v in ms.items():
                 rows[k][f"ms_b{batch}"] = v
         base = "ONNX Runtime quantize_dynamic int8"

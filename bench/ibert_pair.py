@@ -24,7 +24,7 @@ from hessq.graph import quantizable_layers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, git_commit, log, machine, ort_session, ratio, write_results  # noqa: E402
 from _text import export_classifier_onnx, ort_quantize_dynamic  # noqa: E402
-from ibert import BATCHES, interleaved_ms  # noqa: E402
+from ibert import BATCHES, sessions_ms  # noqa: E402
 from qbert import TASKS, data  # noqa: E402
 
 QDYN, W8 = "ONNX Runtime quantize_dynamic int8", "hessq fast W8A8"
@@ -50,8 +50,8 @@ def main() -> None:
         rows = []
         for batch in BATCHES:
             repeats = args.repeats if batch == 1 else max(5, args.repeats // 3)
-            alone = {k: interleaved_ms({k: s}, batch, length, repeats)[k] for k, s in sessions.items()}
-            both = interleaved_ms(sessions, batch, length, repeats)
+            alone = {k: sessions_ms({k: s}, batch, length, repeats)[k] for k, s in sessions.items()}
+            both = sessions_ms(sessions, batch, length, repeats)
             for how, ms in (("alone", alone), ("the two interleaved", both)):
                 rows.append({"batch": batch, "timing": how, **{f"ms {k}": v for k, v in ms.items()},
                              "speedup": ratio(ms[QDYN], ms[W8])})

@@ -23,10 +23,7 @@ Writes bench/results/nbits_rows.json and .md.
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from hessq.ops.linear import nbits_weight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command_line, git_commit, log, machine, ratio, write_results  # noqa: E402
+from _common import RESULTS, command_line, git_commit, interleaved_ms, log, machine, ratio, write_results  # noqa: E402
 
 SHAPES = ((384, 384), (384, 1536), (1536, 384))  # (in, out)
 STACK = {(384, 384): 24, (384, 1536): 6, (1536, 384): 6}  # MiniLM's 36 encoder Linears
@@ -83,19 +80,8 @@ def timed(rows: int, k: int, n: int, threads: int, repeats: int) -> dict[str, fl
         proto, x_type = kernel_model(kernel, k, n)
         session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         feed = {"x": x_u8 if x_type == TensorProto.UINT8 else x_f32}
-        for _ in range(5):
-            session.run(None, feed)
-        runs[kernel] = (session, feed)
-    times: dict[str, list[float]] = {kernel: [] for kernel in KERNELS}
-    order, shuffle = list(KERNELS), random.Random(rows * 7919 + k)
-    for _ in range(repeats):
-        shuffle.shuffle(order)
-        for kernel in order:
-            session, feed = runs[kernel]
-            start = time.perf_counter()
-            session.run(None, feed)
-            times[kernel].append(time.perf_counter() - start)
-    return {kernel: 1000 * statistics.median(t) for kernel, t in times.items()}
+        runs[kernel] = lambda session=session, feed=feed: session.run(None, feed)
+    return interleaved_ms(runs, repeats, seed=rows * 7919 + k, warmup=5)
 
 
 def markdown(meta: dict, results: list[dict]) -> str:

@@ -48,6 +48,9 @@ def test_export_narrow_kernels(tmp_path):
     types = export("--narrow-kernels", "measured", "--latency-table", str(table), "--repeats", "3")
     head = json.loads(table.read_text())["layers"]["fc"]
     assert types.count("MatMulNBits") == int(head["4"] < head["8"])  # the kernel the table times faster
+    # the exact export has no kernels to choose: refused before measuring anything
+    assert main(["export", str(hq), "-o", str(tmp_path / "e.onnx"), "--mode", "exact", "--narrow-kernels", "measured"]) == 1
+    assert not (tmp_path / "e.onnx").exists()
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

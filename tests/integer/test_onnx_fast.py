@@ -252,6 +252,9 @@ def test_narrow_kernels_follow_the_latency_table(tmp_path):
         count(narrow_kernels=table)
     with pytest.raises(hessq.ConfigTypeError, match="narrow_kernels must be True, False or a latency table"):
         count(narrow_kernels=None)
+    with pytest.raises(hessq.ConfigError, match="mode='fast'"):  # the exact export has no kernels to choose
+        hessq.export_onnx(imodel, tmp_path / "exact.onnx", narrow_kernels=table)
+    assert not (tmp_path / "exact.onnx").exists()
 
 
 @pytest.mark.parametrize("out_range,needed", [(1.0, False), (2.0, True)])

@@ -30,6 +30,11 @@ def run(args: argparse.Namespace) -> int:
     from hessq.cli._common import check_readable
     from hessq.integer import export_onnx, load_integer, measure_latency_table
 
+    if args.narrow_kernels == "measured" and args.mode != "fast":
+        from hessq._errors import ConfigError
+
+        raise ConfigError("--narrow-kernels measured chooses the kernels of --mode fast; --mode exact runs every "
+                          "layer on exact integer operators. Add --mode fast, or leave --narrow-kernels out")
     check_readable(args.model, "the integer model file")
     check_writable(args.output, "-o/--output")
     if args.latency_table:

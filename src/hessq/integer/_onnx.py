@@ -347,7 +347,7 @@ def export_onnx(
     dynamic. The file is written to a temporary name and renamed; a ``path`` that is a directory
     or lies under a file is refused before any work.
 
-    ``narrow_kernels`` (fast mode) says where a layer at a width with a kernel of its own runs on it (a Linear of at
+    ``narrow_kernels`` (fast mode; the exact export refuses a table) says where a layer at a width with a kernel of its own runs on it (a Linear of at
     most 4-bit weights on MatMulNBits, a table of at most 4-bit codes on GatherBlockQuantized): ``True`` everywhere
     (the smallest file), ``False`` nowhere (every layer on the int8 kernels: MatMulNBits is slower than int8 at more
     than about one token row on many CPUs), or a latency table (:func:`hessq.integer.measure_latency_table` of this
@@ -363,6 +363,9 @@ def export_onnx(
         raise ConfigTypeError("narrow_kernels must be True, False or a latency table (or its latency.json), got "
                               f"{type(narrow_kernels).__name__}")
     if not isinstance(narrow_kernels, bool):
+        if mode == "exact":  # a table the exact export would ignore: the user meant the fast one
+            raise ConfigError("a latency table (narrow_kernels) chooses the kernels of mode='fast'; mode='exact' runs "
+                              "every layer on exact integer operators. Pass mode='fast' with it, or leave it out")
         narrow_kernels = as_latency_table(narrow_kernels)
     check_writable(path, "ONNX file")  # a directory or a path under a file: refused before the export's work
     exporter = _Exporter(model, mode, narrow_kernels)

@@ -124,7 +124,8 @@ class CompressResult:
             if self.latency_table is not None:
                 self.latency_table.save(at["latency_table"])
             self.imodel.save(at["integer_model"])
-            export_onnx(self.imodel, at["onnx"], mode=onnx_mode, narrow_kernels=_narrow_kernels(self.latency_table))
+            narrow = _narrow_kernels(self.latency_table) if onnx_mode == "fast" else True  # exact: no kernels to choose
+            export_onnx(self.imodel, at["onnx"], mode=onnx_mode, narrow_kernels=narrow)
             if qat_checkpoint is not None:
                 _link_or_copy(Path(qat_checkpoint), at["qat_checkpoint"])
             self.files = {k: str(v) for k, v in files.items()}
