@@ -1,10 +1,11 @@
 """QAT under torch.distributed: what one rank (or a single process) trains, for tests/fakequant/test_ddp.py.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fakequant/_ddp_worker.py SETUP OUT [STEPS]
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fakequant/_ddp_worker.py SETUP OUT [global]
+    python tests/fakequant/_ddp_worker.py SETUP OUT [global]      # the one-process reference
 
 writes, per rank, ``OUT/rank{r}.safetensors`` (the trained models' states, keys ``run/tensor``) and
 ``OUT/rank{r}.json`` (histories, errors met, checkpoint writes). In a single process (``WORLD_SIZE`` unset)
-:func:`run` gives the reference. Runs:
+:func:`run` gives the reference. ``global`` runs the first run only. Runs:
 
 - ``global``: every rank passes the same global batches; hessq slices each rank's part.
 - ``resumed``: the same, stopped after a few steps with a checkpoint, then resumed in a fresh model.

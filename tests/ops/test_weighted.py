@@ -13,7 +13,7 @@ from hessq.quantizer import ActQuantizer
 
 
 def _twin(kind: str, w_bits: int, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
-    """A calibrated 2-bit-weight twin (a third of its products are 0) and a 4-bit input batch on its grid."""
+    """A calibrated twin with ``w_bits``-bit weights and a 4-bit input batch on its grid."""
     gen = torch.Generator().manual_seed(0)
     if kind == "conv":
         layer = nn.Conv2d(8, 6, 3, padding=1).to(dtype)
@@ -60,12 +60,15 @@ def test_training_forward_is_the_integer_accumulator_scaled_once(kind):
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
-def test_training_forward_does_not_depend_on_the_batch_split(kind):
-    # float32: integer sums below 2^24 are exact in any order, so each row's output is the same bit for bit
+def test_float32_forward_is_the_accumulator_rounded_once_whatever_the_batch_split(kind):
+    # integer sums below 2^24 are exact in float32 in any order, so each output is the exact accumulator times the
+    # scale, rounded once (as float64 computes it exactly, then rounds), on any CPU and any split of the batch
     twin, x = _twin(kind, 4, torch.float32)
+    scale = twin.weight_quantizer.scale(twin.weight) * twin.act_quantizer.scale  # float32, as the twin takes it
+    want = (_accumulator(twin, x).double() * (scale.reshape(1, -1, 1, 1) if kind == "conv" else scale).double()).float()
     whole = twin(x)
-    parts = torch.cat([twin(x[:5]), twin(x[5:11]), twin(x[11:])])
-    assert torch.equal(whole, parts)
+    assert torch.equal(whole, want)
+    assert torch.equal(torch.cat([twin(x[:5]), twin(x[5:11]), twin(x[11:])]), whole)
 
 
 def test_straight_through_gradients_reach_input_weight_and_bias():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hessq._errors import ConfigError
 from hessq.cli._common import add_config_flag
 from hessq.pipeline import ExportConfig
 
@@ -31,8 +32,6 @@ def run(args: argparse.Namespace) -> int:
     from hessq.integer import export_onnx, load_integer, measure_latency_table
 
     if args.narrow_kernels == "measured" and args.mode != "fast":
-        from hessq._errors import ConfigError
-
         raise ConfigError("--narrow-kernels measured chooses the kernels of --mode fast; --mode exact runs every "
                           "layer on exact integer operators. Add --mode fast, or leave --narrow-kernels out")
     check_readable(args.model, "the integer model file")

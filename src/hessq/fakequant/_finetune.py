@@ -411,8 +411,8 @@ def finetune(
     throughout. A run on W ranks equals a one-process run on the same global batches up to float rounding
     (on the pretrained ResNet-20, 20 steps of W4A8 QAT: within 6e-8; see README). The teacher runs on each
     rank's part. The model must have no float BatchNorm (hessq folds BN into the convs). Random ops inside the
-    model (dropout) draw the same numbers on every rank. The checkpoint is written by rank 0 alone and read by every rank (put it on a
-    file system all ranks see); a run may resume on another number of ranks. An error on one rank stops
+    model (dropout) draw the same numbers on every rank. The checkpoint is written by rank 0 alone and read by
+    every rank (put it on a file system all ranks see); a run may resume on another number of ranks. An error on one rank stops
     every rank, each naming it.
 
     ``checkpoint``: a file written (atomically, sealed with a checksum) at the end of each epoch,

@@ -347,8 +347,9 @@ def export_onnx(
     dynamic. The file is written to a temporary name and renamed; a ``path`` that is a directory
     or lies under a file is refused before any work.
 
-    ``narrow_kernels`` (fast mode; the exact export refuses a table) says where a layer at a width with a kernel of its own runs on it (a Linear of at
-    most 4-bit weights on MatMulNBits, a table of at most 4-bit codes on GatherBlockQuantized): ``True`` everywhere
+    ``narrow_kernels`` (fast mode; the exact export refuses a table) says where a layer at a width with a kernel of
+    its own runs on it (a Linear of at most 4-bit weights on MatMulNBits, a table of at most 4-bit codes on
+    GatherBlockQuantized): ``True`` everywhere
     (the smallest file), ``False`` nowhere (every layer on the int8 kernels: MatMulNBits is slower than int8 at more
     than about one token row on many CPUs), or a latency table (:func:`hessq.integer.measure_latency_table` of this
     model, or its file) to run each layer on the kernel it times faster.

@@ -51,17 +51,23 @@ class WeightCodes:
         # A plain tuple, not a submodule: the quantizer is owned elsewhere and may be shared.
         self._input_quantizer = (quantizer,)
 
+    def _calibrated_input(self) -> ActQuantizer | None:
+        """The input's activation quantizer once it has a scale (None before calibration, or without one)."""
+        q_in = self.act_quantizer
+        return None if q_in is None or q_in.observing or not bool(q_in.calibrated) else q_in
+
+    def _bias_codes(self, out_scale: torch.Tensor) -> torch.Tensor:
+        """The bias on the int32 grid of the accumulator's scale S_w·S_in, straight through."""
+        return torch.clamp(_round(self.bias / out_scale), -INT32_MAX, INT32_MAX)
+
     def quantized_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         w_q = self.weight_quantizer(self.weight)
-        if self.bias is None:
-            return w_q, None
-        q_in = self.act_quantizer
-        if q_in is None or q_in.observing or not bool(q_in.calibrated):
+        q_in = self._calibrated_input()
+        if self.bias is None or q_in is None:
             return w_q, self.bias
         wq = self.weight_quantizer
         bias_scale = wq.row_scale(wq.scale(self.weight), self.bias.shape[0]) * q_in.scale
-        b_q = torch.clamp(round_ste(self.bias / bias_scale), -INT32_MAX, INT32_MAX) * bias_scale
-        return w_q, b_q
+        return w_q, self._bias_codes(bias_scale) * bias_scale
 
     def integer_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
         """(input codes, weight codes, bias codes or None, one scale per output row) of this layer on ``x``, the
@@ -75,17 +81,15 @@ class WeightCodes:
         the ReLU after it would pass or stop its gradient by that noise (two ranks of a QAT run then part at a
         random step).
         """
-        q_in = self.act_quantizer
-        if q_in is None or q_in.observing or not bool(q_in.calibrated):
-            return None
+        q_in = self._calibrated_input()
         wq = self.weight_quantizer
         w_scale = wq.scale(self.weight)
-        if w_scale.dim() == 2:
+        if q_in is None or w_scale.dim() == 2:
             return None
         qmin, qmax = wq.code_bounds(self.weight)
         w_codes = torch.clamp(_round(self.weight / wq.expand(w_scale, self.weight)), qmin, qmax)
         out_scale = wq.row_scale(w_scale, self.weight.shape[0]) * q_in.scale
-        b_codes = None if self.bias is None else torch.clamp(_round(self.bias / out_scale), -INT32_MAX, INT32_MAX)
+        b_codes = None if self.bias is None else self._bias_codes(out_scale)
         return _round(x / q_in.scale), w_codes, b_codes, out_scale
 
     @torch.no_grad()
