@@ -176,14 +176,20 @@ def export_fp32(model: torch.nn.Module, shape: tuple[int, ...], path: str | os.P
                           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17, dynamo=False)
 
 
-def ort_session(path: str | os.PathLike, threads: int | None):
-    """An ONNX Runtime CPU session of the file, on ``threads`` intra-op threads, every graph optimisation on."""
+def ort_session(path: str | os.PathLike, threads: int | None, spinning: bool = False):
+    """An ONNX Runtime CPU session of the file, on ``threads`` intra-op threads, every graph optimisation on.
+
+    ``spinning`` is ONNX Runtime's ``session.intra_op.allow_spinning`` (its default: on). It is off here because
+    the benches time several sessions in one process: an idle session's workers spin after each run and take cores
+    from the session being timed. On a 2-vCPU KVM guest (AMD EPYC) spinning made one MiniLM session's batch-32
+    median swing from 85 to 148 ms between processes, even alone; off, 88-104 ms (bench/ibert_pair.py)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -131,7 +131,7 @@ def main() -> None:
         w8 = build("hessq fast W8A8", {n: 8 for n in layers})
         build("hessq fast W4A8", {n: 4 if n in linears else 8 for n in layers})
         log("latency table of the W8A8 model at batch 1")
-        table = measure_latency_table(w8, batch_size=1, repeats=20, threads=args.threads)
+        table = measure_latency_table(w8, batch_size=1, repeats=20, threads=args.threads, spinning=False)
         chosen = {n: 4 if n in table and table[n][4] < table[n][8] else 8 for n in linears}
         four = sorted(n for n, b in chosen.items() if b == 4)
         log(f"fastest plan: {len(four)} of {len(linears)} Linear layers at 4 bits")
@@ -220,7 +220,8 @@ def markdown(meta: dict, rows: dict[str, dict]) -> str:
              f"{meta['machine']}; onnxruntime {meta['onnxruntime']}, hessq {meta['hessq']} (commit {meta['commit']}). "
              f"`{meta['command']}`", "",
              f"Median milliseconds of one run, the sessions timed in turn within each round, in an order shuffled "
-             f"every round ({meta['repeats']} rounds at batch 1, {meta['repeats_b32']} at batch 32); speed-up = "
+             f"every round ({meta['repeats']} rounds at batch 1, {meta['repeats_b32']} at batch 32), ONNX Runtime's "
+             f"intra-op spinning off in every session (bench/_common.ort_session says why); speed-up = "
              f"quantize_dynamic's time / the row's (above 1: faster). Agreement: the fast export against its integer "
              f"model on {meta['test_texts']} test texts; accuracies post-training, on those texts. The fastest plan "
              f"put {len(meta['latency_plan_4bit_layers'])} Linear layers at 4 bits (MatMulNBits faster than int8 in "

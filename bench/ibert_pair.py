@@ -1,10 +1,16 @@
-"""hessq's fast W8A8 MiniLM against ONNX Runtime's ``quantize_dynamic`` int8, two sessions only: each timed alone
-(warm caches) and the two interleaved, at batch 1 and 32.
+"""hessq's fast W8A8 MiniLM against ONNX Runtime's ``quantize_dynamic`` int8, at batch 1 and 32, on the same inputs
+and threads, three sessions only: ``quantize_dynamic``, hessq's default fast export, and hessq's export with
+``fuse_siblings=False`` (query, key and value as three MatMulIntegerToFloat instead of one).
 
-bench/ibert.py interleaves seven sessions in one process, so every run starts with the other six sessions' weights
-in the caches: a cold-cache latency. This separates the two models' own speed from that.
+Two timings, in one run:
+- *interleaved, spinning off*: the three sessions in one process, one run of each in turn, the order shuffled every
+  round, ONNX Runtime's ``session.intra_op.allow_spinning`` off (bench/_common.ort_session says why);
+- *alone, spinning on*: ONNX Runtime's default session options, each session created alone, timed back to back and
+  released before the next is created, in ``--rotations`` rotations; the median of the rotations' medians.
 
-    python bench/ibert_pair.py [--task tweets|bbc] [--threads 2] [--repeats 60]
+bench/ibert.py interleaves seven sessions in one process; this separates the two backends' own speed from that.
+
+    python bench/ibert_pair.py [--task tweets|bbc] [--threads 2] [--repeats 60] [--rotations 3]
 
 Writes bench/results/ibert_pair_TASK.json and .md.
 """
@@ -12,6 +18,7 @@ Writes bench/results/ibert_pair_TASK.json and .md.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -27,14 +34,15 @@ from _text import export_classifier_onnx, ort_quantize_dynamic  # noqa: E402
 from ibert import BATCHES, sessions_ms  # noqa: E402
 from qbert import TASKS, data  # noqa: E402
 
-QDYN, W8 = "ONNX Runtime quantize_dynamic int8", "hessq fast W8A8"
+QDYN, W8, W8_UNFUSED = "ONNX Runtime quantize_dynamic int8", "hessq fast W8A8", "hessq fast W8A8, fuse_siblings=False"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", choices=list(TASKS), default="tweets")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=60, help="rounds at batch 1 (a third at batch 32)")
+    ap.add_argument("--repeats", type=int, default=60, help="rounds at batch 1 (a quarter at batch 32)")
+    ap.add_argument("--rotations", type=int, default=3, help="rotations of the sessions timed alone")
     ap.add_argument("--calibration-batches", type=int, default=4)
     args = ap.parse_args()
     length, train_batch = TASKS[args.task]
@@ -45,25 +53,41 @@ def main() -> None:
         export_classifier_onnx(model, tmp / "fp32.onnx", length)
         ort_quantize_dynamic(tmp / "fp32.onnx", tmp / "qdyn.onnx")
         q = hessq.quantize(model, {n: 8 for n in quantizable_layers(model)}, calib, pin_first_last=None)
-        hessq.export_onnx(hessq.to_integer(q, input_shape=(length,)), tmp / "w8.onnx", mode="fast")
-        sessions = {QDYN: ort_session(tmp / "qdyn.onnx", args.threads), W8: ort_session(tmp / "w8.onnx", args.threads)}
+        imodel = hessq.to_integer(q, input_shape=(length,))
+        hessq.export_onnx(imodel, tmp / "w8.onnx", mode="fast")
+        hessq.export_onnx(imodel, tmp / "w8_unfused.onnx", mode="fast", fuse_siblings=False)
+        paths = {QDYN: tmp / "qdyn.onnx", W8: tmp / "w8.onnx", W8_UNFUSED: tmp / "w8_unfused.onnx"}
         rows = []
         for batch in BATCHES:
-            repeats = args.repeats if batch == 1 else max(5, args.repeats // 3)
-            alone = {k: sessions_ms({k: s}, batch, length, repeats)[k] for k, s in sessions.items()}
-            both = sessions_ms(sessions, batch, length, repeats)
-            for how, ms in (("alone", alone), ("the two interleaved", both)):
+            repeats = args.repeats if batch == 1 else max(5, args.repeats // 4)
+            sessions = {k: ort_session(p, args.threads) for k, p in paths.items()}
+            interleaved = sessions_ms(sessions, batch, length, repeats)
+            del sessions
+            per_rotation: dict[str, list[float]] = {k: [] for k in paths}
+            for _ in range(args.rotations):
+                for k, p in paths.items():
+                    session = ort_session(p, args.threads, spinning=True)
+                    per_rotation[k].append(sessions_ms({k: session}, batch, length, repeats)[k])
+                    del session
+            alone = {k: statistics.median(v) for k, v in per_rotation.items()}
+            for how, ms in (("interleaved, spinning off", interleaved), ("alone, spinning on", alone)):
                 rows.append({"batch": batch, "timing": how, **{f"ms {k}": v for k, v in ms.items()},
-                             "speedup": ratio(ms[QDYN], ms[W8])})
+                             "speedup": ratio(ms[QDYN], ms[W8]), "speedup unfused": ratio(ms[QDYN], ms[W8_UNFUSED]),
+                             **({"rotations": per_rotation} if how.startswith("alone") else {})})
                 log(f"batch {batch}, {how}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
     meta = {"machine": machine(args.threads), "onnxruntime": ort.__version__, "commit": git_commit(),
-            "command": command_line(), "task": args.task, "length": length, "repeats": args.repeats}
-    lines = [f"# hessq fast W8A8 against quantize_dynamic, two sessions ({args.task}, T={length})", "",
+            "command": command_line(), "task": args.task, "length": length, "repeats": args.repeats,
+            "rotations": args.rotations}
+    lines = [f"# hessq fast W8A8 against quantize_dynamic ({args.task}, T={length})", "",
              f"{meta['machine']}; onnxruntime {meta['onnxruntime']} (commit {meta['commit']}). `{meta['command']}`", "",
-             "Median milliseconds; *alone*: one session run back to back (warm caches); *the two interleaved*: one "
-             "run of each in turn, the order shuffled every round. Speed-up = quantize_dynamic's time / hessq's.", "",
-             f"| batch | timing | {QDYN} | {W8} | speed-up |", "|---:|---|---:|---:|---:|"]
-    lines += [f"| {r['batch']} | {r['timing']} | {r['ms ' + QDYN]:.2f} | {r['ms ' + W8]:.2f} | {r['speedup']:.2f} |" for r in rows]
+             "Median milliseconds on the same inputs and threads. *Interleaved, spinning off*: the three sessions in "
+             "one process, one run of each in turn, ONNX Runtime's intra-op spinning off. *Alone, spinning on*: "
+             "ONNX Runtime's default options, one session at a time, the median of "
+             f"{args.rotations} rotations' medians. Speed-up = quantize_dynamic's time / hessq's.", "",
+             f"| batch | timing | {QDYN} | {W8} | {W8_UNFUSED} | speed-up | speed-up, unfused |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['batch']} | {r['timing']} | {r['ms ' + QDYN]:.2f} | {r['ms ' + W8]:.2f} | "
+              f"{r['ms ' + W8_UNFUSED]:.2f} | {r['speedup']:.2f} | {r['speedup unfused']:.2f} |" for r in rows]
     write_results(RESULTS / f"ibert_pair_{args.task}.json", {"meta": meta, "rows": rows}, "\n".join(lines) + "\n")
     log(f"wrote bench/results/ibert_pair_{args.task}.json and .md")
 

@@ -53,6 +53,25 @@ def test_export_narrow_kernels(tmp_path):
     assert not (tmp_path / "e.onnx").exists()
 
 
+def test_export_sibling_fusion_and_spinning_flags(tmp_path):
+    from tests._bert import tiny_bert, token_batch
+
+    q = hessq.quantize(tiny_bert(dropout=0.0), 8, [token_batch(s) for s in range(2)], pin_first_last=None)
+    hq = tmp_path / "bert.hq"
+    hessq.to_integer(q).save(hq)
+
+    def matmuls(*flags: str) -> int:
+        path = tmp_path / "bert.onnx"
+        assert main(["export", str(hq), "-o", str(path), "--mode", "fast", *flags]) == 0
+        return [n.op_type for n in onnx.load(str(path)).graph.node].count("MatMulIntegerToFloat")
+
+    # two layers, each with its query, key and value on one kernel by default
+    assert matmuls("--no-fuse-siblings") - matmuls() == 2 * 2
+    table = tmp_path / "latency.json"
+    matmuls("--latency-table", str(table), "--repeats", "1", "--no-spinning")
+    assert json.loads(table.read_text())["meta"]["spinning"] is False
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "absent.hq")]) == 1
     assert "absent.hq: no such file" in capsys.readouterr().err

@@ -107,9 +107,11 @@ def test_tiny_bert_fast_export_runs_on_int8_kernels(bert_integer, tmp_path):
     hessq.export_onnx(imodel, path, mode="fast")
     proto = onnx.load(str(path))
     types = [n.op_type for n in proto.graph.node]
-    # every Linear layer and both attention products of each layer on the int8 kernel with static scales
+    # every Linear layer and both attention products of each layer on the int8 kernel with static scales, the
+    # query, key and value of each layer as one (test_sibling_linears_run_as_one_matmul)
     products = sum(op.kind in ("linear", "matmul") for op in imodel.ops)
-    assert types.count("MatMulIntegerToFloat") == products and "MatMulInteger" not in types
+    layers = sum(op.kind == "masked_softmax" for op in imodel.ops)
+    assert types.count("MatMulIntegerToFloat") == products - 2 * layers and "MatMulInteger" not in types
     # nonlinear ops in ONNX Runtime's float kernels: no elementwise Gather, no float64 anywhere
     assert {"Softmax", "LayerNormalization", "Gelu"} <= set(types)
     assert types.count("Gather") == 1  # the word embedding table
@@ -157,6 +159,40 @@ def test_tiny_bert_fast_export_runs_on_int8_kernels(bert_integer, tmp_path):
     assert (np.abs(y_fast - y_int) <= bound * (1 + 1e-5)).all()
 
 
+def test_sibling_linears_run_as_one_matmul(bert_integer, tmp_path):
+    """Query, key and value read one LayerNorm's codes: the fast export stacks their weights into one
+    MatMulIntegerToFloat and splits its output. Each output is the same int32 dot product, scaled and biased by the
+    same column's numbers, so the Split gives what the three kernels gave, up to float32 rounding of that scaling."""
+    imodel = bert_integer
+    hessq.export_onnx(imodel, tmp_path / "fused.onnx", mode="fast")
+    hessq.export_onnx(imodel, tmp_path / "three.onnx", mode="fast", fuse_siblings=False)
+    fused, three = onnx.load(str(tmp_path / "fused.onnx")), onnx.load(str(tmp_path / "three.onnx"))
+    hidden = imodel.ops[[op.kind for op in imodel.ops].index("linear")].tensors["weight"].shape[1]
+    layers = sum(op.kind == "masked_softmax" for op in imodel.ops)
+    splits = [n for n in fused.graph.node if n.op_type == "Split"]
+    assert len(splits) == layers
+    made_by = {o: n for n in fused.graph.node for o in n.output}
+    weights = {t.name: t for t in fused.graph.initializer}
+    for split in splits:
+        wide = made_by[split.input[0]]
+        assert wide.op_type == "MatMulIntegerToFloat" and list(weights[wide.input[1]].dims) == [hidden, 3 * hidden]
+    mm = lambda proto: [n for n in proto.graph.node if n.op_type == "MatMulIntegerToFloat"]  # noqa: E731
+    assert len(mm(fused)) == len(mm(three)) - 2 * layers
+    # the Split's outputs carry the three kernels' names: probe them in both graphs
+    outputs = [o for s in splits for o in s.output]
+    assert set(outputs) <= {n.output[0] for n in mm(three)}
+    for proto, name in ((fused, "fused_probe.onnx"), (three, "three_probe.onnx")):
+        proto.graph.output.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs)
+        onnx.save(proto, str(tmp_path / name))
+    ids = token_batch(9)["input_ids"].numpy()
+    got = _run(tmp_path / "fused_probe.onnx", ids, outputs)
+    want = _run(tmp_path / "three_probe.onnx", ids, outputs)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6 * np.abs(w).max())
+    with pytest.raises(hessq.ConfigTypeError, match="fuse_siblings"):
+        hessq.export_onnx(imodel, tmp_path / "bad.onnx", mode="fast", fuse_siblings="yes")
+
+
 def test_exact_export_of_tiny_bert_is_unchanged(bert_integer, tmp_path):
     hessq.export_onnx(bert_integer, tmp_path / "exact.onnx")
     ids = token_batch(8)["input_ids"]
@@ -170,9 +206,15 @@ def test_latency_table_times_4bit_linear_on_matmul_nbits(bert_integer, monkeypat
         assert set(row) >= {2, 3, 4, 8, 32}
     # which graph each width was timed on: a stand-in timer reporting the graph's op type
     seconds = {"MatMulNBits": 1.0, "MatMulInteger": 2.0, "MatMul": 3.0, "Gather": 4.0, "GatherBlockQuantized": 5.0}
-    monkeypatch.setattr(_latency, "_session", lambda proto, threads: proto)
+    spinning = []
+    monkeypatch.setattr(_latency, "_session", lambda proto, threads, spin: spinning.append(spin) or proto)
     monkeypatch.setattr(_latency, "_median_seconds", lambda proto, feed, repeats: seconds[proto.graph.node[0].op_type])
     table = hessq.integer.measure_latency_table(bert_integer, repeats=1)
+    assert spinning and all(spinning)  # ONNX Runtime's default, unless told otherwise
+    spinning.clear()
+    quiet = hessq.integer.measure_latency_table(bert_integer, repeats=1, spinning=False)
+    assert spinning and not any(spinning)
+    assert dict(quiet) == dict(table) and table.meta["spinning"] is True and quiet.meta["spinning"] is False
     kinds = {op.output: op.kind for op in bert_integer.layers()}
     assert sorted(kinds.values()).count("linear") == 2 * 6 + 2  # q, k, v, out, up, down per layer; pooler, classifier
     # the position and token-type lookups are one constant of the input length: no time at any width, so a

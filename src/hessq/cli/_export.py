@@ -19,6 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="fast mode: where a Linear of at most 4-bit weights runs on MatMulNBits (and such a table on "
                         "GatherBlockQuantized): all (the smallest file), none (every layer on the int8 kernels), or "
                         "measured (each layer on the kernel the latency table, measured first, times faster)")
+    p.add_argument("--no-fuse-siblings", dest="fuse_siblings", action="store_false",
+                   help="fast mode: keep Linears that read the same codes (query, key, value) as separate kernels "
+                        "instead of one over their stacked weights (faster at large batches; slower at batch 1)")
+    p.add_argument("--no-spinning", dest="spinning", action="store_false",
+                   help="time the latency table with ONNX Runtime's intra-op spinning off (steadier on shared or "
+                        "virtual machines with few cores)")
     p.add_argument("--latency-table", help="also measure each layer on ONNX Runtime and write the table (JSON) here")
     p.add_argument("--batch-size", type=int, default=1, help="batch size for the latency table (default 1)")
     p.add_argument("--repeats", type=int, default=50, help="timed runs per layer (default 50; the median is kept)")
@@ -43,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
     imodel = load_integer(args.model)
     table = None
     if args.latency_table or args.narrow_kernels == "measured":
-        table = measure_latency_table(imodel, batch_size=args.batch_size, repeats=args.repeats)
+        table = measure_latency_table(imodel, batch_size=args.batch_size, repeats=args.repeats, spinning=args.spinning)
     narrow = {"all": True, "none": False, "measured": table}[args.narrow_kernels]
-    export_onnx(imodel, args.output, mode=args.mode, narrow_kernels=narrow)
+    export_onnx(imodel, args.output, mode=args.mode, narrow_kernels=narrow, fuse_siblings=args.fuse_siblings)
     print(f"wrote {args.output} ({args.mode})")
     if args.latency_table:
         table.save(args.latency_table)

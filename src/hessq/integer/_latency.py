@@ -26,12 +26,15 @@ from hessq.ops import family_for_kind
 from hessq.plan import LatencyTable
 
 
-def _session(proto, threads: int | None):
+def _session(proto, threads: int | None, spinning: bool = True):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    # ONNX Runtime's default is on; on a shared or virtual machine with few cores, spinning workers can make the
+    # same model's median swing between runs (a 2-vCPU KVM guest: 85-148 ms at batch 32, 88-104 ms off)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
@@ -69,6 +72,7 @@ def measure_latency_table(
     repeats: int = 50,
     threads: int | None = None,
     layer_names: dict[str, str] | None = None,
+    spinning: bool = True,
 ) -> LatencyTable:
     """Median ONNX Runtime seconds per layer and weight width (2–8 share the int8 time but for the widths a family
     runs on a kernel of its own, such as 4-bit Linear on MatMulNBits; 32 is float).
@@ -76,7 +80,9 @@ def measure_latency_table(
     ``layer_names`` maps the program's value names to layer names when they differ
     (the fx node name ``layer1_0_conv1`` vs the module path ``layer1.0.conv1``); by
     default the module paths recorded in the model's ``meta['layer_bits']`` are matched
-    by replacing dots with underscores.
+    by replacing dots with underscores. ``spinning`` is ONNX Runtime's ``session.intra_op.allow_spinning`` (on by
+    default, as in ONNX Runtime): turn it off on a shared or virtual machine with few cores, where spinning workers
+    make timings swing, and deploy with the same setting.
     """
     if batch_size < 1 or repeats < 1:
         raise ConfigError("batch_size and repeats must be >= 1")
@@ -94,7 +100,7 @@ def measure_latency_table(
             dtype = spec[5] if len(spec) > 5 else dtype
             # token ids: row 0 throughout (a lookup's time does not depend on which rows it reads)
             feed = {"x": x_u8} if dtype == "uint8" else x_f32 if dtype == "float32" else {"x": np.zeros(in_shape, np.int64)}
-            return _median_seconds(_session(_one_node_model(spec, in_shape, dtype), threads), feed, repeats)
+            return _median_seconds(_session(_one_node_model(spec, in_shape, dtype), threads, spinning), feed, repeats)
 
         t_int = seconds(int_spec, "uint8")
         row = {b: t_int for b in range(2, 9)}
@@ -113,16 +119,24 @@ def measure_latency_table(
         folded = [name for name in layer_bits if name not in rows]
         rows.update({name: {b: 0.0 for b in (*range(2, 9), 32)} for name in folded})
     meta = {"runtime": "onnxruntime", "batch_size": batch_size, "repeats": repeats, "statistic": "median seconds",
+            "spinning": spinning,
             "note": "weight widths 2-8 run on the same int8 kernels but where a family runs them on its own "
                     "(Linear at <= 4 bits: MatMulNBits); 32 is float32", "folded_into_constants": folded}
     return LatencyTable(rows, meta)
 
 
 def measure_onnx_latency(
-    path: str | os.PathLike, input_shape: tuple[int, ...], *, batch_size: int = 1, repeats: int = 50, threads: int | None = None
+    path: str | os.PathLike,
+    input_shape: tuple[int, ...],
+    *,
+    batch_size: int = 1,
+    repeats: int = 50,
+    threads: int | None = None,
+    spinning: bool = True,
 ) -> float:
     """Median ONNX Runtime seconds of a whole exported model at ``batch_size``, its first input named as in the file:
-    float32 noise, or for a text model's int64 token ids, ids of 1 (every token real: no padding to skip)."""
+    float32 noise, or for a text model's int64 token ids, ids of 1 (every token real: no padding to skip).
+    ``spinning``: as in :func:`measure_latency_table`."""
     import onnx
 
     if batch_size < 1 or repeats < 1:
@@ -134,4 +148,4 @@ def measure_onnx_latency(
         x = np.ones(shape, np.int64)
     else:
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    return _median_seconds(_session(proto, threads), {first.name: x}, repeats)
+    return _median_seconds(_session(proto, threads, spinning), {first.name: x}, repeats)
