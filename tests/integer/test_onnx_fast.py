@@ -314,3 +314,45 @@ def test_gelu_input_saturation_left_out_only_where_the_table_ends_hold(out_range
     lut = Op("lut", ["x"], "y", attrs, {"table": table}, torch.tensor(s_out, dtype=torch.float64))
     grid = Op("requantize", ["a"], "x", {"qmin": -127, "qmax": 127}, {}, torch.tensor(s_in, dtype=torch.float64))
     assert family_for_kind("lut").fast_saturates_input(lut, grid) is needed
+
+
+def test_sibling_fusion_on_a_handmade_graph():
+    """The pass on its own: two Linears reading the same codes, one with a scale per column and a bias, one with a
+    single scale and no bias, fuse; a third reading other codes, and one whose bias is computed, stay apart."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hessq.integer._onnx_siblings import fuse_sibling_matmuls
+
+    rng = np.random.default_rng(0)
+    consts = {
+        "w1": rng.integers(-127, 128, (8, 5), dtype=np.int8), "w2": rng.integers(-127, 128, (8, 3), dtype=np.int8),
+        "w3": rng.integers(-127, 128, (8, 4), dtype=np.int8), "w4": rng.integers(-127, 128, (8, 2), dtype=np.int8),
+        "s1": rng.uniform(0.01, 0.1, 5).astype(np.float32), "s2": np.float32(0.05), "b1": rng.standard_normal(5).astype(np.float32),
+        "b4": rng.standard_normal(2).astype(np.float32), "sa": np.float32(0.02), "za": np.uint8(128),
+        "one": np.float32(1.0),
+    }
+    nodes = [
+        helper.make_node("MatMulIntegerToFloat", ["a", "w1", "sa", "s1", "za", "", "b1"], ["y1"], domain="com.microsoft"),
+        helper.make_node("MatMulIntegerToFloat", ["a", "w2", "sa", "s2", "za"], ["y2"], domain="com.microsoft"),
+        helper.make_node("MatMulIntegerToFloat", ["c", "w3", "sa", "s2", "za"], ["y3"], domain="com.microsoft"),
+        helper.make_node("Mul", ["b4", "one"], ["b_run"]),  # a bias computed at run time: not a constant
+        helper.make_node("MatMulIntegerToFloat", ["a", "w4", "sa", "s2", "za", "", "b_run"], ["y4"],
+                         domain="com.microsoft"),
+    ]
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()]
+    fused, fused_inits = fuse_sibling_matmuls(nodes, inits, helper, numpy_helper)
+    assert [n.op_type for n in fused].count("MatMulIntegerToFloat") == 3 and [n.op_type for n in fused].count("Split") == 1
+    split = next(n for n in fused if n.op_type == "Split")
+    assert list(split.output) == ["y1", "y2"]
+
+    def run(graph_nodes, graph_inits):
+        graph = helper.make_graph(
+            graph_nodes, "g", [helper.make_tensor_value_info(n, TensorProto.UINT8, [6, 8]) for n in ("a", "c")],
+            [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in ("y1", "y2", "y3", "y4")], graph_inits)
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"a": rng_codes, "c": rng_codes[::-1].copy()})
+
+    rng_codes = rng.integers(0, 256, (6, 8), dtype=np.uint8)
+    for got, want in zip(run(fused, fused_inits), run(nodes, inits)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())

@@ -19,15 +19,17 @@ MS_DOMAIN = "com.microsoft"
 
 def _sibling_key(node, arrays: dict[str, np.ndarray]) -> tuple | None:
     """What members of one fused GEMM must share, or None for a node the pass leaves alone: an int8 weight held as
-    a constant, one input scale and zero point, the same reduction length, no weight zero point."""
+    a constant (with constant scales and bias, one per column or one in all), one input scale and zero point, the
+    same reduction length, no weight zero point."""
     if node.op_type != "MatMulIntegerToFloat" or node.domain != MS_DOMAIN:
         return None
     ins = list(node.input) + [""] * (7 - len(node.input))
-    a, w, a_scale, w_scale, a_zp, w_zp, _bias = ins[:7]
-    if w not in arrays or a_scale not in arrays or w_scale not in arrays or w_zp:
+    a, w, a_scale, w_scale, a_zp, w_zp, bias = ins[:7]
+    if w not in arrays or a_scale not in arrays or w_scale not in arrays or w_zp or (bias and bias not in arrays):
         return None
     weight = arrays[w]
-    if weight.ndim != 2 or weight.dtype != np.int8 or arrays[a_scale].size != 1:
+    if weight.ndim != 2 or weight.dtype != np.int8 or arrays[a_scale].size != 1 \
+            or arrays[w_scale].size not in (1, weight.shape[1]) or (bias and arrays[bias].size != weight.shape[1]):
         return None
     zp = arrays[a_zp].item() if a_zp in arrays else 0 if not a_zp else None
     if zp is None:  # a zero point computed at run time: the members cannot be shown to share it
