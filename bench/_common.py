@@ -181,8 +181,9 @@ def ort_session(path: str | os.PathLike, threads: int | None, spinning: bool = F
 
     ``spinning`` is ONNX Runtime's ``session.intra_op.allow_spinning`` (its default: on). It is off here because
     the benches time several sessions in one process: an idle session's workers spin after each run and take cores
-    from the session being timed. On a 2-vCPU KVM guest (AMD EPYC) spinning made one MiniLM session's batch-32
-    median swing from 85 to 148 ms between processes, even alone; off, 88-104 ms (bench/ibert_pair.py)."""
+    from the session being timed. Even alone, on a 2-vCPU KVM guest (AMD EPYC), spinning made hessq's MiniLM W8A8
+    batch-32 median range from 87 to 137 ms over three rotations (bench/ibert_pair.py, tweets); off, interleaved
+    with two other sessions, it took 90-94 ms."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

@@ -132,6 +132,13 @@ def check_int(value: Any, name: str, *, low: int | None = None, allow_none: bool
     return int(value)
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` when it is True or False; 1, "yes" or None are refused rather than read as truthy."""
+    if not isinstance(value, bool):
+        raise ConfigTypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_number(value: Any, name: str, *, low: float | None = None, strict: bool = False,
                  allow_none: bool = False) -> float | None:
     """``value`` as a finite float, at least ``low`` (above it when ``strict``)."""

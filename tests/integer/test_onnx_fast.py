@@ -215,6 +215,8 @@ def test_latency_table_times_4bit_linear_on_matmul_nbits(bert_integer, monkeypat
     quiet = hessq.integer.measure_latency_table(bert_integer, repeats=1, spinning=False)
     assert spinning and not any(spinning)
     assert dict(quiet) == dict(table) and table.meta["spinning"] is True and quiet.meta["spinning"] is False
+    with pytest.raises(hessq.ConfigTypeError, match="spinning must be True or False"):
+        hessq.integer.measure_latency_table(bert_integer, repeats=1, spinning="no")
     kinds = {op.output: op.kind for op in bert_integer.layers()}
     assert sorted(kinds.values()).count("linear") == 2 * 6 + 2  # q, k, v, out, up, down per layer; pooler, classifier
     # the position and token-type lookups are one constant of the input length: no time at any width, so a

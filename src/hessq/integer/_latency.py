@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from hessq._checks import check_bool
 from hessq._errors import ConfigError
 from hessq.integer._model import IntegerModel
 from hessq.integer._onnx import require_onnx
@@ -32,8 +33,8 @@ def _session(proto, threads: int | None, spinning: bool = True):
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    # ONNX Runtime's default is on; on a shared or virtual machine with few cores, spinning workers can make the
-    # same model's median swing between runs (a 2-vCPU KVM guest: 85-148 ms at batch 32, 88-104 ms off)
+    # ONNX Runtime's default is on; on a shared or virtual machine with few cores spinning workers can make the
+    # same model's median swing between runs (bench/_common.ort_session gives the figures)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
@@ -86,6 +87,7 @@ def measure_latency_table(
     """
     if batch_size < 1 or repeats < 1:
         raise ConfigError("batch_size and repeats must be >= 1")
+    check_bool(spinning, "spinning")
     env = model.run(torch.zeros(batch_size, *model.input_shape), keep=True)
     rows = {}
     for op in model.layers():
@@ -141,6 +143,7 @@ def measure_onnx_latency(
 
     if batch_size < 1 or repeats < 1:
         raise ConfigError("batch_size and repeats must be >= 1")
+    check_bool(spinning, "spinning")
     proto = onnx.load(str(path))
     first = proto.graph.input[0]
     shape = (batch_size, *input_shape)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hessq._checks import check_bool
 from hessq._errors import ConfigError, ConfigTypeError, MissingDependencyError
 from hessq._io import check_writable, write_atomic
 from hessq.integer._model import IntegerModel
@@ -367,8 +368,7 @@ def export_onnx(
         raise ConfigError(f"mode must be 'exact' or 'fast', got {mode!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"batch_size must be a positive integer, or None for a dynamic batch dimension; got {batch_size!r}")
-    if not isinstance(fuse_siblings, bool):
-        raise ConfigTypeError(f"fuse_siblings must be True or False, got {fuse_siblings!r}")
+    check_bool(fuse_siblings, "fuse_siblings")
     if not isinstance(narrow_kernels, (bool, Mapping, str, os.PathLike)):
         raise ConfigTypeError("narrow_kernels must be True, False or a latency table (or its latency.json), got "
                               f"{type(narrow_kernels).__name__}")

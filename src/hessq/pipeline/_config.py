@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from hessq._checks import check_int, check_number
+from hessq._checks import check_bool, check_int, check_number
 from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, HessqError
 from hessq.distill import check_input_range
 from hessq.plan import LatencyTable, Relative, as_latency_table, check_bits_list, parse_limit
@@ -138,12 +138,6 @@ def _from_json(value: Any) -> Any:
     return value
 
 
-def _check_bool(value: Any, label: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigTypeError(f"{label} must be True or False, got {type(value).__name__} {value!r}")
-    return value
-
-
 def _check_choice(value: Any, label: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{label} must be one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -247,7 +241,7 @@ class PlanConfig(_Config):
             table = as_latency_table(value)  # a bad file or mapping is refused now, not at the plan stage
             return value if isinstance(value, (str, os.PathLike)) else table
         if name == "measure_latency":
-            return _check_bool(value, label)
+            return check_bool(value, label)
         return check_int(value, label, low=1)
 
     @property
@@ -368,7 +362,7 @@ class FinetuneConfig(_Config):
             if value not in ("sgd", "adamw"):
                 raise ConfigError(f"{label} must be 'sgd' or 'adamw', got {value!r}")
             return value
-        return _check_bool(value, label)
+        return check_bool(value, label)
 
 
 @dataclass(frozen=True)
@@ -384,7 +378,7 @@ class ExportConfig(_Config):
     def _check(self, name: str, value: Any, label: str) -> Any:
         if name == "onnx_mode":
             return _check_choice(value, label, ("exact", "fast"))
-        return _check_bool(value, label)
+        return check_bool(value, label)
 
 
 #: compress's keyword before the configs -> (its config keyword, the field): the deprecated flat form.
