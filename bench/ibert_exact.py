@@ -199,7 +199,10 @@ def main() -> int:
     ap.add_argument("--calibration-batches", type=int, default=8)
     ap.add_argument("--test-limit", type=int, default=None, help="score the first N test texts only (a quick check)")
     ap.add_argument("--out", default=str(RESULTS))
-    return run_tasks(run_task, ap.parse_args())
+    args = ap.parse_args()
+    if args.seeds < 1:
+        ap.error(f"--seeds must be at least 1, got {args.seeds}")
+    return run_tasks(run_task, args)
 
 
 if __name__ == "__main__":
