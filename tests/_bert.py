@@ -20,13 +20,50 @@ def tiny_bert(layers: int = 2, hidden: int = 32, heads: int = 4, labels: int = 3
     return tr.BertForSequenceClassification(config).eval()
 
 
-def token_batch(seed: int, batch: int = 8, length: int = 12, labels: int = 3, vocab: int = 100) -> dict[str, torch.Tensor]:
-    """Token ids with right padding (pad id 0) of varied lengths, their attention mask and labels."""
+#: The BERT-family classifiers hessq captures (tiny_encoder builds each).
+FAMILIES = ("bert", "electra", "distilbert", "roberta", "xlm-roberta", "camembert")
+
+
+def tiny_encoder(family: str, layers: int = 2, hidden: int = 32, heads: int = 4, labels: int = 3, seed: int = 0,
+                 dropout: float = 0.1) -> nn.Module:
+    """A random-init sequence classifier of ``family`` (one of :data:`FAMILIES`), eager attention, in eval mode.
+
+    ELECTRA gets embeddings narrower than its hidden width (its ``embeddings_project``); RoBERTa, XLM-R and CamemBERT pad
+    with id 1, as theirs do."""
+    if family == "bert":
+        return tiny_bert(layers, hidden, heads, labels, seed, dropout=dropout)
+    tr = import_transformers()
+    torch.manual_seed(seed)
+    if family == "distilbert":
+        config = tr.DistilBertConfig(vocab_size=100, dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=2 * hidden,
+                                     max_position_embeddings=64, num_labels=labels, attn_implementation="eager",
+                                     dropout=dropout, attention_dropout=dropout)
+        return tr.DistilBertForSequenceClassification(config).eval()
+    common = dict(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=labels,
+                  attn_implementation="eager", hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    if family == "electra":
+        return tr.ElectraForSequenceClassification(tr.ElectraConfig(embedding_size=hidden // 2, **common)).eval()
+    if family == "roberta":
+        return tr.RobertaForSequenceClassification(tr.RobertaConfig(pad_token_id=1, **common)).eval()
+    if family == "xlm-roberta":
+        return tr.XLMRobertaForSequenceClassification(tr.XLMRobertaConfig(pad_token_id=1, **common)).eval()
+    if family == "camembert":
+        return tr.CamembertForSequenceClassification(tr.CamembertConfig(pad_token_id=1, **common)).eval()
+    raise ValueError(f"unknown family {family!r}")
+
+
+def token_batch(seed: int, batch: int = 8, length: int = 12, labels: int = 3, vocab: int = 100, pad: int = 0,
+                left: bool = False) -> dict[str, torch.Tensor]:
+    """Token ids with right padding (``left``: left padding) by ``pad`` of varied lengths, their attention mask and
+    labels."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (batch, length), generator=g)
+    ids[ids == pad] = pad + 1  # only padding is the pad id
     lengths = torch.randint(2, length + 1, (batch,), generator=g)
-    ids[torch.arange(length)[None, :] >= lengths[:, None]] = 0
-    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.randint(0, labels, (batch,), generator=g)}
+    position = torch.arange(length)[None, :]
+    ids[(position < length - lengths[:, None]) if left else (position >= lengths[:, None])] = pad
+    return {"input_ids": ids, "attention_mask": (ids != pad).long(), "labels": torch.randint(0, labels, (batch,), generator=g)}
 
 
 def tiny_text_data() -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:

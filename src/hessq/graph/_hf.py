@@ -7,16 +7,22 @@ names stay the user's (``bert.encoder.layer.0.attention.self.query``) and its lo
 original's (tests check 1e-5). The captured module takes the token ids alone and returns the logits:
 the attention mask is derived from the padding (``input_ids != pad_token_id``), which is exactly
 the mask Hugging Face tokenizers produce with right or left padding.
+
+The BERT family of sequence classifiers (BERT, ELECTRA, DistilBERT, RoBERTa, XLM-RoBERTa, CamemBERT) is one post-norm
+encoder whose parts sit under different names, with a different head: one :class:`EncoderLayout` per family says
+where, and one forward (:class:`CapturedEncoderClassifier`) runs them all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from hessq._errors import ModelError
+from hessq.ops.mask import padding_positions
 from hessq.ops.softmax import masked_softmax
 
 _CAPTURES: dict[str, Callable[[nn.Module], nn.Module]] = {}
@@ -60,65 +66,209 @@ class CapturedModel(nn.Module):
     max_length: int = 512  # longest input (position table)
 
 
-class CapturedBertForSequenceClassification(CapturedModel):
-    """BERT encoder + CLS pooler + classifier, as in ``transformers.BertForSequenceClassification``."""
+# The heads: what each family computes from the encoder's last hidden states h [B, T, H] (its first token's row).
+def _pooler_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """BERT: the pooler (dense + tanh) on the first token, dropout, the classifier."""
+    pooler = m.base.pooler
+    return m.classifier(m.dropout(pooler.activation(pooler.dense(h[:, 0]))))
 
-    input_key = "input_ids"
 
-    def __init__(self, model: nn.Module) -> None:
+def _dense_head(activation: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> Callable:
+    """ELECTRA and RoBERTa: ``classifier.dense``, an activation and ``classifier.out_proj`` on the first token."""
+    def head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        c = m.classifier
+        return c.out_proj(c.dropout(activation(c, c.dense(c.dropout(h[:, 0])))))
+    return head
+
+
+def _pre_classifier_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """DistilBERT: ``pre_classifier``, ReLU, dropout, ``classifier`` on the first token."""
+    return m.classifier(m.dropout(torch.relu(m.pre_classifier(h[:, 0]))))
+
+
+@dataclass(frozen=True)
+class EncoderLayout:
+    """Where a BERT-family sequence classifier keeps its parts.
+
+    ``base`` is the encoder model's attribute (``bert``); ``layers`` the path of its layer list under it. The other
+    paths are under each layer: the attention's query, key and value, its probabilities' dropout, its output
+    projection, dropout and LayerNorm, then the feed-forward's two Linears, activation, dropout and LayerNorm
+    (a dropout path is None where the family has none there). ``positions`` is ``"arange"`` (0 … T−1) or
+    ``"padding"`` (RoBERTa: numbered from pad + 1 over the tokens that are not padding, padding at pad).
+    ``activation_key`` is the config field naming the feed-forward's activation.
+    """
+
+    base: str
+    layers: str
+    query: str
+    key: str
+    value: str
+    probs_dropout: str
+    attention_out: str
+    attention_dropout: str | None
+    attention_norm: str
+    ffn_in: str
+    ffn_act: str
+    ffn_out: str
+    ffn_dropout: str | None
+    ffn_norm: str
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    positions: str = "arange"
+    activation_key: str = "hidden_act"
+
+    def __post_init__(self) -> None:
+        if self.positions not in ("arange", "padding"):
+            raise ValueError(f"positions must be 'arange' or 'padding', got {self.positions!r}")
+
+
+_BERT_LAYER = dict(layers="encoder.layer", query="attention.self.query", key="attention.self.key",
+                   value="attention.self.value", probs_dropout="attention.self.dropout",
+                   attention_out="attention.output.dense", attention_dropout="attention.output.dropout",
+                   attention_norm="attention.output.LayerNorm", ffn_in="intermediate.dense",
+                   ffn_act="intermediate.intermediate_act_fn", ffn_out="output.dense", ffn_dropout="output.dropout",
+                   ffn_norm="output.LayerNorm")
+
+_BERT = EncoderLayout(base="bert", head=_pooler_head, **_BERT_LAYER)
+_ELECTRA = EncoderLayout(base="electra", head=_dense_head(lambda c, x: c.activation(x)), **_BERT_LAYER)
+_ROBERTA = EncoderLayout(base="roberta", head=_dense_head(lambda c, x: torch.tanh(x)), positions="padding",
+                         **_BERT_LAYER)
+_DISTILBERT = EncoderLayout(
+    base="distilbert", layers="transformer.layer", query="attention.q_lin", key="attention.k_lin",
+    value="attention.v_lin", probs_dropout="attention.dropout", attention_out="attention.out_lin",
+    attention_dropout=None, attention_norm="sa_layer_norm", ffn_in="ffn.lin1", ffn_act="ffn.activation",
+    ffn_out="ffn.lin2", ffn_dropout="ffn.dropout", ffn_norm="output_layer_norm", head=_pre_classifier_head,
+    activation_key="activation")
+#: The layout of each captured class name (:func:`register_encoder` adds to it).
+_LAYOUTS: dict[str, EncoderLayout] = {}
+_ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh")
+
+
+def _check_layout(base: nn.Module, layout: EncoderLayout, name: str) -> None:
+    """Every module the layout names exists in ``base``'s first layer: a wrong path is named now, not mid-trace."""
+    try:
+        layers = base.get_submodule(layout.layers)
+        layer = layers[0]
+        paths = [layout.query, layout.key, layout.value, layout.probs_dropout, layout.attention_out,
+                 layout.attention_dropout, layout.attention_norm, layout.ffn_in, layout.ffn_act, layout.ffn_out,
+                 layout.ffn_dropout, layout.ffn_norm]
+        for path in filter(None, paths):
+            layer.get_submodule(path)
+        base.get_submodule("embeddings.word_embeddings")
+    except (AttributeError, IndexError, TypeError) as exc:
+        raise ModelError(f"{name} does not have the parts its encoder layout names ({exc}); give it a layout of its "
+                         "own (hessq.graph.register_encoder)") from None
+
+
+class CapturedEncoderClassifier(CapturedModel):
+    """A BERT-family encoder + its classification head (see :class:`EncoderLayout`), as its transformers class.
+
+    The model's own children stay its attributes (``self.bert``, ``self.classifier``, ...), so every layer keeps
+    its module path; ``base`` is another name for the encoder model (not a second copy).
+    """
+
+    def __init__(self, model: nn.Module, layout: EncoderLayout) -> None:
         super().__init__()
         config = model.config
+        name = type(model).__name__
         if getattr(config, "problem_type", None) not in (None, "single_label_classification"):
-            raise ModelError(f"hessq captures single-label classification BERTs; this one is {config.problem_type!r}")
-        if config.hidden_act not in ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh"):
-            raise ModelError(f"hidden_act={config.hidden_act!r} is not one hessq captures (gelu, relu)")
-        if model.bert.pooler is None:
-            raise ModelError("this BertForSequenceClassification has no pooler (add_pooling_layer=False)")
-        self.source = type(model).__name__
-        self.bert = model.bert
-        self.dropout = model.dropout
-        self.classifier = model.classifier
+            raise ModelError(f"hessq captures single-label sequence classifiers; this {name} is {config.problem_type!r}")
+        activation = getattr(config, layout.activation_key, None)
+        if activation not in _ACTIVATIONS:
+            raise ModelError(f"{layout.activation_key}={activation!r} is not one hessq captures {_ACTIVATIONS}")
+        for child, module in model.named_children():
+            setattr(self, child, module)
+        base = getattr(model, layout.base)
+        object.__setattr__(self, "base", base)  # an alias, not registered: parameters keep one path
+        if layout.head is _pooler_head and base.pooler is None:
+            raise ModelError(f"this {name} has no pooler (add_pooling_layer=False)")
+        self.layout = layout
+        self.source = name
         self.config = config
         self.pad_token_id = int(config.pad_token_id if config.pad_token_id is not None else 0)
-        self.max_length = int(config.max_position_embeddings)
-        self.num_heads = int(config.num_attention_heads)
-        self.head_size = int(config.hidden_size // config.num_attention_heads)
+        # RoBERTa numbers positions from pad + 1: its table holds pad + 1 rows more than its longest input
+        offset = self.pad_token_id + 1 if layout.positions == "padding" else 0
+        self.max_length = int(config.max_position_embeddings) - offset
+        self.num_heads = int(config.num_attention_heads)  # (DistilBERT's config maps its n_heads and dim to these)
+        self.head_size = int(config.hidden_size // self.num_heads)
+        _check_layout(base, layout, name)
         # the wrapper's own flag as the model's (its children are the model's): a pass that restores the mode it
         # found must not put the user's eval-mode model's dropout back in training
         self.training = model.training
 
     def _attention(self, layer: nn.Module, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        attn = layer.attention.self
-        b, t = h.size(0), h.size(1)
+        at, b, t = self.layout, h.size(0), h.size(1)
 
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(b, t, self.num_heads, self.head_size).transpose(1, 2)
 
-        q, k, v = heads(attn.query(h)), heads(attn.key(h)), heads(attn.value(h))
+        sub = layer.get_submodule
+        q, k, v = heads(sub(at.query)(h)), heads(sub(at.key)(h)), heads(sub(at.value)(h))
         scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_size ** -0.5)
-        probs = attn.dropout(masked_softmax(scores, keep))
+        probs = sub(at.probs_dropout)(masked_softmax(scores, keep))
         context = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, self.num_heads * self.head_size)
-        out = layer.attention.output
-        return out.LayerNorm(out.dropout(out.dense(context)) + h)
+        out = sub(at.attention_out)(context)
+        if at.attention_dropout is not None:
+            out = sub(at.attention_dropout)(out)
+        return sub(at.attention_norm)(out + h)
+
+    def _feed_forward(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        at, sub = self.layout, layer.get_submodule
+        out = sub(at.ffn_out)(sub(at.ffn_act)(sub(at.ffn_in)(h)))
+        if at.ffn_dropout is not None:
+            out = sub(at.ffn_dropout)(out)
+        return sub(at.ffn_norm)(out + h)
+
+    def _embed(self, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        emb = self.base.embeddings
+        positions = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)  # a constant per length
+        h = emb.word_embeddings(input_ids)
+        types = getattr(emb, "token_type_embeddings", None)
+        if types is not None:  # single texts: every token of type 0 (the model's own default)
+            h = h + types(torch.zeros_like(positions))
+        if self.layout.positions == "padding":  # RoBERTa's numbering, from the padding
+            h = h + emb.position_embeddings(padding_positions(input_ids, self.pad_token_id))
+        else:
+            h = h + emb.position_embeddings(positions)
+        h = emb.dropout(emb.LayerNorm(h))
+        project = getattr(self.base, "embeddings_project", None)  # ELECTRA's embedding width → hidden width
+        return h if project is None else project(h)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        emb = self.bert.embeddings
-        # BERT's own position and token-type ids (its buffers hold arange and zeros): constants per length
-        positions = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)
-        h = (emb.word_embeddings(input_ids)
-             + emb.token_type_embeddings(torch.zeros_like(positions))
-             + emb.position_embeddings(positions))
-        h = emb.dropout(emb.LayerNorm(h))
-        keep = (input_ids != self.pad_token_id).unsqueeze(1).unsqueeze(2)  # [B, 1, 1, T]: keys that are not padding
-        for layer in self.bert.encoder.layer:
-            h = self._attention(layer, h, keep)
-            inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(h))
-            h = layer.output.LayerNorm(layer.output.dropout(layer.output.dense(inner)) + h)
-        pooler = self.bert.pooler
-        pooled = pooler.activation(pooler.dense(h[:, 0]))
-        return self.classifier(self.dropout(pooled))
+        keep = input_ids != self.pad_token_id  # [B, T]: tokens that are not padding
+        h = self._embed(input_ids, keep)
+        mask = keep.unsqueeze(1).unsqueeze(2)  # [B, 1, 1, T]: keys that are not padding
+        for layer in self.base.get_submodule(self.layout.layers):
+            h = self._feed_forward(layer, self._attention(layer, h, mask))
+        return self.layout.head(self, h)
 
 
-@register_capture("BertForSequenceClassification")
-def _bert_for_sequence_classification(model: nn.Module) -> nn.Module:
-    return CapturedBertForSequenceClassification(model)
+def _capture_encoder(model: nn.Module) -> nn.Module:
+    return CapturedEncoderClassifier(model, _LAYOUTS[type(model).__name__])
+
+
+def register_encoder(layout: EncoderLayout, *class_names: str) -> None:
+    """Capture Hugging Face sequence classifiers of ``class_names`` (``type(model).__name__``) by ``layout``: a
+    post-norm BERT-like encoder whose parts sit where the layout says, under the head ``layout.head``
+    (``head(captured, h) -> logits``, with the model's children as ``captured``'s attributes and ``captured.base``
+    its encoder model)."""
+    if not isinstance(layout, EncoderLayout):
+        raise TypeError(f"layout must be an EncoderLayout, got {type(layout).__name__}")
+    for name in class_names:
+        _LAYOUTS[name] = layout
+    register_capture(*class_names)(_capture_encoder)
+
+
+def encoder_layout(class_name: str) -> EncoderLayout:
+    """The layout hessq captures ``class_name`` by: a start for a layout of your own (``dataclasses.replace(
+    encoder_layout("BertForSequenceClassification"), head=my_head)``, then :func:`register_encoder`)."""
+    if class_name not in _LAYOUTS:
+        raise ModelError(f"no encoder layout for {class_name!r}; hessq has layouts for {sorted(_LAYOUTS)}")
+    return _LAYOUTS[class_name]
+
+
+register_encoder(_BERT, "BertForSequenceClassification")
+register_encoder(_ELECTRA, "ElectraForSequenceClassification")
+register_encoder(_DISTILBERT, "DistilBertForSequenceClassification")
+# XLM-R and CamemBERT are RoBERTa under other names
+register_encoder(_ROBERTA, "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
+                 "CamembertForSequenceClassification")

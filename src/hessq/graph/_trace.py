@@ -12,6 +12,7 @@ from torch import nn
 from hessq._errors import ConfigError, ConfigTypeError, ModelError
 from hessq.ops import weighted_module_types
 from hessq.graph._hf import capture
+from hessq.ops.mask import padding_positions
 from hessq.ops.softmax import masked_softmax
 
 
@@ -28,7 +29,7 @@ class _LocatingTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
         # hessq's own graph-level functions (masked softmax) stay one node, whatever they compute inside
-        super().__init__(autowrap_functions=(masked_softmax,))
+        super().__init__(autowrap_functions=(masked_softmax, padding_positions))
         self.record_stack_traces = True
         self.leaf_names = set(leaf_modules)
         self.path: list[tuple[str, str]] = []

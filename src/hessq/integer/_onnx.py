@@ -40,6 +40,7 @@ from hessq._io import check_writable, write_atomic
 from hessq.integer._model import IntegerModel
 from hessq.integer._onnx_siblings import fuse_sibling_matmuls
 from hessq.ops import Op, family_for_kind
+from hessq.ops.mask import ID_READERS
 from hessq.plan import LatencyTable, as_latency_table
 
 OPSET = 17
@@ -385,7 +386,7 @@ def export_onnx(
             raise ConfigError("ONNX export supports flatten to the last dimension only")
     # a model that reads token ids (an embedding lookup, the padding mask) takes them as int64
     readers = {op.kind for op in model.ops if model.input_name in op.inputs}
-    input_type = TP.INT64 if readers and readers <= {"embedding", "compare"} else TP.FLOAT
+    input_type = TP.INT64 if readers and readers <= set(ID_READERS) else TP.FLOAT
     exporter.run("input")
     final = exporter.values[model.output_name]
     exporter.nodes.append(helper.make_node("Identity", [final.name], ["output"], name="output"))

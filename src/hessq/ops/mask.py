@@ -1,4 +1,5 @@
-"""Index values: token ids, the attention mask computed from them, and constant position / token-type ids.
+"""Index values: token ids, the attention mask computed from them, constant position / token-type ids, and
+RoBERTa's position ids numbered from the padding (:func:`padding_positions`).
 
 These are exact integers, never quantized: ``input_ids != pad`` is a comparison of integers, ``unsqueeze`` moves
 them, ``torch.arange(T)`` and ``torch.zeros_like`` of it are constants of the sequence length (computed while
@@ -18,6 +19,9 @@ import torch
 from hessq.ops._program import Value
 from hessq.ops._registry import QuantOp, is_shape_arithmetic, register
 from hessq.ops.shape import _full_scale
+
+#: Program op kinds that read token ids as they are: a model whose input only these read takes int64 ids.
+ID_READERS = ("embedding", "compare", "padding_positions")
 
 _COMPARISONS = {operator.ne: "ne", torch.ne: "ne", "ne": "ne", operator.eq: "eq", torch.eq: "eq", "eq": "eq"}
 
@@ -90,3 +94,37 @@ class Unsqueeze(QuantOp):
         t = ins[0]
         out = ex.node("Unsqueeze", [t.name, ex.const("axes", np.array([op.attrs["dim"]], np.int64))], "unsqueeze")
         return ex.tensor(out, t.kind, t.scale, t.zero_point)
+
+
+def padding_positions(ids: torch.Tensor, pad: int) -> torch.Tensor:
+    """RoBERTa's position ids: the tokens that are not ``pad`` numbered pad + 1, pad + 2, … along each row, the
+    padding at ``pad`` (left padding too: a row's first real token is always pad + 1)."""
+    keep = (ids != pad).long()
+    return torch.cumsum(keep, dim=1) * keep + pad
+
+
+@register
+class PaddingPositions(QuantOp):
+    """:func:`padding_positions` of token ids: exact integers, as the ids they come from."""
+
+    name = "padding_positions"
+    functions = (padding_positions,)
+    kinds = ("padding_positions",)
+
+    def compile(self, program, node, op, args, kwargs):
+        v, pad = args[0], args[1] if len(args) > 1 else kwargs["pad"]
+        if not isinstance(v, Value) or v.scale is not None or not isinstance(pad, numbers.Integral):
+            program.fail(node, "position ids from anything but token ids and an integer pad id")
+        return program.emit(node.name, "padding_positions", [v], padding_positions(v.dummy.long(), int(pad)), None, 1,
+                            {"pad": int(pad)})
+
+    def execute(self, op, inputs, kernel):
+        return padding_positions(inputs[0].long(), op.attrs["pad"])
+
+    def onnx(self, ex, op, ins):
+        ids = ex.node("Cast", [ins[0].name], "ids", to=ex.TP.INT64)
+        pad = ex.const("pad", np.array(op.attrs["pad"], np.int64))
+        keep = ex.node("Cast", [ex.node("Not", [ex.node("Equal", [ids, pad], "equal")], "not_pad")], "keep",
+                       to=ex.TP.INT64)
+        count = ex.node("CumSum", [keep, ex.const("axis", np.array(1, np.int64))], "count")
+        return ex.tensor(ex.node("Add", [ex.node("Mul", [count, keep], "numbered"), pad], "positions"), "mask")

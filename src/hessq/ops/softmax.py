@@ -200,7 +200,9 @@ class Softmax(QuantOp):
             torch.broadcast_shapes(keep.dummy.shape, codes.dummy.shape)
             inputs.append(keep)
         span = qi.qmax - qi.qmin
-        dummy = softmax_codes(codes.dummy, exp_table(float(qi.scale), span), span, qo.qmax,
+        # a stand-in's values are not the codes' (only its shape and dtype are): clipped to the grid, the table
+        # lookup stays in range whatever ops made it
+        dummy = softmax_codes(codes.dummy.clamp(qi.qmin, qi.qmax), exp_table(float(qi.scale), span), span, qo.qmax,
                               inputs[1].dummy if len(inputs) > 1 else None)
         return program.emit(node.name, "masked_softmax", inputs, dummy, qo.scale.double(), qo.qmax,
                             {"span": span, "qmax": qo.qmax}, {"table": exp_table(float(qi.scale), span)})

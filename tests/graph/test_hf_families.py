@@ -1,0 +1,101 @@
+"""Capture of every BERT-family classifier hessq supports: the original logits on right- and left-padded batches,
+the user's module paths, and RoBERTa's positions numbered from the padding."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from hessq._compat import import_transformers
+from hessq._errors import ModelError
+from hessq.graph import capture, encoder_layout, quantizable_layers, register_encoder, traced
+from hessq.ops.mask import padding_positions
+from tests._bert import FAMILIES, tiny_encoder, token_batch
+
+
+def _pad(model) -> int:
+    return int(model.config.pad_token_id)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("left", [False, True])
+def test_captured_family_gives_the_original_logits_on_padded_batches(family, left):
+    model = tiny_encoder(family)
+    batch = token_batch(0, pad=_pad(model), left=left)
+    assert (batch["attention_mask"] == 0).any()
+    with torch.no_grad():
+        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(capture(model)(batch["input_ids"]), reference, rtol=0, atol=1e-5)
+        torch.testing.assert_close(traced(model)(batch["input_ids"]), reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_family_keeps_the_users_module_paths_and_trains(family):
+    model = tiny_encoder(family)
+    names = list(quantizable_layers(model))
+    original = dict(model.named_modules())
+    assert all(name in original for name in names)
+    linears = sum(isinstance(original[n], torch.nn.Linear) for n in names)
+    tables = sum(isinstance(original[n], torch.nn.Embedding) for n in names)
+    # six per layer, two in each family's head, and ELECTRA's embedding projection
+    assert linears == 2 * 6 + 2 + (family == "electra")
+    assert tables == (2 if family == "distilbert" else 3)  # words, positions (and token types)
+    # the capture holds the user's modules, not copies, and gradients reach them
+    captured = capture(model).train()
+    batch = token_batch(1, pad=_pad(model))
+    torch.nn.functional.cross_entropy(captured(batch["input_ids"]), batch["labels"]).backward()
+    first = next(p for n, p in model.named_parameters() if "layer.0." in n and n.endswith("weight") and p.dim() == 2)
+    assert first.grad is not None and first.grad.abs().sum() > 0
+
+
+def test_padding_positions_are_robertas_on_both_paddings():
+    import_transformers()  # (its torchvision guard first)
+    from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
+
+    for left in (False, True):
+        ids = token_batch(3, pad=1, left=left)["input_ids"]
+        expected = RobertaEmbeddings.create_position_ids_from_input_ids(ids, 1)
+        assert torch.equal(padding_positions(ids, 1), expected)
+
+
+def test_a_layout_of_your_own_captures_a_class_hessq_does_not_know(monkeypatch):
+    # a BERT whose head skips the pooler: the classifier reads the first token's hidden state as it is
+    import hessq.graph._hf as hf
+
+    monkeypatch.setattr(hf, "_CAPTURES", dict(hf._CAPTURES))  # the registration stays in this test
+    monkeypatch.setattr(hf, "_LAYOUTS", dict(hf._LAYOUTS))
+    tr = import_transformers()
+
+    class PoolerlessBert(tr.BertForSequenceClassification):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.classifier(h[:, 0])
+
+    torch.manual_seed(0)
+    model = PoolerlessBert(tiny_encoder("bert").config).eval()
+    with pytest.raises(ModelError, match="cannot capture the Hugging Face PoolerlessBert"):
+        capture(model)
+    with pytest.raises(ModelError, match="no encoder layout for 'PoolerlessBert'"):
+        encoder_layout("PoolerlessBert")
+    layout = dataclasses.replace(encoder_layout("BertForSequenceClassification"), head=lambda m, h: m.classifier(h[:, 0]))
+    register_encoder(layout, "PoolerlessBert")
+    batch = token_batch(4)
+    with torch.no_grad():
+        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        torch.testing.assert_close(capture(model)(batch["input_ids"]), reference, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="positions must be"):
+        dataclasses.replace(layout, positions="learned")
+
+
+def test_a_layout_naming_a_part_the_model_lacks_is_refused_at_capture(monkeypatch):
+    import hessq.graph._hf as hf
+
+    monkeypatch.setattr(hf, "_CAPTURES", dict(hf._CAPTURES))
+    monkeypatch.setattr(hf, "_LAYOUTS", dict(hf._LAYOUTS))
+    model = tiny_encoder("distilbert")
+    register_encoder(dataclasses.replace(encoder_layout("DistilBertForSequenceClassification"), ffn_in="ffn.up"),
+                     "DistilBertForSequenceClassification")
+    with pytest.raises(ModelError, match="ffn.up|does not have the parts"):
+        capture(model)

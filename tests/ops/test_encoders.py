@@ -1,0 +1,41 @@
+"""Every captured BERT-family classifier in integers: eval mode, ``to_integer``, its saved file and the exact ONNX
+export equal bit for bit on right- and left-padded batches, and the fast export agrees."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import hessq
+from tests._bert import FAMILIES, tiny_encoder, token_batch
+
+
+@pytest.mark.parametrize("family", FAMILIES[1:])  # BERT's own: tests/ops/test_bert.py
+def test_family_runs_in_integers_bit_for_bit_with_its_fake_quant_and_onnx(family, tmp_path):
+    model = tiny_encoder(family, dropout=0.0)
+    pad = int(model.config.pad_token_id)
+    calibration = [token_batch(s, pad=pad, left=bool(s % 2)) for s in range(4)]
+    plan = {name: (4 if "layer.1." in name else 8) for name in hessq.quantizable_layers(model)}  # mixed widths
+    q = hessq.quantize(model, plan, calibration, pin_first_last=None)
+    imodel = hessq.to_integer(q)
+    exact, fast = tmp_path / "exact.onnx", tmp_path / "fast.onnx"
+    hessq.export_onnx(imodel, exact)
+    hessq.export_onnx(imodel, fast, mode="fast")
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (exact, fast)]
+    imodel.save(tmp_path / "model.hq")
+    loaded = hessq.load_integer(tmp_path / "model.hq")
+    for left in (False, True):
+        ids = token_batch(10, pad=pad, left=left)["input_ids"]
+        with torch.no_grad():
+            reference = model(input_ids=ids, attention_mask=(ids != pad).long()).logits
+            fake = q.float_forward(ids)
+        y = imodel(ids)
+        assert torch.equal(q(ids), y)  # eval mode runs the integer program
+        assert torch.equal(loaded(ids), y)  # and the saved file loads back to it
+        assert np.array_equal(sessions[0].run(None, {"input": ids.numpy()})[0], y.numpy())
+        spread = float(reference.max() - reference.min())
+        assert float((y - fake).abs().max()) <= 0.05 * spread  # the fake-quant arithmetic but for dyadic roundings
+        fast_logits = sessions[1].run(None, {"input": ids.numpy()})[0]
+        assert np.abs(fast_logits - y.numpy()).max() <= 0.05 * spread
