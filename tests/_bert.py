@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -69,3 +70,12 @@ def token_batch(seed: int, batch: int = 8, length: int = 12, labels: int = 3, vo
 def tiny_text_data() -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
     """(train, eval) padded token batches for the command-line tests (``--data tests._bert:tiny_text_data``)."""
     return [token_batch(s) for s in range(4)], [token_batch(100 + s) for s in range(2)]
+
+
+def classifier_input_bound(imodel) -> np.ndarray:
+    """How far two logits can lie apart when they differ only in the codes the last Linear reads: every code on its
+    input grid, so at most the grid's span times each output row's |weights| (one value per class)."""
+    classifier = [op for op in imodel.ops if op.kind == "linear"][-1]
+    grid = next(op for op in imodel.ops if op.output == classifier.inputs[0])
+    span = 2 * grid.attrs["qmax"] * classifier.scale.double().reshape(-1)
+    return (classifier.tensors["weight"].double().abs().sum(1) * span).numpy()

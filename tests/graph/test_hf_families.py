@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hessq._compat import import_transformers
-from hessq._errors import ModelError
+from hessq._errors import ConfigError, ConfigTypeError, ModelError
 from hessq.graph import capture, encoder_layout, quantizable_layers, register_encoder, traced
 from hessq.ops.mask import padding_positions
 from tests._bert import FAMILIES, tiny_encoder, token_batch
@@ -85,8 +85,14 @@ def test_a_layout_of_your_own_captures_a_class_hessq_does_not_know(monkeypatch):
     with torch.no_grad():
         reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         torch.testing.assert_close(capture(model)(batch["input_ids"]), reference, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="positions must be"):
+    with pytest.raises(ConfigError, match="positions must be"):
         dataclasses.replace(layout, positions="learned")
+    with pytest.raises(ConfigTypeError, match="head must be a function"):
+        dataclasses.replace(layout, head="classifier")
+    with pytest.raises(ConfigTypeError, match="EncoderLayout"):
+        register_encoder("BertForSequenceClassification", "PoolerlessBert")
+    with pytest.raises(ConfigTypeError, match="class names"):
+        register_encoder(layout)
 
 
 def test_a_layout_naming_a_part_the_model_lacks_is_refused_at_capture(monkeypatch):
@@ -97,5 +103,9 @@ def test_a_layout_naming_a_part_the_model_lacks_is_refused_at_capture(monkeypatc
     model = tiny_encoder("distilbert")
     register_encoder(dataclasses.replace(encoder_layout("DistilBertForSequenceClassification"), ffn_in="ffn.up"),
                      "DistilBertForSequenceClassification")
-    with pytest.raises(ModelError, match="ffn.up|does not have the parts"):
+    with pytest.raises(ModelError, match="does not have the parts"):
+        capture(model)
+    register_encoder(dataclasses.replace(encoder_layout("DistilBertForSequenceClassification"), base="encoder"),
+                     "DistilBertForSequenceClassification")
+    with pytest.raises(ModelError, match="does not have the parts"):
         capture(model)

@@ -23,7 +23,7 @@ from torch import nn
 
 import hessq
 from hessq.integer import _latency
-from tests._bert import tiny_bert, token_batch
+from tests._bert import classifier_input_bound, tiny_bert, token_batch
 
 
 def _run(path, x: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
@@ -151,10 +151,7 @@ def test_tiny_bert_fast_export_runs_on_int8_kernels(bert_integer, tmp_path):
     assert np.array_equal(rows.astype(np.int64) - 128, values[emb.output].numpy())
     # the logits: the classifier reads codes on its own input grid, so they differ by at most that grid's span
     # times the row's weights
-    classifier = [op for op in imodel.ops if op.kind == "linear"][-1]
-    grid = next(op for op in imodel.ops if op.output == classifier.inputs[0])
-    span = 2 * grid.attrs["qmax"] * classifier.scale.double().reshape(-1)
-    bound = (classifier.tensors["weight"].double().abs().sum(1) * span).numpy()
+    bound = classifier_input_bound(imodel)
     assert y_fast.shape == y_int.shape and np.isfinite(y_fast).all()
     assert (np.abs(y_fast - y_int) <= bound * (1 + 1e-5)).all()
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hessq._errors import ModelError
+from hessq._errors import ConfigError, ConfigTypeError, ModelError
 from hessq.ops.mask import padding_positions
 from hessq.ops.softmax import masked_softmax
 
@@ -118,7 +118,9 @@ class EncoderLayout:
 
     def __post_init__(self) -> None:
         if self.positions not in ("arange", "padding"):
-            raise ValueError(f"positions must be 'arange' or 'padding', got {self.positions!r}")
+            raise ConfigError(f"positions must be 'arange' or 'padding', got {self.positions!r}")
+        if not callable(self.head):
+            raise ConfigTypeError(f"head must be a function (captured, h) -> logits, got {type(self.head).__name__}")
 
 
 _BERT_LAYER = dict(layers="encoder.layer", query="attention.self.query", key="attention.self.key",
@@ -143,20 +145,23 @@ _LAYOUTS: dict[str, EncoderLayout] = {}
 _ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh")
 
 
-def _check_layout(base: nn.Module, layout: EncoderLayout, name: str) -> None:
-    """Every module the layout names exists in ``base``'s first layer: a wrong path is named now, not mid-trace."""
+def _encoder_of(model: nn.Module, layout: EncoderLayout, name: str) -> nn.Module:
+    """``model``'s encoder model, after checking that every module the layout names exists in it (in its first
+    layer, and the embeddings' parts): a wrong path is named now, not mid-trace."""
     try:
-        layers = base.get_submodule(layout.layers)
-        layer = layers[0]
+        base = model.get_submodule(layout.base)
+        layer = base.get_submodule(layout.layers)[0]
         paths = [layout.query, layout.key, layout.value, layout.probs_dropout, layout.attention_out,
                  layout.attention_dropout, layout.attention_norm, layout.ffn_in, layout.ffn_act, layout.ffn_out,
                  layout.ffn_dropout, layout.ffn_norm]
         for path in filter(None, paths):
             layer.get_submodule(path)
-        base.get_submodule("embeddings.word_embeddings")
+        for path in ("word_embeddings", "position_embeddings", "LayerNorm", "dropout"):
+            base.get_submodule(f"embeddings.{path}")
     except (AttributeError, IndexError, TypeError) as exc:
         raise ModelError(f"{name} does not have the parts its encoder layout names ({exc}); give it a layout of its "
                          "own (hessq.graph.register_encoder)") from None
+    return base
 
 
 class CapturedEncoderClassifier(CapturedModel):
@@ -175,9 +180,9 @@ class CapturedEncoderClassifier(CapturedModel):
         activation = getattr(config, layout.activation_key, None)
         if activation not in _ACTIVATIONS:
             raise ModelError(f"{layout.activation_key}={activation!r} is not one hessq captures {_ACTIVATIONS}")
+        base = _encoder_of(model, layout, name)
         for child, module in model.named_children():
             setattr(self, child, module)
-        base = getattr(model, layout.base)
         object.__setattr__(self, "base", base)  # an alias, not registered: parameters keep one path
         if layout.head is _pooler_head and base.pooler is None:
             raise ModelError(f"this {name} has no pooler (add_pooling_layer=False)")
@@ -190,7 +195,6 @@ class CapturedEncoderClassifier(CapturedModel):
         self.max_length = int(config.max_position_embeddings) - offset
         self.num_heads = int(config.num_attention_heads)  # (DistilBERT's config maps its n_heads and dim to these)
         self.head_size = int(config.hidden_size // self.num_heads)
-        _check_layout(base, layout, name)
         # the wrapper's own flag as the model's (its children are the model's): a pass that restores the mode it
         # found must not put the user's eval-mode model's dropout back in training
         self.training = model.training
@@ -218,7 +222,7 @@ class CapturedEncoderClassifier(CapturedModel):
             out = sub(at.ffn_dropout)(out)
         return sub(at.ffn_norm)(out + h)
 
-    def _embed(self, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         emb = self.base.embeddings
         positions = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)  # a constant per length
         h = emb.word_embeddings(input_ids)
@@ -234,9 +238,8 @@ class CapturedEncoderClassifier(CapturedModel):
         return h if project is None else project(h)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        keep = input_ids != self.pad_token_id  # [B, T]: tokens that are not padding
-        h = self._embed(input_ids, keep)
-        mask = keep.unsqueeze(1).unsqueeze(2)  # [B, 1, 1, T]: keys that are not padding
+        h = self._embed(input_ids)
+        mask = (input_ids != self.pad_token_id).unsqueeze(1).unsqueeze(2)  # [B, 1, 1, T]: keys that are not padding
         for layer in self.base.get_submodule(self.layout.layers):
             h = self._feed_forward(layer, self._attention(layer, h, mask))
         return self.layout.head(self, h)
@@ -252,7 +255,9 @@ def register_encoder(layout: EncoderLayout, *class_names: str) -> None:
     (``head(captured, h) -> logits``, with the model's children as ``captured``'s attributes and ``captured.base``
     its encoder model)."""
     if not isinstance(layout, EncoderLayout):
-        raise TypeError(f"layout must be an EncoderLayout, got {type(layout).__name__}")
+        raise ConfigTypeError(f"layout must be an EncoderLayout, got {type(layout).__name__}")
+    if not class_names or not all(isinstance(n, str) and n for n in class_names):
+        raise ConfigTypeError(f"register_encoder needs one or more class names (type(model).__name__), got {class_names!r}")
     for name in class_names:
         _LAYOUTS[name] = layout
     register_capture(*class_names)(_capture_encoder)
