@@ -132,10 +132,12 @@ def reassigned(sens: Sensitivity, order: list[str], values: list[float], how: st
     return Sensitivity({k: recs[k] for k in sens}, sens.signature, {"made_by": how})
 
 
-def reverse_sensitivity(sens: Sensitivity) -> Sensitivity:
-    ranked = sorted(sens, key=lambda n: sens[n].mean_trace)
-    values = [sens[n].mean_trace for n in ranked]
-    return reassigned(sens, ranked, values[::-1], "inverted ranking")
+def reverse_sensitivity(sens: Sensitivity, magnitude: bool = False) -> Sensitivity:
+    """The ranking inverted: of the signed mean traces, or of their magnitudes (for a planner on |Tr|)."""
+    key = (lambda n: abs(sens[n].mean_trace)) if magnitude else (lambda n: sens[n].mean_trace)
+    ranked = sorted(sens, key=key)
+    values = [key(n) for n in ranked]
+    return reassigned(sens, ranked, values[::-1], "inverted ranking" + (" of |trace|" if magnitude else ""))
 
 
 def random_sensitivity(sens: Sensitivity, seed: int) -> Sensitivity:

@@ -39,7 +39,7 @@ import torch
 
 import hessq
 from hessq.graph import quantizable_layers
-from hessq.plan import evaluate_plan, lookup_counts, plan_bits
+from hessq.plan import CURVATURES, evaluate_plan, lookup_counts, plan_bits
 from hessq.sensitivity import RowTrace, Sensitivity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -189,7 +189,7 @@ def run_task(task: str, args, done: list[dict[str, Any]]) -> dict[str, Any]:
             replace(m, trace=m.trace * s[WORD].mean_trace / sens[WORD].mean_trace,
                     stderr=m.stderr * s[WORD].mean_trace / sens[WORD].mean_trace) for m in measured]}
         return plan_bits(t.model, s, weight_bits=MIXED_BITS, size_limit=limit, pin_first_last=None,
-                         row_usage=usage, row_tiers=args.row_tiers or 1, row_traces=traces)
+                         row_usage=usage, row_tiers=args.row_tiers or 1, row_traces=traces, curvature=args.curvature)
 
     mixed = planned(sens)
     seeds = [t.accuracy(t.qat(t.quantize(mixed), seed=s)) for s in range(args.seeds)]
@@ -199,7 +199,7 @@ def run_task(task: str, args, done: list[dict[str, Any]]) -> dict[str, Any]:
         after_qat=mean, qat_seeds=seeds, qat_ci95=half, average_bits=mixed.average_bits,
         bits={n: mixed[n] for n in mixed}, word_row_tiers=mixed.layers[WORD].get("row_tiers"),
         row_bits={n: {str(b): r for b, r in w.items()} for n, w in mixed.row_bits.items()})
-    rev = planned(reverse_sensitivity(sens))
+    rev = planned(reverse_sensitivity(sens, magnitude=args.curvature == "magnitude"))
     q = t.quantize(rev)
     row("reversed sensitivity order", t.accuracy(q), rev.size_bytes / 1e6, after_qat=t.accuracy(t.qat(q)),
         average_bits=rev.average_bits)
@@ -226,7 +226,9 @@ def markdown(results: list[dict[str, Any]], args) -> str:
     out = ["# Q-BERT on all-MiniLM-L6-v2: BBC News and tweets", "",
            f"`{command_line()}` on {machine()}; QAT = {args.qat_steps} steps of hessq.finetune with distillation "
            f"from FP32{f' (and its hidden states, weight {args.qat_hidden_weight:g})' if args.qat_hidden_weight else ''}, "
-           f"activation ranges {'as calibrated' if args.qat_ranges == 'frozen' else 'following each batch'}. Accuracy: test split"
+           f"activation ranges {'as calibrated' if args.qat_ranges == 'frozen' else 'following each batch'}"
+           + ("; plans on each trace's magnitude, |Tr(H)| + 2σ (curvature='magnitude')" if args.curvature == "magnitude" else "")
+           + ". Accuracy: test split"
            + ("" if args.test_limit is None else f" (its first {-(-args.test_limit // 64) * 64} texts, in the split's order)")
            + ", hessq's fake-quantized model.", ""]
     for res in results:
@@ -269,6 +271,8 @@ def main() -> int:
     ap.add_argument("--row-traces", default=None,
                     help="the word table's tier traces measured by `bench/qbert_probes.py TASK row-traces K` (a "
                          "JSON; {task} is replaced): the plans take them instead of the table's trace shared by lookups")
+    ap.add_argument("--curvature", choices=CURVATURES, default="signed",
+                    help="how a negative trace enters the plans: signed (HAWQ) or magnitude (|trace|)")
     ap.add_argument("--sensitivity", default=None,
                     help="load the Hessian traces from this file ({task} is replaced) instead of computing them")
     ap.add_argument("--trace-method", default="hutchinson")

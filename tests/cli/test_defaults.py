@@ -26,6 +26,7 @@ STAGE_FLAGS = [
     ("distill", "label_weight", hessq.DistillConfig, "label_weight"),
     ("plan", "act_bits", hessq.PlanConfig, "act_bits"),
     ("plan", "pin_first_last", hessq.PlanConfig, "pin_first_last"),
+    ("plan", "curvature", hessq.PlanConfig, "curvature"),
     ("quantize", "calibration_batches", hessq.QuantizeConfig, "calibration_batches"),
     ("export", "mode", hessq.ExportConfig, "onnx_mode"),
     ("demo", "qat_lr", hessq.FinetuneConfig, "lr"),

@@ -25,7 +25,7 @@ CONFIGS = [
     hessq.SensitivityConfig(method="kl", batches=2, rtol=0.1, max_samples=50, min_samples=5),
     hessq.PlanConfig(weight_bits=[2, 4, 8], act_bits=4, size_limit="40%", bops_limit=Relative(0.3), latency_limit=1e-3,
                      pin_first_last=None, pareto_points=0, latency_table=LatencyTable({"conv1": {4: 1e-5, 8: 2e-5}}),
-                     measure_latency=False, latency_repeats=5),
+                     measure_latency=False, latency_repeats=5, curvature="magnitude"),
     hessq.QuantizeConfig(calibration_batches=3, baselines=(8, (4, 4))),
     hessq.DistillConfig(num_samples=8, steps=10, lr=0.1, batch_size=4, input_range=(-1, 1), label_weight=0.5),
     hessq.FinetuneConfig(epochs=0.5, lr=0.001, max_steps=20, distill=False, checkpoint=False, resume=False),
@@ -79,6 +79,7 @@ def test_a_config_is_frozen_and_replace_checks_its_changes():
     ({"pareto_points": "40"}, "PlanConfig.pareto_points must be an integer >= 0, got str '40'"),
     ({"weight_bits": "48"}, "PlanConfig.weight_bits must be bit widths like (4, 8)"),
     ({"measure_latency": 1}, "PlanConfig.measure_latency must be True or False"),
+    ({"curvature": "abs"}, "PlanConfig.curvature must be one of 'signed', 'magnitude', got 'abs'"),
     ({"size_limit": {"relative": 2.0}}, "relative limit must be a fraction in (0, 1]"),
     ([("act_bits", 8)], "takes a dict"),
 ])

@@ -303,3 +303,49 @@ def test_negative_traces_are_least_sensitive_with_a_warning(tiny):
     with pytest.warns(UserWarning, match=r"non-positive trace \(\['c1'\]\)"):
         om = perturbations(tiny, sens, (2, 4))
     assert 0 < om["c1"][4] < om["c1"][2] < min(om[k][4] for k in om if k != "c1")
+
+
+def test_magnitude_curvature_takes_a_negative_trace_by_its_size(tiny):
+    # c1 is measured strongly negative (ten times the largest positive per-weight trace, well beyond its error):
+    # HAWQ's signed Ω makes it least sensitive; curvature="magnitude" plans on |Tr| + 2σ instead
+    from hessq.sensitivity import LayerSensitivity, Sensitivity
+
+    base = make_sensitivity(tiny)
+    recs = dict(base)
+    big = max(r.trace / r.num_params for r in base.values())
+    n = recs["c1"].num_params
+    recs["c1"] = LayerSensitivity(-10.0 * big * n, 0.5 * big * n, None, n)
+    sens = Sensitivity(recs, base.signature)
+    w = quantizable_layers(tiny)["c1"].weight
+    with pytest.warns(UserWarning, match="non-positive trace"):
+        signed = perturbations(tiny, sens, (2, 4))
+    magnitude = perturbations(tiny, sens, (2, 4), curvature="magnitude")
+    for b in (2, 4):
+        assert magnitude["c1"][b] == pytest.approx((10.0 + 2 * 0.5) * big * quantization_error(w, b), rel=1e-9)
+        assert signed["c1"][b] < magnitude["c1"][b]
+        for other in NAMES[:1] + NAMES[2:]:  # positive traces: the magnitude is the trace, Ω unchanged
+            assert magnitude[other][b] == signed[other][b]
+    # room for all at 8 bits but one layer at 2: signed sends c1 there, magnitude keeps c1 at 8
+    limit = evaluate_plan(tiny, {k: 2 if k == "c1" else 8 for k in NAMES}).size_bytes
+    common = dict(weight_bits=(2, 8), size_limit=limit, pin_first_last=None, auto_ties=False)
+    with pytest.warns(UserWarning, match="non-positive trace"):
+        low = plan_bits(tiny, sens, **common)
+    high = plan_bits(tiny, sens, **common, curvature="magnitude")
+    assert low["c1"] == 2 and high["c1"] == 8
+    assert high.meta["curvature"] == "magnitude" and "curvature" not in low.meta
+    assert BitPlan.from_json(high.to_json()).meta["curvature"] == "magnitude"
+    with pytest.raises(ValueError, match="curvature must be one of 'signed', 'magnitude'"):
+        plan_bits(tiny, sens, **common, curvature="abs")
+
+
+def test_magnitude_curvature_reaches_the_eigenvalue_variant(tiny):
+    from hessq.sensitivity import LayerSensitivity, Sensitivity
+
+    base = make_sensitivity(tiny)
+    recs = {k: LayerSensitivity(r.trace, r.trace_stderr, r.trace / r.num_params, r.num_params) for k, r in base.items()}
+    n = recs["c1"].num_params
+    recs["c1"] = LayerSensitivity(recs["c1"].trace, 0.0, -3.0, n)
+    sens = Sensitivity(recs, base.signature)
+    w = quantizable_layers(tiny)["c1"].weight
+    om = perturbations(tiny, sens, (4,), variant="eigenvalue", curvature="magnitude")
+    assert om["c1"][4] == pytest.approx(3.0 / n * quantization_error(w, 4), rel=1e-9)

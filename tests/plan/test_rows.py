@@ -192,6 +192,13 @@ def test_measured_tier_traces_replace_the_lookup_share():
     w = model.words.weight.detach()
     assert negative.layers["words"]["omega"] == pytest.approx(
         sum(floor * RowQuantizer(b).squared_error(w[rows]) for rows, b in zip(tiers, neg_widths)), rel=1e-6)
+    # ... unless the plan is on each curvature's magnitude: then |−1| is each tier's trace
+    by_size = plan_bits(model, sens, **common, curvature="magnitude",
+                        row_traces={"words": [RowTrace(r, -1.0, 0.0, 1) for r in tiers]})
+    size_widths = [t["bits"] for t in by_size.layers["words"]["row_tiers"]]
+    assert by_size.layers["words"]["omega"] == pytest.approx(
+        sum(1.0 / (len(rows) * w.shape[1]) * RowQuantizer(b).squared_error(w[rows]) for rows, b in zip(tiers, size_widths)),
+        rel=1e-6)
     with pytest.raises(hessq.ConfigError, match="other row groups"):
         plan_bits(model, sens, **common, row_traces={"words": flipped[:2]})
     with pytest.raises(hessq.ConfigError, match="needs row_usage"):

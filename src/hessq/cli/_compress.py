@@ -21,6 +21,7 @@ from hessq.cli._common import (
 )
 from hessq.cli._tasks import TASK_MODELS, TEXT_DATA, check_hf_spec, hf_model, is_hf_spec, load_task
 from hessq.pipeline import CONFIG_ARGUMENTS, SensitivityConfig
+from hessq.plan import CURVATURES
 from hessq.sensitivity import TRACE_METHODS
 
 
@@ -41,6 +42,8 @@ CONFIG_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--latency-repeats", "plan", "latency_repeats", dict(type=int, help="timed runs per latency measurement")),
     ("--row-tiers", "plan", "row_tiers", dict(type=int, help="plan each embedding table's rows in this many tiers "
                                                              "by their lookups in the data (0: one width per table)")),
+    ("--curvature", "plan", "curvature", dict(choices=CURVATURES, help="how a negative Hessian trace enters the plan: "
+                                              "signed (HAWQ: least sensitive) or magnitude (|trace|, as Q-BERT's |λ|)")),
     ("--sensitivity-batches", "sensitivity", "batches", dict(type=int, help="data batches the Hessian reads")),
     ("--max-samples", "sensitivity", "max_samples", dict(type=int, help="at most this many Hutchinson samples")),
     ("--rtol", "sensitivity", "rtol", dict(type=float, help="stop when every layer's trace stderr <= rtol*|trace|")),

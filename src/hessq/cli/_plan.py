@@ -14,6 +14,7 @@ from hessq.cli._common import (
     parse_ints,
 )
 from hessq.pipeline import PlanConfig
+from hessq.plan import CURVATURES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -46,6 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stderr-margin", type=float, default=2.0,
                    help="standard errors added to each estimated trace, so that only a trace measured small "
                         "counts as insensitive (default 2; 0: the estimates themselves)")
+    add_config_flag(p, "--curvature", PlanConfig, "curvature", choices=CURVATURES,
+                    help="how a negative Hessian trace enters Ω: signed (HAWQ: the layer counts as least sensitive) "
+                         "or magnitude (|trace|, as Q-BERT takes |mean λ|)")
     p.add_argument("--input-shape", help="example input shape without batch, for counting MACs, e.g. 3,224,224 "
                                          "(default: the bundled model's, else (C,28,28))")
     p.add_argument("-o", "--output", default="plan.json", help="where to write the plan (default plan.json)")
@@ -101,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         variant=args.variant or "trace",
         input_shape=input_shape,
         stderr_margin=args.stderr_margin,
+        curvature=args.curvature,
     )
     plan.save(args.output)
     print(plan.table(markdown=False), end="")

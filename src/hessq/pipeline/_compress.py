@@ -606,7 +606,8 @@ def compress(
         table = measure_latency_table(to_integer(w8), repeats=latency_repeats)
 
     stages("bit plan (ILP) and Pareto frontier")
-    common = dict(weight_bits=weight_bits, act_bits=act_bits, pin_first_last=pin_first_last, input_shape=shape)
+    common = dict(weight_bits=weight_bits, act_bits=act_bits, pin_first_last=pin_first_last, input_shape=shape,
+                  curvature=plan_cfg.curvature)
     tiers = {}
     if plan_cfg.row_tiers and data is not None and omega is None and any(
             isinstance(m, torch.nn.Embedding) for m in quantizable_layers(model).values()):

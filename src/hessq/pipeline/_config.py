@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 from hessq._checks import check_bool, check_int, check_number
 from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, HessqError
 from hessq.distill import check_input_range
-from hessq.plan import LatencyTable, Relative, as_latency_table, check_bits_list, parse_limit
+from hessq.plan import CURVATURES, LatencyTable, Relative, as_latency_table, check_bits_list, parse_limit
 from hessq.quantizer import check_act_bits, check_weight_bits
 from hessq.sensitivity import TRACE_METHODS
 
@@ -223,10 +223,14 @@ class PlanConfig(_Config):
     latency_repeats: int = 30
     #: Embedding tables split into this many row tiers by lookups on the training data (0: one width per table).
     row_tiers: int = 0
+    #: "signed" (HAWQ) or "magnitude": how a negative Hessian trace enters Ω (:data:`hessq.plan.Curvature`).
+    curvature: str = "signed"
 
     def _check(self, name: str, value: Any, label: str) -> Any:
         if name == "row_tiers":
             return check_int(value, label, low=0)
+        if name == "curvature":
+            return _check_choice(value, label, CURVATURES)
         if name == "weight_bits":
             return check_bits_list(value)
         if name == "act_bits":

@@ -5,7 +5,17 @@ a latency table (file or mapping) before any expensive stage runs, with the plan
 """
 
 from hessq.plan._bitplan import BitPlan
-from hessq.plan._cost import LatencyTable, LayerCost, as_latency_table, check_bits_list, layer_costs, perturbations
+from hessq.plan._cost import (
+    CURVATURES,
+    Curvature,
+    LatencyTable,
+    LayerCost,
+    as_latency_table,
+    check_bits_list,
+    check_curvature,
+    layer_costs,
+    perturbations,
+)
 from hessq.plan._ilp import InfeasibleLimitsError
 from hessq.plan._pareto import ParetoFrontier, ParetoPoint, pareto_frontier
 from hessq.plan._plan import Relative, evaluate_plan, parse_limit, plan_bits
@@ -13,7 +23,9 @@ from hessq.plan._rows import lookup_counts, tiers_of
 from hessq.plan._ties import graph_facts
 
 __all__ = [
+    "CURVATURES",
     "BitPlan",
+    "Curvature",
     "InfeasibleLimitsError",
     "LatencyTable",
     "LayerCost",
@@ -22,6 +34,7 @@ __all__ = [
     "Relative",
     "as_latency_table",
     "check_bits_list",
+    "check_curvature",
     "evaluate_plan",
     "graph_facts",
     "layer_costs",

@@ -43,6 +43,23 @@ def check_stderr_margin(margin: Any) -> float:
     return float(margin)
 
 Variant = Literal["trace", "eigenvalue"]
+#: How a curvature's sign enters Ω: "signed" (HAWQ: a negative trace predicts that quantization lowers the loss, so
+#: the layer counts as least sensitive) or "magnitude" (|Tr(H_i)|, as Q-BERT takes |mean λ|: curvature of either
+#: sign moves the loss, and the quadratic's predicted fall does not hold at the step sizes of 2–3 bits).
+Curvature = Literal["signed", "magnitude"]
+CURVATURES = ("signed", "magnitude")
+
+
+def check_curvature(curvature: Any) -> str:
+    if curvature not in CURVATURES:
+        raise ConfigError(f"curvature must be one of {', '.join(map(repr, CURVATURES))}, got {curvature!r}")
+    return curvature
+
+
+def curvature_bound(value: float, stderr: float, margin: float, curvature: str) -> float:
+    """A trace (or eigenvalue) as the planner takes it: its magnitude if asked, plus ``margin`` standard errors."""
+    stderr = stderr if math.isfinite(stderr) else 0.0
+    return (abs(value) if curvature == "magnitude" else value) + margin * stderr
 
 
 @dataclass(frozen=True)
@@ -332,6 +349,7 @@ def perturbations(
     *,
     variant: Variant = "trace",
     stderr_margin: float = STDERR_MARGIN,
+    curvature: Curvature = "signed",
 ) -> dict[str, dict[int, float]]:
     """Ω_i(b) for every quantizable layer i and bit width b.
 
@@ -340,12 +358,14 @@ def perturbations(
     (At m = 0 a trace within noise of zero, or a negative estimate of one, sends the layer to the lowest width: on
     the tweets MiniLM, 32 Hutchinson samples put the 6 Linears whose estimates were negative at 2 bits.)
     ``variant="eigenvalue"`` (HAWQ): Ω_i(b) = (λ_i/n_i)·‖Q_b(W_i) − W_i‖², λ_i the top eigenvalue.
+    ``curvature="magnitude"`` takes |Tr(H_i)| (or |λ_i|) in place of the signed value (see :data:`Curvature`).
     ‖Q_b(W_i) − W_i‖² is that of the layer family's own quantizer (an embedding table's rows clipped for least error).
     """
     model = capture(check_model(model))
     bits = check_bits_list(weight_bits)
     layers = quantizable_layers(model)
-    factors = perturbation_factors(model, sens, layers, variant=variant, stderr_margin=stderr_margin)
+    factors = perturbation_factors(model, sens, layers, variant=variant, stderr_margin=stderr_margin,
+                                   curvature=curvature)
     out: dict[str, dict[int, float]] = {}
     for name, m in layers.items():
         factor = factors[name]
@@ -358,25 +378,26 @@ def perturbations(
 
 
 def perturbation_factors(model: nn.Module, sens: Sensitivity, layers: Mapping[str, nn.Module], *,
-                         variant: Variant = "trace", stderr_margin: float = STDERR_MARGIN) -> dict[str, float]:
+                         variant: Variant = "trace", stderr_margin: float = STDERR_MARGIN,
+                         curvature: Curvature = "signed") -> dict[str, float]:
     """Each layer's factor of ‖Q_b(W_i) − W_i‖² in Ω_i(b) (see :func:`perturbations`)."""
     check_sensitivity(model, sens, layers)
     if variant not in ("trace", "eigenvalue"):
         raise ConfigError(f"variant must be 'trace' or 'eigenvalue', got {variant!r}")
     margin = check_stderr_margin(stderr_margin)
+    curvature = check_curvature(curvature)
     factors: dict[str, float] = {}
     for name in layers:
         rec = sens[name]
         if variant == "trace":
-            stderr = rec.trace_stderr if math.isfinite(rec.trace_stderr) else 0.0
-            factor = (rec.trace + margin * stderr) / rec.num_params
+            factor = curvature_bound(rec.trace, rec.trace_stderr, margin, curvature) / rec.num_params
         else:
             if rec.top_eigenvalue is None:
                 raise ConfigError(
                     f"the sensitivity has no top eigenvalue for layer {name!r}; compute eigenvalues "
                     "(hessian_sensitivity(..., eigenvalues=True)) or use variant='trace'"
                 )
-            factor = rec.top_eigenvalue / rec.num_params
+            factor = curvature_bound(rec.top_eigenvalue, 0.0, 0.0, curvature) / rec.num_params
         if not math.isfinite(factor):
             raise ConfigError(f"the sensitivity of layer {name!r} is not finite ({factor}); recompute it")
         factors[name] = factor

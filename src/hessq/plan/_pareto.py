@@ -14,7 +14,7 @@ from torch import nn
 from hessq._errors import ConfigError
 from hessq.plan._bitplan import BitPlan
 from hessq.plan._files import SealedJSONFile, mapping_or_empty, real_number, required
-from hessq.plan._cost import STDERR_MARGIN, LatencyTable, Variant
+from hessq.plan._cost import STDERR_MARGIN, Curvature, LatencyTable, Variant
 from hessq.plan._ilp import InfeasibleLimitsError
 from hessq.plan._plan import Limit, build_problem, tiered_problem
 from hessq.plan._rows import ROW_TIERS
@@ -125,6 +125,7 @@ def pareto_frontier(
     row_usage: Mapping[str, torch.Tensor] | None = None,
     row_tiers: int = ROW_TIERS,
     row_traces: Mapping[str, Sequence[Any]] | None = None,
+    curvature: Curvature = "signed",
 ) -> ParetoFrontier:
     """The size–Ω frontier: the ILP at ``num_points`` size limits evenly spaced from the smallest to the
     largest reachable size (other limits held), keeping each distinct non-dominated plan.
@@ -137,10 +138,10 @@ def pareto_frontier(
     problem = build_problem(
         model, sens, weight_bits=weight_bits, act_bits=act_bits, latency_table=latency_table, ties=ties,
         auto_ties=auto_ties, pins=pins, pin_first_last=pin_first_last, variant=variant,
-        example_input=example_input, input_shape=input_shape, stderr_margin=stderr_margin,
+        example_input=example_input, input_shape=input_shape, stderr_margin=stderr_margin, curvature=curvature,
     )
     problem, fold = tiered_problem(problem, model, sens, row_usage, row_tiers, variant=variant,
-                                   stderr_margin=stderr_margin, row_traces=row_traces)
+                                   stderr_margin=stderr_margin, row_traces=row_traces, curvature=curvature)
     others = problem.resolve_limits(None, bops_limit, latency_limit)
     lo, hi = problem.reachable("size")
     t0 = time.perf_counter()

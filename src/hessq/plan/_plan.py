@@ -22,10 +22,12 @@ from hessq.plan._cost import (
     activation_matmul_macs,
     LayerCost,
     STDERR_MARGIN,
+    Curvature,
     Variant,
     as_latency_table,
     check_act,
     check_bits_list,
+    check_curvature,
     check_sensitivity,
     check_stderr_margin,
     layer_costs,
@@ -118,6 +120,8 @@ class Problem:
     fixed: dict[str, float] = field(default_factory=dict)
     #: Standard errors added to each trace in Ω (None: Ω not from traces).
     stderr_margin: float | None = None
+    #: How a curvature's sign entered Ω ("signed" or "magnitude"; None: Ω not from a Hessian).
+    curvature: str | None = None
 
     def group_matrix(self, per_layer: np.ndarray) -> np.ndarray:
         index = {n: i for i, n in enumerate(self.names)}
@@ -193,6 +197,7 @@ class Problem:
             "weight_bits": list(self.weight_bits),
             "variant": self.variant,
             **({"stderr_margin": self.stderr_margin} if self.stderr_margin is not None else {}),
+            **({"curvature": self.curvature} if self.curvature not in (None, "signed") else {}),
             "pins": self.pins,
             "ties": [g for g in self.ties],
         }
@@ -202,13 +207,14 @@ class Problem:
 
 
 def sensitivity_omega(model: nn.Module, sens: Sensitivity, bits: Iterable[int], *, variant: Variant = "trace",
-                      stderr_margin: float = STDERR_MARGIN) -> dict[str, dict[int, float]]:
+                      stderr_margin: float = STDERR_MARGIN,
+                      curvature: Curvature = "signed") -> dict[str, dict[int, float]]:
     """Ω per layer and bit width from a sensitivity: ZeroQ's KL table for a :func:`hessq.kl_sensitivity`
     result, else HAWQ's (Tr(H_i)/n_i or λ_i/n_i)·‖Q_b(W_i) − W_i‖²."""
     if is_kl_sensitivity(sens):
         check_sensitivity(model, sens)
         return kl_omega(sens)
-    return perturbations(model, sens, bits, variant=variant, stderr_margin=stderr_margin)
+    return perturbations(model, sens, bits, variant=variant, stderr_margin=stderr_margin, curvature=curvature)
 
 
 def build_problem(
@@ -228,6 +234,7 @@ def build_problem(
     omega: Mapping[str, Mapping[int, float]] | None = None,
     lenient: bool = False,
     stderr_margin: float = STDERR_MARGIN,
+    curvature: Curvature = "signed",
 ) -> Problem:
     model = capture(check_model(model))
     layers = quantizable_layers(model)
@@ -278,10 +285,13 @@ def build_problem(
         allowed[gi] = [b in ok for b in cols]
 
     # Ω per layer and column.
+    curvature = check_curvature(curvature)
+    omega_from_hessian = omega is None and sens is not None and not is_kl_sensitivity(sens)
     if omega is None:
         if sens is None:
             raise ConfigError("give a sensitivity (or an omega table)")
-        omega = sensitivity_omega(model, sens, cols, variant=variant, stderr_margin=stderr_margin)
+        omega = sensitivity_omega(model, sens, cols, variant=variant, stderr_margin=stderr_margin,
+                                  curvature=curvature)
     else:
         check_names("omega", omega, names)
         missing = [n for n in names if n not in omega]
@@ -341,6 +351,7 @@ def build_problem(
         latency_table=table,
         fixed=fixed,
         stderr_margin=float(stderr_margin) if sens is not None and variant == "trace" and not is_kl_sensitivity(sens) else None,
+        curvature=curvature if omega_from_hessian else None,
     )
 
 
@@ -367,6 +378,7 @@ def plan_bits(
     row_usage: Mapping[str, torch.Tensor] | None = None,
     row_tiers: int = ROW_TIERS,
     row_traces: Mapping[str, Sequence[Any]] | None = None,
+    curvature: Curvature = "signed",
 ) -> BitPlan:
     """Choose a weight bit width per layer minimising Σ Ω_i(b_i) under any of three limits (HAWQ-V3's ILP).
 
@@ -376,7 +388,9 @@ def plan_bits(
     residual add share bits (``auto_ties``), as do the groups in ``ties``; ``pins`` fixes layers'
     bits, and the first and last layer are pinned to ``pin_first_last`` bits unless it is None.
     ``variant="eigenvalue"`` uses λ_i/n_i instead of Tr(H_i)/n_i; with traces, each is taken ``stderr_margin``
-    standard errors above its estimate (0: the estimate itself). MACs are counted on
+    standard errors above its estimate (0: the estimate itself). ``curvature="magnitude"`` plans on |Tr(H_i)| (or
+    |λ_i|), so that a layer of strongly negative curvature counts as sensitive rather than free (HAWQ's "signed",
+    the default, gives it the fewest bits; see :data:`hessq.plan.Curvature`). MACs are counted on
     ``example_input`` or zeros of ``(1, *input_shape)`` (default (C, 28, 28)).
     A ZeroQ KL sensitivity (:func:`hessq.kl_sensitivity`) gives Ω_i(b) = KL directly; ``omega``
     (layer -> {bits: Ω}) overrides Ω from any source.
@@ -396,16 +410,17 @@ def plan_bits(
         model, sens, weight_bits=weight_bits, act_bits=act_bits, latency_table=latency_table, ties=ties,
         auto_ties=auto_ties, pins=pins, pin_first_last=pin_first_last, variant=variant,
         example_input=example_input, input_shape=input_shape, omega=omega, stderr_margin=stderr_margin,
+        curvature=curvature,
     )
     problem, fold = tiered_problem(problem, model, sens, row_usage, row_tiers, omega=omega, variant=variant,
-                                   stderr_margin=stderr_margin, row_traces=row_traces)
+                                   stderr_margin=stderr_margin, row_traces=row_traces, curvature=curvature)
     limits = problem.resolve_limits(size_limit, bops_limit, latency_limit)
     return fold(problem.solve(limits, time_limit=time_limit))
 
 
 def tiered_problem(problem: Problem, model: nn.Module, sens: Sensitivity, row_usage: Mapping[str, torch.Tensor] | None,
                    row_tiers: int, *, omega=None, variant: Variant = "trace", stderr_margin: float = STDERR_MARGIN,
-                   row_traces: Mapping[str, Sequence[Any]] | None = None):
+                   row_traces: Mapping[str, Sequence[Any]] | None = None, curvature: Curvature = "signed"):
     """``problem`` with the tables of ``row_usage`` split into row tiers, and the function that folds a plan of it
     back into a plan of the model's layers (the identity when ``row_usage`` is empty)."""
     if not row_usage:
@@ -419,9 +434,10 @@ def tiered_problem(problem: Problem, model: nn.Module, sens: Sensitivity, row_us
     captured = capture(model)
     with warnings.catch_warnings():  # build_problem has warned of non-positive traces already
         warnings.simplefilter("ignore")
-        factors = perturbation_factors(captured, sens, quantizable_layers(captured), stderr_margin=stderr_margin)
+        factors = perturbation_factors(captured, sens, quantizable_layers(captured), stderr_margin=stderr_margin,
+                                       curvature=curvature)
     tiered, split = split_tables(problem, model, factors, row_usage, row_tiers, row_traces,
-                                 check_stderr_margin(stderr_margin))
+                                 check_stderr_margin(stderr_margin), curvature)
     return tiered, (lambda plan: fold_tiers(plan, split, names) if split else plan)
 
 
@@ -436,6 +452,7 @@ def evaluate_plan(
     example_input: torch.Tensor | None = None,
     input_shape: Sequence[int] | None = None,
     stderr_margin: float = STDERR_MARGIN,
+    curvature: Curvature = "signed",
 ) -> BitPlan:
     """The BitPlan of a given assignment (an int for a uniform one), with its size, BOPs, latency and Ω (if ``sens``)."""
     names = list(quantizable_layers(model))
@@ -450,7 +467,8 @@ def evaluate_plan(
     cols = sorted(set(bits.values()))
     if sens is not None:
         check_sensitivity(model, sens)
-        omega = sensitivity_omega(model, sens, cols, variant=variant, stderr_margin=stderr_margin)
+        omega = sensitivity_omega(model, sens, cols, variant=variant, stderr_margin=stderr_margin,
+                                  curvature=curvature)
     else:
         omega = {n: {} for n in names}
     row_bits = dict(getattr(bits, "row_bits", None) or {})

@@ -32,7 +32,7 @@ from hessq._utils import batch_inputs, model_device, move_to, training_mode
 from hessq.graph import capture, quantizable_layers
 from hessq.ops import family_of_module
 from hessq.plan._bitplan import BitPlan
-from hessq.plan._cost import NEGATIVE_FLOOR, LayerCost
+from hessq.plan._cost import NEGATIVE_FLOOR, LayerCost, curvature_bound
 
 #: The default number of tiers per table.
 ROW_TIERS = 4
@@ -106,9 +106,10 @@ def tier_name(table: str, k: int) -> str:
 
 
 def measured_tier_traces(name: str, tiers: list[torch.Tensor], measured: Any, margin: float,
-                         floor_per_row: float) -> list[float]:
+                         floor_per_row: float, curvature: str = "signed") -> list[float]:
     """Each tier's Tr(H) from :func:`hessq.sensitivity.hessian_row_traces` on exactly these tiers (with
-    ``margin`` standard errors added); a non-positive one becomes ``floor_per_row`` per row, as a layer's does."""
+    ``margin`` standard errors added, from its magnitude under ``curvature="magnitude"``); a non-positive one becomes
+    ``floor_per_row`` per row, as a layer's does."""
     if isinstance(measured, (str, bytes)) or not isinstance(measured, Iterable):
         raise ConfigTypeError(f"row_traces[{name!r}] must be the list hessian_row_traces gives for the table")
     measured = list(measured)
@@ -120,8 +121,7 @@ def measured_tier_traces(name: str, tiers: list[torch.Tensor], measured: Any, ma
                           "tiers: measure it on hessq.plan.tiers_of(row_usage[table], row_tiers)")
     out = []
     for m, rows in zip(measured, tiers):
-        stderr = m.stderr if math.isfinite(m.stderr) else 0.0
-        trace = m.trace + margin * stderr
+        trace = curvature_bound(m.trace, m.stderr, margin, curvature)
         if not math.isfinite(trace):
             raise ConfigError(f"row_traces[{name!r}] holds a trace that is not finite ({m.trace}); measure it again")
         out.append(trace if trace > 0 else floor_per_row * rows.numel())
@@ -129,7 +129,7 @@ def measured_tier_traces(name: str, tiers: list[torch.Tensor], measured: Any, ma
 
 
 def split_tables(problem, model: nn.Module, factors: Mapping[str, float], usage: Mapping[str, Any], tiers: int,
-                 row_traces: Mapping[str, Any] | None = None, margin: float = 0.0):
+                 row_traces: Mapping[str, Any] | None = None, margin: float = 0.0, curvature: str = "signed"):
     """``problem`` with each table in ``usage`` replaced by its tiers; returns (problem, {table: rows per tier}).
 
     A table in ``row_traces`` takes its tiers' measured traces; the others share the table's trace by lookups."""
@@ -171,7 +171,7 @@ def split_tables(problem, model: nn.Module, factors: Mapping[str, float], usage:
         trace = factors[name] * w.numel()  # Tr(H) (with its margin), shared by lookups
         if name in row_traces:
             floor = NEGATIVE_FLOOR * max([abs(f) for f in factors.values()] + [1e-30]) * w.shape[1]
-            tier_traces = measured_tier_traces(name, split[name], row_traces[name], margin, floor)
+            tier_traces = measured_tier_traces(name, split[name], row_traces[name], margin, floor, curvature)
         else:
             total = counts.sum()
             tier_traces = [trace * (float(counts[rows].sum() / total) if total > 0 else 1.0) for rows in split[name]]
