@@ -22,7 +22,7 @@ def tiny_bert(layers: int = 2, hidden: int = 32, heads: int = 4, labels: int = 3
 
 
 #: The BERT-family classifiers hessq captures (tiny_encoder builds each).
-FAMILIES = ("bert", "electra", "distilbert", "roberta", "xlm-roberta", "camembert")
+FAMILIES = ("bert", "electra", "distilbert", "roberta", "xlm-roberta", "camembert", "albert")
 
 
 def tiny_encoder(family: str, layers: int = 2, hidden: int = 32, heads: int = 4, labels: int = 3, seed: int = 0,
@@ -30,7 +30,8 @@ def tiny_encoder(family: str, layers: int = 2, hidden: int = 32, heads: int = 4,
     """A random-init sequence classifier of ``family`` (one of :data:`FAMILIES`), eager attention, in eval mode.
 
     ELECTRA gets embeddings narrower than its hidden width (its ``embeddings_project``); RoBERTa, XLM-R and CamemBERT pad
-    with id 1, as theirs do."""
+    with id 1, as theirs do. ALBERT gets narrower embeddings too, and ``layers`` groups of shared layers, each run
+    twice (``num_hidden_layers`` = 2 × ``layers``)."""
     if family == "bert":
         return tiny_bert(layers, hidden, heads, labels, seed, dropout=dropout)
     tr = import_transformers()
@@ -49,6 +50,10 @@ def tiny_encoder(family: str, layers: int = 2, hidden: int = 32, heads: int = 4,
         return tr.RobertaForSequenceClassification(tr.RobertaConfig(pad_token_id=1, **common)).eval()
     if family == "xlm-roberta":
         return tr.XLMRobertaForSequenceClassification(tr.XLMRobertaConfig(pad_token_id=1, **common)).eval()
+    if family == "albert":
+        config = tr.AlbertConfig(embedding_size=hidden // 2, num_hidden_groups=layers,
+                                 **{**common, "num_hidden_layers": 2 * layers})
+        return tr.AlbertForSequenceClassification(config).eval()
     if family == "camembert":
         return tr.CamembertForSequenceClassification(tr.CamembertConfig(pad_token_id=1, **common)).eval()
     raise ValueError(f"unknown family {family!r}")

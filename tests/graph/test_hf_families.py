@@ -39,14 +39,16 @@ def test_captured_family_keeps_the_users_module_paths_and_trains(family):
     assert all(name in original for name in names)
     linears = sum(isinstance(original[n], torch.nn.Linear) for n in names)
     tables = sum(isinstance(original[n], torch.nn.Embedding) for n in names)
-    # six per layer, two in each family's head, and ELECTRA's embedding projection
-    assert linears == 2 * 6 + 2 + (family == "electra")
+    # six per layer (ALBERT's: per group of shared layers), two in each family's head, and ELECTRA's and ALBERT's
+    # embedding projection
+    assert linears == 2 * 6 + 2 + (family in ("electra", "albert"))
     assert tables == (2 if family == "distilbert" else 3)  # words, positions (and token types)
     # the capture holds the user's modules, not copies, and gradients reach them
     captured = capture(model).train()
     batch = token_batch(1, pad=_pad(model))
     torch.nn.functional.cross_entropy(captured(batch["input_ids"]), batch["labels"]).backward()
-    first = next(p for n, p in model.named_parameters() if "layer.0." in n and n.endswith("weight") and p.dim() == 2)
+    first = next(p for n, p in model.named_parameters()
+                 if ("layer.0." in n or "groups.0." in n) and n.endswith("weight") and p.dim() == 2)
     assert first.grad is not None and first.grad.abs().sum() > 0
 
 

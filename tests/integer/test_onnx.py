@@ -65,3 +65,43 @@ def test_export_errors(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         hessq.export_onnx(hessq.to_integer(q), tmp_path / "x.onnx", mode="turbo")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_exact_export_is_exact_where_int8_kernels_saturate(tmp_path):
+    # Codes at the grid's ends: 255 × 127 + 255 × 127 = 64,770 overflows the 16-bit pair sums of ONNX Runtime's
+    # uint8 × int8 kernels on AVX2 CPUs without VNNI (VPMADDUBSW). The exact export must not use them there.
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, bias=False), torch.nn.Flatten(),
+                                torch.nn.Linear(72, 2, bias=False)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[2].weight.copy_(torch.stack([torch.ones(72), -torch.ones(72)]))
+    extremes = [torch.ones(4, 1, 8, 8), torch.zeros(4, 1, 8, 8)]  # calibrated so that all-ones sits on the grids' ends
+    imodel = hessq.to_integer(hessq.quantize(model, 8, extremes, pin_first_last=None))
+    hessq.export_onnx(imodel, tmp_path / "m.onnx")
+    x = torch.ones(2, 1, 8, 8)
+    codes = imodel.run(x, keep=True)
+    for op in (op for op in imodel.ops if op.kind in ("conv2d", "linear")):  # every product at the extremes
+        assert int(codes[op.inputs[0]].min()) == 255 and int(op.tensors["weight"].abs().min()) == 127
+    assert np.array_equal(_session(tmp_path / "m.onnx").run(None, {"input": x.numpy()})[0], imodel(x).numpy())
+
+
+@pytest.mark.parametrize("bits, dtype", [(8, np.uint8), (5, np.int8)])  # (at 4 bits a Linear runs on MatMulNBits)
+def test_fast_export_runs_8_bit_weights_on_kernels_that_cannot_saturate(bits, dtype, tmp_path):
+    # 8-bit codes reach ±127, where uint8 × int8 pair sums can leave 16 bits: they go as uint8 around 128; codes
+    # within ±64 (7 bits and fewer) keep the faster uint8 × int8 kernels
+    import onnx
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(64, 3)).eval()
+    imodel = hessq.to_integer(hessq.quantize(model, bits, _data((1, 8, 8)), pin_first_last=None))
+    hessq.export_onnx(imodel, tmp_path / "fast.onnx", mode="fast")
+    graph = onnx.load(tmp_path / "fast.onnx").graph
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    weight_input = {"QLinearConv": 3, "ConvInteger": 1, "MatMulIntegerToFloat": 1, "MatMulInteger": 1}
+    weights = [arrays[n.input[weight_input[n.op_type]]] for n in graph.node if n.op_type in weight_input]
+    assert len(weights) == 3 and all(w.dtype == dtype for w in weights)
+    x = _data((1, 8, 8), n=1, seed=4)[0]
+    got = _session(tmp_path / "fast.onnx").run(None, {"input": x.numpy()})[0]
+    assert np.isfinite(got).all() and got.shape == imodel(x).shape

@@ -17,7 +17,9 @@ def test_family_runs_in_integers_bit_for_bit_with_its_fake_quant_and_onnx(family
     model = tiny_encoder(family, dropout=0.0)
     pad = int(model.config.pad_token_id)
     calibration = [token_batch(s, pad=pad, left=bool(s % 2)) for s in range(4)]
-    plan = {name: (4 if "layer.1." in name else 8) for name in hessq.quantizable_layers(model)}  # mixed widths
+    # mixed widths: the second layer (ALBERT's second group of shared layers) at 4 bits
+    plan = {name: (4 if "layer.1." in name or "groups.1." in name else 8) for name in hessq.quantizable_layers(model)}
+    assert sorted(set(plan.values())) == [4, 8]
     q = hessq.quantize(model, plan, calibration, pin_first_last=None)
     imodel = hessq.to_integer(q)
     exact, fast = tmp_path / "exact.onnx", tmp_path / "fast.onnx"
@@ -47,3 +49,21 @@ def test_family_runs_in_integers_bit_for_bit_with_its_fake_quant_and_onnx(family
         top2 = reference.topk(2, 1).values
         sure = (top2[:, 0] - top2[:, 1]) > 2 * gap
         assert sure.any() and torch.equal(fake.argmax(1)[sure], reference.argmax(1)[sure])
+
+
+def test_shared_layers_train_in_qat_and_stay_bit_exact(tmp_path):
+    # ALBERT runs each group of layers twice: one quantized twin per shared Linear, one input grid for both calls
+    # (each call's input requantized onto it), ranges that track both calls without breaking either's backward
+    model = tiny_encoder("albert", dropout=0.0)
+    batches = [token_batch(s) for s in range(3)]
+    q = hessq.quantize(model, 8, batches, pin_first_last=None)
+    shared = "albert.encoder.albert_layer_groups.0.albert_layers.0.attention.query"
+    assert sum(n.target == shared for n in q.graph.nodes if n.op == "call_module") == 2
+    before = q.get_submodule(shared).weight.detach().clone()
+    hessq.finetune(q, batches, teacher=model, epochs=1, lr=1e-3, optimizer="adamw", track_ranges=True)
+    assert not torch.equal(q.get_submodule(shared).weight.detach(), before)  # both calls' gradients reached it
+    imodel = hessq.to_integer(q)
+    hessq.export_onnx(imodel, tmp_path / "exact.onnx")
+    session = ort.InferenceSession(str(tmp_path / "exact.onnx"), providers=["CPUExecutionProvider"])
+    ids = token_batch(10)["input_ids"]
+    assert np.array_equal(session.run(None, {"input": ids.numpy()})[0], imodel(ids).numpy())

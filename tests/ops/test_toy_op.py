@@ -58,8 +58,9 @@ class PointwiseMixOp(WeightedOp):
     def onnx(self, ex, op, ins):
         x = ex.as_codes_input(ins[0])
         nhwc = ex.node("Transpose", [x.name], "to_nhwc", perm=[0, 2, 3, 1])
-        wt = ex.const("wT", op.tensors["weight"].numpy().astype(np.int8).T.copy())
-        acc = ex.node("MatMulInteger", [nhwc, wt, ex.const("x_zp", np.uint8(x.zero_point))], "mix")
+        # the exporter's weight constants: exact on every x86 CPU (uint8 around 128; see _Exporter.weight_codes)
+        wt, w_zp = ex.weight_codes(op.tensors["weight"].numpy().T, "wT", exact=True)
+        acc = ex.node("MatMulInteger", [nhwc, wt, ex.const("x_zp", np.uint8(x.zero_point)), w_zp], "mix")
         return ex.accumulator(op, ex.node("Transpose", [acc], "to_nchw", perm=[0, 3, 1, 2]))
 
 

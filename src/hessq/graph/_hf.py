@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hessq._errors import ConfigError, ConfigTypeError, ModelError
@@ -81,6 +83,18 @@ def _dense_head(activation: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -
     return head
 
 
+def _albert_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """ALBERT: its pooler Linear and tanh on the first token, dropout, the classifier."""
+    return m.classifier(m.dropout(m.base.pooler_activation(m.base.pooler(h[:, 0]))))
+
+
+def _albert_order(base: nn.Module, config: Any) -> list[nn.Module]:
+    """ALBERT runs ``num_hidden_layers`` passes over ``num_hidden_groups`` shared groups of layers."""
+    groups, passes = base.encoder.albert_layer_groups, int(config.num_hidden_layers)
+    per_group = passes / int(config.num_hidden_groups)
+    return [layer for i in range(passes) for layer in groups[int(i / per_group)].albert_layers]
+
+
 def _pre_classifier_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """DistilBERT: ``pre_classifier``, ReLU, dropout, ``classifier`` on the first token."""
     return m.classifier(m.dropout(torch.relu(m.pre_classifier(h[:, 0]))))
@@ -95,7 +109,10 @@ class EncoderLayout:
     projection, dropout and LayerNorm, then the feed-forward's two Linears, activation, dropout and LayerNorm
     (a dropout path is None where the family has none there). ``positions`` is ``"arange"`` (0 … T−1) or
     ``"padding"`` (RoBERTa: numbered from pad + 1 over the tokens that are not padding, padding at pad).
-    ``activation_key`` is the config field naming the feed-forward's activation.
+    ``activation_key`` is the config field naming the feed-forward's activation. ``embeddings_project`` is the
+    path under ``base`` of a Linear from the embedding width to the hidden width, where the model has one.
+    ``layer_order`` gives the layers in the order they run, ``(base, config) -> [layer, ...]``, for an encoder that
+    runs shared layers more than once (ALBERT); by default each layer of ``layers`` runs once.
     """
 
     base: str
@@ -115,12 +132,17 @@ class EncoderLayout:
     head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     positions: str = "arange"
     activation_key: str = "hidden_act"
+    embeddings_project: str | None = "embeddings_project"
+    layer_order: Callable[[nn.Module, Any], list[nn.Module]] | None = None
 
     def __post_init__(self) -> None:
         if self.positions not in ("arange", "padding"):
             raise ConfigError(f"positions must be 'arange' or 'padding', got {self.positions!r}")
         if not callable(self.head):
             raise ConfigTypeError(f"head must be a function (captured, h) -> logits, got {type(self.head).__name__}")
+        if self.layer_order is not None and not callable(self.layer_order):
+            raise ConfigTypeError("layer_order must be a function (base, config) -> [layer, ...], got "
+                                  f"{type(self.layer_order).__name__}")
 
 
 _BERT_LAYER = dict(layers="encoder.layer", query="attention.self.query", key="attention.self.key",
@@ -140,9 +162,23 @@ _DISTILBERT = EncoderLayout(
     attention_dropout=None, attention_norm="sa_layer_norm", ffn_in="ffn.lin1", ffn_act="ffn.activation",
     ffn_out="ffn.lin2", ffn_dropout="ffn.dropout", ffn_norm="output_layer_norm", head=_pre_classifier_head,
     activation_key="activation")
+_ALBERT = EncoderLayout(
+    base="albert", layers="encoder.albert_layer_groups.0.albert_layers", query="attention.query",
+    key="attention.key", value="attention.value", probs_dropout="attention.attention_dropout",
+    attention_out="attention.dense", attention_dropout="attention.output_dropout", attention_norm="attention.LayerNorm",
+    ffn_in="ffn", ffn_act="activation", ffn_out="ffn_output", ffn_dropout=None, ffn_norm="full_layer_layer_norm",
+    head=_albert_head, embeddings_project="encoder.embedding_hidden_mapping_in", layer_order=_albert_order)
 #: The layout of each captured class name (:func:`register_encoder` adds to it).
 _LAYOUTS: dict[str, EncoderLayout] = {}
 _ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh")
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _encoder_of(model: nn.Module, layout: EncoderLayout, name: str) -> nn.Module:
@@ -181,9 +217,13 @@ class CapturedEncoderClassifier(CapturedModel):
         if activation not in _ACTIVATIONS:
             raise ModelError(f"{layout.activation_key}={activation!r} is not one hessq captures {_ACTIVATIONS}")
         base = _encoder_of(model, layout, name)
+        self.tanh_gelu = activation in ("gelu_new", "gelu_pytorch_tanh")
         for child, module in model.named_children():
             setattr(self, child, module)
         object.__setattr__(self, "base", base)  # an alias, not registered: parameters keep one path
+        # ELECTRA's and ALBERT's embedding width → hidden width (ELECTRA has it only where the two differ); looked
+        # up by path at each call, as the layers are, so that a pass that swaps a module is seen
+        self.has_project = layout.embeddings_project is not None and _has_submodule(base, layout.embeddings_project)
         if layout.head is _pooler_head and base.pooler is None:
             raise ModelError(f"this {name} has no pooler (add_pooling_layer=False)")
         self.layout = layout
@@ -217,7 +257,11 @@ class CapturedEncoderClassifier(CapturedModel):
 
     def _feed_forward(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         at, sub = self.layout, layer.get_submodule
-        out = sub(at.ffn_out)(sub(at.ffn_act)(sub(at.ffn_in)(h)))
+        x = sub(at.ffn_in)(h)
+        # the tanh GELUs as the one op hessq quantizes (transformers' gelu_new spells the formula out in pow and tanh;
+        # the two agree to float rounding)
+        x = F.gelu(x, approximate="tanh") if self.tanh_gelu else sub(at.ffn_act)(x)
+        out = sub(at.ffn_out)(x)
         if at.ffn_dropout is not None:
             out = sub(at.ffn_dropout)(out)
         return sub(at.ffn_norm)(out + h)
@@ -234,13 +278,13 @@ class CapturedEncoderClassifier(CapturedModel):
         else:
             h = h + emb.position_embeddings(positions)
         h = emb.dropout(emb.LayerNorm(h))
-        project = getattr(self.base, "embeddings_project", None)  # ELECTRA's embedding width → hidden width
-        return h if project is None else project(h)
+        return self.base.get_submodule(self.layout.embeddings_project)(h) if self.has_project else h
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self._embed(input_ids)
         mask = (input_ids != self.pad_token_id).unsqueeze(1).unsqueeze(2)  # [B, 1, 1, T]: keys that are not padding
-        for layer in self.base.get_submodule(self.layout.layers):
+        order = self.layout.layer_order
+        for layer in order(self.base, self.config) if order is not None else self.base.get_submodule(self.layout.layers):
             h = self._feed_forward(layer, self._attention(layer, h, mask))
         return self.layout.head(self, h)
 
@@ -274,6 +318,7 @@ def encoder_layout(class_name: str) -> EncoderLayout:
 register_encoder(_BERT, "BertForSequenceClassification")
 register_encoder(_ELECTRA, "ElectraForSequenceClassification")
 register_encoder(_DISTILBERT, "DistilBertForSequenceClassification")
+register_encoder(_ALBERT, "AlbertForSequenceClassification")
 # XLM-R and CamemBERT are RoBERTa under other names
 register_encoder(_ROBERTA, "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
                  "CamembertForSequenceClassification")

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import collections
 import warnings
 from collections.abc import Iterable, Mapping
 
@@ -151,6 +152,7 @@ def rewrite(
 
     # quantized twins, same module paths.
     layer_nodes: dict[fx.Node, QuantLayer] = {}
+    twins: dict[str, QuantLayer] = {}
     for node in graph.nodes:
         family = family_of_module(modules[node.target]) if node.op == "call_module" else None
         if family is None or not family.weighted:
@@ -158,6 +160,9 @@ def rewrite(
         if node.target not in layer_bits:
             raise ConfigError(f"no bit width given for layer `{node.target}`")
         if layer_bits[node.target] is None:
+            continue
+        if node.target in twins:  # a layer the model runs more than once (ALBERT's shared layers): one twin
+            layer_nodes[node] = twins[node.target]
             continue
         w_bits, a_bits = layer_bits[node.target]
         extra = {"block_size": block_size} if weight_granularity == "block" else {}
@@ -170,7 +175,7 @@ def rewrite(
             twin.output_quantizer = new_act_quantizer()
             twin.output_quantizer.set_bits(a_bits)
         gm.set_submodule(node.target, twin)
-        layer_nodes[node] = twin
+        layer_nodes[node] = twins[node.target] = twin
     called = {n.target for n in graph.nodes if n.op == "call_module"}
     missing = set(layer_bits) - called
     if missing:
@@ -184,10 +189,28 @@ def rewrite(
     batch_constant = _batch_constant_values(graph)  # before the loop below replaces nodes
     input_quant_node: dict[fx.Node, fx.Node] = {}
     quantizer_nodes: dict[fx.Node, ActQuantizer] = {}
+    calls = collections.Counter(n.target for n in layer_nodes)
+    shared_inputs: dict[str, ActQuantizer] = {}
     made: dict[str, int] = {}
     for node in list(graph.nodes):
         if node in layer_nodes and getattr(layer_nodes[node], "index_input", False):
             grid[node] = layer_nodes[node].output_quantizer
+            continue
+        if node in layer_nodes and calls[node.target] > 1:
+            # a layer run more than once takes every input onto one grid of its own (its integer bias and
+            # accumulator scale are one), requantized there from whatever grid each call's input is on
+            src = node.args[0]
+            qname = f"{node.target}.input_quantizer"
+            if qname not in shared_inputs:
+                shared_inputs[qname] = new_act_quantizer()
+                gm.add_submodule(qname, shared_inputs[qname])
+            q = shared_inputs[qname]
+            with graph.inserting_after(src):
+                qnode = graph.call_module(qname, (src,))
+            qnode.meta = dict(node.meta)
+            node.replace_input_with(src, qnode)
+            grid[qnode] = quantizer_nodes[qnode] = q
+            layer_nodes[node].set_input_quantizer(q)
             continue
         if node in layer_nodes:
             src = node.args[0]

@@ -2,9 +2,10 @@
 
 Each weighted layer of an IntegerModel is exported alone, as its op family's latency probe says
 (uint8 activations, int8 per-channel weights: QLinearConv for a conv, MatMulInteger for a linear,
-as in the fast export), and timed at its real input shape. ONNX Runtime executes the weight widths from 2 to 8 bits
+as in the fast export), and timed at its real input shape. ONNX Runtime executes the weight widths from 2 to 7 bits
 with its int8 kernels (narrower codes are stored packed but computed as int8), so those widths share one measured
-time, except the widths a family runs on a kernel of their own (``narrow_latency_models``: a Linear layer of at most
+time, except the widths a family runs on a kernel of their own (``narrow_latency_models``: 8-bit Linear and conv
+weights run as uint8 × uint8, since their uint8 × int8 pair sums can saturate on AVX2 CPUs without VNNI; a Linear layer of at most
 4-bit weights is MatMulNBits in the fast export, which only pays at very few token rows (on MiniLM's Linears
 on an AVX512-VNNI CPU: 0.93× int8's time at one row, 2.4× at 64; bench/nbits_rows.py); a table of
 at most 4-bit codes is GatherBlockQuantized), timed separately; ``32`` holds the float32 time of the same layer for reference.
@@ -122,8 +123,9 @@ def measure_latency_table(
         rows.update({name: {b: 0.0 for b in (*range(2, 9), 32)} for name in folded})
     meta = {"runtime": "onnxruntime", "batch_size": batch_size, "repeats": repeats, "statistic": "median seconds",
             "spinning": spinning,
-            "note": "weight widths 2-8 run on the same int8 kernels but where a family runs them on its own "
-                    "(Linear at <= 4 bits: MatMulNBits); 32 is float32", "folded_into_constants": folded}
+            "note": "weight widths 2-7 run on the same uint8 x int8 kernels but where a family runs them on its own "
+                    "(Linear at <= 4 bits: MatMulNBits; Linear and conv at 8 bits: uint8 x uint8, which cannot "
+                    "saturate); 32 is float32", "folded_into_constants": folded}
     return LatencyTable(rows, meta)
 
 

@@ -1,7 +1,9 @@
 """Export of an IntegerModel to ONNX with integer operators, for ONNX Runtime on the CPU.
 
 Activations travel as uint8 codes: zero-point 0 on an unsigned grid, 128 on a signed one
-(the same grid, shifted); weights as int8 codes per output channel.
+(the same grid, shifted); weights as int8 codes per output channel, or in exact mode as those codes
+shifted to uint8 around 128: ONNX Runtime's uint8 × int8 kernels saturate pairs of products at 16 bits
+on AVX2 CPUs without VNNI (VPMADDUBSW), its uint8 × uint8 ones are exact on every x86 CPU.
 
 ``mode="exact"`` (default) reproduces the integer model: ConvInteger / MatMulInteger give
 the int32 accumulators, the int32 bias is added, and requantization multiplies by the
@@ -40,6 +42,7 @@ from hessq._io import check_writable, write_atomic
 from hessq.integer._model import IntegerModel
 from hessq.integer._onnx_siblings import fuse_sibling_matmuls
 from hessq.ops import Op, family_for_kind
+from hessq.ops._weighted import WEIGHT_ZERO_POINT, saturates, uint8_weights
 from hessq.ops.mask import ID_READERS
 from hessq.plan import LatencyTable, as_latency_table
 
@@ -164,6 +167,24 @@ class _Exporter:
             return self.clipped(name_in, op)
         return self.codes(name_in, float(op.scale), op.attrs["qmin"] < 0, base, (op.attrs["qmin"], op.attrs["qmax"]))
 
+    def weight_codes(self, codes: np.ndarray, base: str = "w", *, channels: int = 0, exact: bool = False) -> tuple[str, str]:
+        """(weights, zero-point) constants of an integer kernel (ConvInteger, MatMulInteger, QLinearConv,
+        MatMulIntegerToFloat) on int8 weight ``codes``.
+
+        ONNX Runtime's uint8 × int8 kernels saturate each pair of products at 16 bits on AVX2 CPUs without VNNI
+        (VPMADDUBSW); its uint8 × uint8 kernels are exact on every x86 CPU. So weights beyond ±64, and every weight of
+        the exact export, go as uint8 around zero-point 128; weights within ±64 (2·255·64 < 2^15: no pair can
+        saturate) stay int8, the faster kernel. ``channels``: that many zero points (QLinearConv's per-channel form);
+        0: one, or none ("") for int8 weights."""
+        if exact or saturates(codes):
+            weights, zero = uint8_weights(codes), WEIGHT_ZERO_POINT
+        else:
+            weights, zero = np.asarray(codes).astype(np.int8), 0
+        if not channels and not zero:
+            return self.const(base, weights), ""
+        zp = np.full(channels, zero, weights.dtype) if channels else np.asarray(zero, weights.dtype)
+        return self.const(base, weights), self.const(f"{base}_zp", zp)
+
     def as_codes_input(self, t: _Tensor) -> _Tensor:
         if t.kind != "codes":
             raise RuntimeError("internal: a layer input is not on a grid")
@@ -223,13 +244,14 @@ class _Exporter:
                 "accumulators; quantize that layer to fewer weight or activation bits, or keep the integer model"
             )
 
-    def int8_weights(self, op: Op, x: _Tensor) -> tuple[str, str, str]:
+    def qlinear_weights(self, op: Op, x: _Tensor) -> tuple[str, str, str]:
         """(weight, weight scale, weight zero-point) constants of a QLinear kernel reading ``x``."""
-        w = op.tensors["weight"].numpy().astype(np.int8)
+        codes = op.tensors["weight"].numpy()
         w_scale = (op.scale.reshape(-1).double() / x.scale).numpy().astype(np.float32)
         if w_scale.size == 1:
-            w_scale = np.full(w.shape[0], w_scale.item(), np.float32)
-        return self.const("w", w), self.const("w_scale", w_scale), self.const("w_zp", np.zeros(w.shape[0], np.int8))
+            w_scale = np.full(codes.shape[0], w_scale.item(), np.float32)
+        w, w_zp = self.weight_codes(codes, channels=codes.shape[0])
+        return w, self.const("w_scale", w_scale), w_zp
 
     def fast_output_grid(self, op: Op) -> tuple[list[Op], Op, _Tensor, Op | None] | None:
         """Where a weighted op's fused int8 kernel should write its codes, in fast mode.

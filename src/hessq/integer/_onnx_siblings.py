@@ -20,21 +20,24 @@ MS_DOMAIN = "com.microsoft"
 def _sibling_key(node, arrays: dict[str, np.ndarray]) -> tuple | None:
     """What members of one fused GEMM must share, or None for a node the pass leaves alone: an int8 weight held as
     a constant (with constant scales and bias, one per column or one in all), one input scale and zero point, the
-    same reduction length, no weight zero point."""
+    same reduction length, the same weight zero point (none for int8 weights, one constant for uint8 ones)."""
     if node.op_type != "MatMulIntegerToFloat" or node.domain != MS_DOMAIN:
         return None
     ins = list(node.input) + [""] * (7 - len(node.input))
     a, w, a_scale, w_scale, a_zp, w_zp, bias = ins[:7]
-    if w not in arrays or a_scale not in arrays or w_scale not in arrays or w_zp or (bias and bias not in arrays):
+    if w not in arrays or a_scale not in arrays or w_scale not in arrays or (bias and bias not in arrays) \
+            or (w_zp and (w_zp not in arrays or arrays[w_zp].size != 1)):
         return None
     weight = arrays[w]
-    if weight.ndim != 2 or weight.dtype != np.int8 or arrays[a_scale].size != 1 \
+    if weight.ndim != 2 or weight.dtype not in (np.int8, np.uint8) or (weight.dtype == np.uint8) != bool(w_zp) \
+            or arrays[a_scale].size != 1 \
             or arrays[w_scale].size not in (1, weight.shape[1]) or (bias and arrays[bias].size != weight.shape[1]):
         return None
     zp = arrays[a_zp].item() if a_zp in arrays else 0 if not a_zp else None
     if zp is None:  # a zero point computed at run time: the members cannot be shown to share it
         return None
-    return a, float(arrays[a_scale].item()), int(zp), weight.shape[0]
+    w_zero = (weight.dtype.str, int(arrays[w_zp].item())) if w_zp else (weight.dtype.str, 0)
+    return a, float(arrays[a_scale].item()), int(zp), weight.shape[0], w_zero
 
 
 def fuse_sibling_matmuls(nodes: list, inits: list, helper, numpy_helper) -> tuple[list, list]:
@@ -65,10 +68,10 @@ def fuse_sibling_matmuls(nodes: list, inits: list, helper, numpy_helper) -> tupl
         for name, value in ((f"{stem}_wT", weight), (f"{stem}_w_scale", w_scale), (f"{stem}_bias", bias),
                             (f"{stem}_widths", np.asarray(widths, np.int64))):
             inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        a, _, a_scale, _, a_zp = ins[0][:5]
+        a, _, a_scale, _, a_zp, w_zp = ins[0][:6]
         wide = f"{stem}_out"
         first[id(group[0])] = [
-            helper.make_node("MatMulIntegerToFloat", [a, f"{stem}_wT", a_scale, f"{stem}_w_scale", a_zp, "",
+            helper.make_node("MatMulIntegerToFloat", [a, f"{stem}_wT", a_scale, f"{stem}_w_scale", a_zp, w_zp,
                                                       f"{stem}_bias"], [wide], name=wide, domain=MS_DOMAIN),
             helper.make_node("Split", [wide, f"{stem}_widths"], [n.output[0] for n in group], name=f"{stem}_split",
                              axis=-1),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +20,22 @@ from hessq.ops._registry import IntegerConversionError, QuantOp
 from hessq.quantizer import ActQuantizer, WeightQuantizer, choose_kernel, expand_scale, qrange, round_ste
 
 INT32_MAX = 2**31 - 1
+#: Largest |weight code| whose pairs of uint8 × int8 products fit 16 bits (2·255·64 < 2^15). ONNX Runtime's
+#: uint8 × int8 kernels saturate such pairs on AVX2 CPUs without VNNI (VPMADDUBSW), so wider weights (every 8-bit
+#: layer) run as uint8 around :data:`WEIGHT_ZERO_POINT` (:func:`uint8_weights`), whose kernels are exact on every x86 CPU.
+SATURATION_FREE = 64
+WEIGHT_ZERO_POINT = 128
+
+
+def saturates(codes: Any) -> bool:
+    """Whether int8 weight ``codes`` can saturate a uint8 × int8 kernel's 16-bit pair sums."""
+    codes = np.asarray(codes)
+    return bool(codes.size) and int(np.abs(codes).max()) > SATURATION_FREE
+
+
+def uint8_weights(codes: Any) -> np.ndarray:
+    """int8 weight codes as uint8 around :data:`WEIGHT_ZERO_POINT` (the same values, for uint8 × uint8 kernels)."""
+    return (np.asarray(codes).astype(np.int16) + WEIGHT_ZERO_POINT).astype(np.uint8)
 
 
 def _round(x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +73,12 @@ class WeightCodes:
         q_in = self.act_quantizer
         return None if q_in is None or q_in.observing or not bool(q_in.calibrated) else q_in
 
+    @staticmethod
+    def _input_scale(q_in: ActQuantizer) -> torch.Tensor:
+        # the input scale as of this call: a layer run more than once in a forward (ALBERT's shared layers) has its
+        # input quantizer track each call's range in place, which the earlier calls' backward must not see
+        return q_in.scale.clone()
+
     def _bias_codes(self, out_scale: torch.Tensor) -> torch.Tensor:
         """The bias on the int32 grid of the accumulator's scale S_w·S_in, straight through."""
         return torch.clamp(_round(self.bias / out_scale), -INT32_MAX, INT32_MAX)
@@ -66,7 +89,7 @@ class WeightCodes:
         if self.bias is None or q_in is None:
             return w_q, self.bias
         wq = self.weight_quantizer
-        bias_scale = wq.row_scale(wq.scale(self.weight), self.bias.shape[0]) * q_in.scale
+        bias_scale = wq.row_scale(wq.scale(self.weight), self.bias.shape[0]) * self._input_scale(q_in)
         return w_q, self._bias_codes(bias_scale) * bias_scale
 
     def integer_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
@@ -88,9 +111,10 @@ class WeightCodes:
             return None
         qmin, qmax = wq.code_bounds(self.weight)
         w_codes = torch.clamp(_round(self.weight / wq.expand(w_scale, self.weight)), qmin, qmax)
-        out_scale = wq.row_scale(w_scale, self.weight.shape[0]) * q_in.scale
+        s_in = self._input_scale(q_in)
+        out_scale = wq.row_scale(w_scale, self.weight.shape[0]) * s_in
         b_codes = None if self.bias is None else self._bias_codes(out_scale)
-        return _round(x / q_in.scale), w_codes, b_codes, out_scale
+        return _round(x / s_in), w_codes, b_codes, out_scale
 
     @torch.no_grad()
     def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:

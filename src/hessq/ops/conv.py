@@ -10,7 +10,7 @@ from torch import nn
 from hessq._errors import ConfigError
 from hessq.ops._program import channel
 from hessq.ops._registry import register
-from hessq.ops._weighted import QuantLayer, WeightedOp
+from hessq.ops._weighted import WEIGHT_ZERO_POINT, QuantLayer, WeightedOp, uint8_weights
 from hessq.quantizer import integer_conv2d
 
 
@@ -89,8 +89,9 @@ class Conv2d(WeightedOp):
 
     def onnx(self, ex, op, ins):
         x = ex.as_codes_input(ins[0])
-        w = ex.const("w", op.tensors["weight"].numpy().astype(np.int8))
-        acc = ex.node("ConvInteger", [x.name, w, ex.const("x_zp", np.uint8(x.zero_point))], "convint", **self._onnx_attrs(op.attrs))
+        w, w_zp = ex.weight_codes(op.tensors["weight"].numpy(), exact=True)
+        acc = ex.node("ConvInteger", [x.name, w, ex.const("x_zp", np.uint8(x.zero_point)), w_zp], "convint",
+                      **self._onnx_attrs(op.attrs))
         return ex.accumulator(op, acc)
 
     def onnx_fast(self, ex, op, ins):
@@ -104,11 +105,12 @@ class Conv2d(WeightedOp):
             x = x.padded_from
         plan = ex.fast_output_grid(op)
         if plan is None:
-            w = ex.const("w", op.tensors["weight"].numpy().astype(np.int8))
-            acc = ex.node("ConvInteger", [x.name, w, ex.const("x_zp", np.uint8(x.zero_point))], "convint", **conv_attrs)
+            w, w_zp = ex.weight_codes(op.tensors["weight"].numpy())
+            acc = ex.node("ConvInteger", [x.name, w, ex.const("x_zp", np.uint8(x.zero_point)), *filter(None, [w_zp])],
+                          "convint", **conv_attrs)
             return ex.accumulator(op, acc)
         chain, last, y, req = plan
-        w, ws, wzp = ex.int8_weights(op, x)
+        w, ws, wzp = ex.qlinear_weights(op, x)
         inputs = [x.name, *ex.scale_zp(x), w, ws, wzp, *ex.scale_zp(y)]
         if "bias" in op.tensors:
             inputs.append(ex.const("bias", op.tensors["bias"].numpy().astype(np.int32)))
@@ -124,3 +126,11 @@ class Conv2d(WeightedOp):
               "wz": np.zeros(w.shape[0], np.int8), "ys": np.float32(0.05), "yz": np.uint8(0)}, "uint8"),
             ("Conv", ["x", "w"], attrs, {"w": w.astype(np.float32)}, "float32"),
         )
+
+    def narrow_latency_models(self, op, input_shape):
+        # 8-bit weights reach ±127: uint8 × uint8, as the fast export runs them (see _weighted.SATURATION_FREE)
+        int_spec = self.latency_models(op, input_shape)[0]
+        op_type, names, attrs, inits = int_spec[:4]
+        channels = inits["w"].shape[0]
+        wide = {**inits, "w": uint8_weights(inits["w"]), "wz": np.full(channels, WEIGHT_ZERO_POINT, np.uint8)}
+        return {8: (op_type, names, attrs, wide, "uint8", "uint8")}

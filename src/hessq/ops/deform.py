@@ -275,17 +275,18 @@ class DeformConv(WeightedOp):
         lo, hi = offset_limits(a, tuple(ex.model_shapes[op.inputs[0]][-2:]))
         c = t["offset_c"].to(torch.int64)
         m = torch.ldexp(t["offset_b"].double(), -c)
-        w_codes = ex.const("w_offset", t["offset_weight"].numpy().astype(np.int8))
         if not exact and -128 <= lo and hi <= 127:
-            w_codes_n = t["offset_weight"].shape[0]
+            w_codes, w_zp = ex.weight_codes(t["offset_weight"].numpy(), "w_offset", channels=t["offset_weight"].shape[0])
             inputs = [x.name, *ex.scale_zp(x), w_codes, ex.const("w_scale", (m / x.scale).numpy().astype(np.float32)),
-                      ex.const("w_zp", np.zeros(w_codes_n, np.int8)), ex.const("pixel", np.float32(1.0)),
+                      w_zp, ex.const("pixel", np.float32(1.0)),
                       ex.const("pixel_zp", np.uint8(128)), ex.const("offset_bias", t["offset_bias"].numpy().astype(np.int32))]
             pixels = ex.node("Cast", [ex.node("QLinearConv", inputs, "offset_qconv", **conv)], "offsets_f", to=ex.TP.FLOAT)
             pixels = ex.node("Sub", [pixels, ex.const("pixel_zp_f", np.float32(128))], "offsets_centred")
             clipped = ex.node("Clip", [pixels, ex.const("lo", np.float32(lo)), ex.const("hi", np.float32(hi))], "offset_clip")
         else:
-            acc = ex.node("ConvInteger", [x.name, w_codes, ex.const("x_zp", np.uint8(x.zero_point))], "offset_acc", **conv)
+            w_exact, w_zp = ex.weight_codes(t["offset_weight"].numpy(), "w_offset", exact=True)
+            acc = ex.node("ConvInteger", [x.name, w_exact, ex.const("x_zp", np.uint8(x.zero_point)), w_zp], "offset_acc",
+                          **conv)
             acc = ex.node("Cast", [acc], "offset_acc_f64", to=ex.TP.DOUBLE)
             acc = ex.node("Add", [acc, ex.const("offset_bias", ch(t["offset_bias"].numpy()))], "offset_biased")
             half = torch.where(c > 0, torch.ldexp(torch.ones(c.shape, dtype=torch.float64), c - 1),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessq.ops._registry import register
-from hessq.ops._weighted import QuantLayer, WeightedOp
+from hessq.ops._weighted import WEIGHT_ZERO_POINT, QuantLayer, WeightedOp, uint8_weights
 from hessq.quantizer import integer_linear
 
 
@@ -55,8 +55,8 @@ class Linear(WeightedOp):
 
     def onnx(self, ex, op, ins):
         x = ex.as_codes_input(ins[0])
-        wt = ex.const("wT", op.tensors["weight"].numpy().astype(np.int8).T.copy())
-        acc = ex.node("MatMulInteger", [x.name, wt, ex.const("x_zp", np.uint8(x.zero_point))], "matmulint")
+        wt, w_zp = ex.weight_codes(op.tensors["weight"].numpy().T, "wT", exact=True)
+        acc = ex.node("MatMulInteger", [x.name, wt, ex.const("x_zp", np.uint8(x.zero_point)), w_zp], "matmulint")
         return ex.accumulator(op, acc)
 
     def onnx_fast(self, ex, op, ins):
@@ -71,9 +71,9 @@ class Linear(WeightedOp):
             inputs = [ex.real(x), ex.const("w4", packed), ex.const("w_scale", scales)] + (["", "", bias[0]] if bias else [])
             return ex.tensor(ex.node("MatMulNBits", inputs, "matmul4", domain="com.microsoft", **attrs), "real")
         ex.check_int32_products(op)
-        wt = ex.const("wT", op.tensors["weight"].numpy().astype(np.int8).T.copy())
+        wt, w_zp = ex.weight_codes(op.tensors["weight"].numpy().T.copy(), "wT")
         inputs = [x.name, wt, ex.const("x_scale", np.float32(x.scale)), ex.const("w_scale", w_scale),
-                  ex.const("x_zp", np.uint8(x.zero_point)), ""] + bias
+                  ex.const("x_zp", np.uint8(x.zero_point)), w_zp] + bias
         return ex.tensor(ex.node("MatMulIntegerToFloat", inputs, "matmul8", domain="com.microsoft"), "real")
 
     def latency_models(self, op, input_shape):
@@ -90,7 +90,11 @@ class Linear(WeightedOp):
         blocks = packed.shape[1]
         spec = ("MatMulNBits", ["x", "w", "s"], {**attrs, "domain": "com.microsoft"},
                 {"w": packed, "s": np.full(packed.shape[0] * blocks, 0.01, np.float32)}, "float32")
-        return {bits: spec for bits in range(2, NBITS + 1)}
+        # 8-bit weights reach ±127: uint8 × uint8, as the fast export runs them (see _weighted.SATURATION_FREE)
+        wide = ("MatMulInteger", ["x", "w", "xz", "wz"], {},
+                {"w": uint8_weights(op.tensors["weight"].numpy().T), "xz": np.uint8(0), "wz": np.uint8(WEIGHT_ZERO_POINT)},
+                "int32", "uint8")
+        return {**{bits: spec for bits in range(2, NBITS + 1)}, 8: wide}
 
 
 #: Widest weights the fast export runs on MatMulNBits, and its block of input columns.

@@ -178,6 +178,9 @@ class ActQuantizer(nn.Module):
             )
         if self.training and self.ema_in_training and self.bound is None:
             self._track(x)
+            # the scale as of this call: a quantizer called again in the same forward (a layer run more than once,
+            # as ALBERT's shared layers are) moves the buffer in place, which this call's backward must not see
+            return fake_quantize(x, self.scale.clone(), self.qmin, self.qmax)
         return fake_quantize(x, self.scale, self.qmin, self.qmax)
 
     @torch.no_grad()
