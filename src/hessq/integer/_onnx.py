@@ -41,8 +41,7 @@ from hessq._errors import ConfigError, ConfigTypeError, MissingDependencyError
 from hessq._io import check_writable, write_atomic
 from hessq.integer._model import IntegerModel
 from hessq.integer._onnx_siblings import fuse_sibling_matmuls
-from hessq.ops import Op, family_for_kind
-from hessq.ops._weighted import WEIGHT_ZERO_POINT, saturates, uint8_weights
+from hessq.ops import WEIGHT_ZERO_POINT, Op, family_for_kind, saturates, uint8_weights
 from hessq.ops.mask import ID_READERS
 from hessq.plan import LatencyTable, as_latency_table
 

@@ -20,7 +20,7 @@ from hessq.ops._registry import (
     unregister,
     weighted_module_types,
 )
-from hessq.ops._weighted import QuantLayer, WeightCodes, WeightedOp
+from hessq.ops._weighted import WEIGHT_ZERO_POINT, QuantLayer, WeightCodes, WeightedOp, saturates, uint8_weights
 
 # The built-in families, in registration order (a later family wins a match).
 from hessq.ops import quant, conv, linear, add, cat, relu, pool, shape, activation, mul, batchnorm, layout, layernorm, attention, deform  # noqa: E402,F401,I001  (registers them)
@@ -39,6 +39,9 @@ from hessq.ops.linear import QuantLinear  # noqa: E402
 from hessq.ops.mul import QuantMul  # noqa: E402
 
 __all__ = [
+    "WEIGHT_ZERO_POINT",
+    "saturates",
+    "uint8_weights",
     "ElementwiseOp", "IntegerConversionError", "Op", "QuantBatchNorm2d", "QuantElementwise", "QuantLayerNorm", "QuantMul", "QuantMultiheadAttention", "register_elementwise", "ProgramBuilder", "QuantAdd", "QuantCat", "QuantConv2d", "QuantEmbedding", "QuantLayer", "QuantLinear", "QuantMatmul", "QuantSoftmax",
     "QuantOp", "Value", "WeightCodes", "WeightedOp", "canonical_function", "channel", "compile_graph", "describe", "families", "family_for_kind", "family_of",
     "family_of_module", "fold_conv_bn", "is_shape_arithmetic", "matmul_macs", "node_location", "register", "run_program", "unregister",
