@@ -22,7 +22,7 @@ def tiny_bert(layers: int = 2, hidden: int = 32, heads: int = 4, labels: int = 3
 
 
 #: The BERT-family classifiers hessq captures (tiny_encoder builds each).
-FAMILIES = ("bert", "electra", "distilbert", "roberta", "xlm-roberta", "camembert", "albert")
+FAMILIES = ("bert", "electra", "distilbert", "roberta", "xlm-roberta", "camembert", "albert", "mpnet")
 
 
 def tiny_encoder(family: str, layers: int = 2, hidden: int = 32, heads: int = 4, labels: int = 3, seed: int = 0,
@@ -31,7 +31,8 @@ def tiny_encoder(family: str, layers: int = 2, hidden: int = 32, heads: int = 4,
 
     ELECTRA gets embeddings narrower than its hidden width (its ``embeddings_project``); RoBERTa, XLM-R and CamemBERT pad
     with id 1, as theirs do. ALBERT gets narrower embeddings too, and ``layers`` groups of shared layers, each run
-    twice (``num_hidden_layers`` = 2 × ``layers``)."""
+    twice (``num_hidden_layers`` = 2 × ``layers``). MPNet pads with id 1 and adds its relative-position attention
+    bias to every layer's scores."""
     if family == "bert":
         return tiny_bert(layers, hidden, heads, labels, seed, dropout=dropout)
     tr = import_transformers()
@@ -54,6 +55,8 @@ def tiny_encoder(family: str, layers: int = 2, hidden: int = 32, heads: int = 4,
         config = tr.AlbertConfig(embedding_size=hidden // 2, num_hidden_groups=layers,
                                  **{**common, "num_hidden_layers": 2 * layers})
         return tr.AlbertForSequenceClassification(config).eval()
+    if family == "mpnet":
+        return tr.MPNetForSequenceClassification(tr.MPNetConfig(pad_token_id=1, **common)).eval()
     if family == "camembert":
         return tr.CamembertForSequenceClassification(tr.CamembertConfig(pad_token_id=1, **common)).eval()
     raise ValueError(f"unknown family {family!r}")
@@ -75,6 +78,11 @@ def token_batch(seed: int, batch: int = 8, length: int = 12, labels: int = 3, vo
 def tiny_text_data() -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
     """(train, eval) padded token batches for the command-line tests (``--data tests._bert:tiny_text_data``)."""
     return [token_batch(s) for s in range(4)], [token_batch(100 + s) for s in range(2)]
+
+
+def tiny_text_data_padded_with_1() -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """:func:`tiny_text_data` padded with id 1, as RoBERTa's and MPNet's tokenizers pad."""
+    return [token_batch(s, pad=1) for s in range(4)], [token_batch(100 + s, pad=1) for s in range(2)]
 
 
 def classifier_input_bound(imodel) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from hessq._errors import ConfigError, ConfigTypeError, InputDataError, ModelError
-from hessq._utils import split_mapping_batch
+from hessq._utils import pad_token_id_of, split_mapping_batch
 
 
 def check_model(model: Any, what: str = "model", *, finite: bool = True) -> nn.Module:
@@ -91,13 +91,14 @@ def shape_of(x: Any) -> str:
     return type(x).__name__
 
 
-def split_batch(batch: Any, *, where: str = "batch") -> tuple[Any, Any]:
+def split_batch(batch: Any, *, where: str = "batch", model: Any = None) -> tuple[Any, Any]:
     """``(inputs, targets)`` from a batch that is such a pair (a list or tuple of two), or a dict batch with
-    ``labels`` as Hugging Face collators produce it (``{"input_ids", "attention_mask", "labels"}``)."""
+    ``labels`` as Hugging Face collators produce it (``{"input_ids", "attention_mask", "labels"}``), its padding
+    checked against ``model``'s pad id where it has one."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     if isinstance(batch, Mapping):
-        inputs, targets = split_mapping_batch(batch)
+        inputs, targets = split_mapping_batch(batch, pad_token_id_of(model))
         if targets is None:
             raise InputDataError(f"each {where} dict needs its targets under 'labels'; got keys {sorted(batch)}")
         return inputs, targets

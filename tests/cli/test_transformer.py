@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hessq.cli import main
 from tests._bert import tiny_bert, tiny_encoder
 
@@ -50,17 +52,26 @@ def test_compress_of_a_text_model_plans_under_a_latency_limit_and_times_every_ro
     assert 0 < plan["totals"]["latency"] <= plan["limits"]["latency"]
 
 
-def test_compress_takes_a_folder_of_another_bert_family(tmp_path):
-    # DistilBERT: other module names (q_lin, ffn.lin1, sa_layer_norm), another head, no token types
-    folder = tmp_path / "distilbert"
-    tiny_encoder("distilbert").save_pretrained(folder)
+@pytest.mark.parametrize("family, data, layers", [
+    # other module names (q_lin, ffn.lin1, sa_layer_norm), another head, no token types
+    ("distilbert", "tiny_text_data", ["distilbert.transformer.layer.1.attention.q_lin", "pre_classifier"]),
+    # layers shared across depth (each group runs twice), an embedding projection
+    ("albert", "tiny_text_data", ["albert.encoder.albert_layer_groups.1.albert_layers.0.attention.query",
+                                  "albert.encoder.embedding_hidden_mapping_in"]),
+    # a relative-position attention bias in every layer, padding with id 1
+    ("mpnet", "tiny_text_data_padded_with_1", ["mpnet.encoder.layer.1.attention.attn.q",
+                                               "mpnet.encoder.relative_attention_bias"]),
+])
+def test_compress_takes_a_folder_of_another_bert_family(tmp_path, family, data, layers):
+    folder = tmp_path / family
+    tiny_encoder(family).save_pretrained(folder)
     out = tmp_path / "out"
-    code = main(["compress", "--model", f"hf:{folder}", "--data", "tests._bert:tiny_text_data", "--size-limit", "50%",
+    code = main(["compress", "--model", f"hf:{folder}", "--data", f"tests._bert:{data}", "--size-limit", "50%",
                  "--weight-bits", "4,8", "--pin-first-last", "none", "--no-latency", "--pareto-points", "2",
                  "--max-samples", "4", "--baselines", "8", "--out", str(out), "--no-progress"])
     assert code == 0
     names = list(json.loads((out / "plan.json").read_text())["bits"])
-    assert "distilbert.transformer.layer.1.attention.q_lin" in names and "pre_classifier" in names
+    assert all(name in names for name in layers)
     assert json.loads((out / "results.json").read_text())["verification"]["bit_exact"] is True
 
 

@@ -9,7 +9,7 @@ import hessq
 from hessq._checks import split_batch
 from hessq._errors import InputDataError, ModelError
 from hessq.graph import capture, quantizable_layers, traced
-from tests._bert import tiny_bert, token_batch
+from tests._bert import tiny_bert, tiny_encoder, token_batch
 
 
 def test_captured_bert_gives_the_original_logits_on_padded_batches():
@@ -56,6 +56,35 @@ def test_dict_batches_split_into_token_ids_and_labels():
         split_batch(dict(batch, token_type_ids=torch.ones_like(batch["input_ids"])))
     with pytest.raises(InputDataError, match="labels"):
         split_batch({"input_ids": batch["input_ids"]})
+
+
+def test_a_batch_padded_with_another_id_than_the_models_is_refused_by_every_stage():
+    # RoBERTa pads with 1. A batch padded (and masked) with 0, BERT's pad, is consistent in itself, yet the captured
+    # model finds its padding by its own id and would read those zeros as text.
+    model = tiny_encoder("roberta")
+    wrong = token_batch(5, pad=0)
+    wrong["input_ids"][wrong["input_ids"] == 1] = 2  # no real token is the model's pad either
+    with torch.no_grad():
+        reference = model(input_ids=wrong["input_ids"], attention_mask=wrong["attention_mask"]).logits
+        assert (capture(model)(wrong["input_ids"]) - reference).abs().max() > 1e-4  # what the check guards against
+    q = hessq.quantize(model, 8, [token_batch(6, pad=1)], pin_first_last=None)
+    stages = {
+        "quantize": lambda: hessq.quantize(model, 8, [wrong], pin_first_last=None),
+        "accuracy": lambda: hessq.accuracy(model, [wrong]),
+        "accuracy of the quantized model": lambda: hessq.accuracy(q, [wrong]),
+        "hessian_sensitivity": lambda: hessq.hessian_sensitivity(model, [wrong], method="restricted", max_samples=2,
+                                                                 min_samples=2, eigenvalues=False),
+        "finetune": lambda: hessq.finetune(q, [wrong], epochs=1, progress=False, checkpoint=None),
+        "split_batch": lambda: split_batch(wrong, model=q),
+    }
+    for stage, call in stages.items():
+        with pytest.raises(InputDataError, match="pads with id 0 but the model's pad_token_id is 1"):
+            call()
+    # padded with the model's id, the same texts pass, and give the original logits
+    right = dict(wrong, input_ids=wrong["input_ids"].masked_fill(wrong["attention_mask"] == 0, 1))
+    assert split_batch(right, model=model)[0] is right["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(capture(model)(right["input_ids"]), reference, rtol=0, atol=1e-5)
 
 
 def test_unsupported_hugging_face_model_is_refused_by_name():

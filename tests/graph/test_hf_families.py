@@ -11,7 +11,7 @@ import torch
 from hessq._compat import import_transformers
 from hessq._errors import ConfigError, ConfigTypeError, ModelError
 from hessq.graph import capture, encoder_layout, quantizable_layers, register_encoder, traced
-from hessq.ops.mask import padding_positions
+from hessq.ops.mask import padding_positions, relative_position_buckets
 from tests._bert import FAMILIES, tiny_encoder, token_batch
 
 
@@ -42,7 +42,8 @@ def test_captured_family_keeps_the_users_module_paths_and_trains(family):
     # six per layer (ALBERT's: per group of shared layers), two in each family's head, and ELECTRA's and ALBERT's
     # embedding projection
     assert linears == 2 * 6 + 2 + (family in ("electra", "albert"))
-    assert tables == (2 if family == "distilbert" else 3)  # words, positions (and token types)
+    # words, positions, and token types (MPNet: its relative attention bias, a table of (bucket, head) biases)
+    assert tables == (2 if family == "distilbert" else 3)
     # the capture holds the user's modules, not copies, and gradients reach them
     captured = capture(model).train()
     batch = token_batch(1, pad=_pad(model))
@@ -60,6 +61,34 @@ def test_padding_positions_are_robertas_on_both_paddings():
         ids = token_batch(3, pad=1, left=left)["input_ids"]
         expected = RobertaEmbeddings.create_position_ids_from_input_ids(ids, 1)
         assert torch.equal(padding_positions(ids, 1), expected)
+
+
+def test_relative_position_buckets_are_mpnets():
+    import_transformers()
+    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+    # past 16 tokens the buckets are log-spaced, past 128 they saturate: every branch, both directions
+    for length in (1, 12, 40, 300):
+        position = torch.arange(length)
+        expected = MPNetEncoder.relative_position_bucket(position[None, :] - position[:, None])
+        assert torch.equal(relative_position_buckets(length), expected.unsqueeze(0))
+
+
+def test_mpnets_relative_attention_bias_reaches_its_logits():
+    # the bias is in every layer's scores: captured without it, the logits move
+    model = tiny_encoder("mpnet")
+    batch = token_batch(2, pad=1, length=40)
+    with torch.no_grad():
+        model.mpnet.encoder.relative_attention_bias.weight.normal_()
+        model.classifier.out_proj.weight.mul_(100)  # logits of order 1, not 0.01 (random init)
+        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(capture(model)(batch["input_ids"]), reference, rtol=0, atol=1e-5)
+        model.mpnet.encoder.relative_attention_bias.weight.zero_()
+        assert (capture(model)(batch["input_ids"]) - reference).abs().max() > 1e-3
+    # MPNet numbers its positions from padding id 1 whatever its config says: another pad id is refused, not misread
+    model.config.pad_token_id = 0
+    with pytest.raises(ModelError, match="numbers positions from padding id 1"):
+        capture(model)
 
 
 def test_a_layout_of_your_own_captures_a_class_hessq_does_not_know(monkeypatch):

@@ -11,6 +11,7 @@ import torch
 
 import hessq
 from hessq._compat import import_transformers
+from tests._bert import classifier_input_bound
 
 VOCAB = 100
 
@@ -139,3 +140,25 @@ def test_integer_model_pads_shorter_inputs_to_its_length(bert_w8a8, tmp_path):
     for bad in ((0,), "16", (16.5,)):
         with pytest.raises(hessq.ConfigError, match="input_shape"):
             hessq.to_integer(q, input_shape=bad)
+
+
+def test_a_linear_reading_16_bit_codes_exports_exactly(tmp_path):
+    # A plan may give a Linear 16-bit inputs (the feed-forward's output Linear reading the GELU's wide range). No
+    # ONNX integer kernel takes 16-bit codes: the exact export runs them as float64 integers, equal bit for bit.
+    model = _bert()
+    plan = {name: (8, 16) if name.endswith("output.dense") and "attention" not in name else (8, 8)
+            for name in hessq.quantizable_layers(model)}
+    q = hessq.quantize(model, plan, [_batch(i) for i in range(3)], pin_first_last=None)
+    imodel = hessq.to_integer(q)
+    wide = [op for op in imodel.ops if op.kind == "linear" and any(
+        o.output == op.inputs[0] and o.attrs.get("qmax", 0) > 255 for o in imodel.ops)]
+    assert len(wide) == 2  # one per layer
+    ids = _batch(8)["input_ids"]
+    y = imodel(ids)
+    for mode in ("exact", "fast"):
+        hessq.export_onnx(imodel, tmp_path / f"{mode}.onnx", mode=mode)
+    exact, fast = (ort.InferenceSession(str(tmp_path / f"{m}.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": ids.numpy()})[0] for m in ("exact", "fast"))
+    assert np.array_equal(exact, y.numpy())
+    # the fast export rounds differently before the classifier: at most its input grid's span times its weights
+    assert (np.abs(fast - y.numpy()) <= classifier_input_bound(imodel) * (1 + 1e-5)).all()

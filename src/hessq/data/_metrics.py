@@ -53,7 +53,7 @@ def accuracy(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], batches:
     with training_mode(model, False):
         for b, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
             try:
-                x, y = split_batch(batch)
+                x, y = split_batch(batch, model=model)
             except InputDataError as exc:
                 raise InputDataError(f"batch {b}: {exc}") from None
             if not isinstance(x, torch.Tensor):

@@ -673,7 +673,7 @@ def _next_batch(batches: Iterator, qmodel: nn.Module, ranks: _Ranks, index: int,
         except StopIteration:
             raise InputDataError(f"train_batches gave {index} batches in epoch {epoch + 1}, but its len() is "
                                  f"{steps_per_epoch}") from None
-        x, y = split_batch(batch, where="training batch")
+        x, y = split_batch(batch, where="training batch", model=qmodel)
         check_inputs(x, qmodel, where="training inputs")
         if ranks.on:
             check = D.checksum((x, y)) if ranks.batches == "global" else 0.0

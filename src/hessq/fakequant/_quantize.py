@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hessq._checks import check_inputs, check_model, reiterable, shape_of
-from hessq._utils import batch_inputs, model_device, move_to, training_mode
+from hessq._utils import batch_inputs, model_device, move_to, pad_token_id_of, training_mode
 from hessq._errors import ConfigError, HessqError, InputDataError, ModelError
 from hessq.graph import act_quantizers, capture, quantizable_layers, rewrite, traced
 from hessq.quantizer import Granularity, RangeMethod, check_act_bits, check_weight_bits
@@ -111,7 +111,7 @@ def calibrate(qmodel: nn.Module, batches: Iterable, *, progress: bool = False) -
     with training_mode(qmodel, False), torch.no_grad():
         try:
             for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
-                x = check_inputs(batch_inputs(batch), qmodel, where=f"calibration batch {count} inputs")
+                x = check_inputs(batch_inputs(batch, pad_token_id_of(qmodel)), qmodel, where=f"calibration batch {count} inputs")
                 try:
                     qmodel(move_to(x, device))
                 except HessqError:

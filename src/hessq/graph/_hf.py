@@ -8,9 +8,9 @@ original's (tests check 1e-5). The captured module takes the token ids alone and
 the attention mask is derived from the padding (``input_ids != pad_token_id``), which is exactly
 the mask Hugging Face tokenizers produce with right or left padding.
 
-The BERT family of sequence classifiers (BERT, ELECTRA, DistilBERT, RoBERTa, XLM-RoBERTa, CamemBERT) is one post-norm
-encoder whose parts sit under different names, with a different head: one :class:`EncoderLayout` per family says
-where, and one forward (:class:`CapturedEncoderClassifier`) runs them all.
+The BERT family of sequence classifiers (BERT, ELECTRA, DistilBERT, RoBERTa, XLM-RoBERTa, CamemBERT, ALBERT,
+MPNet) is one post-norm encoder whose parts sit under different names, with a different head: one
+:class:`EncoderLayout` per family says where, and one forward (:class:`CapturedEncoderClassifier`) runs them all.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessq._errors import ConfigError, ConfigTypeError, ModelError
-from hessq.ops.mask import padding_positions
+from hessq.ops.mask import padding_positions, relative_position_buckets
 from hessq.ops.softmax import masked_softmax
 
 _CAPTURES: dict[str, Callable[[nn.Module], nn.Module]] = {}
@@ -112,7 +112,9 @@ class EncoderLayout:
     ``activation_key`` is the config field naming the feed-forward's activation. ``embeddings_project`` is the
     path under ``base`` of a Linear from the embedding width to the hidden width, where the model has one.
     ``layer_order`` gives the layers in the order they run, ``(base, config) -> [layer, ...]``, for an encoder that
-    runs shared layers more than once (ALBERT); by default each layer of ``layers`` runs once.
+    runs shared layers more than once (ALBERT); by default each layer of ``layers`` runs once. ``relative_bias`` is
+    the path under ``base`` of an Embedding of (bucket, head) attention biases (MPNet's), looked up by
+    :func:`~hessq.ops.mask.relative_position_buckets` and added to every layer's attention scores.
     """
 
     base: str
@@ -134,6 +136,7 @@ class EncoderLayout:
     activation_key: str = "hidden_act"
     embeddings_project: str | None = "embeddings_project"
     layer_order: Callable[[nn.Module, Any], list[nn.Module]] | None = None
+    relative_bias: str | None = None
 
     def __post_init__(self) -> None:
         if self.positions not in ("arange", "padding"):
@@ -168,6 +171,12 @@ _ALBERT = EncoderLayout(
     attention_out="attention.dense", attention_dropout="attention.output_dropout", attention_norm="attention.LayerNorm",
     ffn_in="ffn", ffn_act="activation", ffn_out="ffn_output", ffn_dropout=None, ffn_norm="full_layer_layer_norm",
     head=_albert_head, embeddings_project="encoder.embedding_hidden_mapping_in", layer_order=_albert_order)
+_MPNET = EncoderLayout(
+    base="mpnet", layers="encoder.layer", query="attention.attn.q", key="attention.attn.k", value="attention.attn.v",
+    probs_dropout="attention.attn.dropout", attention_out="attention.attn.o", attention_dropout="attention.dropout",
+    attention_norm="attention.LayerNorm", ffn_in="intermediate.dense", ffn_act="intermediate.intermediate_act_fn",
+    ffn_out="output.dense", ffn_dropout="output.dropout", ffn_norm="output.LayerNorm",
+    head=_dense_head(lambda c, x: torch.tanh(x)), positions="padding", relative_bias="encoder.relative_attention_bias")
 #: The layout of each captured class name (:func:`register_encoder` adds to it).
 _LAYOUTS: dict[str, EncoderLayout] = {}
 _ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh")
@@ -194,6 +203,8 @@ def _encoder_of(model: nn.Module, layout: EncoderLayout, name: str) -> nn.Module
             layer.get_submodule(path)
         for path in ("word_embeddings", "position_embeddings", "LayerNorm", "dropout"):
             base.get_submodule(f"embeddings.{path}")
+        if layout.relative_bias is not None:
+            base.get_submodule(layout.relative_bias)
     except (AttributeError, IndexError, TypeError) as exc:
         raise ModelError(f"{name} does not have the parts its encoder layout names ({exc}); give it a layout of its "
                          "own (hessq.graph.register_encoder)") from None
@@ -232,6 +243,11 @@ class CapturedEncoderClassifier(CapturedModel):
         self.pad_token_id = int(config.pad_token_id if config.pad_token_id is not None else 0)
         # RoBERTa numbers positions from pad + 1: its table holds pad + 1 rows more than its longest input
         offset = self.pad_token_id + 1 if layout.positions == "padding" else 0
+        numbered_from = getattr(base.embeddings, "padding_idx", self.pad_token_id)
+        if layout.positions == "padding" and numbered_from != self.pad_token_id:
+            # MPNet numbers positions from its embeddings' padding_idx (1), whatever the config's pad_token_id
+            raise ModelError(f"this {name} numbers positions from padding id {numbered_from} but pads with "
+                             f"pad_token_id={self.pad_token_id}; set config.pad_token_id = {numbered_from}")
         self.max_length = int(config.max_position_embeddings) - offset
         self.num_heads = int(config.num_attention_heads)  # (DistilBERT's config maps its n_heads and dim to these)
         self.head_size = int(config.hidden_size // self.num_heads)
@@ -239,7 +255,8 @@ class CapturedEncoderClassifier(CapturedModel):
         # found must not put the user's eval-mode model's dropout back in training
         self.training = model.training
 
-    def _attention(self, layer: nn.Module, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _attention(self, layer: nn.Module, h: torch.Tensor, keep: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
         at, b, t = self.layout, h.size(0), h.size(1)
 
         def heads(x: torch.Tensor) -> torch.Tensor:
@@ -248,6 +265,8 @@ class CapturedEncoderClassifier(CapturedModel):
         sub = layer.get_submodule
         q, k, v = heads(sub(at.query)(h)), heads(sub(at.key)(h)), heads(sub(at.value)(h))
         scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_size ** -0.5)
+        if bias is not None:
+            scores = scores + bias
         probs = sub(at.probs_dropout)(masked_softmax(scores, keep))
         context = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, self.num_heads * self.head_size)
         out = sub(at.attention_out)(context)
@@ -283,9 +302,13 @@ class CapturedEncoderClassifier(CapturedModel):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self._embed(input_ids)
         mask = (input_ids != self.pad_token_id).unsqueeze(1).unsqueeze(2)  # [B, 1, 1, T]: keys that are not padding
+        bias = None
+        if self.layout.relative_bias is not None:  # [1, heads, T, T]: one bias per head and relative position
+            table = self.base.get_submodule(self.layout.relative_bias)
+            bias = table(relative_position_buckets(input_ids.size(1), device=input_ids.device)).permute(0, 3, 1, 2)
         order = self.layout.layer_order
         for layer in order(self.base, self.config) if order is not None else self.base.get_submodule(self.layout.layers):
-            h = self._feed_forward(layer, self._attention(layer, h, mask))
+            h = self._feed_forward(layer, self._attention(layer, h, mask, bias))
         return self.layout.head(self, h)
 
 
@@ -319,6 +342,7 @@ register_encoder(_BERT, "BertForSequenceClassification")
 register_encoder(_ELECTRA, "ElectraForSequenceClassification")
 register_encoder(_DISTILBERT, "DistilBertForSequenceClassification")
 register_encoder(_ALBERT, "AlbertForSequenceClassification")
+register_encoder(_MPNET, "MPNetForSequenceClassification")
 # XLM-R and CamemBERT are RoBERTa under other names
 register_encoder(_ROBERTA, "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
                  "CamembertForSequenceClassification")

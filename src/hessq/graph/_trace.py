@@ -12,7 +12,7 @@ from torch import nn
 from hessq._errors import ConfigError, ConfigTypeError, ModelError
 from hessq.ops import weighted_module_types
 from hessq.graph._hf import capture
-from hessq.ops.mask import padding_positions
+from hessq.ops.mask import padding_positions, relative_position_buckets
 from hessq.ops.softmax import masked_softmax
 
 
@@ -29,7 +29,7 @@ class _LocatingTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
         # hessq's own graph-level functions (masked softmax) stay one node, whatever they compute inside
-        super().__init__(autowrap_functions=(masked_softmax, padding_positions))
+        super().__init__(autowrap_functions=(masked_softmax, padding_positions, relative_position_buckets))
         self.record_stack_traces = True
         self.leaf_names = set(leaf_modules)
         self.path: list[tuple[str, str]] = []

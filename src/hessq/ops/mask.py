@@ -1,5 +1,6 @@
-"""Index values: token ids, the attention mask computed from them, constant position / token-type ids, and
-RoBERTa's position ids numbered from the padding (:func:`padding_positions`).
+"""Index values: token ids, the attention mask computed from them, constant position / token-type ids,
+RoBERTa's position ids numbered from the padding (:func:`padding_positions`), and MPNet's relative-position buckets
+(:func:`relative_position_buckets`, a constant of the sequence length).
 
 These are exact integers, never quantized: ``input_ids != pad`` is a comparison of integers, ``unsqueeze`` moves
 them, ``torch.arange(T)`` and ``torch.zeros_like`` of it are constants of the sequence length (computed while
@@ -10,6 +11,7 @@ whose stand-in is an integer or bool tensor; a masked softmax reads the mask and
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 
@@ -128,3 +130,35 @@ class PaddingPositions(QuantOp):
                        to=ex.TP.INT64)
         count = ex.node("CumSum", [keep, ex.const("axis", np.array(1, np.int64))], "count")
         return ex.tensor(ex.node("Add", [ex.node("Mul", [count, keep], "numbered"), pad], "positions"), "mask")
+
+
+def relative_position_buckets(length: int, num_buckets: int = 32, max_distance: int = 128,
+                              device: torch.device | str | None = None) -> torch.Tensor:
+    """MPNet's (T5's bidirectional) relative-position buckets of a sequence of ``length`` tokens, [1, T, T] int64:
+    bucket[i, j] of the key j's offset j − i from the query i. Half the buckets for keys before the query, half for
+    after; offsets below a quarter of the buckets each get their own, longer ones share log-spaced buckets up to
+    ``max_distance``. Computed in float32 as transformers computes it, so the buckets are the same.
+
+    It reads the length alone (``ids.size(1)``): in the integer program it is a constant of the sequence length, and
+    a lookup of it (the relative attention bias) a constant too."""
+    position = torch.arange(length, device=device)
+    n = position[:, None] - position[None, :]  # query − key: minus the key's offset
+    half = num_buckets // 2
+    bucket = (n < 0).to(torch.long) * half
+    n = torch.abs(n)
+    exact = half // 2
+    # log-spaced beyond the exact range (the clamp only keeps log(0) out of the branch torch.where discards)
+    far = exact + (torch.log(n.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (half - exact)).to(torch.long)
+    far = torch.minimum(far, torch.full_like(far, half - 1))
+    return (bucket + torch.where(n < exact, n, far)).unsqueeze(0)
+
+
+@register
+class RelativePositionBuckets(QuantOp):
+    """:func:`relative_position_buckets` of the sequence length: computed while compiling, never a program op."""
+
+    name = "relative_position_buckets"
+    functions = (relative_position_buckets,)
+
+    def compile(self, program, node, op, args, kwargs):
+        program.fail(node, "relative position buckets of a length computed from tensor values")

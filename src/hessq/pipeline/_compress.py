@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from hessq._checks import check_inputs, check_int, check_model, reiterable
-from hessq._utils import batch_inputs
+from hessq._utils import batch_inputs, pad_token_id_of
 from hessq._errors import ArtifactError, ConfigError, ConfigTypeError, HessqRuntimeError, InputDataError
 from hessq._io import pid_alive, check_writable, write_text_atomic
 from hessq.data import accuracy
@@ -545,7 +545,7 @@ def compress(
     for source, what in ((data, "data"), (eval_data, "eval_data")):
         first = next(iter(source), None) if source is not None else None
         if first is not None:  # a wrong dtype or NaN is one clear error now, not one deep in a later stage
-            check_inputs(batch_inputs(first), model, where=f"the inputs of {what}'s first batch")
+            check_inputs(batch_inputs(first, pad_token_id_of(model)), model, where=f"the inputs of {what}'s first batch")
     shape = _input_shape(model, data, input_shape)
     configs = {name: (None if options[name] is None or isinstance(options[name], Sensitivity) else options[name].to_dict())
                for name in CONFIG_ARGUMENTS}

@@ -102,7 +102,7 @@ def _local_batches(batches: Any, group, model: nn.Module) -> tuple[list[tuple[in
     for b, batch in enumerate(batches):
         count += 1
         try:
-            inputs, targets = split_batch(batch)
+            inputs, targets = split_batch(batch, model=model)
         except InputDataError as exc:
             raise InputDataError(f"batch {b}: {exc}") from None
         check_inputs(inputs, model, where=f"batch {b}'s inputs")

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hessq._checks import check_inputs, check_model
-from hessq._utils import batch_inputs
+from hessq._utils import batch_inputs, pad_token_id_of
 from hessq._errors import ConfigError, ConfigTypeError, InputDataError
 from hessq.graph import capture, fold_batchnorm, quantizable_layers, trace
 from hessq.ops import family_of_module
@@ -75,7 +75,7 @@ def kl_sensitivity(
     if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
         raise InputDataError(f"batches must be an iterable of input batches (a list, a DataLoader, "
                              f"hessq.distill_data(...)), got {type(batches).__name__}")
-    inputs = [batch_inputs(b) for b in batches]
+    inputs = [batch_inputs(b, pad_token_id_of(model)) for b in batches]
     if not inputs:
         raise InputDataError("kl_sensitivity needs at least one batch of inputs (e.g. hessq.distill_data(model, 32, input_shape))")
     for i, x in enumerate(inputs):
