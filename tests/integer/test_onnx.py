@@ -105,3 +105,40 @@ def test_fast_export_runs_8_bit_weights_on_kernels_that_cannot_saturate(bits, dt
     x = _data((1, 8, 8), n=1, seed=4)[0]
     got = _session(tmp_path / "fast.onnx").run(None, {"input": x.numpy()})[0]
     assert np.isfinite(got).all() and got.shape == imodel(x).shape
+
+
+def test_layers_reading_16_bit_codes_export_exactly_and_fast_within_their_steps(tmp_path):
+    # 16-bit activations into convs (an unsigned grid after a ReLU, a signed one without) and a Linear: no ONNX
+    # integer kernel takes 16-bit codes. The exact export splits them into byte planes (ConvInteger) or runs them as
+    # float64 integers (MatMul): bit for bit. The fast export keeps 16-bit grids real and runs float kernels.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=2), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(512, 4)).eval()
+    x = torch.randn(16, 3, 8, 8)
+    q = hessq.quantize(model, {"0": (8, 8), "2": (8, 16), "3": (8, 16), "6": (8, 16)},
+                       [(x, torch.zeros(16, dtype=torch.long))], pin_first_last=None)
+    imodel = hessq.to_integer(q)
+    first = next(op for op in imodel.ops if op.kind == "quantize")
+    x = torch.round(x / first.scale) * first.scale  # inputs on the first grid: no rounding tie to break either way
+    grids = [(op.attrs["qmin"], op.attrs["qmax"]) for op in imodel.ops if op.kind == "requantize"]
+    assert (0, 65535) in grids and (-32767, 32767) in grids
+    y = imodel(x).numpy()
+    outputs = {}
+    for mode in ("exact", "fast"):
+        hessq.export_onnx(imodel, tmp_path / f"{mode}.onnx", mode=mode)
+        session = ort.InferenceSession(str(tmp_path / f"{mode}.onnx"), providers=["CPUExecutionProvider"])
+        outputs[mode] = session.run(None, {"input": x.numpy()})[0]
+    assert np.array_equal(outputs["exact"], y)
+    # fast: each layer's input may sit up to one step of its grid from the integer model's codes (a rounding left
+    # out, or a tie rounded the other way), and a layer moves a deviation by at most its largest row of |weights|
+    # (the first layer reads the input's codes, the same in both)
+    by_output = {op.output: op for op in imodel.ops}
+    layers = [op for op in imodel.ops if op.kind in ("conv2d", "linear")]
+    deviation = 0.0
+    for i, op in enumerate(layers):
+        step = float(by_output[op.inputs[0]].scale)
+        rows = (op.tensors["weight"].double().flatten(1).abs().sum(1) * op.scale.double().reshape(-1) / step).max()
+        deviation = float(rows) * (deviation + (step if i else 0.0))
+    assert 0 < deviation < 0.1 * np.abs(y).max()  # a bound that says something (a saturated grid moves them all)
+    assert (np.abs(outputs["fast"] - y) <= deviation).all()

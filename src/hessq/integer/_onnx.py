@@ -184,10 +184,33 @@ class _Exporter:
         zp = np.full(channels, zero, weights.dtype) if channels else np.asarray(zero, weights.dtype)
         return self.const(base, weights), self.const(f"{base}_zp", zp)
 
-    def as_codes_input(self, t: _Tensor) -> _Tensor:
+    def as_codes_input(self, t: _Tensor, op: Op | None = None) -> _Tensor:
         if t.kind != "codes":
-            raise RuntimeError("internal: a layer input is not on a grid")
+            where = f"layer `{self.model.layer_name(op)}`" if op is not None else "a layer"
+            raise ConfigError(f"{where} reads activation codes wider than 8 bits, which this export runs on no integer "
+                              "kernel; give it at most 8-bit inputs (plan (w_bits, 8)), or keep the integer model")
         return t
+
+    def byte_planes(self, x: _Tensor, name: str) -> list[tuple[str, int, float]]:
+        """Codes wider than uint8 (float64 integers ``x``, the value ``name``) as two uint8 planes for an integer
+        kernel: [(plane, zero point, weight)], x = Σ weight · (plane − zero point), each product exact in the kernel.
+
+        With the grid's range [qmin, qmax] (at most 2^16 codes) and o = 256·⌈−qmin/256⌉, x + o = 256·hi + lo with hi,
+        lo bytes; the zero points o/256 and 0 make a padding with zero points a padding of x with 0."""
+        op = next(o for o in self.model.ops if o.output == name)
+        while "qmin" not in op.attrs and op.inputs:  # past the ops that keep the grid (pad, max-pool, reshape)
+            op = next(o for o in self.model.ops if o.output == op.inputs[0])
+        qmin, qmax = int(op.attrs.get("qmin", -(2**15 - 1))), int(op.attrs.get("qmax", 2**15 - 1))
+        offset = 256 * -(-max(0, -qmin) // 256)
+        if qmax + offset > 2**16 - 1:
+            raise ConfigError(f"`{name}` holds codes in [{qmin}, {qmax}], beyond 16 bits; the exact export splits codes "
+                              "into two bytes at most: quantize that activation to at most 16 bits")
+        f64 = np.float64
+        shifted = self.node("Add", [x.name, self.const("offset", f64(offset))], "shifted") if offset else x.name
+        high = self.node("Floor", [self.node("Div", [shifted, self.const("byte", f64(256))], "over_256")], "high_f64")
+        low = self.node("Sub", [shifted, self.node("Mul", [high, self.const("byte", f64(256))], "high_256")], "low_f64")
+        cast = [self.node("Cast", [t], base, to=self.TP.UINT8) for t, base in ((high, "high"), (low, "low"))]
+        return [(cast[0], offset // 256, 256.0), (cast[1], 0, 1.0)]
 
     # -- exact-mode integer arithmetic in float64 ----------------------------------------------------
     def acc(self, t: _Tensor) -> str:
@@ -272,17 +295,20 @@ class _Exporter:
         def grid_of(u: Op) -> _Tensor:
             return _Tensor("", "codes", float(u.scale), 128 if u.attrs["qmin"] < 0 else 0)
 
+        def fits(u: Op) -> bool:  # uint8 codes hold the grid (a 16-bit one stays real: no int8 kernel writes it)
+            return u.attrs["qmax"] - u.attrs["qmin"] <= 255
+
         if len(users) == 1 and users[0].kind == "requantize":
-            return chain, cur, grid_of(users[0]), users[0]
+            return (chain, cur, grid_of(users[0]), users[0]) if fits(users[0]) else None
         for kind in ("requantize", "add", "cat"):
             for u in users:
                 if u.kind == kind:
-                    return chain, cur, grid_of(u), None
+                    return (chain, cur, grid_of(u), None) if fits(u) else None
         if len(users) == 1 and users[0].kind == "sum_pool2d":
             # an average pool then a requantize: the average stays within the inputs' range, so the codes go on
             # the grid after the pool (QLinearGlobalAveragePool then keeps it)
             req = self.requantize_after(users[0])
-            if req is not None:
+            if req is not None and fits(req):
                 return chain, cur, grid_of(req), None
         return None
 

@@ -349,14 +349,14 @@ class DeformConv(WeightedOp):
         return Op(op.kind, op.inputs, op.output, attrs, tensors, op.scale)
 
     def onnx(self, ex, op, ins):
-        columns = self._onnx_columns(ex, op, ex.as_codes_input(ins[0]), exact=True)
+        columns = self._onnx_columns(ex, op, ex.as_codes_input(ins[0], op), exact=True)
         return family_for_kind("conv2d").onnx(ex, self._as_pointwise_conv(op), [columns])
 
     def onnx_fast(self, ex, op, ins):
         # the offsets by one QLinearConv, the same gather, then the conv family's fused QLinearConv writing onto the
         # consumer's grid. ONNX Runtime's float DeformConv ran 10-15% faster on a 32×128×128 block
         # (bench/deform_onnx.py: 40.6 vs 44.5 ms, 1 thread) but needs opset 19, and this export is opset 17
-        columns = self._onnx_columns(ex, op, ex.as_codes_input(ins[0]), exact=False)
+        columns = self._onnx_columns(ex, op, ex.as_codes_input(ins[0], op), exact=False)
         return family_for_kind("conv2d").onnx_fast(ex, self._as_pointwise_conv(op), [columns])
 
     def latency_models(self, op, input_shape):

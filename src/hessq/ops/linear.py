@@ -57,7 +57,7 @@ class Linear(WeightedOp):
     def onnx(self, ex, op, ins):
         if ins[0].kind == "acc":  # codes on a grid wider than uint8 (a 16-bit input): no integer kernel takes them
             return wide_linear(ex, op, ins[0].name)
-        x = ex.as_codes_input(ins[0])
+        x = ex.as_codes_input(ins[0], op)
         wt, w_zp = ex.weight_codes(op.tensors["weight"].numpy().T, "wT", exact=True)
         acc = ex.node("MatMulInteger", [x.name, wt, ex.const("x_zp", np.uint8(x.zero_point)), w_zp], "matmulint")
         return ex.accumulator(op, acc)
@@ -65,7 +65,7 @@ class Linear(WeightedOp):
     def onnx_fast(self, ex, op, ins):
         if ins[0].kind == "real":  # a 16-bit input grid stays real in the fast export
             return wide_linear(ex, op, ins[0].name)
-        x = ex.as_codes_input(ins[0])
+        x = ex.as_codes_input(ins[0], op)
         scale = op.scale.reshape(-1).double()  # the accumulator's: S_w · S_in per output row
         rows = op.tensors["weight"].shape[0]
         bias = [ex.const("bias", (op.tensors["bias"].double() * scale).numpy().astype(np.float32))] if "bias" in op.tensors else []
