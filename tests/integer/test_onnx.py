@@ -109,8 +109,8 @@ def test_fast_export_runs_8_bit_weights_on_kernels_that_cannot_saturate(bits, dt
 
 def test_layers_reading_16_bit_codes_export_exactly_and_fast_within_their_steps(tmp_path):
     # 16-bit activations into convs (an unsigned grid after a ReLU, a signed one without) and a Linear: no ONNX
-    # integer kernel takes 16-bit codes. The exact export splits them into byte planes (ConvInteger) or runs them as
-    # float64 integers (MatMul): bit for bit. The fast export keeps 16-bit grids real and runs float kernels.
+    # integer kernel takes 16-bit codes. The exact export splits them into byte planes (ConvInteger and MatMulInteger
+    # on each): bit for bit. The fast export keeps 16-bit grids real and runs float kernels.
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),

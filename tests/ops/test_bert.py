@@ -144,7 +144,7 @@ def test_integer_model_pads_shorter_inputs_to_its_length(bert_w8a8, tmp_path):
 
 def test_a_linear_reading_16_bit_codes_exports_exactly(tmp_path):
     # A plan may give a Linear 16-bit inputs (the feed-forward's output Linear reading the GELU's wide range). No
-    # ONNX integer kernel takes 16-bit codes: the exact export runs them as float64 integers, equal bit for bit.
+    # ONNX integer kernel takes 16-bit codes: the exact export runs MatMulInteger on their byte planes, bit for bit.
     model = _bert()
     plan = {name: (8, 16) if name.endswith("output.dense") and "attention" not in name else (8, 8)
             for name in hessq.quantizable_layers(model)}

@@ -30,7 +30,7 @@ over a deep model the steps compound, so the agreement is measured (bench/ibert.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +86,7 @@ class _Exporter:
         for op in model.ops:
             for name in op.inputs:
                 self.users.setdefault(name, []).append(op)
+        self.producers = {op.output: op for op in model.ops}
         self.fused: set[str] = set()
         self.uses_ms_domain = False
         self._n = 0
@@ -197,10 +198,12 @@ class _Exporter:
 
         With the grid's range [qmin, qmax] (at most 2^16 codes) and o = 256·⌈−qmin/256⌉, x + o = 256·hi + lo with hi,
         lo bytes; the zero points o/256 and 0 make a padding with zero points a padding of x with 0."""
-        op = next(o for o in self.model.ops if o.output == name)
+        op = self.producers[name]
         while "qmin" not in op.attrs and op.inputs:  # past the ops that keep the grid (pad, max-pool, reshape)
-            op = next(o for o in self.model.ops if o.output == op.inputs[0])
-        qmin, qmax = int(op.attrs.get("qmin", -(2**15 - 1))), int(op.attrs.get("qmax", 2**15 - 1))
+            op = self.producers[op.inputs[0]]
+        if "qmin" not in op.attrs:
+            raise RuntimeError(f"internal: no grid range found for `{name}`")
+        qmin, qmax = int(op.attrs["qmin"]), int(op.attrs["qmax"])
         offset = 256 * -(-max(0, -qmin) // 256)
         if qmax + offset > 2**16 - 1:
             raise ConfigError(f"`{name}` holds codes in [{qmin}, {qmax}], beyond 16 bits; the exact export splits codes "
@@ -247,15 +250,47 @@ class _Exporter:
         # ONNX Runtime accumulates the products in int32, which holds them (checked below); the bias is added
         # after widening, because a large bias against a small input scale can carry the sum past 2^31.
         self.check_int32_products(op)
+        dtype = self.TP.DOUBLE if self.exact else self.TP.FLOAT
+        return self._biased(op, self.node("Cast", [acc], "acc_f64" if self.exact else "acc_f", to=dtype))
+
+    def wide_accumulator(self, op: Op, x: _Tensor, kernel: Callable[[str, str], str]) -> _Tensor:
+        """Exact mode: a weighted op's accumulator on codes wider than uint8 (a 16-bit input), which ONNX's integer
+        kernels do not take. ``kernel(plane, zero_point)`` (its ConvInteger or MatMulInteger node) runs on each byte
+        plane of the codes (:meth:`byte_planes`); the int32 results are summed in float64 by the planes' weights
+        (every partial sum an integer below 2^53), then the bias is added."""
+        widest_row = int(op.tensors["weight"].abs().flatten(1).sum(1).max())
+        if 255 * widest_row >= 2**31:
+            raise ConfigError(f"layer `{self.model.layer_name(op)}` can accumulate up to {255 * widest_row:,} on one "
+                              "byte of its 16-bit inputs, beyond ONNX Runtime's int32 accumulators; quantize it to "
+                              "fewer weight bits or at most 8-bit inputs, or keep the integer model")
+        acc = None
+        for plane, zero, weight in self.byte_planes(x, op.inputs[0]):
+            part = self.node("Cast", [kernel(plane, self.const("x_zp", np.uint8(zero)))], "plane_f64", to=self.TP.DOUBLE)
+            part = self.node("Mul", [part, self.const("plane_weight", np.float64(weight))], "weighted")
+            acc = part if acc is None else self.node("Add", [acc, part], "planes")
+        return self._biased(op, acc)
+
+    def _biased(self, op: Op, acc: str) -> _Tensor:
+        """``acc`` (float64 or float32 accumulator integers) plus ``op``'s bias: the exact value, or in fast mode the
+        real one."""
         shape = [1, -1] + [1] * (len(self.model_shapes[op.output]) - 2) if getattr(family_for_kind(op.kind), "channel_dim", 1) == 1 else [-1]
-        dtype = (self.TP.DOUBLE, np.float64) if self.exact else (self.TP.FLOAT, np.float32)
-        acc = self.node("Cast", [acc], "acc_f64" if self.exact else "acc_f", to=dtype[0])
+        dtype = np.float64 if self.exact else np.float32
         if "bias" in op.tensors:
-            acc = self.node("Add", [acc, self.const("bias", op.tensors["bias"].numpy().astype(dtype[1]).reshape(shape))], "bias")
+            acc = self.node("Add", [acc, self.const("bias", op.tensors["bias"].numpy().astype(dtype).reshape(shape))], "bias")
         if self.exact:
             return _Tensor(acc, "acc")
         scale = op.scale.numpy().astype(np.float32)
         return _Tensor(self.node("Mul", [acc, self.const("acc_scale", scale)], "acc_real"), "real")
+
+    def real_weights(self, op: Op) -> tuple[np.ndarray, np.ndarray | None]:
+        """Fast mode: a weighted op's weights and bias as real values (float32), for a float kernel reading a real
+        input (a 16-bit grid, which no int8 kernel takes): the codes times S_w, the accumulator's scale over the
+        input's, per output row."""
+        s_acc = op.scale.reshape(-1).double()
+        codes = op.tensors["weight"].double()
+        s_w = (s_acc / float(self.producers[op.inputs[0]].scale)).reshape(-1, *[1] * (codes.dim() - 1))
+        bias = (op.tensors["bias"].double() * s_acc).numpy().astype(np.float32) if "bias" in op.tensors else None
+        return (codes * s_w).numpy().astype(np.float32), bias
 
     def check_int32_products(self, op: Op) -> None:
         """Refuse a weighted op whose products (before the bias) can overflow ONNX Runtime's int32 accumulators."""

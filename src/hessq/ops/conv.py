@@ -88,39 +88,19 @@ class Conv2d(WeightedOp):
         return dict(strides=a["stride"], pads=a["padding"] * 2, dilations=a["dilation"], group=a["groups"])
 
     def onnx(self, ex, op, ins):
-        if ins[0].kind == "acc":  # codes wider than uint8 (a 16-bit input): ConvInteger reads them a byte at a time
-            return self._onnx_wide(ex, op, ins[0])
+        w, w_zp = ex.weight_codes(op.tensors["weight"].numpy(), exact=True)
+        attrs = self._onnx_attrs(op.attrs)
+        if ins[0].kind == "acc":  # 16-bit codes: ConvInteger reads them a byte plane at a time
+            return ex.wide_accumulator(op, ins[0], lambda plane, x_zp: ex.node("ConvInteger", [plane, w, x_zp, w_zp],
+                                                                                 "convint", **attrs))
         x = ex.as_codes_input(ins[0], op)
-        w, w_zp = ex.weight_codes(op.tensors["weight"].numpy(), exact=True)
-        acc = ex.node("ConvInteger", [x.name, w, ex.const("x_zp", np.uint8(x.zero_point)), w_zp], "convint",
-                      **self._onnx_attrs(op.attrs))
+        acc = ex.node("ConvInteger", [x.name, w, ex.const("x_zp", np.uint8(x.zero_point)), w_zp], "convint", **attrs)
         return ex.accumulator(op, acc)
-
-    def _onnx_wide(self, ex, op, x):
-        """Exact ONNX of a conv on 16-bit codes: one ConvInteger per byte plane (the exporter's byte_planes), summed
-        in float64, then the bias: every partial sum an integer, within int32 in the kernel and 2^53 after."""
-        w, w_zp = ex.weight_codes(op.tensors["weight"].numpy(), exact=True)
-        acc = None
-        for plane, zero, weight in ex.byte_planes(x, op.inputs[0]):
-            part = ex.node("ConvInteger", [plane, w, ex.const("x_zp", np.uint8(zero)), w_zp], "convint",
-                           **self._onnx_attrs(op.attrs))
-            part = ex.node("Mul", [ex.node("Cast", [part], "part_f64", to=ex.TP.DOUBLE),
-                                   ex.const("plane_weight", np.float64(weight))], "weighted")
-            acc = part if acc is None else ex.node("Add", [acc, part], "planes")
-        if "bias" in op.tensors:
-            bias = op.tensors["bias"].numpy().astype(np.float64).reshape(1, -1, *[1] * (len(ex.model_shapes[op.output]) - 2))
-            acc = ex.node("Add", [acc, ex.const("bias", bias)], "bias")
-        return ex.tensor(acc, "acc")
 
     def onnx_fast(self, ex, op, ins):
         if ins[0].kind == "real":  # a 16-bit input grid stays real in the fast export: a float Conv
-            producer = next(o for o in ex.model.ops if o.output == op.inputs[0])
-            scale = op.scale.reshape(-1).double()  # the accumulator's: S_w · S_in per output channel
-            codes = op.tensors["weight"].double()
-            w = codes * (scale / float(producer.scale)).reshape(-1, *[1] * (codes.dim() - 1))
-            inputs = [ins[0].name, ex.const("w", w.numpy().astype(np.float32))]
-            if "bias" in op.tensors:
-                inputs.append(ex.const("bias", (op.tensors["bias"].double() * scale).numpy().astype(np.float32)))
+            w, bias = ex.real_weights(op)
+            inputs = [ins[0].name, ex.const("w", w)] + ([] if bias is None else [ex.const("bias", bias)])
             return ex.tensor(ex.node("Conv", inputs, "conv", **self._onnx_attrs(op.attrs)), "real")
         x = ex.as_codes_input(ins[0], op)
         conv_attrs = self._onnx_attrs(op.attrs)

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessq._errors import ConfigError
 from hessq.ops._registry import register
 from hessq.ops._weighted import WEIGHT_ZERO_POINT, QuantLayer, WeightedOp, uint8_weights
 from hessq.quantizer import integer_linear
@@ -55,16 +54,19 @@ class Linear(WeightedOp):
         return integer_linear(x, w, kernel)
 
     def onnx(self, ex, op, ins):
-        if ins[0].kind == "acc":  # codes on a grid wider than uint8 (a 16-bit input): no integer kernel takes them
-            return wide_linear(ex, op, ins[0].name)
-        x = ex.as_codes_input(ins[0], op)
         wt, w_zp = ex.weight_codes(op.tensors["weight"].numpy().T, "wT", exact=True)
+        if ins[0].kind == "acc":  # 16-bit codes: MatMulInteger reads them a byte plane at a time
+            return ex.wide_accumulator(op, ins[0], lambda plane, x_zp: ex.node("MatMulInteger", [plane, wt, x_zp, w_zp],
+                                                                                 "matmulint"))
+        x = ex.as_codes_input(ins[0], op)
         acc = ex.node("MatMulInteger", [x.name, wt, ex.const("x_zp", np.uint8(x.zero_point)), w_zp], "matmulint")
         return ex.accumulator(op, acc)
 
     def onnx_fast(self, ex, op, ins):
-        if ins[0].kind == "real":  # a 16-bit input grid stays real in the fast export
-            return wide_linear(ex, op, ins[0].name)
+        if ins[0].kind == "real":  # a 16-bit input grid stays real in the fast export: a float MatMul
+            w, bias = ex.real_weights(op)
+            y = ex.node("MatMul", [ins[0].name, ex.const("wT", w.T.copy())], "matmul")
+            return ex.tensor(y if bias is None else ex.node("Add", [y, ex.const("bias", bias)], "bias"), "real")
         x = ex.as_codes_input(ins[0], op)
         scale = op.scale.reshape(-1).double()  # the accumulator's: S_w · S_in per output row
         rows = op.tensors["weight"].shape[0]
@@ -100,31 +102,6 @@ class Linear(WeightedOp):
                 {"w": uint8_weights(op.tensors["weight"].numpy().T), "xz": np.uint8(0), "wz": np.uint8(WEIGHT_ZERO_POINT)},
                 "int32", "uint8")
         return {**{bits: spec for bits in range(2, NBITS + 1)}, 8: wide}
-
-
-def wide_linear(ex, op, x: str):
-    """ONNX of a Linear whose input grid is wider than uint8 (16-bit codes), which ONNX's integer kernels do not take.
-
-    Exact mode: ``x`` is those codes as float64 integers, and a float64 MatMul with the weight codes gives the
-    integer model's accumulator exactly, each partial sum being an integer below 2^53 (checked by the layer's bound).
-    Fast mode: ``x`` is the real input, and a float32 MatMul with the real weights gives the products within float
-    rounding."""
-    codes = op.tensors["weight"].numpy().T.astype(np.float64)  # [in, out]
-    if ex.exact:
-        if op.attrs["bound"] >= 2**53:
-            raise ConfigError(f"layer `{op.output}` can accumulate up to {op.attrs['bound']:,}, beyond float64's exact "
-                              "integers; quantize it to fewer weight or activation bits, or keep the integer model")
-        acc = ex.node("MatMul", [x, ex.const("wT_f64", codes)], "matmul_f64")
-        if "bias" in op.tensors:
-            acc = ex.node("Add", [acc, ex.const("bias", op.tensors["bias"].numpy().astype(np.float64))], "bias")
-        return ex.tensor(acc, "acc")
-    producer = next(o for o in ex.model.ops if o.output == op.inputs[0])
-    w_scale = op.scale.reshape(-1).double().numpy() / float(producer.scale)  # the accumulator's S_w · S_in over S_in
-    y = ex.node("MatMul", [x, ex.const("wT", (codes * w_scale).astype(np.float32))], "matmul")
-    if "bias" in op.tensors:
-        bias = op.tensors["bias"].double().numpy() * op.scale.reshape(-1).double().numpy()
-        y = ex.node("Add", [y, ex.const("bias", bias.astype(np.float32))], "bias")
-    return ex.tensor(y, "real")
 
 
 #: Widest weights the fast export runs on MatMulNBits, and its block of input columns.
